@@ -1,0 +1,5 @@
+import sys
+
+from linnaeus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,409 @@
+"""Every configuration key Linnaeus accepts, with its default and meaning.
+
+This is the reference the user guide points to. Sections mirror the YAML: ``EXPERIMENT``, ``MODEL``, ``DATA``,
+``AUG``, ``TRAIN``, ``OPTIMIZER``, ``LR_SCHEDULER``, ``LOSS``, ``SCHEDULE``, ``MISC``. Every node forbids unknown
+keys, so a typo fails with the nearest valid key (see ``linnaeus.config.loader``). ``MODEL.CLASSIFICATION.HEADS``
+and ``DATA.META.COMPONENTS`` are open maps: their keys are task keys and component names chosen by the user.
+
+Keys accepted only for compatibility with configs written for the prior Polli Linnaeus trainer are marked
+"no-op" below; they are read, validated and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Node(BaseModel):
+    """A config section: strict keys, assignment validated, attribute access (``cfg.DATA.BATCH_SIZE``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+class Interval(Node):
+    """When something fires. Set at most one; all unset means "never" unless the owner sets a default."""
+
+    STEPS: int | None = Field(None, ge=1, description="every N optimizer steps")
+    EPOCHS: float | None = Field(None, gt=0, description="every N epochs (fractions allowed, e.g. 0.5)")
+    FRACTION: float | None = Field(None, gt=0, le=1, description="every fraction of the whole run")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Interval:
+        if sum(v is not None for v in (self.STEPS, self.EPOCHS, self.FRACTION)) > 1:
+            raise ValueError("set only one of STEPS, EPOCHS, FRACTION")
+        return self
+
+
+class Ramp(Node):
+    """A probability that moves linearly from START_PROB to END_PROB, then stays at END_PROB."""
+
+    ENABLED: bool = True
+    START_PROB: float = Field(1.0, ge=0, le=1)
+    END_PROB: float = Field(0.0, ge=0, le=1)
+    END_STEPS: int | None = Field(None, ge=0, description="ramp length in optimizer steps")
+    END_FRACTION: float | None = Field(None, ge=0, le=1, description="ramp length as a fraction of training")
+
+    @model_validator(mode="after")
+    def _one_end(self) -> Ramp:
+        if self.END_STEPS is not None and self.END_FRACTION is not None:
+            raise ValueError("set only one of END_STEPS, END_FRACTION")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- EXPERIMENT
+class WandbConfig(Node):
+    ENABLED: bool = False
+    PROJECT: str | None = Field(None, description="W&B project; defaults to EXPERIMENT.PROJECT")
+    ENTITY: str | None = None
+    MODE: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="overrides WANDB_MODE; None keeps the environment's choice"
+    )
+    RUN_ID: str | None = Field(None, description="attach to this run id; resumed runs reuse the saved id")
+    TAGS: list[str] = Field(default_factory=list)
+
+
+class ExperimentConfig(Node):
+    PROJECT: str = "linnaeus"
+    GROUP: str = "default"
+    NAME: str = "run"
+    TAGS: list[str] = Field(default_factory=list)
+    NOTES: str = ""
+    OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    WANDB: WandbConfig = Field(default_factory=WandbConfig)
+
+
+# -------------------------------------------------------------------------------------------------------- MODEL
+class HeadLossConfig(Node):
+    TYPE: Literal["CrossEntropyLoss", "TaxonomyAwareLabelSmoothing"] = "CrossEntropyLoss"
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict,
+        description="CrossEntropyLoss: {label_smoothing}; TaxonomyAwareLabelSmoothing: {alpha, beta}",
+    )
+    WEIGHT: float = Field(1.0, ge=0, description="static weight of this rank's loss in the total")
+
+
+class HeadConfig(Node):
+    TYPE: Literal["LinearHead", "HierarchicalSoftmaxHead", "ConditionalClassifier"] = "LinearHead"
+    NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
+    USE_BIAS: bool = True
+    ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
+    TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
+    LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
+
+
+class ClassificationConfig(Node):
+    HEADS: dict[str, HeadConfig] = Field(default_factory=dict, description="one head per task key")
+
+
+class ConvNeXtStages(Node):
+    DEPTHS: list[int] = Field(default_factory=lambda: [3, 3, 9, 3], description="only the first two are built")
+    DIMS: list[int] = Field(default_factory=lambda: [96, 192, 384, 768])
+    LAYER_SCALE_INIT_VALUE: float = 1e-6
+
+
+class RopeStages(Node):
+    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2])
+    DIMS: list[int] = Field(default_factory=lambda: [384, 768])
+    NUM_HEADS: list[int] = Field(default_factory=lambda: [6, 12])
+    MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
+    ROPE_THETA: float = 10000.0
+    ROPE_MIXED: bool = Field(True, description="learnable mixed 2-D frequencies (False: fixed axial)")
+
+
+class ConvStages(Node):
+    """mFormerV0 stem + MBConv stages."""
+
+    STEM_DIMS: list[int] = Field(default_factory=lambda: [48, 64])
+    OUT_CHANNELS: list[int] = Field(default_factory=lambda: [96, 192])
+    DEPTHS: list[int] = Field(default_factory=lambda: [2, 3])
+    EXPAND_RATIO: float = 4.0
+    SE_RATIO: float = 0.25
+
+
+class AttentionStages(Node):
+    """mFormerV0 relative-position attention stages."""
+
+    DIMS: list[int] = Field(default_factory=lambda: [384, 768])
+    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2])
+    NUM_HEADS: list[int] = Field(default_factory=lambda: [8, 8])
+    MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
+
+
+class ModelConfig(Node):
+    TYPE: Literal["mFormerV1", "mFormerV0"] = "mFormerV1"
+    NAME: str = "mFormerV1_sm"
+    IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
+    IN_CHANS: int = 3
+    DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
+    DROP_RATE: float = Field(0.0, ge=0, lt=1)
+    ATTN_DROP_RATE: float = Field(0.0, ge=0, lt=1)
+    ONLY_LAST_CLS: bool = False
+    GRADIENT_CHECKPOINTING: bool = False
+    COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
+    CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
+    ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
+    CONV_STAGES: ConvStages = Field(default_factory=ConvStages)
+    ATTENTION_STAGES: AttentionStages = Field(default_factory=AttentionStages)
+    CLASSIFICATION: ClassificationConfig = Field(default_factory=ClassificationConfig)
+    # Accepted for compatibility, derived or ignored here:
+    EXTRA_TOKEN_NUM: int | None = Field(None, description="no-op: 1 + number of metadata components, derived")
+    META_DIMS: list[int] | None = Field(None, description="no-op: derived from DATA.META.COMPONENTS")
+    USE_FLASH_ATTN: bool | None = Field(None, description="no-op: SDPA picks the fastest kernel itself")
+    LABEL_SMOOTHING: float | None = Field(None, description="no-op: set per head in LOSS.PARAMS.label_smoothing")
+
+
+# --------------------------------------------------------------------------------------------------------- DATA
+class MetaComponentConfig(Node):
+    ENABLED: bool = True
+    SOURCE: str = Field(..., description="dataset name in labels.h5, e.g. 'temporal'")
+    COLUMNS: list[str] = Field(default_factory=list, description="column_names to select; [] = all columns")
+    DIM: int = Field(..., ge=1, description="number of (selected) columns")
+    IDX: int = Field(..., ge=0, description="packing order of the metadata vector and of the metadata tokens")
+    ALLOW_MISSING: bool = Field(True, description="False drops rows where this component is missing (counted)")
+    OOR_MASK: bool = Field(False, description="mask this component for rows with in_region == 0")
+
+
+def _default_components() -> dict[str, MetaComponentConfig]:
+    return {
+        "TEMPORAL": MetaComponentConfig(SOURCE="temporal", DIM=2, IDX=0),
+        "SPATIAL": MetaComponentConfig(SOURCE="spatial", DIM=3, IDX=1),
+        "ELEVATION": MetaComponentConfig(SOURCE="elevation_broadrange_2", DIM=10, IDX=2, ENABLED=False),
+    }
+
+
+class MetaConfig(Node):
+    ACTIVE: bool = True
+    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=_default_components)
+
+
+class VerifyImagesConfig(Node):
+    ENABLED: bool = False
+    DECODE: bool = Field(False, description="also decode every image (slower; finds corrupt files)")
+    MAX_MISSING_RATIO: float = Field(0.0, ge=0, le=1)
+    MAX_MISSING_COUNT: int = Field(0, ge=0)
+    NUM_WORKERS: int = Field(8, ge=1)
+    REPORT_PATH: str | None = Field(None, description="JSON report; default: the run folder")
+    # Compatibility:
+    CHUNK_SIZE: int | None = Field(None, description="no-op")
+    LOG_MISSING: bool = True
+
+
+class HybridConfig(Node):
+    USE_HYBRID: bool = True
+    IMAGES_DIR: str = ""
+    FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
+    ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
+    VERIFY_IMAGES: VerifyImagesConfig = Field(default_factory=VerifyImagesConfig)
+
+
+class H5Config(Node):
+    LABELS_PATH: str | None = None
+    TRAIN_LABELS_PATH: str | None = Field(None, description="pre-split alternative to LABELS_PATH")
+    VAL_LABELS_PATH: str | None = None
+    TRAIN_VAL_SPLIT_RATIO: float = Field(0.9, gt=0, le=1)
+    TRAIN_VAL_SPLIT_SEED: int = 42
+
+
+class ShardsConfig(Node):
+    ENABLED: bool = False
+    DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
+    SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
+
+
+class DatasetInfo(Node):
+    NAME: str = ""
+    VERSION: str = ""
+    CLADE: str = ""
+
+
+class DataConfig(Node):
+    BATCH_SIZE: int = Field(64, ge=1, description="per process; TRAIN.BATCH_SIZE is an alias")
+    BATCH_SIZE_VAL: int = Field(128, ge=1)
+    IMG_SIZE: int = Field(384, ge=32)
+    VAL_CROP_PCT: float = Field(0.875, gt=0, le=1, description="validation: resize to IMG_SIZE/CROP_PCT, centre crop")
+    NUM_WORKERS: int = Field(4, ge=0)
+    PIN_MEMORY: bool = True
+    PREFETCH_FACTOR: int = Field(2, ge=1)
+    TASK_KEYS_H5: list[str] = Field(default_factory=lambda: ["taxa_L10", "taxa_L20"], min_length=1)
+    NUM_CLASSES_PER_LEVEL: dict[str, int] | None = Field(None, description="checked against labels.h5 when set")
+    TAXONOMY_PATH: str | None = Field(None, description="taxonomy.json; inferred from labels.h5 when unset")
+    REQUIRE_ALL_RANKS: bool = Field(False, description="drop rows with a null at any configured rank (counted)")
+    IN_REGION_ONLY: bool = Field(False, description="drop rows whose in_region is 0 (counted)")
+    HYBRID: HybridConfig = Field(default_factory=HybridConfig)
+    H5: H5Config = Field(default_factory=H5Config)
+    META: MetaConfig = Field(default_factory=MetaConfig)
+    SHARDS: ShardsConfig = Field(default_factory=ShardsConfig)
+    DATASET: DatasetInfo = Field(default_factory=DatasetInfo)
+    USE_VECTORIZED_PROCESSOR: bool | None = Field(
+        None, description="no-op: the prior trainer's processor switch; labels are always read vectorised here"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- AUG
+class RandomEraseConfig(Node):
+    PROB: float = Field(0.25, ge=0, le=1)
+    AREA_RANGE: list[float] = Field(default_factory=lambda: [0.02, 0.33])
+    ASPECT_RATIO: list[float] = Field(default_factory=lambda: [0.3, 3.3])
+
+
+class AugConfig(Node):
+    RRC_SCALE: list[float] = Field(default_factory=lambda: [0.35, 1.0], description="random-resized-crop area range")
+    RRC_RATIO: list[float] = Field(default_factory=lambda: [0.75, 1.3333])
+    HFLIP_PROB: float = Field(0.5, ge=0, le=1)
+    COLOR_JITTER: float = Field(0.3, ge=0, description="brightness/contrast/saturation strength; 0 disables")
+    RANDOM_ERASE: RandomEraseConfig = Field(default_factory=RandomEraseConfig)
+    MEAN: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    STD: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+# -------------------------------------------------------------------------------------------------------- TRAIN
+class TrainConfig(Node):
+    EPOCHS: float = Field(50, gt=0)
+    MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
+    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
+        None, description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config"
+    )
+    ACCUMULATION_STEPS: int = Field(1, ge=0, description="0 is read as 1")
+    CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
+    AUTO_RESUME: bool = True
+    RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
+    PHASE1_MASK_NULL_LOSS: bool = Field(True, description="null labels never contribute loss (see SCHEDULE.NULL_MASKING)")
+
+
+# ---------------------------------------------------------------------------------------------------- OPTIMIZER
+class OptimizerConfig(Node):
+    NAME: Literal["adamw"] = "adamw"
+    WEIGHT_DECAY: float = Field(0.05, ge=0)
+    BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
+    EPS: float = 1e-8
+    HEAD_LR_MULTIPLIER: float = Field(1.0, gt=0, description="LR multiplier for classification heads")
+
+
+class LRSchedulerConfig(Node):
+    NAME: Literal["cosine", "wsd", "constant"] = "cosine"
+    BASE_LR: float = Field(1e-4, gt=0)
+    WARMUP_LR: float = Field(5e-7, ge=0)
+    MIN_LR: float = Field(1e-5, ge=0)
+    WARMUP_STEPS: int | None = Field(None, ge=0)
+    WARMUP_EPOCHS: float | None = Field(None, ge=0)
+    WARMUP_FRACTION: float | None = Field(None, ge=0, le=1, description="default when none is set: 0.05")
+    STABLE_FRACTION: float = Field(0.8, ge=0, le=1, description="wsd: share of post-warmup steps at BASE_LR")
+    DECAY_TYPE: Literal["cosine", "linear"] = "cosine"
+    SCALE_WITH_BATCH: bool = Field(False, description="LR = BASE_LR * effective_batch / REFERENCE_BS")
+    REFERENCE_BS: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> LRSchedulerConfig:
+        set_ = [k for k in ("WARMUP_STEPS", "WARMUP_EPOCHS", "WARMUP_FRACTION") if getattr(self, k) is not None]
+        if len(set_) > 1:
+            raise ValueError("set only one of WARMUP_STEPS, WARMUP_EPOCHS, WARMUP_FRACTION")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------- LOSS
+class GradNormConfig(Node):
+    ENABLED: bool = False
+    ALPHA: float = Field(1.5, ge=0)
+    UPDATE_INTERVAL: int = Field(100, ge=1)
+    WARMUP_STEPS: int = Field(0, ge=0)
+    LR: float = Field(0.025, gt=0, description="step size of the weight update")
+
+
+class ClassWeightingConfig(Node):
+    TYPE: Literal["none", "smoothing", "capping", "logarithmic"] = "none"
+    CAP: float = Field(20.0, gt=0)
+    SMOOTHING: float = Field(0.1, ge=0)
+
+
+class LossConfig(Node):
+    GRADNORM: GradNormConfig = Field(default_factory=GradNormConfig)
+    CLASS_WEIGHTING: ClassWeightingConfig = Field(default_factory=ClassWeightingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- SCHEDULE
+class PartialMetaMaskingConfig(Node):
+    ENABLED: bool = False
+    PROB: float = Field(0.3, ge=0, le=1)
+    WHITELIST: list[list[str]] = Field(default_factory=list, description="component-name subsets to mask together")
+
+
+class MetaMaskingConfig(Ramp):
+    START_PROB: float = Field(1.0, ge=0, le=1)
+    END_PROB: float = Field(0.05, ge=0, le=1)
+    END_FRACTION: float | None = Field(None, ge=0, le=1, description="default when neither END_* is set: 0.5")
+    PARTIAL: PartialMetaMaskingConfig = Field(default_factory=PartialMetaMaskingConfig)
+
+
+class NullMaskingConfig(Ramp):
+    ENABLED: bool = False
+    START_PROB: float = Field(0.0, ge=0, le=1, description="probability a null-labelled sample is kept in the loss")
+    END_PROB: float = Field(1.0, ge=0, le=1)
+
+
+class MixAlgo(Node):
+    ENABLED: bool = False
+    ALPHA: float = Field(1.0, gt=0)
+
+
+class MixConfig(Node):
+    GROUP_LEVEL: str | None = Field(None, description="pairs share the taxon at this task key; default: coarsest")
+    PROB: Ramp = Field(default_factory=lambda: Ramp(ENABLED=False, START_PROB=1.0, END_PROB=0.2, END_FRACTION=1.0))
+    MIXUP: MixAlgo = Field(default_factory=MixAlgo)
+    CUTMIX: MixAlgo = Field(default_factory=MixAlgo)
+    SWITCH_PROB: float = Field(0.5, ge=0, le=1, description="CutMix instead of Mixup when both are enabled")
+
+
+class ValidationSchedule(Node):
+    INTERVAL: Interval = Field(default_factory=lambda: Interval(EPOCHS=1))
+    MASK_META_INTERVAL: Interval = Field(default_factory=lambda: Interval(EPOCHS=1))
+
+
+class CheckpointSchedule(Node):
+    INTERVAL: Interval = Field(default_factory=lambda: Interval(EPOCHS=1))
+    KEEP_LAST_N: int = Field(2, ge=1)
+    KEEP_BEST_N: int = Field(1, ge=0)
+    BEST_METRIC: str = Field("val/chain_accuracy", description="a metrics.jsonl key, phase-prefixed")
+    BEST_MODE: Literal["max", "min"] = "max"
+
+
+class MetricsSchedule(Node):
+    LOG_INTERVAL_STEPS: int = Field(10, ge=1, description="train metrics to metrics.jsonl / W&B every N steps")
+
+
+class ScheduleConfig(Node):
+    META_MASKING: MetaMaskingConfig = Field(default_factory=MetaMaskingConfig)
+    NULL_MASKING: NullMaskingConfig = Field(default_factory=NullMaskingConfig)
+    MIX: MixConfig = Field(default_factory=MixConfig)
+    VALIDATION: ValidationSchedule = Field(default_factory=ValidationSchedule)
+    CHECKPOINT: CheckpointSchedule = Field(default_factory=CheckpointSchedule)
+    METRICS: MetricsSchedule = Field(default_factory=MetricsSchedule)
+
+
+class MiscConfig(Node):
+    SEED: int = 42
+    DETERMINISTIC: bool = Field(False, description="torch deterministic algorithms (slower)")
+
+
+class Config(Node):
+    """The whole resolved configuration. Build one with ``linnaeus.config.load_config``."""
+
+    BASE: list[str] = Field(default_factory=list, description="YAML files this one inherits from")
+    EXPERIMENT: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    MODEL: ModelConfig = Field(default_factory=ModelConfig)
+    DATA: DataConfig = Field(default_factory=DataConfig)
+    AUG: AugConfig = Field(default_factory=AugConfig)
+    TRAIN: TrainConfig = Field(default_factory=TrainConfig)
+    OPTIMIZER: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    LR_SCHEDULER: LRSchedulerConfig = Field(default_factory=LRSchedulerConfig)
+    LOSS: LossConfig = Field(default_factory=LossConfig)
+    SCHEDULE: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    MISC: MiscConfig = Field(default_factory=MiscConfig)
+
+
+def default_config() -> Config:
+    return Config()
