@@ -1,0 +1,171 @@
+"""Worker-side image loading: read bytes, reduced-size JPEG decode, crop, resize, uint8 CHW.
+
+This runs in DataLoader workers (and in the shard reader and the predictor), so it only uses Pillow and NumPy
+and never returns floats: conversion, flips, colour and normalisation happen on the training device.
+
+Crops are planned on the full-resolution, EXIF-oriented image first; only then is the JPEG decoder asked for
+the smallest DCT scale (1/2, 1/4, 1/8) that still leaves at least ``img_size`` source pixels across the planned
+crop (``Image.draft``). Decoding at 1/4 scale is several times faster than a full decode followed by a
+downscale, and because the crop plan never depends on the draft, the output geometry is the same with or
+without it; pixels differ only by the decoder's DCT-domain downscaling versus Pillow's filter.
+
+Validation/inference (``train=False``): resize the shorter side to ``img_size / val_crop_pct`` and take the
+centre ``img_size`` square, done as a single filtered resize of the corresponding source box. It uses no
+randomness and depends only on the bytes and the arguments, so training-time validation and the predictor
+produce bit-identical arrays.
+
+Training (``train=True``): random-resized-crop as in torchvision (area fraction ``rrc_scale``, aspect ratio
+log-uniform in ``rrc_ratio``, ten tries, then a centre crop clamped to the ratio range), drawn from ``rng``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from linnaeus.errors import DataError
+
+# EXIF orientation tag (0x0112) value → the transpose that displays the image upright (as ImageOps.exif_transpose).
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Bilinear with Pillow's support scaling is an antialiased downscale; it is also what the crop is resized with in
+# training, so train and val see the same kind of interpolation.
+RESAMPLE = Image.Resampling.BILINEAR
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom in oriented full-resolution pixels
+
+
+class ImageDecodeError(DataError):
+    """An image file is missing, unreadable or not a decodable image. ``source`` names it, ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"image {source}: {reason}")
+
+
+def _read(source: str | bytes | Path) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "<bytes>"
+    name = str(source)
+    try:
+        return Path(source).read_bytes(), name
+    except FileNotFoundError:
+        raise ImageDecodeError(name, "file not found") from None
+    except OSError as err:
+        raise ImageDecodeError(name, f"cannot read ({err.strerror or err})") from None
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Box:
+    """torchvision's RandomResizedCrop.get_params with a NumPy generator: (left, top, right, bottom)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    # Fallback: the largest centre crop whose aspect ratio is inside the range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int, img_size: int, val_crop_pct: float = 0.875) -> Box:
+    """The source box that "resize shorter side to img_size/val_crop_pct, then centre-crop img_size" selects."""
+    short = min(width, height)
+    resized_short = img_size / val_crop_pct
+    side = img_size * short / resized_short  # the crop's side in source pixels (= short * val_crop_pct)
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    return left, top, left + side, top + side
+
+
+def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
+    w, h = im.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_image(
+    source: str | bytes | Path,
+    *,
+    img_size: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    rrc_scale: tuple[float, float] = (0.35, 1.0),
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    val_crop_pct: float = 0.875,
+    draft: bool = True,
+) -> np.ndarray:
+    """Decode ``source`` (path or encoded bytes) to a uint8 (3, img_size, img_size) RGB array.
+
+    ``train=True`` takes a random-resized-crop drawn from ``rng`` (a fresh unseeded generator when None);
+    ``train=False`` the deterministic resize + centre crop. ``draft=False`` disables reduced-size JPEG
+    decoding (for checks and benchmarks). Raises ``ImageDecodeError`` naming the file on any failure.
+    """
+    data, name = _read(source)
+    try:
+        im = Image.open(io.BytesIO(data))
+        orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        width, height = _oriented_size(im, orientation)
+        if train:
+            box = random_resized_crop_box(width, height, rng or np.random.default_rng(), rrc_scale, rrc_ratio)
+        else:
+            box = center_crop_box(width, height, img_size, val_crop_pct)
+
+        scale = 1.0
+        if draft and im.format == "JPEG":
+            # Ask for the smallest decode that keeps >= img_size pixels across the crop's shorter side.
+            crop_short = min(box[2] - box[0], box[3] - box[1])
+            factor = img_size / crop_short
+            if factor < 0.5:  # only worth it (and only possible) when at least a 1/2-scale decode fits
+                request = (math.ceil(im.size[0] * factor), math.ceil(im.size[1] * factor))
+                stored_width = im.size[0]
+                result = im.draft("RGB", request)
+                if result is not None:
+                    scale = stored_width / result[1][2]  # the returned box is the full image in drafted pixels
+        im.load()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
+
+    if orientation in _TRANSPOSE:
+        im = im.transpose(_TRANSPOSE[orientation])
+    if im.mode not in ("RGB", "L"):
+        # Palette/alpha/CMYK/16-bit: convert first, since Pillow resizes "P" and "1" with nearest neighbour only.
+        im = im.convert("RGB")
+    if scale != 1.0:
+        box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
+    im = im.resize((img_size, img_size), RESAMPLE, box=box, reducing_gap=None)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
