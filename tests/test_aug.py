@@ -251,3 +251,28 @@ def test_empty_metadata_and_no_partner_batch() -> None:
     aug = BatchAugment(no_aug(), mix_cfg(), KEYS, {**NUM_CLASSES, "taxa_L30": B})
     out = aug(images, targets, torch.zeros(B, 0), torch.zeros(B, 0, dtype=torch.bool), mix_prob=1.0, generator=gen())
     assert out.mix_mode is None and out.targets["taxa_L10"].dtype == torch.int64 and out.meta.shape == (B, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_contract() -> None:
+    images, targets, meta, meta_valid = make_batch()
+    dev = torch.device("cuda")
+    aug = BatchAugment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
+    outs = [
+        aug(
+            images.to(dev),
+            {k: t.to(dev) for k, t in targets.items()},
+            meta.to(dev),
+            meta_valid.to(dev),
+            mix_prob=1.0,
+            generator=torch.Generator(device=dev).manual_seed(seed),
+        )
+        for seed in (5, 5)
+    ]
+    a, b = outs
+    assert a.images.device.type == "cuda" and a.images.shape == images.shape and a.mix_mode is not None
+    assert torch.equal(a.images, b.images)
+    for k in KEYS:
+        assert torch.equal(a.targets[k], b.targets[k]) and a.targets[k].device.type == "cuda"
+    fam = targets["taxa_L30"].to(dev)
+    assert torch.equal(fam[a.partner], fam)

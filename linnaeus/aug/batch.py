@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -10,8 +11,10 @@ from torch import Tensor
 from linnaeus.aug.mix import cutmix_box, pair_within_groups, resolve_group_level, sample_beta, soft_targets
 from linnaeus.aug.normalize import compute_dtype, normalize_unit, to_float_uint8
 from linnaeus.aug.photometric import color_jitter, random_erase, random_hflip
-from linnaeus.config.defaults import AugConfig, MixConfig
 from linnaeus.errors import ConfigError
+
+if TYPE_CHECKING:  # only attributes are read, so inference can import this package without the config schema
+    from linnaeus.config.defaults import AugConfig, MixConfig
 
 
 @dataclass
@@ -22,7 +25,7 @@ class AugOutput:
     every task (all-zero rows where ``valid`` is False). ``valid[task]`` is bool (B,): target >= 0, or for mixed
     batches the AND over both partners. ``mix_mode`` is None, "mixup" or "cutmix"; ``lam`` the per-sample weight of
     the sample itself (1 for unpaired samples) and ``partner`` int64 (B,) the sample it was mixed with (itself when
-unpaired); both None when no mixing happened.
+    unpaired); both None when no mixing happened.
     """
 
     images: Tensor
@@ -131,15 +134,16 @@ class BatchAugment:
         if use_cutmix:
             height, width = x.shape[-2:]
             y0, y1, x0, x1, lam = cutmix_box(lam_c, height, width, cy_u, cx_u)
+        else:
+            lam = lam_m
+        lam_vec = torch.ones(partner.shape[0], dtype=x.dtype, device=device).masked_fill_(has_partner, lam)
+        if use_cutmix:
             mixed = x.clone()
             # Unpaired samples are their own partner, so pasting their own pixels leaves them unchanged.
             mixed[:, :, y0:y1, x0:x1] = x[partner, :, y0:y1, x0:x1]
         else:
-            lam = lam_m
-        lam_vec = torch.ones(partner.shape[0], dtype=x.dtype, device=device).masked_fill_(has_partner, lam)
-        if not use_cutmix:
             w = lam_vec.view(-1, 1, 1, 1)
-            mixed = x * w + x[partner] * (1.0 - w)  # w = 1 for unpaired: exactly x
+            mixed = x * w + x[partner] * (1.0 - w)  # w = 1 for unpaired samples: exactly x
 
         soft, valid = {}, {}
         for key, target in out.targets.items():

@@ -49,9 +49,8 @@ def pair_within_groups(group: Tensor, generator: torch.Generator) -> tuple[Tenso
     order = shuffled[torch.argsort(group[shuffled], stable=True)]
     g = group[order]
     boundary = g[1:] != g[:-1]
-    is_start = torch.cat([boundary.new_ones(min(bsz, 1)), boundary])
     is_end = torch.cat([boundary, boundary.new_ones(min(bsz, 1))])
-    start = torch.cummax(torch.where(is_start, pos, 0), dim=0).values
+    start = torch.searchsorted(g, g)  # first position of each sample's group in the sorted order
     nxt = torch.where(is_end, start, pos + 1)
     nxt = torch.where(g < 0, pos, nxt)
     partner = torch.empty_like(order)

@@ -145,14 +145,18 @@ class LabelStore:
         problems: list[str] = []
         store = _read(Path(path), list(task_keys), list(components or []), need_in_region, problems)
         if problems:
-            more = f" (+{len(problems) - 1} more problems; `linnaeus check` lists them all)" if len(problems) > 1 else ""
+            more = (
+                f" (+{len(problems) - 1} more problems; `linnaeus check` lists them all)" if len(problems) > 1 else ""
+            )
             raise DataError(problems[0] + more)
         assert store is not None
         return store
 
     @classmethod
     def from_config(cls, path: str | Path, cfg: Config) -> LabelStore:
-        return cls.load(path, list(cfg.DATA.TASK_KEYS_H5), components_from_config(cfg), need_in_region=in_region_key(cfg))
+        return cls.load(
+            path, list(cfg.DATA.TASK_KEYS_H5), components_from_config(cfg), need_in_region=in_region_key(cfg)
+        )
 
     # ------------------------------------------------------------------------------------------- statistics
     def statistics(self, rows: np.ndarray | None = None) -> dict[str, Any]:
@@ -163,7 +167,7 @@ class LabelStore:
         for key, ids in self.taxa.items():
             sel = ids[rows]
             out["nulls"][key] = int((sel == 0).sum())
-            out["distinct_taxa"][key] = int(len(np.unique(sel[sel != 0])))
+            out["distinct_taxa"][key] = len(np.unique(sel[sel != 0]))
         oor = self.in_region[rows] == 0 if self.in_region is not None else np.zeros(n, bool)
         for j, c in enumerate(self.components):
             valid = int(self.meta_valid[rows, j].sum())
@@ -289,7 +293,9 @@ def _read_all(
     ds = _dataset(f, IN_REGION)
     if ds is not None:
         if ds.dtype.kind not in "biu" or ds.ndim != 1:
-            problems.append(f"{path}: dataset '{IN_REGION}' has dtype {ds.dtype} shape {ds.shape}, expected (N,) uint8 0/1")
+            problems.append(
+                f"{path}: dataset '{IN_REGION}' has dtype {ds.dtype} shape {ds.shape}, expected (N,) uint8 0/1"
+            )
         elif length_ok(IN_REGION, ds.shape[0]):
             in_region = (ds[()] != 0).astype(np.uint8)
     elif need_in_region:
@@ -363,7 +369,9 @@ def _read_component(
     if spec.columns:
         names = _column_names(ds)
         if names is None:
-            problems.append(f"{where}: {spec.key}.COLUMNS {list(spec.columns)} needs a 'column_names' attribute on the dataset")
+            problems.append(
+                f"{where}: {spec.key}.COLUMNS {list(spec.columns)} needs a 'column_names' attribute on the dataset"
+            )
             return None, "h5"
         unknown = [c for c in spec.columns if c not in names]
         if unknown:
@@ -372,7 +380,9 @@ def _read_component(
         cols = [names.index(c) for c in spec.columns]  # config order, not file order
     if len(cols) != spec.dim:
         what = f"COLUMNS select {len(cols)}" if spec.columns else f"the dataset has {width} columns"
-        problems.append(f"{spec.key}.DIM is {spec.dim} but {what} (dataset '{spec.source}' in {path}, shape {ds.shape})")
+        problems.append(
+            f"{spec.key}.DIM is {spec.dim} but {what} (dataset '{spec.source}' in {path}, shape {ds.shape})"
+        )
         return None, "h5"
     arr = ds[()].astype(np.float32, copy=False)
     arr = arr.reshape(-1, 1) if arr.ndim == 1 else arr
@@ -382,46 +392,33 @@ def _read_component(
 
 
 def _encode_raw(f: h5py.File, path: Path, spec: ComponentSpec, problems: list[str]) -> np.ndarray | None:
-    """Encode a component from the raw_* companions when its derived dataset is absent."""
-    kind = spec.source.split("_")[0]
+    """Encode a component from the raw_* companions when its derived dataset is absent (same encoders as the
+    demo generator and inference use). A raw value that is absent encodes to an all-zero row, i.e. missing."""
+    kind = "elevation" if spec.source.startswith("elevation") else spec.source
     needs = {"spatial": [RAW_LAT, RAW_LON], "temporal": [RAW_DATE], "elevation": [RAW_ELEVATION]}.get(kind)
-    missing_line = (
-        f"{spec.key}.SOURCE: dataset '{spec.source}' is missing from {path}"
-        f" (datasets present: {sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset))})"
-    )
+    present = sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset))
     if needs is None or any(_dataset(f, n) is None for n in needs):
-        hint = f" and the raw fields {needs} to encode it from are absent" if needs else ""
-        problems.append(missing_line + hint)
+        hint = f", nor are the raw fields {needs} to encode it from" if needs else ""
+        problems.append(
+            f"{spec.key}.SOURCE: dataset '{spec.source}' is not in {path}{hint} (datasets present: {present})"
+        )
         return None
+    from linnaeus.data.encoders import encode_from_raw
+
+    raw: dict[str, Any] = {}
+    for name in needs:
+        ds = _dataset(f, name)
+        raw[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
     try:
-        from linnaeus.data import encoders
-    except ImportError:
-        problems.append(missing_line + " and the metadata encoders are not available to encode it from raw fields")
-        return None
-    try:
-        if kind == "spatial":
-            lat = _dataset(f, RAW_LAT)[()].astype(np.float64)
-            lon = _dataset(f, RAW_LON)[()].astype(np.float64)
-            bad = ~(np.isfinite(lat) & np.isfinite(lon))
-            arr = np.asarray(encoders.encode_spatial(np.where(bad, 0, lat), np.where(bad, 0, lon)), np.float32)
-        elif kind == "temporal":
-            dates = _dataset(f, RAW_DATE).asstr()[()]
-            arr = np.asarray(encoders.encode_temporal(dates, dim=spec.dim), np.float32)
-            bad = ~np.isfinite(arr).all(axis=1)
-        else:
-            elev = _dataset(f, RAW_ELEVATION)[()].astype(np.float64)
-            bad = ~np.isfinite(elev)
-            scales = encoders.elevation_scales(spec.dim)
-            arr = np.asarray(encoders.encode_elevation(np.where(bad, 0, elev), scales), np.float32)
-    except (ValueError, TypeError) as exc:
-        problems.append(f"{spec.key}: cannot encode '{spec.source}' from raw fields in {path}: {exc}")
+        arr = np.asarray(encode_from_raw(spec.source, raw, list(spec.columns) or None), np.float32)
+    except DataError as exc:
+        problems.append(f"{spec.key}: cannot encode '{spec.source}' from {needs} in {path}: {exc}")
         return None
     if arr.ndim != 2 or arr.shape[1] != spec.dim:
         problems.append(
-            f"{spec.key}.DIM is {spec.dim} but encoding '{spec.source}' from raw fields gives {arr.shape[1]} columns ({path})"
+            f"{spec.key}.DIM is {spec.dim} but encoding '{spec.source}' from {needs} gives {arr.shape[-1]} columns ({path})"
         )
         return None
-    arr[bad] = np.nan  # a raw value that could not be encoded is missing, as in a derived dataset
     return arr
 
 

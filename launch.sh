@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Multi-node Linnaeus training under SLURM: one task per node, each running `accelerate launch` with this node's rank.
+#
+#   sbatch --nodes=4 --gpus-per-node=8 launch.sh configs/experiments/my_exp.yaml [--opts KEY VALUE ...]
+#
+# Environment knobs (all optional):
+#   ACCELERATE_CONFIG   accelerate config (default accelerate_configs/multi_node_zero2.yaml)
+#   GPUS_PER_NODE       processes per node (default: SLURM_GPUS_ON_NODE, else nvidia-smi count, else 8)
+#   MAIN_PORT           rendezvous port (default 29500)
+#   WANDB_OFFLINE=1     log W&B offline (sync later with `wandb sync`); for nodes without internet
+#   NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE ...  passed through to NCCL as usual
+#   LINNAEUS_VENV       a virtualenv to activate on every node (default: ./.venv if present)
+#
+#SBATCH --job-name=linnaeus
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --signal=TERM@120  # SIGTERM to the training processes 2 min before the time limit: they checkpoint and exit 75
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: sbatch launch.sh CONFIG.yaml [--opts KEY VALUE ...]" >&2
+  exit 2
+fi
+CFG=$1
+shift
+
+if [ -z "${SLURM_JOB_NODELIST:-}" ]; then
+  echo "launch.sh: not inside a SLURM allocation (SLURM_JOB_NODELIST unset); submit it with sbatch" >&2
+  exit 2
+fi
+if ! command -v scontrol >/dev/null; then
+  # Falling back to localhost would make every node its own world and hang silently.
+  echo "launch.sh: scontrol not found; cannot determine the main node" >&2
+  exit 2
+fi
+
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node_zero2.yaml}
+NNODES=${SLURM_JOB_NUM_NODES:-$SLURM_NNODES}
+if [ -n "${GPUS_PER_NODE:-}" ]; then :;
+elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then GPUS_PER_NODE=$SLURM_GPUS_ON_NODE;
+elif command -v nvidia-smi >/dev/null; then GPUS_PER_NODE=$(nvidia-smi -L | wc -l);
+else GPUS_PER_NODE=8; fi
+MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_PORT=${MAIN_PORT:-29500}
+NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
+if [ "${WANDB_OFFLINE:-0}" = "1" ]; then export WANDB_MODE=offline; fi
+VENV=${LINNAEUS_VENV:-.venv}
+if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; fi
+
+echo "launch.sh: $NNODES nodes x $GPUS_PER_NODE processes, main $MAIN_ADDR:$MAIN_PORT, config $ACCELERATE_CONFIG"
+
+# Single quotes: \$SLURM_NODEID must expand inside each task, so every node gets its own machine rank.
+srun --kill-on-bad-exit=1 bash -c '
+  exec accelerate launch \
+    --config_file "'"$ACCELERATE_CONFIG"'" \
+    --num_machines '"$NNODES"' \
+    --num_processes '"$NUM_PROCESSES"' \
+    --machine_rank "$SLURM_NODEID" \
+    --main_process_ip '"$MAIN_ADDR"' \
+    --main_process_port '"$MAIN_PORT"' \
+    -m linnaeus.train --cfg "$0" "$@"
+' "$CFG" "$@"

@@ -1,0 +1,34 @@
+"""Data: labels.h5 store, taxonomy, splits, metadata encoders, images, datasets, loaders, shards, demo data.
+
+The common entry point is :func:`prepare_data` (``linnaeus.data.prepare``). Names below are imported lazily, so
+``import linnaeus.data.encoders`` (e.g. in a DataLoader worker or at inference) does not pull in h5py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LabelStore": "linnaeus.data.labels",
+    "ComponentSpec": "linnaeus.data.labels",
+    "FilterReport": "linnaeus.data.labels",
+    "ClassMap": "linnaeus.data.taxonomy",
+    "TaxonomyTree": "linnaeus.data.taxonomy",
+    "Split": "linnaeus.data.splits",
+    "random_split": "linnaeus.data.splits",
+    "PreparedData": "linnaeus.data.prepare",
+    "SplitView": "linnaeus.data.prepare",
+    "prepare_data": "linnaeus.data.prepare",
+    "build_report": "linnaeus.data.check",
+    "verify_images": "linnaeus.data.check",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'linnaeus.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,155 @@
+"""FileDataset: one sample per image file, labels and metadata already resolved to arrays in memory.
+
+``prepare_data`` reads labels.h5 once (LabelStore), applies filters and the split, and hands this class plain
+NumPy arrays for its rows; the dataset only decodes images. Nothing here holds a file handle, so it pickles
+cheaply for ``spawn`` workers and is safe across ``fork``.
+
+Randomness: a training sample's crop comes from ``np.random.default_rng((seed, epoch, index))``, a pure function
+of the run seed, the epoch and the sample's position in this dataset, so the same seed gives the same batches
+with 0, 1 or 2 workers and after a mid-epoch resume. ``EpochSampler`` supplies ``(index, epoch, is_pad)`` keys.
+
+Missing or corrupt images: strict by default (``DataError`` naming the file and its labels.h5 row). With
+``allow_missing=True`` the sample gets a mid-grey image and ``image_ok = False``. Workers are separate processes,
+so a counter inside the dataset would be lost; the flag travels with the batch instead and the trainer sums
+``(~batch["image_ok"]).sum()`` (``missing_count`` counts only this process's own loads, e.g. with 0 workers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_VALUE = 128  # mid-grey: after normalisation close to zero, so a placeholder carries little signal
+_MAX_WARNINGS = 5  # per process; the trainer reports the total from image_ok
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The per-sample generator every reader uses (files and shards), so augmentation is reproducible."""
+    return np.random.default_rng((seed % 2**64, epoch % 2**64, index % 2**64))
+
+
+def parse_key(key: Any) -> tuple[int, int, bool]:
+    """An int index, or an ``(index, epoch, is_pad)`` key from ``EpochSampler`` → (index, epoch, is_pad)."""
+    if isinstance(key, (tuple, list)):
+        index, epoch, is_pad = key
+        return int(index), int(epoch), bool(is_pad)
+    return int(key), 0, False
+
+
+class _PathTable:
+    """Many paths as one UTF-8 blob + offsets: no per-string Python objects to copy-on-access after fork or to
+    pickle one by one for spawn (a list of 10^7 str is ~1 GB; this is the bytes themselves)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        encoded = [str(p).encode("utf-8") for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class FileDataset(Dataset):
+    """Images from files, labels/metadata from arrays. ``len(paths)`` samples; all arrays are per sample.
+
+    ``rows`` (int64): the labels.h5 row of each sample (reported in errors and batches). ``targets``: task key
+    → int64 class index, -1 for null. ``meta`` float32 (N, D) packed by component IDX; ``meta_valid`` bool (N, C).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        rows: np.ndarray,
+        targets: dict[str, np.ndarray],
+        meta: np.ndarray,
+        meta_valid: np.ndarray,
+        *,
+        img_size: int,
+        train: bool,
+        rrc_scale: tuple[float, float] = (0.35, 1.0),
+        rrc_ratio: tuple[float, float] = (0.75, 4 / 3),
+        val_crop_pct: float = 0.875,
+        allow_missing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        n = len(paths)
+        self._paths = _PathTable(paths)
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self.targets = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in targets.items()}
+        self.meta = np.ascontiguousarray(meta, dtype=np.float32).reshape(n, -1)
+        self.meta_valid = np.ascontiguousarray(meta_valid, dtype=bool).reshape(n, -1)
+        for name, arr in [("rows", self.rows), ("meta", self.meta), ("meta_valid", self.meta_valid)] + [
+            (f"targets[{k}]", v) for k, v in self.targets.items()
+        ]:
+            if len(arr) != n:
+                raise ValueError(f"FileDataset: {name} has {len(arr)} entries for {n} paths")
+        self.img_size = int(img_size)
+        self.train = bool(train)
+        self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
+        self.rrc_ratio = (float(rrc_ratio[0]), float(rrc_ratio[1]))
+        self.val_crop_pct = float(val_crop_pct)
+        self.allow_missing = bool(allow_missing)
+        self.seed = int(seed)
+        self.missing_count = 0
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, index: int) -> str:
+        return self._paths[index]
+
+    def load(self, index: int, epoch: int = 0) -> tuple[np.ndarray, bool]:
+        """Decode sample ``index`` for ``epoch`` → (uint8 CHW image, image_ok)."""
+        path = self._paths[index]
+        rng = sample_rng(self.seed, epoch, index) if self.train else None
+        try:
+            image = load_image(
+                path,
+                img_size=self.img_size,
+                train=self.train,
+                rng=rng,
+                rrc_scale=self.rrc_scale,
+                rrc_ratio=self.rrc_ratio,
+                val_crop_pct=self.val_crop_pct,
+            )
+            return image, True
+        except ImageDecodeError as err:
+            row = int(self.rows[index])
+            if not self.allow_missing:
+                raise DataError(
+                    f"image {path} (labels.h5 row {row}): {err.reason}; "
+                    "fix or remove it, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True to replace and count it"
+                ) from None
+            self.missing_count += 1
+            if self.missing_count <= _MAX_WARNINGS:
+                log.warning("image %s (labels.h5 row %d): %s; using a grey placeholder", path, row, err.reason)
+            return np.full((3, self.img_size, self.img_size), PLACEHOLDER_VALUE, dtype=np.uint8), False
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        index, epoch, is_pad = parse_key(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"FileDataset index {index} out of range for {len(self)} samples")
+        image, ok = self.load(index, epoch)
+        return {
+            "image": torch.from_numpy(image),
+            "meta": torch.from_numpy(self.meta[index].copy()),
+            "meta_valid": torch.from_numpy(self.meta_valid[index].copy()),
+            "targets": {k: torch.tensor(v[index], dtype=torch.int64) for k, v in self.targets.items()},
+            "row": torch.tensor(self.rows[index], dtype=torch.int64),
+            "is_pad": torch.tensor(is_pad, dtype=torch.bool),
+            "image_ok": torch.tensor(ok, dtype=torch.bool),
+        }

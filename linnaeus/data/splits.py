@@ -1,0 +1,88 @@
+"""Train/validation split: computed once from a seed, saved with the run, reloaded on resume.
+
+Algorithm (single labels file): take the rows that survive the filters (ascending file rows), draw one
+permutation with ``np.random.default_rng(TRAIN_VAL_SPLIT_SEED).permutation(n)``, and give the first
+``floor(TRAIN_VAL_SPLIT_RATIO * n)`` positions to training and the rest to validation; both lists are then
+sorted by row. It depends only on (seed, ratio, surviving rows): not on worker count, process count or time.
+The rows are saved to ``split.npz`` so a resumed run (or ``linnaeus shard``) reads them back instead of
+recomputing; the saved labels fingerprint makes a changed labels.h5 an error rather than a silent new split.
+
+Pre-split data (``TRAIN_LABELS_PATH``/``VAL_LABELS_PATH``): each file's surviving rows form its split as is.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from linnaeus.errors import DataError
+from linnaeus.utils.io import atomic_write_bytes
+
+SPLIT_FILE = "split.npz"
+
+
+@dataclass
+class Split:
+    train_rows: np.ndarray  # int64, ascending rows of the train labels file
+    val_rows: np.ndarray  # int64, ascending rows of the val labels file (the same file unless pre-split)
+    seed: int
+    ratio: float
+    fingerprint: str  # of the labels file(s) the rows index
+    presplit: bool = False
+
+    def save(self, path: Path) -> None:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            train_rows=self.train_rows.astype(np.int64),
+            val_rows=self.val_rows.astype(np.int64),
+            seed=np.int64(self.seed),
+            ratio=np.float64(self.ratio),
+            fingerprint=np.array(self.fingerprint),
+            presplit=np.bool_(self.presplit),
+        )
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                return cls(
+                    train_rows=z["train_rows"].astype(np.int64),
+                    val_rows=z["val_rows"].astype(np.int64),
+                    seed=int(z["seed"]),
+                    ratio=float(z["ratio"]),
+                    fingerprint=str(z["fingerprint"]),
+                    presplit=bool(z["presplit"]),
+                )
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"split file {path}: cannot be read ({exc}); delete it to recompute the split") from None
+
+
+def random_split(rows: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``rows`` into (train, val), each sorted ascending. See the module docstring."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    n = len(rows)
+    n_train = min(n, math.floor(ratio * n + 1e-9))  # the epsilon keeps e.g. 0.9 * 10 from flooring to 8
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(rows[perm[:n_train]]), np.sort(rows[perm[n_train:]])
+
+
+def check_saved(split: Split, fingerprint: str, allowed_train: np.ndarray, allowed_val: np.ndarray, path: Path) -> None:
+    """A saved split must index the same labels file(s) and only rows that still pass the filters."""
+    if split.fingerprint != fingerprint:
+        raise DataError(
+            f"split file {path} was made from labels with fingerprint {split.fingerprint[:12]}…, but the labels now"
+            f" have {fingerprint[:12]}…; the labels changed since this run started (start a new run or delete the file)"
+        )
+    for name, rows, allowed in (("train", split.train_rows, allowed_train), ("val", split.val_rows, allowed_val)):
+        bad = rows[~np.isin(rows, allowed)]
+        if len(bad):
+            raise DataError(
+                f"split file {path}: {len(bad)} {name} rows (first: row {int(bad[0])}) are removed by the current"
+                " filters; the filter settings changed since this run started"
+            )

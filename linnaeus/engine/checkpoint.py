@@ -1,0 +1,148 @@
+"""Resumable checkpoints: ``checkpoints/step_<N>/`` written under a temporary name on all ranks, renamed when complete,
+then an atomically replaced ``latest`` pointer; retention of the last K and the best M; consolidated fp32 export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linnaeus.errors import ConfigError
+from linnaeus.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("linnaeus")
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step}"
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int, keep_best: int, best_metric: str, best_mode: str) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+
+    # ------------------------------------------------------------------------------------------------ discovery
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        target = self.root / pointer.read_text().strip()
+        if not (target / STATE_FILE).is_file():
+            raise ConfigError(f"{pointer}: points to '{target.name}', which is not a complete checkpoint")
+        return target
+
+    def completed(self) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.root.glob("step_*"):
+            m = STEP_DIR.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def clean_partial(self) -> None:
+        """Remove temporary folders left by a kill during writing (main process, before anyone saves)."""
+        for p in self.root.glob(".tmp_step_*"):
+            log.warning("removing incomplete checkpoint %s (interrupted while writing)", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def save(self, accelerator, step: int, trainer_state: dict[str, Any]) -> Path:
+        """Collective: every rank must call this (DeepSpeed's save has barriers)."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp_{step_dir_name(step)}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / STATE_FILE, trainer_state)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_text(self.root / LATEST, final.name + "\n")
+            self._retain(trainer_state)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _retain(self, trainer_state: dict[str, Any]) -> None:
+        """Keep the last K and the best M (by the configured metric); never the one `latest` points to."""
+        done = self.completed()
+        keep = {p.name for _, p in done[-self.keep_last :]}
+        bests = trainer_state.get("best_checkpoints", [])
+        keep |= {b["dir"] for b in bests[: self.keep_best]}
+        latest = (self.root / LATEST).read_text().strip()
+        keep.add(latest)
+        for _, p in done:
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def update_bests(self, bests: list[dict[str, Any]], step: int, metrics: dict[str, float]) -> list[dict[str, Any]]:
+        """Record this step's value of the best metric (e.g. 'val/taxa_L10/top1'); sorted best first."""
+        if self.best_metric not in metrics:
+            return bests
+        value = float(metrics[self.best_metric])
+        entry = {"dir": step_dir_name(step), "step": step, "value": value}
+        bests = [b for b in bests if b["step"] != step] + [entry]
+        bests.sort(key=lambda b: -b["value"] if self.best_mode == "max" else b["value"])
+        return bests
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from a checkpoint folder, whatever wrote it (DDP or ZeRO-1/2/3, any world size).
+    Reads files only: no process group, no DeepSpeed engine."""
+    ds_dir = ckpt / "pytorch_model"
+    if ds_dir.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+    elif (ckpt / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt / "model.safetensors"))
+    elif (ckpt / "pytorch_model.bin").is_file():
+        sd = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{ckpt}: no model weights found (expected pytorch_model/ or model.safetensors)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in _strip_prefixes(sd).items()}
+
+
+def export_weights(ckpt: Path, out_file: Path, metadata: dict[str, str] | None = None) -> Path:
+    """One consolidated fp32 safetensors file, loadable into the model without DeepSpeed."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt).items()}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    save_file(sd, str(tmp), metadata=metadata or {})
+    tmp.replace(out_file)
+    return out_file

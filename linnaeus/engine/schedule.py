@@ -1,0 +1,165 @@
+"""Step-based schedules: learning rate, probability ramps and event intervals.
+
+Training counts optimizer steps; epochs are a view (steps_per_epoch). Every interval given in epochs or fractions is
+resolved to steps once at startup, so events fire mid-epoch when due and resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from linnaeus.config import Config
+from linnaeus.config.defaults import Interval, Ramp
+
+DEFAULT_WARMUP_FRACTION = 0.05
+DEFAULT_META_MASK_END_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def plan_steps(cfg: Config, batches_per_epoch: int) -> StepPlan:
+    accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
+    steps_per_epoch = max(1, batches_per_epoch // accum)
+    total = cfg.TRAIN.MAX_STEPS or max(1, math.ceil(cfg.TRAIN.EPOCHS * steps_per_epoch))
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total)
+
+
+def interval_steps(interval: Interval, plan: StepPlan) -> int | None:
+    """Resolve an interval to a period in steps (None = never)."""
+    if interval.STEPS is not None:
+        return interval.STEPS
+    if interval.EPOCHS is not None:
+        return max(1, round(interval.EPOCHS * plan.steps_per_epoch))
+    if interval.FRACTION is not None:
+        return max(1, round(interval.FRACTION * plan.total_steps))
+    return None
+
+
+def fires(period: int | None, step: int, plan: StepPlan) -> bool:
+    """True after optimizer step `step` (1-based) when the event is due; the last step always fires."""
+    if period is None:
+        return False
+    return step % period == 0 or step == plan.total_steps
+
+
+def ramp_end_steps(ramp: Ramp, plan: StepPlan, default_fraction: float = 1.0) -> int:
+    if ramp.END_STEPS is not None:
+        return ramp.END_STEPS
+    fraction = ramp.END_FRACTION if ramp.END_FRACTION is not None else default_fraction
+    return round(fraction * plan.total_steps)
+
+
+def ramp_value(ramp: Ramp, step: int, plan: StepPlan, default_fraction: float = 1.0, off_value: float = 0.0) -> float:
+    """Linear from START_PROB at step 0 to END_PROB at the ramp's end, constant afterwards."""
+    if not ramp.ENABLED:
+        return off_value
+    end = ramp_end_steps(ramp, plan, default_fraction)
+    if end <= 0 or step >= end:
+        return ramp.END_PROB
+    t = step / end
+    return ramp.START_PROB + t * (ramp.END_PROB - ramp.START_PROB)
+
+
+class LRSchedule:
+    """LR multiplier per optimizer step: linear warmup from WARMUP_LR, then cosine, warmup-stable-decay or constant.
+
+    Returned as a multiplier of BASE_LR so each param group keeps its own scale (e.g. the head LR multiplier)."""
+
+    def __init__(self, cfg: Config, plan: StepPlan, base_lr: float) -> None:
+        sc = cfg.LR_SCHEDULER
+        self.name = sc.NAME
+        self.base_lr = base_lr
+        self.total = plan.total_steps
+        if sc.WARMUP_STEPS is not None:
+            self.warmup = sc.WARMUP_STEPS
+        elif sc.WARMUP_EPOCHS is not None:
+            self.warmup = round(sc.WARMUP_EPOCHS * plan.steps_per_epoch)
+        else:
+            frac = sc.WARMUP_FRACTION if sc.WARMUP_FRACTION is not None else DEFAULT_WARMUP_FRACTION
+            self.warmup = round(frac * plan.total_steps)
+        self.warmup = min(self.warmup, max(0, self.total - 1))
+        self.warmup_lr = sc.WARMUP_LR
+        self.min_lr = min(sc.MIN_LR, base_lr)
+        self.stable_fraction = sc.STABLE_FRACTION
+        self.decay_type = sc.DECAY_TYPE
+
+    def lr(self, step: int) -> float:
+        """LR used for optimizer step `step` (0-based count of steps already taken)."""
+        if step < self.warmup:
+            t = (step + 1) / (self.warmup + 1)
+            return self.warmup_lr + t * (self.base_lr - self.warmup_lr)
+        if self.name == "constant":
+            return self.base_lr
+        span = max(1, self.total - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        if self.name == "wsd":
+            if t < self.stable_fraction:
+                return self.base_lr
+            t = (t - self.stable_fraction) / max(1e-12, 1 - self.stable_fraction)
+            if self.decay_type == "linear":
+                return self.base_lr + t * (self.min_lr - self.base_lr)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t))
+
+    def multiplier(self, step: int) -> float:
+        return self.lr(step) / self.base_lr
+
+
+class OpsSchedule:
+    """Everything that changes with the step besides the LR, resolved once: masking ramps, mix probability and the
+    validation/checkpoint periods."""
+
+    def __init__(self, cfg: Config, plan: StepPlan) -> None:
+        s = cfg.SCHEDULE
+        self.cfg = cfg
+        self.plan = plan
+        self.val_every = interval_steps(s.VALIDATION.INTERVAL, plan)
+        self.val_mask_meta_every = (
+            interval_steps(s.VALIDATION.MASK_META_INTERVAL, plan) if cfg.DATA.META.ACTIVE else None
+        )
+        self.ckpt_every = interval_steps(s.CHECKPOINT.INTERVAL, plan)
+        self.log_every = s.METRICS.LOG_INTERVAL_STEPS
+
+    def meta_mask_prob(self, step: int) -> float:
+        mm = self.cfg.SCHEDULE.META_MASKING
+        if not self.cfg.DATA.META.ACTIVE:
+            return 0.0
+        return ramp_value(mm, step, self.plan, DEFAULT_META_MASK_END_FRACTION)
+
+    def partial_meta_mask_prob(self, step: int) -> float:
+        p = self.cfg.SCHEDULE.META_MASKING.PARTIAL
+        return p.PROB if (p.ENABLED and self.cfg.DATA.META.ACTIVE) else 0.0
+
+    def null_keep_prob(self, step: int) -> float:
+        if self.cfg.TRAIN.PHASE1_MASK_NULL_LOSS and not self.cfg.SCHEDULE.NULL_MASKING.ENABLED:
+            return 0.0
+        return ramp_value(self.cfg.SCHEDULE.NULL_MASKING, step, self.plan, 1.0)
+
+    def mix_prob(self, step: int) -> float:
+        mix = self.cfg.SCHEDULE.MIX
+        if not (mix.MIXUP.ENABLED or mix.CUTMIX.ENABLED):
+            return 0.0
+        return ramp_value(mix.PROB, step, self.plan, 1.0, off_value=1.0)
+
+    def summary(self) -> list[tuple[str, str]]:
+        def period(p: int | None) -> str:
+            return "never" if p is None else f"every {p} steps ({p / self.plan.steps_per_epoch:.2f} epochs)"
+
+        last = self.plan.total_steps
+        rows = [
+            ("steps", f"{last} ({self.plan.steps_per_epoch} per epoch)"),
+            ("validation", period(self.val_every)),
+            ("validation, metadata masked", period(self.val_mask_meta_every)),
+            ("checkpoint", period(self.ckpt_every)),
+            ("meta masking p", f"{self.meta_mask_prob(0):.2f} -> {self.meta_mask_prob(last):.2f}"),
+            ("null loss keep p", f"{self.null_keep_prob(0):.2f} -> {self.null_keep_prob(last):.2f}"),
+            ("mix p", f"{self.mix_prob(0):.2f} -> {self.mix_prob(last):.2f}"),
+        ]
+        return rows

@@ -1,0 +1,518 @@
+"""The training job: one Accelerator, one nn.Module, one optimizer, a step-based loop with epochs as a view.
+
+Components live in their own modules (schedule, metrics, checkpoint, run_dir, distributed); this file wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from linnaeus.config import Config, save_config
+from linnaeus.engine.checkpoint import CheckpointManager, consolidated_state_dict, export_weights, read_state
+from linnaeus.engine.distributed import DistInfo, build_accelerator, prepare_environment
+from linnaeus.engine.metrics import ValidationMeter, format_table
+from linnaeus.engine.run_dir import MetricsWriter, run_path, setup_logging
+from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, plan_steps
+from linnaeus.errors import ConfigError
+
+log = logging.getLogger("linnaeus")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; SLURM scripts can requeue on it.
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed on every rank
+    best_checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    bests: dict[str, float] = field(default_factory=dict)
+    wandb_run_id: str | None = None
+    world_size: int = 1
+    zero_stage: int = 0
+    missing_images: int = 0
+    task_weights: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainerState:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGINT set a flag; the loop checks it (agreed across ranks) after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.raised = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv.to(device, non_blocking=True) for kk, vv in v.items()}
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        else:
+            out[k] = v
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run = run_path(cfg)
+
+    # -------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        prepare_environment()
+        self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE)
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+        if self.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        setup_logging(self.run, acc.process_index, self.is_main, cfg.EXPERIMENT.LOG_LEVEL)
+        self.metrics_out = MetricsWriter(self.run / "metrics.jsonl", enabled=self.is_main)
+        self.ckpt = CheckpointManager(
+            self.run / "checkpoints",
+            keep_last=cfg.SCHEDULE.CHECKPOINT.KEEP_LAST_N,
+            keep_best=cfg.SCHEDULE.CHECKPOINT.KEEP_BEST_N,
+            best_metric=cfg.SCHEDULE.CHECKPOINT.BEST_METRIC,
+            best_mode=cfg.SCHEDULE.CHECKPOINT.BEST_MODE,
+        )
+        if self.is_main:
+            self.ckpt.root.mkdir(parents=True, exist_ok=True)
+            self.ckpt.clean_partial()
+        acc.wait_for_everyone()
+        _seed_everything(cfg.MISC.SEED)
+
+        from linnaeus.data.prepare import prepare_data
+
+        self.data = prepare_data(cfg)
+        self.task_keys = list(self.data.task_keys)
+        if self.is_main:
+            save_config(cfg, self.run / "config.yaml")
+            self.data.save(self.run)
+        self._build_loaders()
+        self._build_model_and_optimizer()
+
+    def _build_loaders(self) -> None:
+        from linnaeus.data.loader import build_loader
+
+        cfg, d = self.cfg, self.dist
+        self.train_set = self.data.dataset("train", train=True)
+        self.val_set = self.data.dataset("val", train=False)
+        if len(self.train_set) < d.world_size * cfg.DATA.BATCH_SIZE:
+            raise ConfigError(
+                f"DATA.BATCH_SIZE: {len(self.train_set)} training samples cannot fill one batch of "
+                f"{cfg.DATA.BATCH_SIZE} on each of {d.world_size} processes"
+            )
+        common = dict(
+            num_workers=cfg.DATA.NUM_WORKERS,
+            seed=cfg.MISC.SEED,
+            num_replicas=d.world_size,
+            rank=d.rank,
+            pin_memory=cfg.DATA.PIN_MEMORY and torch.cuda.is_available(),
+            prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
+        )
+        self.train_loader, self.train_sampler = build_loader(
+            self.train_set, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, pad=False, **common
+        )
+        self.val_loader, self.val_sampler = build_loader(
+            self.val_set, batch_size=cfg.DATA.BATCH_SIZE_VAL, shuffle=False, drop_last=False, pad=True, **common
+        )
+        self.accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
+        self.plan: StepPlan = plan_steps(cfg, len(self.train_loader))
+        # Whole accumulation windows only, so every optimizer step sees `accum` micro-batches on every rank.
+        self.batches_per_epoch = self.plan.steps_per_epoch * self.accum
+
+    def _build_model_and_optimizer(self) -> None:
+        from linnaeus.aug import BatchAugment
+        from linnaeus.losses import build_task_loss
+        from linnaeus.models import build_model, param_groups
+
+        cfg = self.cfg
+        hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
+        self.model = build_model(cfg.MODEL, self.task_keys, self.data.num_classes, self.data.meta_dims, hierarchy)
+        needs_distance = any(h.LOSS.TYPE == "TaxonomyAwareLabelSmoothing" for h in cfg.MODEL.CLASSIFICATION.HEADS.values())
+        self.loss_fn = build_task_loss(
+            cfg,
+            self.task_keys,
+            self.data.num_classes,
+            self.data.distance_matrices() if needs_distance else None,
+            self.data.class_counts("train"),
+        )
+        base_lr = cfg.LR_SCHEDULER.BASE_LR
+        if cfg.LR_SCHEDULER.SCALE_WITH_BATCH:
+            effective = cfg.DATA.BATCH_SIZE * self.accum * self.dist.world_size
+            base_lr = base_lr * effective / cfg.LR_SCHEDULER.REFERENCE_BS
+        self.base_lr = base_lr
+        groups = [g for g in param_groups(self.model, cfg.OPTIMIZER.WEIGHT_DECAY, cfg.OPTIMIZER.HEAD_LR_MULTIPLIER) if g["params"]]
+        for g in groups:
+            g["lr"] = base_lr * g.get("lr_scale", 1.0)
+        b1, b2 = cfg.OPTIMIZER.BETAS
+        self.optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(b1, b2), eps=cfg.OPTIMIZER.EPS)
+        self.lr_schedule = LRSchedule(cfg, self.plan, base_lr)
+        self.ops = OpsSchedule(cfg, self.plan)
+        self.augment = BatchAugment(cfg.AUG, cfg.SCHEDULE.MIX, self.task_keys, self.data.num_classes)
+        self.state = TrainerState(world_size=self.dist.world_size, zero_stage=self.dist.zero_stage)
+        self.resume_from = self._find_resume()
+        self.weights_only_resume = False
+        if self.resume_from is not None:
+            saved = read_state(self.resume_from)
+            if saved.get("world_size") != self.dist.world_size or saved.get("zero_stage") != self.dist.zero_stage:
+                # Optimizer shards are tied to the process count and ZeRO stage; weights are not.
+                self.weights_only_resume = True
+                sd = consolidated_state_dict(self.resume_from)
+                missing, unexpected = self.model.load_state_dict(sd, strict=False)
+                if missing or unexpected:
+                    raise ConfigError(
+                        f"TRAIN.RESUME_FROM: {self.resume_from} does not match this model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                    )
+        if cfg.MODEL.COMPILE:
+            self.model = torch.compile(self.model)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.loss_fn = self.loss_fn.to(self.accelerator.device)
+        self.group_lr_scale = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    def _find_resume(self) -> Path | None:
+        cfg = self.cfg
+        if cfg.TRAIN.RESUME_FROM:
+            path = Path(cfg.TRAIN.RESUME_FROM)
+            if not (path / "trainer_state.json").is_file():
+                raise ConfigError(f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)")
+            return path
+        if cfg.TRAIN.AUTO_RESUME:
+            return self.ckpt.latest()
+        return None
+
+    def _restore(self, ckpt: Path) -> None:
+        saved = TrainerState.from_dict(read_state(ckpt))
+        if self.weights_only_resume:
+            # Map the data position by global samples consumed; optimizer moments and RNG restart.
+            consumed = saved.batch_in_epoch * saved.world_size
+            self.state.batch_in_epoch = min(consumed // self.dist.world_size, self.batches_per_epoch)
+            self.state.batch_in_epoch -= self.state.batch_in_epoch % self.accum
+            log.warning(
+                "resumed from step %d of %s with a different process count or ZeRO stage (%d/ZeRO-%d -> %d/ZeRO-%d): "
+                "model weights, step, epoch, schedules and metric bests restored; optimizer state and RNG restarted; "
+                "data position mapped approximately",
+                saved.step, ckpt, saved.world_size, saved.zero_stage, self.dist.world_size, self.dist.zero_stage,
+            )
+        else:
+            self.accelerator.load_state(str(ckpt))
+            self.state.batch_in_epoch = saved.batch_in_epoch
+            log.info("resumed from step %d (%s): weights, optimizer, RNG, schedules and data position", saved.step, ckpt)
+        self.state.step = saved.step
+        self.state.epoch = saved.epoch
+        self.state.best_checkpoints = saved.best_checkpoints
+        self.state.bests = saved.bests
+        self.state.wandb_run_id = saved.wandb_run_id
+        self.state.missing_images = saved.missing_images
+        self.state.task_weights = saved.task_weights
+
+    # -------------------------------------------------------------------------------------------------- summary
+    def _summary(self) -> None:
+        cfg, d = self.cfg, self.dist
+        per_dev = cfg.DATA.BATCH_SIZE
+        rows = [
+            ("run folder", str(self.run)),
+            ("world size", f"{d.world_size} processes ({d.distributed_type}, {d.num_machines} machine(s))"),
+            ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
+            ("precision", f"{d.precision} (from {d.precision_source})"),
+            ("batch", f"{per_dev} per device x {self.accum} accumulation x {d.world_size} = {per_dev * self.accum * d.world_size} effective"),
+            ("dataset", f"{len(self.train_set)} train / {len(self.val_set)} val samples"),
+            ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
+            ("metadata", ", ".join(f"{n}({dim})" for n, dim in zip(self.data.meta_components, self.data.meta_dims, strict=True)) or "none"),
+            ("model", f"{cfg.MODEL.NAME} ({sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()) / 1e6:.2f} M parameters)"),
+            ("lr", f"{cfg.LR_SCHEDULER.NAME}, base {self.base_lr:.3g}, warmup {self.lr_schedule.warmup} steps"),
+        ]
+        rows += self.ops.summary()
+        width = max(len(k) for k, _ in rows)
+        log.info("Linnaeus training\n%s", "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+    # -------------------------------------------------------------------------------------------------- W&B
+    def _init_trackers(self) -> None:
+        cfg = self.cfg
+        if not cfg.EXPERIMENT.WANDB.ENABLED:
+            return
+        w = cfg.EXPERIMENT.WANDB
+        if w.MODE:
+            import os
+
+            os.environ["WANDB_MODE"] = w.MODE
+        if self.state.wandb_run_id is None:
+            import wandb
+
+            self.state.wandb_run_id = w.RUN_ID or wandb.util.generate_id()
+        init = {
+            "name": cfg.EXPERIMENT.NAME,
+            "group": cfg.EXPERIMENT.GROUP,
+            "tags": list(cfg.EXPERIMENT.TAGS) + list(w.TAGS),
+            "notes": cfg.EXPERIMENT.NOTES,
+            "entity": w.ENTITY,
+            "id": self.state.wandb_run_id,
+            "resume": "allow",
+            "dir": str(self.run),
+        }
+        from linnaeus.config import config_to_dict
+
+        self.accelerator.init_trackers(w.PROJECT or cfg.EXPERIMENT.PROJECT, config=config_to_dict(cfg), init_kwargs={"wandb": init})
+
+    def _log(self, phase: str, metrics: dict[str, float]) -> None:
+        step, epoch = self.state.step, self.plan.epoch_of(self.state.step)
+        self.metrics_out.write(step, epoch, phase, metrics)
+        if self.cfg.EXPERIMENT.WANDB.ENABLED:
+            self.accelerator.log({f"{phase}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
+
+    # -------------------------------------------------------------------------------------------------- steps
+    def _model_dtype(self) -> torch.dtype:
+        if self.dist.uses_deepspeed and self.dist.precision in ("bf16", "fp16"):
+            return torch.bfloat16 if self.dist.precision == "bf16" else torch.float16
+        return torch.float32
+
+    def _mask_meta(self, meta: torch.Tensor, meta_valid: torch.Tensor, p_all: float, p_partial: float, gen: torch.Generator):
+        """Zero a sample's whole metadata with probability p_all; optionally whitelisted component subsets."""
+        if meta.shape[1] == 0:
+            return meta, meta_valid
+        b = meta.shape[0]
+        drop = torch.rand(b, generator=gen, device=meta.device) < p_all
+        comp_drop = drop[:, None].expand(-1, meta_valid.shape[1]).clone()
+        whitelist = self.cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
+        if p_partial > 0 and whitelist:
+            names = self.data.meta_components
+            pick = torch.randint(len(whitelist), (b,), generator=gen, device=meta.device)
+            hit = torch.rand(b, generator=gen, device=meta.device) < p_partial
+            for gi, group in enumerate(whitelist):
+                cols = [names.index(n) for n in group if n in names]
+                if cols:
+                    sel = (hit & (pick == gi))[:, None]
+                    comp_drop[:, cols] |= sel
+        slices = np.cumsum([0, *self.data.meta_dims])
+        mask = torch.ones_like(meta)
+        for c in range(len(self.data.meta_dims)):
+            mask[:, slices[c] : slices[c + 1]] = (~comp_drop[:, c]).to(meta.dtype)[:, None]
+        return meta * mask, meta_valid & ~comp_drop
+
+    def _train_step(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        step = self.state.step
+        meta, meta_valid = self._mask_meta(
+            batch["meta"], batch["meta_valid"], self.ops.meta_mask_prob(step), self.ops.partial_meta_mask_prob(step), gen
+        )
+        out = self.augment(
+            batch["image"], batch["targets"], meta, meta_valid, mix_prob=self.ops.mix_prob(step), generator=gen
+        )
+        dtype = self._model_dtype()
+        meta_in = out.meta.to(dtype) if out.meta.shape[1] else None
+        logits = self.model(out.images.to(dtype), meta_in)
+        logits = {k: v.float() for k, v in logits.items()}  # losses in fp32
+        total, per_task = self.loss_fn(
+            logits, out.targets, out.valid, null_keep_prob=self.ops.null_keep_prob(step), generator=gen
+        )
+        self.accelerator.backward(total)
+        return total.detach(), per_task
+
+    def _set_lr(self) -> float:
+        lr = self.lr_schedule.lr(self.state.step)
+        for g, scale in zip(self.optimizer.param_groups, self.group_lr_scale, strict=False):
+            g["lr"] = lr * scale
+        return lr
+
+    def _agree(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "max").item() > 0)
+
+    # -------------------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, mask_meta: bool = False) -> dict[str, float]:
+        from linnaeus.aug import eval_transform
+
+        self.model.eval()
+        meter = ValidationMeter(self.task_keys, self.accelerator.device)
+        self.val_sampler.set_epoch(0)
+        dtype = self._model_dtype()
+        for batch in self.val_loader:
+            batch = _to_device(batch, self.accelerator.device)
+            images = eval_transform(batch["image"], self.cfg.AUG.MEAN, self.cfg.AUG.STD).to(dtype)
+            meta = batch["meta"]
+            if meta.shape[1] == 0:
+                meta_in = None
+            else:
+                meta_in = (torch.zeros_like(meta) if mask_meta else meta).to(dtype)
+            logits = self.model(images, meta_in)
+            meter.update(logits, batch["targets"], batch["is_pad"])
+        self.model.train()
+        return meter.compute(lambda t: self.accelerator.reduce(t, "sum"))
+
+    def _run_validation(self, with_masked: bool, do_normal: bool = True) -> None:
+        if do_normal:
+            metrics = self.validate()
+            self._log("val", metrics)
+            log.info(format_table("validation", self.state.step, metrics, self.task_keys))
+            for k, v in metrics.items():
+                self.state.bests[f"val/{k}"] = max(v, self.state.bests.get(f"val/{k}", -math.inf))
+            self.last_val = {f"val/{k}": v for k, v in metrics.items()}
+        if with_masked:
+            masked = self.validate(mask_meta=True)
+            self._log("val_mask_meta", masked)
+            log.info(format_table("validation, metadata masked", self.state.step, masked, self.task_keys))
+            self.last_val.update({f"val_mask_meta/{k}": v for k, v in masked.items()})
+
+    # -------------------------------------------------------------------------------------------------- checkpoint
+    def _save(self) -> Path:
+        s = self.state
+        if self.last_val and self.ckpt.best_metric in self.last_val:
+            s.best_checkpoints = self.ckpt.update_bests(s.best_checkpoints, s.step, self.last_val)
+        path = self.ckpt.save(self.accelerator, s.step, s.to_dict())
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def _export(self) -> None:
+        """Consolidated fp32 weights of the final and best checkpoints (main process; reads files only)."""
+        if not self.is_main:
+            return
+        latest = self.ckpt.latest()
+        meta = {"model": self.cfg.MODEL.NAME, "step": str(self.state.step)}
+        if latest is not None:
+            export_weights(latest, self.run / "export" / "final.safetensors", meta)
+        best = self.state.best_checkpoints[0] if self.state.best_checkpoints else None
+        if best and (self.ckpt.root / best["dir"]).is_dir():
+            export_weights(self.ckpt.root / best["dir"], self.run / "export" / "best.safetensors", {**meta, "step": str(best["step"])})
+        log.info("exported weights to %s", self.run / "export")
+
+    # -------------------------------------------------------------------------------------------------- loop
+    def fit(self) -> int:
+        acc, s, plan = self.accelerator, self.state, self.plan
+        self._summary()
+        self._init_trackers()
+        preempt = PreemptionFlag()
+        self.last_val: dict[str, float] = {}
+        gen = torch.Generator(device=acc.device)
+        self.model.train()
+        window_loss = torch.zeros((), device=acc.device)
+        window_tasks: dict[str, float] = {}
+        window_n = 0
+        window_start = time.perf_counter()
+        bar = None
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True)
+        while s.step < plan.total_steps:
+            self.train_sampler.set_epoch(s.epoch, start_batch=s.batch_in_epoch)
+            micro = 0
+            lr = self._set_lr()
+            for batch in self.train_loader:
+                if "image_ok" in batch:
+                    s.missing_images += int((~batch["image_ok"].bool()).sum())
+                batch = _to_device(batch, acc.device)
+                # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.
+                gen.manual_seed(hash((self.cfg.MISC.SEED, self.dist.rank, s.step, micro)) % 2**63)
+                with acc.accumulate(self.model):
+                    loss, per_task = self._train_step(batch, gen)
+                    if acc.sync_gradients and not self.dist.uses_deepspeed and self.cfg.TRAIN.CLIP_GRAD > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.CLIP_GRAD)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                s.batch_in_epoch += 1
+                window_loss += loss
+                for k, v in per_task.items():
+                    window_tasks[k] = window_tasks.get(k, 0.0) + float(v)
+                window_n += 1
+                if not acc.sync_gradients:
+                    continue
+                s.step += 1
+                micro = 0
+                if bar is not None:
+                    bar.update(1)
+                if fires(self.ops.log_every, s.step, plan):
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = float(acc.reduce(window_loss / max(window_n, 1), "mean"))
+                    ips = window_n * self.cfg.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
+                    row = {"loss": mean_loss, "lr": lr, "images_per_sec": ips}
+                    row |= {f"{k}/loss": v / max(window_n, 1) for k, v in window_tasks.items()}
+                    row["meta_mask_prob"] = self.ops.meta_mask_prob(s.step)
+                    self._log("train", row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+                    window_loss.zero_()
+                    window_tasks, window_n, window_start = {}, 0, time.perf_counter()
+                do_val = fires(self.ops.val_every, s.step, plan)
+                do_masked = fires(self.ops.val_mask_meta_every, s.step, plan)
+                if do_val or do_masked:
+                    self._run_validation(with_masked=do_masked, do_normal=do_val or not self.last_val)
+                epoch_done = s.batch_in_epoch >= self.batches_per_epoch
+                if epoch_done:
+                    s.epoch += 1
+                    s.batch_in_epoch = 0
+                stop = self._agree(preempt.raised)
+                if stop or fires(self.ops.ckpt_every, s.step, plan):
+                    self._save()
+                if stop:
+                    log.warning("received %s: checkpoint saved at step %d; exiting with code %d so the job can be "
+                                "resumed by rerunning the same command", preempt.signal_name or "a signal on another rank",
+                                s.step, PREEMPTED_EXIT_CODE)
+                    if bar is not None:
+                        bar.close()
+                    acc.end_training()
+                    return PREEMPTED_EXIT_CODE
+                if s.step >= plan.total_steps or epoch_done:
+                    break
+                lr = self._set_lr()
+        if bar is not None:
+            bar.close()
+        latest = self.ckpt.latest()
+        if latest is None or read_state(latest)["step"] != s.step:
+            self._save()
+        self._export()
+        if s.missing_images:
+            log.warning("%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)", s.missing_images)
+        acc.wait_for_everyone()
+        acc.end_training()
+        log.info("training finished at step %d; run folder %s", s.step, self.run)
+        return 0
+
+
+def train(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except Exception:
+        # Log the traceback into the run's log files before the process dies, on whichever rank failed.
+        if log.handlers:
+            log.exception("training failed")
+        raise

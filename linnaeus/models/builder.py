@@ -1,0 +1,106 @@
+"""Build a backbone from ``MODEL.TYPE`` and attach one head per task key: the one nn.Module the engine trains."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Imported for their registration side effect.
+import linnaeus.models.mformer_v0
+import linnaeus.models.mformer_v1  # noqa: F401
+from linnaeus.config.defaults import HeadConfig, ModelConfig
+from linnaeus.errors import ConfigError
+from linnaeus.models.heads import HierarchicalClassifier, rank_level
+from linnaeus.models.registry import get_model_class
+
+
+class LinnaeusModel(nn.Module):
+    """Backbone + heads. ``forward(image (B,3,H,W), meta (B,D) | None) -> {task_key: logits (B, K_task)}``."""
+
+    head_prefix = "head."
+
+    def __init__(self, backbone: nn.Module, head: HierarchicalClassifier) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def task_keys(self) -> list[str]:
+        return self.head.task_keys
+
+    @property
+    def meta_dims(self) -> list[int]:
+        return self.backbone.meta_dims
+
+    def forward_features(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone(image, meta)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.head(self.backbone(image, meta))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Names (besides any 0/1-D parameter: norms, biases, LayerScale) to leave out of weight decay."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay_names()}
+
+    def gradnorm_shared_parameters(self) -> list[nn.Parameter]:
+        """The last layer shared by every head (the feature LayerNorm): GradNorm's W, as in Chen et al. 2018."""
+        return list(self.backbone.aggregate.norm.parameters())
+
+
+def resolve_head_configs(model_cfg: ModelConfig, task_keys: list[str], num_classes: dict[str, int]) -> dict[str, HeadConfig]:
+    """One HeadConfig per task key (LinearHead defaults when ``HEADS`` is empty), checked against the labels."""
+    heads = model_cfg.CLASSIFICATION.HEADS
+    if not task_keys:
+        raise ConfigError("DATA.TASK_KEYS_H5: expected at least one task key, got []")
+    for key in task_keys:
+        rank_level(key)
+        if key not in num_classes:
+            raise ConfigError(f"DATA.TASK_KEYS_H5: no class count for '{key}' (have {sorted(num_classes)})")
+    if not heads:
+        return {key: HeadConfig() for key in task_keys}
+    for key in task_keys:
+        if key not in heads:
+            raise ConfigError(f"MODEL.CLASSIFICATION.HEADS: no head for task '{key}' (heads defined: {sorted(heads)})")
+    for key in heads:
+        if key not in task_keys:
+            raise ConfigError(f"MODEL.CLASSIFICATION.HEADS.{key}: head for '{key}', which is not a task key {task_keys}")
+    for key in task_keys:
+        declared = heads[key].NUM_CLASSES
+        if declared is not None and declared != num_classes[key]:
+            raise ConfigError(
+                f"MODEL.CLASSIFICATION.HEADS.{key}.NUM_CLASSES: {declared} disagrees with the {num_classes[key]} "
+                "classes found in the labels"
+            )
+    return {key: heads[key] for key in task_keys}
+
+
+def build_backbone(model_cfg: ModelConfig, meta_dims: list[int]) -> nn.Module:
+    for i, dim in enumerate(meta_dims):
+        if dim < 1:
+            raise ConfigError(f"DATA.META.COMPONENTS: component {i} (IDX order) has DIM {dim}; expected >= 1")
+    return get_model_class(model_cfg.TYPE).from_config(model_cfg, list(meta_dims))
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    task_keys: list[str],
+    num_classes: dict[str, int],
+    meta_dims: list[int],
+    hierarchy: dict[tuple[str, str], torch.Tensor] | None = None,
+) -> LinnaeusModel:
+    """The model for ``MODEL.TYPE`` with heads for ``task_keys``.
+
+    ``meta_dims``: the enabled metadata components' DIMs in IDX order ([] = no metadata tokens). ``hierarchy``:
+    (parent_key, child_key) → (K_parent, K_child) 0/1 matrix for adjacent configured ranks; required by
+    HierarchicalSoftmaxHead / ConditionalClassifier heads.
+    """
+    head_cfgs = resolve_head_configs(model_cfg, task_keys, num_classes)
+    backbone = build_backbone(model_cfg, meta_dims)
+    head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_cfgs, hierarchy)
+    model = LinnaeusModel(backbone, head)
+    if model_cfg.GRADIENT_CHECKPOINTING:
+        model.set_grad_checkpointing(True)
+    return model

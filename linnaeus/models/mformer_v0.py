@@ -1,0 +1,199 @@
+"""mFormerV0 (MetaFormer-style): conv stem → 2 MBConv stages → 2 relative-bias attention stages → CLS aggregation.
+
+Each attention stage starts with an overlapping 3×3 stride-2 patch embedding, then prepends [CLS, metadata
+tokens]. Stride 32 overall. The relative-bias tables are sized for ``MODEL.IMG_SIZE`` and resized on the fly for
+other input sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from linnaeus.config.defaults import ModelConfig
+from linnaeus.errors import ConfigError
+from linnaeus.models.attention import TransformerBlock
+from linnaeus.models.checks import require_heads_divide, require_len, require_positive
+from linnaeus.models.conv import MBConv
+from linnaeus.models.layers import LayerNorm2d, drop_path_rates
+from linnaeus.models.meta import check_meta
+from linnaeus.models.position import RelativePositionBias
+from linnaeus.models.registry import register_model
+from linnaeus.models.tokens import ClsAggregator, TokenStage
+
+
+def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out_dim), nn.ReLU()]
+
+
+class OverlapPatchEmbed(nn.Sequential):
+    """3×3 stride-2 conv, then LayerNorm over channels (MetaFormer's in-stage downsampler)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = LayerNorm2d(out_dim)
+
+
+def _init_v0(module: nn.Module) -> None:
+    """MetaFormer's init: trunc-normal Linear, Kaiming (fan-out) convs, unit LayerNorm; BatchNorm keeps defaults."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+@register_model("mFormerV0")
+class MFormerV0(nn.Module):
+    """Backbone: ``forward(image, meta) -> feature (B, num_features)``; heads are attached by the builder."""
+
+    def __init__(
+        self,
+        *,
+        stem_dims: tuple[int, int],
+        conv_dims: tuple[int, int],
+        conv_depths: tuple[int, int],
+        attn_dims: tuple[int, int],
+        attn_depths: tuple[int, int],
+        num_heads: tuple[int, int],
+        mlp_ratios: tuple[float, float],
+        meta_dims: list[int],
+        img_size: int,
+        in_chans: int = 3,
+        expand_ratio: float = 4.0,
+        se_ratio: float = 0.25,
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        only_last_cls: bool = False,
+    ) -> None:
+        super().__init__()
+        self.meta_dims = list(meta_dims)
+        self.num_features = attn_dims[1]
+        # One ramp over MBConv and attention blocks, as in the original MetaFormer.
+        dpr = drop_path_rates(drop_path_rate, [*conv_depths, *attn_depths])
+
+        self.stem = nn.Sequential(
+            *_conv_bn_relu(in_chans, stem_dims[0], 2),
+            *_conv_bn_relu(stem_dims[0], stem_dims[1], 1),
+            *_conv_bn_relu(stem_dims[1], stem_dims[1], 1),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        ins = [stem_dims[1], conv_dims[0]]
+        self.conv_stages = nn.ModuleList(
+            nn.Sequential(
+                *(
+                    MBConv(
+                        ins[s] if i == 0 else conv_dims[s],
+                        conv_dims[s],
+                        stride=2 if (s == 0 and i == 0) else 1,
+                        expand_ratio=expand_ratio,
+                        se_ratio=se_ratio,
+                        drop_path=p,
+                    )
+                    for i, p in enumerate(dpr[s])
+                )
+            )
+            for s in range(2)
+        )
+        embed_in = [conv_dims[1], attn_dims[0]]
+        self.patch_embeds = nn.ModuleList(OverlapPatchEmbed(embed_in[s], attn_dims[s]) for s in range(2))
+        grids = [(img_size // 16, img_size // 16), (img_size // 32, img_size // 32)]
+
+        def blocks(s: int) -> list[nn.Module]:
+            dim, heads = attn_dims[s], num_heads[s]
+            return [
+                TransformerBlock(
+                    dim,
+                    heads,
+                    mlp_ratios[s],
+                    RelativePositionBias(heads, grids[s]),
+                    qkv_bias=False,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=p,
+                )
+                for p in dpr[2 + s]
+            ]
+
+        self.attn_stages = nn.ModuleList(TokenStage(attn_dims[s], self.meta_dims, blocks(s)) for s in range(2))
+        self.aggregate = ClsAggregator(attn_dims[0], attn_dims[1], only_last_cls)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(_init_v0)
+        for stage in self.attn_stages:
+            nn.init.trunc_normal_(stage.cls_token, std=0.02)
+        self.aggregate.reset_mix()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> MFormerV0:
+        conv, attn = cfg.CONV_STAGES, cfg.ATTENTION_STAGES
+        require_positive("MODEL.CONV_STAGES.STEM_DIMS", conv.STEM_DIMS, 2)
+        require_positive("MODEL.CONV_STAGES.OUT_CHANNELS", conv.OUT_CHANNELS, 2)
+        # The first block of stage 1 carries the /8 stride, so it must exist.
+        require_positive("MODEL.CONV_STAGES.DEPTHS", conv.DEPTHS, 2)
+        require_positive("MODEL.ATTENTION_STAGES.DEPTHS", attn.DEPTHS, 2, allow_zero=True)
+        require_positive("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS, 2)
+        require_positive("MODEL.ATTENTION_STAGES.NUM_HEADS", attn.NUM_HEADS, 2)
+        require_len("MODEL.ATTENTION_STAGES.MLP_RATIO", attn.MLP_RATIO, 2)
+        require_heads_divide("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS[:2], attn.NUM_HEADS[:2], 1)
+        if cfg.IMG_SIZE % 32:
+            raise ConfigError(f"MODEL.IMG_SIZE: expected a multiple of 32 (the model's stride), got {cfg.IMG_SIZE}")
+        return cls(
+            stem_dims=(conv.STEM_DIMS[0], conv.STEM_DIMS[1]),
+            conv_dims=(conv.OUT_CHANNELS[0], conv.OUT_CHANNELS[1]),
+            conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
+            attn_dims=(attn.DIMS[0], attn.DIMS[1]),
+            attn_depths=(attn.DEPTHS[0], attn.DEPTHS[1]),
+            num_heads=(attn.NUM_HEADS[0], attn.NUM_HEADS[1]),
+            mlp_ratios=(attn.MLP_RATIO[0], attn.MLP_RATIO[1]),
+            meta_dims=meta_dims,
+            img_size=cfg.IMG_SIZE,
+            in_chans=cfg.IN_CHANS,
+            expand_ratio=conv.EXPAND_RATIO,
+            se_ratio=conv.SE_RATIO,
+            drop_path_rate=cfg.DROP_PATH_RATE,
+            drop_rate=cfg.DROP_RATE,
+            attn_drop_rate=cfg.ATTN_DROP_RATE,
+            only_last_cls=cfg.ONLY_LAST_CLS,
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.attn_stages:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", ".table", ".extra"))}
+
+    def _conv_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage:
+            # Note: recomputing a BatchNorm block under checkpointing updates its running stats a second time.
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = image.shape
+        if h % 32 or w % 32:
+            raise ConfigError(f"model input image is {h}x{w}; expected height and width that are multiples of 32")
+        meta = check_meta(meta, self.meta_dims, b, image)
+        x = self._conv_stage(self.conv_stages[1], self._conv_stage(self.conv_stages[0], self.stem(image)))
+        x = self.patch_embeds[0](x)
+        grid3 = (x.shape[2], x.shape[3])
+        z3 = self.attn_stages[0](x, meta)
+        x = self.patch_embeds[1](self.attn_stages[0].patches_to_map(z3, grid3))
+        z4 = self.attn_stages[1](x, meta)
+        return self.aggregate(z3[:, 0], z4[:, 0])

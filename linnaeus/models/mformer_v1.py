@@ -1,0 +1,152 @@
+"""mFormerV1: patchify stem → 2 ConvNeXt stages → 2 RoPE attention stages with CLS + metadata tokens → CLS aggregation.
+
+Stride 32 in total (stem 4, then three LN + 2×2 downsamplers), so any input size that is a multiple of 32 works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from linnaeus.config.defaults import ModelConfig
+from linnaeus.errors import ConfigError
+from linnaeus.models.attention import TransformerBlock
+from linnaeus.models.checks import require_heads_divide, require_len, require_positive
+from linnaeus.models.conv import ConvNeXtBlock, Downsample
+from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
+from linnaeus.models.meta import check_meta
+from linnaeus.models.position import Rope2d
+from linnaeus.models.registry import register_model
+from linnaeus.models.tokens import ClsAggregator, TokenStage
+
+
+@register_model("mFormerV1")
+class MFormerV1(nn.Module):
+    """Backbone: ``forward(image, meta) -> feature (B, num_features)``; heads are attached by the builder."""
+
+    def __init__(
+        self,
+        *,
+        conv_dims: tuple[int, int],
+        conv_depths: tuple[int, int],
+        attn_dims: tuple[int, int],
+        attn_depths: tuple[int, int],
+        num_heads: tuple[int, int],
+        mlp_ratios: tuple[float, float],
+        meta_dims: list[int],
+        in_chans: int = 3,
+        rope_theta: float = 10000.0,
+        rope_mixed: bool = True,
+        layer_scale_init: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        only_last_cls: bool = False,
+    ) -> None:
+        super().__init__()
+        self.meta_dims = list(meta_dims)
+        self.num_features = attn_dims[1]
+        dpr = drop_path_rates(drop_path_rate, [*conv_depths, *attn_depths])
+
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, conv_dims[0], 4, stride=4), LayerNorm2d(conv_dims[0], eps=1e-6))
+        self.conv_stages = nn.ModuleList(
+            nn.Sequential(*(ConvNeXtBlock(conv_dims[i], p, layer_scale_init) for p in dpr[i])) for i in range(2)
+        )
+        widths = [*conv_dims, *attn_dims]
+        self.downsamples = nn.ModuleList(Downsample(widths[i], widths[i + 1]) for i in range(3))
+
+        def blocks(stage: int) -> list[nn.Module]:
+            dim, heads = attn_dims[stage], num_heads[stage]
+            return [
+                TransformerBlock(
+                    dim,
+                    heads,
+                    mlp_ratios[stage],
+                    Rope2d(heads, dim // heads, rope_theta, rope_mixed),
+                    qkv_bias=True,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=p,
+                )
+                for p in dpr[2 + stage]
+            ]
+
+        self.attn_stages = nn.ModuleList(TokenStage(attn_dims[s], self.meta_dims, blocks(s)) for s in range(2))
+        self.aggregate = ClsAggregator(attn_dims[0], attn_dims[1], only_last_cls)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(init_vit_style)
+        for stage in self.attn_stages:
+            nn.init.trunc_normal_(stage.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, ConvNeXtBlock) and module.gamma is not None:
+                nn.init.constant_(module.gamma, module.layer_scale_init)
+        self.aggregate.reset_mix()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> MFormerV1:
+        conv, rope = cfg.CONVNEXT_STAGES, cfg.ROPE_STAGES
+        require_positive("MODEL.CONVNEXT_STAGES.DEPTHS", conv.DEPTHS, 2, allow_zero=True)
+        require_positive("MODEL.CONVNEXT_STAGES.DIMS", conv.DIMS, 4)
+        require_positive("MODEL.ROPE_STAGES.DEPTHS", rope.DEPTHS, 2, allow_zero=True)
+        require_positive("MODEL.ROPE_STAGES.DIMS", rope.DIMS, 2)
+        require_positive("MODEL.ROPE_STAGES.NUM_HEADS", rope.NUM_HEADS, 2)
+        require_len("MODEL.ROPE_STAGES.MLP_RATIO", rope.MLP_RATIO, 2)
+        for i in range(2):
+            if rope.DIMS[i] != conv.DIMS[i + 2]:
+                raise ConfigError(
+                    f"MODEL.ROPE_STAGES.DIMS: expected DIMS[{i}] == MODEL.CONVNEXT_STAGES.DIMS[{i + 2}] "
+                    f"({conv.DIMS[i + 2]}), got {rope.DIMS[i]}"
+                )
+        require_heads_divide("MODEL.ROPE_STAGES.DIMS", rope.DIMS[:2], rope.NUM_HEADS[:2], 2 if rope.ROPE_MIXED else 4)
+        return cls(
+            conv_dims=(conv.DIMS[0], conv.DIMS[1]),
+            conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
+            attn_dims=(rope.DIMS[0], rope.DIMS[1]),
+            attn_depths=(rope.DEPTHS[0], rope.DEPTHS[1]),
+            num_heads=(rope.NUM_HEADS[0], rope.NUM_HEADS[1]),
+            mlp_ratios=(rope.MLP_RATIO[0], rope.MLP_RATIO[1]),
+            meta_dims=meta_dims,
+            in_chans=cfg.IN_CHANS,
+            rope_theta=rope.ROPE_THETA,
+            rope_mixed=rope.ROPE_MIXED,
+            layer_scale_init=conv.LAYER_SCALE_INIT_VALUE,
+            drop_path_rate=cfg.DROP_PATH_RATE,
+            drop_rate=cfg.DROP_RATE,
+            attn_drop_rate=cfg.ATTN_DROP_RATE,
+            only_last_cls=cfg.ONLY_LAST_CLS,
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.attn_stages:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names (relative to this module) that must not be decayed besides norms and biases."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", ".freqs", ".gamma"))}
+
+    def _conv_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = image.shape
+        if h % 32 or w % 32:
+            raise ConfigError(f"model input image is {h}x{w}; expected height and width that are multiples of 32")
+        meta = check_meta(meta, self.meta_dims, b, image)
+        x = self._conv_stage(self.conv_stages[0], self.stem(image))
+        x = self._conv_stage(self.conv_stages[1], self.downsamples[0](x))
+        x = self.downsamples[1](x)
+        grid3 = (x.shape[2], x.shape[3])
+        z3 = self.attn_stages[0](x, meta)
+        x = self.downsamples[2](self.attn_stages[0].patches_to_map(z3, grid3))
+        z4 = self.attn_stages[1](x, meta)
+        return self.aggregate(z3[:, 0], z4[:, 0])

@@ -1,0 +1,159 @@
+"""Config loading: every shipped YAML, the seed's example, BASE chains, --opts, aliases and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from linnaeus.config import dump_config, load_config, repo_root
+from linnaeus.errors import ConfigError
+
+ROOT = repo_root()
+SEED_EXAMPLE = ROOT / "configs/experiments/my_custom_experiment.yaml"
+
+
+def all_configs() -> list[Path]:
+    return sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", all_configs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+
+
+def test_seed_example_as_written_in_the_guide(tmp_path: Path) -> None:
+    """The guide's YAML block, only its paths changed, loads with the meaning the guide gives its keys."""
+    guide = Path(ROOT.parent / "shared/seed/training_custom_model_example.md")
+    if not guide.is_file():
+        pytest.skip("shared/seed is not beside this checkout")
+    text = guide.read_text()
+    block = text.split("```yaml", 1)[1].split("```", 1)[0]
+    block = block.replace("/path/to/your/", str(tmp_path) + "/")
+    exp = tmp_path / "my_custom_experiment.yaml"
+    exp.write_text(block)
+    cfg = load_config(exp)
+    assert cfg.MODEL.NAME == "mFormerV1_sm"  # inherited through BASE, relative to the repo root
+    assert cfg.MODEL.IMG_SIZE == 384 == cfg.DATA.IMG_SIZE
+    assert cfg.MODEL.CLASSIFICATION.HEADS["taxa_L10"].NUM_CLASSES == 150
+    assert cfg.MODEL.CLASSIFICATION.HEADS["taxa_L20"].LOSS.PARAMS == {"label_smoothing": 0.1}
+    assert cfg.DATA.META.COMPONENTS["ELEVATION"].DIM == 10
+    assert cfg.DATA.H5.LABELS_PATH == f"{tmp_path}/custom_labels.h5"
+    assert cfg.TRAIN.AMP_OPT_LEVEL == "O1"
+    assert cfg.EXPERIMENT.WANDB.ENABLED is True
+    # The guide's command line override: TRAIN.BATCH_SIZE is the per-process batch size.
+    cfg = load_config(exp, ["TRAIN.BATCH_SIZE", "32", "EXPERIMENT.WANDB.ENABLED", "False"])
+    assert cfg.DATA.BATCH_SIZE == 32
+    assert cfg.EXPERIMENT.WANDB.ENABLED is False
+
+
+def test_base_chain_relative_paths_and_override_order(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/a.yaml").write_text("TRAIN: {EPOCHS: 3, CLIP_GRAD: 1.0}\nDATA: {BATCH_SIZE: 8}\n")
+    (tmp_path / "b.yaml").write_text("BASE: ['sub/a.yaml']\nTRAIN: {EPOCHS: 4}\n")
+    (tmp_path / "exp.yaml").write_text(
+        "BASE: ['b.yaml', 'configs/model/archs/mFormerV1/mFormerV1_md.yaml']\nDATA: {BATCH_SIZE: 16}\n"
+    )
+    cfg = load_config(tmp_path / "exp.yaml", ["TRAIN.CLIP_GRAD", "2.5"])
+    assert cfg.TRAIN.EPOCHS == 4  # b overrides a
+    assert cfg.DATA.BATCH_SIZE == 16  # the experiment overrides its bases
+    assert cfg.TRAIN.CLIP_GRAD == 2.5  # --opts override everything, YAML-typed
+    assert cfg.MODEL.ROPE_STAGES.DEPTHS == [10, 2]  # repo-root relative base
+
+
+def test_opts_values_are_yaml_typed() -> None:
+    cfg = load_config(SEED_EXAMPLE, ["DATA.TASK_KEYS_H5", "[taxa_L10]", "MODEL.CLASSIFICATION.HEADS", "{}"])
+    assert cfg.DATA.TASK_KEYS_H5 == ["taxa_L10"]
+    cfg = load_config(None, ["TRAIN.AUTO_RESUME", "false", "LR_SCHEDULER.BASE_LR", "3e-4"])
+    assert cfg.TRAIN.AUTO_RESUME is False
+    assert cfg.LR_SCHEDULER.BASE_LR == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("opts", "expected"),
+    [
+        (["DATA.IMG_SIZ", "384"], "DATA.IMG_SIZ (from --opts): unknown key; did you mean DATA.IMG_SIZE?"),
+        (["TRAIN.EPOCH", "3"], "did you mean TRAIN.EPOCHS?"),
+        (["MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASS", "3"], "did you mean MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASSES?"),
+        (["DATA.BATCH_SIZE", "lots"], "DATA.BATCH_SIZE (from --opts): Input should be a valid integer"),
+        (["DATA.IMG_SIZE", "224"], "DATA.IMG_SIZE (224) must equal MODEL.IMG_SIZE (384)"),
+        (["DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L20, taxa_L30]"], "'taxa_L30' has no head"),
+        (["DATA.META.COMPONENTS.SPATIAL.COLUMNS", "[x, y]"], "DATA.META.COMPONENTS.SPATIAL.DIM (from "),
+        (["TRAIN.AMP_OPT_LEVEL", "O7"], "TRAIN.AMP_OPT_LEVEL (from --opts): Input should be 'O0', 'O1', 'O2' or 'O3'"),
+        (["BASE", "[x.yaml]"], "BASE (from --opts): inheritance can only be set in YAML files"),
+        (["DATA.BATCH_SIZE"], "--opts: expected KEY VALUE pairs"),
+    ],
+)
+def test_bad_values_fail_with_one_line(opts: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(SEED_EXAMPLE, opts)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_error_names_the_file_a_key_came_from(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("DATA: {IMG_SIZE: 256}\n")
+    (tmp_path / "exp.yaml").write_text("BASE: [base.yaml]\nDATA: {BATCH_SIZE: 4}\nMODEL: {IMG_SIZE: 224}\n")
+    with pytest.raises(ConfigError, match=r"DATA\.IMG_SIZE \(from .*base\.yaml\)"):
+        load_config(tmp_path / "exp.yaml")
+    (tmp_path / "typo.yaml").write_text("BASE: [base.yaml]\nOPTIMIZER: {WEIGHT_DECAI: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"OPTIMIZER\.WEIGHT_DECAI \(from .*typo\.yaml\): unknown key; did you mean OPTIMIZER\.WEIGHT_DECAY\?"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_base_cycle_and_missing_base_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("BASE: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("BASE: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="inheritance cycle .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("BASE: [nowhere.yaml]\n")
+    with pytest.raises(ConfigError, match=r"BASE \(from .*c.yaml\): 'nowhere.yaml' not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "bad.yaml").write_text("DATA: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml line .*not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_compat_no_op_keys_are_accepted() -> None:
+    cfg = load_config(
+        None,
+        ["DATA.USE_VECTORIZED_PROCESSOR", "True", "MODEL.EXTRA_TOKEN_NUM", "4", "MODEL.USE_FLASH_ATTN", "True"],
+    )
+    assert cfg.DATA.USE_VECTORIZED_PROCESSOR is True
+
+
+def test_dump_is_plain_yaml_without_base() -> None:
+    cfg = load_config(SEED_EXAMPLE)
+    data = yaml.safe_load(dump_config(cfg))
+    assert "BASE" not in data
+    assert data["DATA"]["TASK_KEYS_H5"] == ["taxa_L10", "taxa_L20"]
+
+
+def test_cli_lists_every_subcommand() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "linnaeus", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+        assert name in out
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+        sub = subprocess.run([sys.executable, "-m", "linnaeus", name, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert sub.returncode == 0, sub.stderr
+        assert "usage: linnaeus" in sub.stdout
+
+
+def test_train_module_reports_config_errors_in_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "linnaeus.train", "--cfg", str(SEED_EXAMPLE), "--opts", "DATA.BATCH_SIZ", "3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: DATA.BATCH_SIZ (from --opts): unknown key; did you mean DATA.BATCH_SIZE?"
