@@ -246,7 +246,11 @@ def write_tiny_dataset(
             "TASK_KEYS_H5": TASK_KEYS,
             "TAXONOMY_PATH": str(taxonomy_path) if taxonomy else None,
             "HYBRID": {"IMAGES_DIR": str(images_dir), "FILE_EXTENSION": ".jpg"},
-            "H5": {"LABELS_PATH": str(labels_path), "TRAIN_VAL_SPLIT_RATIO": split_ratio, "TRAIN_VAL_SPLIT_SEED": split_seed},
+            "H5": {
+                "LABELS_PATH": str(labels_path),
+                "TRAIN_VAL_SPLIT_RATIO": split_ratio,
+                "TRAIN_VAL_SPLIT_SEED": split_seed,
+            },
             "META": {
                 "ACTIVE": True,
                 "COMPONENTS": {

@@ -37,7 +37,7 @@ def test_temporal_month_matches_typus_and_is_cyclic():
     dates = ["2024-01-15", "2023-06-01T10:00:00", date(2020, 12, 31), datetime(2021, 3, 2, 18, 30)]
     x = enc.encode_temporal(dates)
     assert x.dtype == np.float32 and x.shape == (4, 2)
-    for row, month in zip(x, (1, 6, 12, 3)):
+    for row, month in zip(x, (1, 6, 12, 3), strict=True):
         np.testing.assert_allclose(row, datetime_to_temporal_sinusoids(datetime(2000, month, 1)), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-6)
     # Cyclic: December is as close to January as February is.
@@ -50,7 +50,9 @@ def test_temporal_month_matches_typus_and_is_cyclic():
 
 
 def test_temporal_hour_and_missing():
-    x = enc.encode_temporal(["2024-06-01T18:00:00Z", "2024-06-01", "", None, float("nan"), b"2024-02-03"], with_hour=True)
+    x = enc.encode_temporal(
+        ["2024-06-01T18:00:00Z", "2024-06-01", "", None, float("nan"), b"2024-02-03"], with_hour=True
+    )
     assert x.shape == (6, 4)
     np.testing.assert_allclose(x[0], [math.sin(math.pi), math.cos(math.pi), -1.0, 0.0], atol=1e-6)
     np.testing.assert_allclose(x[1, :2], x[0, :2])

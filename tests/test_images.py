@@ -64,7 +64,7 @@ def test_draft_decode_matches_full_decode(tmp_path, monkeypatch):
     calls = _spy_draft(monkeypatch)
     fast = load_image(p, img_size=128, train=False, rng=None)
     # The decoder really ran at reduced size, and kept >= 128 px across the crop (787 px at full size).
-    (_, (_, box)), = calls
+    ((_, (_, box)),) = calls
     scale = 1200 / box[2]
     assert scale in (2.0, 4.0) and 787 / scale >= 128
     full = load_image(p, img_size=128, train=False, rng=None, draft=False)
@@ -84,7 +84,7 @@ def test_small_rrc_crop_is_not_drafted_below_needed_resolution(tmp_path, monkeyp
     for seed in range(8):
         box = random_resized_crop_box(1200, 900, np.random.default_rng(seed), (0.05, 0.1), (0.75, 4 / 3))
         load_image(p, img_size=64, train=True, rng=np.random.default_rng(seed), rrc_scale=(0.05, 0.1))
-        (_, (_, drafted)), = calls[-1:]
+        ((_, (_, drafted)),) = calls[-1:]
         scale = 1200 / drafted[2]
         scales.append(scale)
         # The small crop (about 230-330 px) still has >= 64 source pixels across after reduced decoding.
@@ -130,7 +130,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_colour_modes_become_rgb(tmp_path, mode):
     rgb = Image.fromarray(smooth_image(120, 90, seed=3))
     im = rgb.convert(mode)
-    fmt, name = ("JPEG", "x.jpg") if mode in ("L", "CMYK") else ("PNG", "x.png")
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     out = load_image(buf.getvalue(), img_size=48, train=False, rng=None)

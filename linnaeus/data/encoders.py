@@ -76,18 +76,18 @@ def encode_spatial(lat_deg: Any, lon_deg: Any, *, name: str = "lat/lon") -> np.n
     """Latitude/longitude in degrees → unit-sphere (x, y, z) = (cosφcosλ, cosφsinλ, sinφ), float32 (N, 3).
 
     A row with NaN/None in either coordinate is missing (all zeros). Latitudes outside [-90, 90] or
-    longitudes outside [-360, 360] are data errors, named by ``name`` and index.
+    longitudes outside [-180, 360] are data errors, named by ``name`` and index.
     """
     lat = _as_float(lat_deg, f"{name} latitude")
     lon = _as_float(lon_deg, f"{name} longitude")
     if lat.shape != lon.shape:
         raise DataError(f"{name}: {lat.size} latitudes but {lon.size} longitudes; expected one of each per row")
     ok = np.isfinite(lat) & np.isfinite(lon)
-    bad = np.flatnonzero(ok & ((np.abs(lat) > 90.0) | (np.abs(lon) > 360.0)))
+    bad = np.flatnonzero(ok & ((np.abs(lat) > 90.0) | (lon < -180.0) | (lon > 360.0)))
     if bad.size:
         i = int(bad[0])
         raise DataError(
-            f"{name}[{i}]: lat={lat[i]:g}, lon={lon[i]:g} is out of range; expected lat in [-90, 90], lon in [-180, 180]"
+            f"{name}[{i}]: lat={lat[i]:g}, lon={lon[i]:g} is out of range; expected lat in [-90, 90], lon in [-180, 360]"
         )
     phi = np.radians(np.where(ok, lat, 0.0))
     lam = np.radians(np.where(ok, lon, 0.0))
@@ -132,6 +132,24 @@ def parse_datetime(value: Any, *, name: str = "date") -> tuple[float, float]:
     return float(dt.month), (dt.hour + dt.minute / 60.0) if has_time else math.nan
 
 
+def _parse_many(dates: Sequence[Any] | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse each distinct value once: real files repeat a few thousand dates over millions of rows."""
+    cache: dict[Any, tuple[float, float]] = {}
+    m = np.empty(len(dates), dtype=np.float64)
+    h = np.empty(len(dates), dtype=np.float64)
+    for i, v in enumerate(dates):
+        try:
+            got = cache.get(v)
+        except TypeError:  # unhashable; parse directly
+            got = None
+        if got is None:
+            got = parse_datetime(v, name=f"{name}[{i}]")
+            if isinstance(v, (str, bytes)):
+                cache[v] = got
+        m[i], h[i] = got
+    return m, h
+
+
 def encode_temporal(
     dates: Sequence[Any] | np.ndarray | None = None,
     *,
@@ -153,9 +171,7 @@ def encode_temporal(
     if (dates is None) == (months is None):
         raise ValueError("encode_temporal: pass exactly one of dates= or months=")
     if dates is not None:
-        parsed = [parse_datetime(v, name=f"{name}[{i}]") for i, v in enumerate(dates)]
-        m = np.array([p[0] for p in parsed], dtype=np.float64)
-        h = np.array([p[1] for p in parsed], dtype=np.float64)
+        m, h = _parse_many(dates, name)
     else:
         m = _as_float(months, f"{name} months")
         h = np.full_like(m, np.nan) if hours is None else _as_float(hours, f"{name} hours")

@@ -22,7 +22,7 @@ from linnaeus.engine.distributed import DistInfo, build_accelerator, prepare_env
 from linnaeus.engine.metrics import ValidationMeter, format_table
 from linnaeus.engine.run_dir import MetricsWriter, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, plan_steps
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, LinnaeusError
 
 log = logging.getLogger("linnaeus")
 
@@ -511,6 +511,14 @@ def train(cfg: Config) -> int:
     try:
         trainer.setup()
         return trainer.fit()
+    except LinnaeusError as err:
+        # Bad input: one line (a worker's copy of the error carries the worker traceback; strip it).
+        from linnaeus.data.loader import unwrap_worker_error
+
+        clean = unwrap_worker_error(err)
+        if log.handlers:
+            log.error("%s", clean)
+        raise clean from None
     except Exception:
         # Log the traceback into the run's log files before the process dies, on whichever rank failed.
         if log.handlers:

@@ -1,0 +1,112 @@
+"""Per-rank criteria. Each turns targets into a per-class target distribution; the loss is soft-target CE.
+
+Hard labels and mixed (Mixup/CutMix) soft targets go through the same smoothing, so a mixed target is smoothed
+exactly as the mixture of its smoothed components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linnaeus.errors import ConfigError
+from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
+
+_CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
+    """Class decorator: make a criterion usable as ``HEADS.<task>.LOSS.TYPE: <name>``."""
+
+    def decorator(cls: type[Criterion]) -> type[Criterion]:
+        _CRITERIA[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_criterion_class(name: str, key: str) -> type[Criterion]:
+    if name not in _CRITERIA:
+        raise ConfigError(f"{key}: unknown loss '{name}'; expected one of {sorted(_CRITERIA)}")
+    return _CRITERIA[name]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample −Σ_c target_c · log softmax(logits)_c, shape (B,)."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def _number(key: str, params: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigError(f"{key}.{name}: expected a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _check_params(key: str, params: dict[str, Any], allowed: set[str]) -> None:
+    for name in params:
+        if name not in allowed:
+            raise ConfigError(f"{key}.{name}: unknown parameter; expected one of {sorted(allowed)}")
+
+
+class Criterion(nn.Module):
+    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def hard(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def soft(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_criterion("CrossEntropyLoss")
+class CrossEntropyCriterion(Criterion):
+    """Cross-entropy with label smoothing ε in timm's / PyTorch's convention: target (1 − ε)·onehot + ε/K.
+
+    (So the true class keeps 1 − ε + ε/K; the prior system's ε/(K − 1) variant is not used.)
+    """
+
+    def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
+        super().__init__(num_classes)
+        _check_params(key, params, {"label_smoothing"})
+        self.eps = _number(key, params, "label_smoothing", 0.0, 0.0, 1.0)
+
+    def hard(self, y: torch.Tensor) -> torch.Tensor:
+        return self.soft(F.one_hot(y, self.num_classes).float())
+
+    def soft(self, t: torch.Tensor) -> torch.Tensor:
+        return t * (1.0 - self.eps) + self.eps / self.num_classes if self.eps else t
+
+
+@register_criterion("TaxonomyAwareLabelSmoothing")
+class TaxonomyAwareCriterion(Criterion):
+    """Targets are rows of the smoothing matrix S (see ``taxonomy_smoothing_matrix``); soft targets become t · S."""
+
+    def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
+        super().__init__(num_classes)
+        _check_params(key, params, {"alpha", "beta"})
+        self.alpha = _number(key, params, "alpha", 0.1, 0.0, 1.0)
+        self.beta = _number(key, params, "beta", 1.0, 0.0, float("inf"))
+        if distance is None:
+            head = key.removesuffix(".LOSS.PARAMS")
+            raise ConfigError(
+                f"{head}.LOSS.TYPE: TaxonomyAwareLabelSmoothing needs the taxonomy's distance matrix; set "
+                "DATA.TAXONOMY_PATH or use labels from which the hierarchy can be inferred"
+            )
+        matrix = taxonomy_smoothing_matrix(distance, self.alpha, self.beta)
+        self.register_buffer("matrix", torch.as_tensor(matrix, dtype=torch.float32), persistent=False)
+
+    def hard(self, y: torch.Tensor) -> torch.Tensor:
+        return self.matrix.index_select(0, y)
+
+    def soft(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float() @ self.matrix

@@ -1,0 +1,243 @@
+"""`linnaeus check` end to end (in-process through the CLI, plus one real subprocess) and image verification."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TEMPORAL_COLUMNS, write_labels_h5
+
+from linnaeus.cli import main
+from linnaeus.data.check import scan_images
+from linnaeus.data.prepare import prepare_data
+from linnaeus.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check(capsys, ds, *extra: str, opts: tuple[str, ...] = ()) -> tuple[int, str, list[str]]:
+    argv = ["check", "--cfg", str(ds.config_path), *extra]
+    if opts:
+        argv += ["--opts", *opts]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert all(line.startswith("error: ") for line in lines), lines
+    return rc, out, lines
+
+
+def rewrite(ds, drop: tuple[str, ...] = (), **replace) -> None:
+    """Rewrite the tiny labels.h5 without ``drop`` and with ``replace`` datasets."""
+    with h5py.File(ds.labels_path) as f:
+        data = {
+            k: (f[k].asstr()[()] if k == "img_identifiers" else f[k][()]) for k in f if isinstance(f[k], h5py.Dataset)
+        }
+    for k in drop:
+        data.pop(k)
+    data.update(replace)
+    write_labels_h5(ds.labels_path, data, attrs={"temporal": {"column_names": TEMPORAL_COLUMNS}})
+
+
+def test_clean_dataset_passes(capsys, tiny_dataset):
+    rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 0 and errors == []
+    assert "result: OK" in out and "24 existence checked; 0 missing, 0 corrupt" in out
+    assert "taxa_L10  species  7" in out
+    assert "TEMPORAL   temporal                h5    2    0    91.7%     2" in out
+
+
+def test_json_report(capsys, tiny_dataset):
+    rc, out, _ = check(capsys, tiny_dataset, "--json", "--decode-images")
+    report = json.loads(out)
+    assert rc == 0 and report["ok"] and report["errors"] == []
+    assert report["ranks"]["taxa_L20"]["num_classes"] == 3 and report["ranks"]["taxa_L20"]["nulls"] == {
+        "train": 2,
+        "val": 2,
+    }
+    assert report["images"]["decoded"] and report["images"]["checked"] == 24
+    assert report["labels"][0]["rows_total"] == 24 and report["split"] == {
+        "train": 18,
+        "val": 6,
+        "seed": 7,
+        "ratio": 0.75,
+        "presplit": False,
+    }
+    assert report["metadata"]["SPATIAL"][0]["missing"] == 1
+    assert report["taxonomy"]["conflicts"] == [] and report["taxonomy"]["nodes"] == 12
+    assert report["model"] is None  # the lead's hook
+
+
+CASES = {
+    "missing identifiers": ({"drop": ("img_identifiers",)}, "dataset 'img_identifiers' is missing"),
+    "missing taxa": ({"drop": ("taxa_L20",)}, "dataset 'taxa_L20' (listed in DATA.TASK_KEYS_H5) is missing"),
+    "length mismatch": (
+        {"taxa_L30": np.ones(23, np.uint32)},
+        "dataset 'taxa_L30' has 23 rows but 'img_identifiers' has 24",
+    ),
+    "float taxa": (
+        {"taxa_L10": np.arange(24, dtype=np.float64)},
+        "dataset 'taxa_L10' has dtype float64, expected integer taxon ids",
+    ),
+    "meta dim": (
+        {"spatial": np.ones((24, 2), np.float32)},
+        "DATA.META.COMPONENTS.SPATIAL.DIM is 3 but the dataset has 2 columns (dataset 'spatial'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_schema_violation(capsys, tiny_dataset, case):
+    change, expected = CASES[case]
+    rewrite(tiny_dataset, **change)
+    rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 2
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert "result: 1 error" in out
+
+
+def test_several_violations_each_get_a_line(capsys, tiny_dataset):
+    rewrite(tiny_dataset, drop=("taxa_L30",), taxa_L10=np.arange(24, dtype=np.float32), spatial=np.ones((24, 5)))
+    rc, _, errors = check(capsys, tiny_dataset)
+    assert rc == 2 and len(errors) == 3
+    assert "dataset 'taxa_L10' has dtype float32" in errors[0]
+    assert "dataset 'taxa_L30' (listed in DATA.TASK_KEYS_H5) is missing" in errors[1]
+    assert "DATA.META.COMPONENTS.SPATIAL.DIM is 3 but the dataset has 5 columns" in errors[2]
+
+
+def test_nan_metadata_is_missing_not_an_error(capsys, tiny_dataset):
+    spatial = np.full((24, 3), np.nan, np.float32)
+    spatial[:12] = 0.5
+    rewrite(tiny_dataset, spatial=spatial)
+    rc, out, errors = check(capsys, tiny_dataset, "--json", "--no-images")
+    report = json.loads(out)
+    assert rc == 0 and errors == []
+    assert report["metadata"]["SPATIAL"][0]["coverage"] == 0.5 and report["images"] is None
+
+
+def test_not_hdf5(capsys, tiny_dataset):
+    tiny_dataset.labels_path.write_bytes(b"\x89PNG\r\n\x1a\n not really labels")
+    rc, _, errors = check(capsys, tiny_dataset)
+    assert rc == 2
+    assert errors == [
+        f"error: labels file {tiny_dataset.labels_path} is not an HDF5 file (expected labels.h5 written with h5py/HDF5)"
+    ]
+
+
+def test_species_under_two_genera(capsys, tiny_dataset):
+    taxa_l20 = tiny_dataset.taxa["taxa_L20"].astype(np.uint32)
+    taxa_l20[[3]] = 102  # one Apis cerana (12) row under Eristalis
+    taxa_l20[[15, 16]] = 101  # two Eristalis arbustorum (16) rows under Bombus
+    rewrite(tiny_dataset, taxa_L20=taxa_l20)
+    rc, out, errors = check(capsys, tiny_dataset, "--no-images", opts=("DATA.TAXONOMY_PATH", "null"))
+    # The moved rows also put genus 102 under Apidae and genus 101 under Syrphidae: four conflicts in all.
+    assert rc == 2 and len(errors) == 4
+    assert errors[0].endswith(
+        "taxa_L10 id 12 has 2 different parents: taxa_L20 id 100 (2 rows), taxa_L20 id 102 (1 rows)"
+    )
+    assert errors[1].endswith(
+        "taxa_L10 id 16 has 2 different parents: taxa_L20 id 101 (2 rows), taxa_L20 id 102 (1 rows)"
+    )
+    assert "taxa_L20 id 102 has 2 different parents: taxa_L30 id 1001 (4 rows), taxa_L30 id 1000 (1 rows)" in errors[3]
+    assert "4 conflicts" in out
+
+
+def test_labels_inconsistent_with_taxonomy(capsys, tiny_dataset):
+    taxa_l30 = tiny_dataset.taxa["taxa_L30"].astype(np.uint32)
+    taxa_l30[[12, 13]] = 1000  # Eristalis tenax (15) rows in Apidae
+    rewrite(tiny_dataset, taxa_L30=taxa_l30)
+    rc, out, errors = check(capsys, tiny_dataset, "--no-images")
+    assert rc == 2
+    assert (
+        f"error: {tiny_dataset.labels_path} row 12: taxa_L30 id 1000 is not an ancestor of taxa_L20 id 102" in errors[0]
+    )
+    assert "(2 rows like this)" in errors[0]
+    assert "4 inconsistent rows" in out  # counted against the genus and the species
+
+
+def test_num_classes_mismatch(capsys, tiny_dataset):
+    rc, _, errors = check(capsys, tiny_dataset, "--no-images", opts=("DATA.NUM_CLASSES_PER_LEVEL", "{taxa_L10: 150}"))
+    assert rc == 2 and len(errors) == 1
+    assert "DATA.NUM_CLASSES_PER_LEVEL.taxa_L10 is 150 but" in errors[0] and "has 7 distinct" in errors[0]
+
+
+def test_config_error_is_one_line(capsys, tiny_dataset):
+    rc = main(["check", "--cfg", str(tiny_dataset.config_path), "--opts", "DATA.BATCH_SIZ", "3"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and "did you mean DATA.BATCH_SIZE?" in err
+
+
+def test_missing_and_corrupt_images(capsys, tiny_dataset):
+    tiny_dataset.image_file(3).unlink()
+    tiny_dataset.image_file(8).write_bytes(tiny_dataset.image_file(8).read_bytes()[:200])  # truncated JPEG
+    tiny_dataset.image_file(9).write_bytes(b"")
+    rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: image {tiny_dataset.image_file(3)} (labels.h5 row 3) does not exist;")
+    assert "2 of 24 images are missing or unreadable" in errors[0]  # the truncated one needs decoding to be found
+    rc, out, errors = check(capsys, tiny_dataset, "--json", "--decode-images")
+    report = json.loads(out)
+    assert (report["images"]["missing"], report["images"]["corrupt"]) == (1, 2)
+    problems = {i["row"]: i["problem"] for i in report["images"]["items"]}
+    assert problems[3] == "does not exist" and problems[9] == "is empty (0 bytes)"
+    assert problems[8].startswith("cannot be decoded")
+    assert "3 of 24 images" in errors[0]
+
+
+def test_allowed_missing_images_within_limit(capsys, tiny_dataset):
+    tiny_dataset.image_file(3).unlink()
+    allow = ("DATA.HYBRID.ALLOW_MISSING_IMAGES", "true")
+    rc, _, errors = check(capsys, tiny_dataset, opts=allow)
+    assert rc == 2 and "more than DATA.HYBRID.VERIFY_IMAGES allows" in errors[0] and "= 0" in errors[0]
+    rc, out, errors = check(capsys, tiny_dataset, opts=(*allow, "DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_RATIO", "0.05"))
+    assert rc == 0 and errors == []
+    assert "warning: 1 missing and 0 corrupt images will be replaced and counted" in out
+
+
+def test_verify_images_in_prepare(tiny_dataset, tmp_path):
+    tiny_dataset.image_file(5).unlink()
+    report_path = tmp_path / "verify.json"
+    opts = ("DATA.HYBRID.VERIFY_IMAGES.ENABLED", "true", "DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH", str(report_path))
+    with pytest.raises(DataError) as err:
+        prepare_data(tiny_dataset.config(*opts))
+    assert f"image {tiny_dataset.image_file(5)} (labels.h5 row 5) does not exist" in str(err.value)
+    assert f"(full list: {report_path})" in str(err.value)
+    report = json.loads(report_path.read_text())
+    assert report["items"] == [
+        {"row": 5, "identifier": "img_0005", "path": str(tiny_dataset.image_file(5)), "problem": "does not exist"}
+    ]
+    data = prepare_data(
+        tiny_dataset.config(
+            *opts, "DATA.HYBRID.ALLOW_MISSING_IMAGES", "true", "DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT", "1"
+        )
+    )
+    assert data.image_report["missing"] == 1 and data.stats["images"]["checked"] == 24
+
+
+def test_scan_images_parallel_matches_serial(tmp_path):
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(50)]
+    for p in paths[::3]:
+        Path(p).write_bytes(b"x")
+    serial = scan_images(paths, workers=1)
+    assert scan_images(paths, workers=4) == serial and len(serial) == 33
+
+
+def test_real_subprocess(tiny_dataset):
+    exe = Path(sys.executable).parent / "linnaeus"
+    cmd = [str(exe if exe.exists() else REPO / ".venv/bin/linnaeus"), "check", "--cfg", str(tiny_dataset.config_path)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "result: OK" in ok.stdout
+    rewrite(tiny_dataset, drop=("taxa_L10",))
+    bad = subprocess.run([*cmd, "--no-images"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tiny_dataset.labels_path}: dataset 'taxa_L10' (listed in DATA.TASK_KEYS_H5) is missing;"
+        " taxa datasets present: ['taxa_L20', 'taxa_L30']"
+    ]

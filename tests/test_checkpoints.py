@@ -1,0 +1,156 @@
+"""Checkpoints, auto-resume, preemption, retention and export, with real 2-process CPU launches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch_utils import ROOT, ensure_demo, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended before the condition held ({proc.returncode}):\n{err[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def _latest(run: Path) -> str | None:
+    p = run / "checkpoints" / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, tmp_path: Path) -> None:
+    common = dict(TRAIN__MAX_STEPS=30, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 5}", SCHEDULE__CHECKPOINT__KEEP_LAST_N=10)
+    launch(tiny_opts(demo, tmp_path / "a", name="straight", **common), "cpu_ddp")
+    straight = final_weights(run_dir(tmp_path / "a", "straight"))
+
+    opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
+    run = run_dir(tmp_path / "b", "killed")
+    proc = subprocess.Popen(train_cmd(opts, "cpu_ddp"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: _latest(run) == "step_10", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    steps_before = {r["step"] for r in metrics(run, "train")}
+    assert 30 not in steps_before, "the run finished before it could be killed; the test proves nothing"
+    # A folder left by a kill in the middle of writing must not be mistaken for a checkpoint.
+    partial = run / "checkpoints" / ".tmp_step_15"
+    partial.mkdir(exist_ok=True)
+    (partial / "junk").write_text("half written")
+
+    launch(opts, "cpu_ddp")
+    log = (run / "logs" / "train.log").read_text()
+    assert "resumed from step 10" in log or any(f"resumed from step {s}" in log for s in range(10, 30, 5))
+    assert not partial.exists()
+    resumed = final_weights(run)
+    # Same seed, CPU, sample-exact data position and restored RNG: the same weights.
+    worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
+    assert worst < 1e-5, worst
+    # The log and metrics were appended across the restart, not truncated.
+    assert log.count("Linnaeus training") == 2
+    steps = [r["step"] for r in metrics(run, "train")]
+    assert steps[0] == 1 and steps[-1] == 30
+
+
+def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="term", TRAIN__MAX_STEPS=200, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
+    run = run_dir(tmp_path, "term")
+    proc = subprocess.Popen(train_cmd(opts), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    saved = _latest(run)
+    assert saved is not None
+    step = int(saved.split("_")[1])
+    assert 3 <= step < 200
+    assert "received SIGTERM" in (run / "logs" / "train.log").read_text()
+    launch(tiny_opts(demo, tmp_path, name="term", TRAIN__MAX_STEPS=step + 3))
+    assert f"resumed from step {step}" in (run / "logs" / "train.log").read_text()
+    assert metrics(run, "train")[-1]["step"] == step + 3
+
+
+def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=400)
+    run = run_dir(tmp_path, "term2")
+    proc = subprocess.Popen(train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=180)
+    saved = _latest(run)
+    assert saved is not None, "no checkpoint after SIGTERM"
+    step = int(saved.split("_")[1])
+    launch(tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=step + 2), "cpu_zero2")
+    assert f"resumed from step {step}" in (run / "logs" / "train.log").read_text()
+
+
+def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="z3", TRAIN__MAX_STEPS=6, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 6}")
+    launch(opts, "cpu_zero3")
+    run = run_dir(tmp_path, "z3")
+    reported = metrics(run, "val")[-1]
+
+    from linnaeus.aug import eval_transform
+    from linnaeus.config import load_config
+    from linnaeus.data.loader import build_loader
+    from linnaeus.data.prepare import prepare_data
+    from linnaeus.engine.metrics import ValidationMeter
+    from linnaeus.models import build_model
+
+    cfg = load_config(run / "config.yaml")
+    data = prepare_data(cfg)
+    hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
+    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
+    model.load_state_dict(final_weights(run), strict=True)
+    model.eval()
+    loader, sampler = build_loader(data.dataset("val", train=False), batch_size=64, num_workers=0, shuffle=False,
+                                   seed=cfg.MISC.SEED, drop_last=False, pad=False)
+    meter = ValidationMeter(data.task_keys, torch.device("cpu"))
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(eval_transform(batch["image"], cfg.AUG.MEAN, cfg.AUG.STD), batch["meta"])
+            meter.update(logits, batch["targets"], batch["is_pad"])
+    mine = meter.compute()
+    for key in data.task_keys:
+        assert mine[f"{key}/top1"] == pytest.approx(reported[f"{key}/top1"], abs=1e-9)
+        assert mine[f"{key}/loss"] == pytest.approx(reported[f"{key}/loss"], rel=1e-4)
+    assert mine["samples"] == reported["samples"]
+
+
+def test_retention_keeps_last_k_and_best_m(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(
+        demo, tmp_path, name="keep", TRAIN__MAX_STEPS=8, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1}",
+        SCHEDULE__VALIDATION__INTERVAL="{STEPS: 1}", SCHEDULE__CHECKPOINT__KEEP_LAST_N=2,
+        SCHEDULE__CHECKPOINT__KEEP_BEST_N=1, SCHEDULE__CHECKPOINT__BEST_METRIC="val/taxa_L30/loss",
+        SCHEDULE__CHECKPOINT__BEST_MODE="min", LR_SCHEDULER__BASE_LR=0.02,
+    )
+    launch(opts)
+    run = run_dir(tmp_path, "keep")
+    val = metrics(run, "val")
+    best_step = min(val, key=lambda r: (r["taxa_L30/loss"], r["step"]))["step"]
+    expected = {"step_7", "step_8", f"step_{best_step}"}
+    kept = {p.name for p in (run / "checkpoints").glob("step_*")}
+    assert kept == expected
+    assert _latest(run) == "step_8"
+    assert (run / "export" / "best.safetensors").is_file()

@@ -1,0 +1,147 @@
+"""The main job under real launchers: python -m, accelerate with 2 CPU processes (DDP, ZeRO-2, ZeRO-3), bf16,
+gradient accumulation, failures, two machines on loopback, metrics.jsonl and W&B offline."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launch_utils import ROOT, ensure_demo, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run, "train")]
+
+
+def test_ddp_zero2_zero3_agree_on_the_same_seed(demo: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name in ("cpu_ddp", "cpu_zero2", "cpu_zero3"):
+        launch(tiny_opts(demo, tmp_path, name=name, TRAIN__MAX_STEPS=4), name)
+        runs[name] = _losses(run_dir(tmp_path, name))
+    ddp = np.array(runs["cpu_ddp"])
+    assert len(ddp) == 4 and np.isfinite(ddp).all()
+    # Same data, same init, same updates: only reduction order differs (fp32), so agreement is tight.
+    np.testing.assert_allclose(runs["cpu_zero2"], ddp, rtol=2e-4)
+    np.testing.assert_allclose(runs["cpu_zero3"], ddp, rtol=2e-4)
+    log = (run_dir(tmp_path, "cpu_zero3") / "logs" / "train.log").read_text()
+    assert "ZeRO stage" in log and "world size" in log and "2 processes" in log
+
+
+def test_metrics_jsonl_fields_and_run_folder(demo: Path, tmp_path: Path) -> None:
+    launch(
+        tiny_opts(demo, tmp_path, TRAIN__MAX_STEPS=4, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 2}",
+                  SCHEDULE__VALIDATION__MASK_META_INTERVAL="{STEPS: 4}"),
+    )
+    run = run_dir(tmp_path)
+    rows = metrics(run)
+    for r in rows:
+        assert isinstance(r["step"], int) and isinstance(r["epoch"], float) and r["phase"] in {"train", "val", "val_mask_meta"}
+    train = metrics(run, "train")
+    assert {"loss", "lr", "images_per_sec", "taxa_L10/loss"} <= set(train[0])
+    val = metrics(run, "val")
+    assert [r["step"] for r in val] == [2, 4]  # fired mid-epoch, at the configured step interval
+    for key in ("taxa_L10/top1", "taxa_L10/top5", "taxa_L10/loss", "taxa_L20/coverage", "chain_accuracy", "partial_chain_accuracy"):
+        assert key in val[0]
+    assert [r["step"] for r in metrics(run, "val_mask_meta")] == [4]
+    for name in ("config.yaml", "class_maps.json", "taxonomy.json", "stats.json", "logs/train.log", "export/final.safetensors"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
+
+
+def test_gradient_accumulation_equals_the_larger_batch(demo: Path, tmp_path: Path) -> None:
+    # Nothing random that depends on the micro-batch layout: no flips, jitter, erasing, masking; all ranks labelled.
+    common = dict(
+        TRAIN__MAX_STEPS=3, AUG__HFLIP_PROB=0.0, AUG__COLOR_JITTER=0.0, AUG__RANDOM_ERASE__PROB=0.0,
+        SCHEDULE__META_MASKING__ENABLED=False, DATA__REQUIRE_ALL_RANKS=True, LR_SCHEDULER__WARMUP_STEPS=0,
+    )
+    launch(tiny_opts(demo, tmp_path, name="accum", DATA__BATCH_SIZE=8, TRAIN__ACCUMULATION_STEPS=2, **common))
+    launch(tiny_opts(demo, tmp_path, name="big", DATA__BATCH_SIZE=16, TRAIN__ACCUMULATION_STEPS=1, **common))
+    a, b = final_weights(run_dir(tmp_path, "accum")), final_weights(run_dir(tmp_path, "big"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+
+
+def test_bf16_on_cpu_with_zero2(demo: Path, tmp_path: Path) -> None:
+    launch(tiny_opts(demo, tmp_path, TRAIN__MAX_STEPS=3, TRAIN__AMP_OPT_LEVEL="O1"), "cpu_zero2")
+    run = run_dir(tmp_path)
+    assert "bf16 (from TRAIN.AMP_OPT_LEVEL)" in (run / "logs" / "train.log").read_text()
+    assert all(math.isfinite(x) for x in _losses(run))
+    w = final_weights(run)
+    assert all(v.dtype == torch.float32 for v in w.values())
+
+
+def test_uneven_data_does_not_hang_and_a_failing_rank_fails_the_launch(demo: Path, tmp_path: Path) -> None:
+    # A batch size that leaves a ragged tail per rank: every rank must still step together.
+    launch(tiny_opts(demo, tmp_path, name="ragged", DATA__BATCH_SIZE=7, TRAIN__MAX_STEPS=None, TRAIN__EPOCHS=1), "cpu_ddp", timeout=300)
+    # Corrupt an image only the second process reads first: its DataError must end the whole launch non-zero.
+    from linnaeus.config import load_config
+    from linnaeus.data.loader import EpochSampler
+    from linnaeus.data.prepare import prepare_data
+
+    bad = tmp_path / "bad_demo"
+    subprocess.run(["cp", "-r", str(demo), str(bad)], check=True)
+    opts = tiny_opts(bad, tmp_path, name="fail")
+    cfg = load_config(ROOT / "configs/experiments/demo.yaml", opts)
+    prepared = prepare_data(cfg)
+    paths = prepared.image_paths("train")
+    sampler = EpochSampler(len(paths), num_replicas=2, rank=1, seed=cfg.MISC.SEED, batch_size=16)
+    sampler.set_epoch(0)
+    first_rank1 = sampler.epoch_keys()[0][0]
+    Path(paths[first_rank1]).write_bytes(b"not a jpeg")
+    proc = launch(opts, "cpu_ddp", check=False, timeout=300)
+    assert proc.returncode != 0
+    assert Path(paths[first_rank1]).name in proc.stderr
+    rank_log = run_dir(tmp_path, "fail") / "logs" / "rank1.log"
+    assert rank_log.is_file() and Path(paths[first_rank1]).name in rank_log.read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback(demo: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    opts = tiny_opts(demo, tmp_path, name="multinode", TRAIN__MAX_STEPS=3)
+    procs = []
+    for rank in (0, 1):
+        extra = [
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--deepspeed_config_file", str(ROOT / "accelerate_configs" / "ds_cpu_zero2.json"),
+        ]
+        procs.append(subprocess.Popen(train_cmd(opts, "multi_node_zero2", extra), cwd=ROOT, env=env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    log = (run_dir(tmp_path, "multinode") / "logs" / "train.log").read_text()
+    assert "2 processes" in log and "2 machine(s)" in log
+    assert len(metrics(run_dir(tmp_path, "multinode"), "train")) == 3
+
+
+def test_wandb_offline_writes_a_local_run(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="wb", TRAIN__MAX_STEPS=2, EXPERIMENT__WANDB__ENABLED=True,
+                     EXPERIMENT__WANDB__MODE="offline")
+    proc = subprocess.run(train_cmd(opts), cwd=ROOT, env={**env(), "WANDB_MODE": "offline"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = run_dir(tmp_path, "wb")
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline, list(run.iterdir())
+    assert len(metrics(run, "train")) == 2  # metrics.jsonl is written whether W&B is on or not
