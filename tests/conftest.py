@@ -18,6 +18,10 @@ family-only row (Syrphidae). Identifiers alternate ``img_0000.jpg`` / ``img_0001
 ``img_0001.jpg``) so FILE_EXTENSION handling is always exercised. Metadata (see ``TinyDataset``): ``temporal``
 (N,2, with column_names), ``spatial`` (N,3), ``elevation_broadrange_2`` (N,10), ``in_region`` (N,) and a
 ``metadata`` group with ``config_json``; a few rows are deliberately missing (zeros or NaN).
+
+Building blocks for other shapes of data: ``write_labels_h5(path, {name: array}, attrs=..., config_json=...)``
+(str lists become variable-length UTF-8 strings), ``write_jpeg(path, size, color)`` and ``taxonomy_doc()``.
+Import them with ``from conftest import write_labels_h5`` (pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations

@@ -235,6 +235,18 @@ def test_not_hdf5_and_absent_file(tmp_path):
         LabelStore.load(tmp_path / "nope.h5", ["taxa_L10"])
 
 
+def test_identifiers_not_utf8(tmp_path):
+    path = write_labels_h5(tmp_path / "l.h5", {"taxa_L10": np.array([1, 2], np.uint32)})
+    with h5py.File(path, "a") as f:
+        f.create_dataset(
+            "img_identifiers",
+            data=np.array([b"a.jpg", b"\xff\xfe.jpg"], dtype=object),
+            dtype=h5py.string_dtype("utf-8"),
+        )
+    with pytest.raises(DataError, match="dataset 'img_identifiers' holds bytes that are not UTF-8"):
+        LabelStore.load(path, ["taxa_L10"])
+
+
 def test_duplicates_reported_not_fatal(tmp_path):
     path = write_labels_h5(
         tmp_path / "l.h5", {"img_identifiers": ["a", "b", "a", "a"], "taxa_L10": np.array([1, 2, 1, 1], np.uint32)}

@@ -36,6 +36,9 @@ def test_queries(tree):
     assert tree.lca(11, 13) == 1000 and tree.lca(11, 15) is None
     assert tree.distance(11, 12) == 2 and tree.distance(11, 13) == 4 and tree.distance(15, 17) == 3
     assert tree.distance(11, 101) == 3 and tree.distance(11, 11) == 0 and tree.distance(11, 15) == float("inf")
+    t = tree.taxon(13)
+    assert (t.taxon_id, t.scientific_name, t.rank_level, t.parent_id) == (13, "Bombus terrestris", RankLevel.L10, 101)
+    assert t.ancestry == [1000, 101, 13]
 
 
 def test_ids_as_numeric_strings_and_rank_spellings(tmp_path):
@@ -98,6 +101,14 @@ def test_inferred_tree_matches_json(tiny_dataset):
     assert conflicts == []
     assert inferred.parent == {t: s for s, t in TAXA_EDGES}  # incl. the skip link 17 -> 1001
     assert inferred.rank_of(17) == RankLevel.L10 and inferred.name_of(17) is None
+
+
+def test_infer_with_ids_beyond_32_bits():
+    big = 5_000_000_000
+    taxa = {"taxa_L10": np.array([big + 1, big + 2, big + 1, 3]), "taxa_L20": np.array([big, big, 7, 8])}
+    tree, conflicts = TaxonomyTree.infer(taxa)
+    assert tree.parent == {big + 2: big, 3: 8}
+    assert conflicts[0].candidates == [("taxa_L20", 7, 1), ("taxa_L20", big, 1)]  # most rows first, then by id
 
 
 def test_round_trip(tree, tmp_path):

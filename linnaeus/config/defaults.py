@@ -183,12 +183,14 @@ class MetaConfig(Node):
 class VerifyImagesConfig(Node):
     ENABLED: bool = False
     DECODE: bool = Field(False, description="also decode every image (slower; finds corrupt files)")
-    MAX_MISSING_RATIO: float = Field(0.0, ge=0, le=1)
-    MAX_MISSING_COUNT: int = Field(0, ge=0)
+    MAX_MISSING_RATIO: float = Field(
+        0.0, ge=0, le=1, description="with ALLOW_MISSING_IMAGES: tolerate up to max(COUNT, RATIO x N) bad images"
+    )
+    MAX_MISSING_COUNT: int = Field(0, ge=0, description="see MAX_MISSING_RATIO; 0 and 0 tolerate none")
     NUM_WORKERS: int = Field(8, ge=1)
     REPORT_PATH: str | None = Field(None, description="JSON report; default: the run folder")
     # Compatibility:
-    CHUNK_SIZE: int | None = Field(None, description="no-op")
+    CHUNK_SIZE: int | None = Field(None, description="no-op (images are checked by a thread pool)")
     LOG_MISSING: bool = True
 
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,14 +50,10 @@ if TYPE_CHECKING:
 MAX_LISTED = 100  # image problems listed in a report printed by `linnaeus check` (all are counted)
 
 
-# ----------------------------------------------------------------------------------------- model size hook
-def model_summary(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
-    """HOOK (lead engineer): model size for the report, e.g. {"params": int, "gmacs": {"224": x, "384": y}}.
-
-    Deliberately empty: the data package must not import models. Return None while not measured; raise a
-    LinnaeusError for a config the model builder rejects (it is reported as one error line).
-    """
-    return None
+# ----------------------------------------------------------------------------------------- extra sections
+# Sections the data package cannot compute itself (it must not import models or shards): the command layer passes
+# callables ``(cfg, num_classes) -> dict | None``; one raising LinnaeusError becomes one error line.
+ExtraSection = Callable[..., Any]
 
 
 # --------------------------------------------------------------------------------------------------- images
@@ -178,7 +174,9 @@ def _config_summary(cfg: Config) -> dict[str, Any]:
     }
 
 
-def build_report(cfg: Config, check_images: bool = True, decode: bool = False) -> dict[str, Any]:
+def build_report(
+    cfg: Config, check_images: bool = True, decode: bool = False, extra: dict[str, ExtraSection] | None = None
+) -> dict[str, Any]:
     """Everything `linnaeus check` reports, as a JSON-serialisable dict; problems go to ``errors`` (one line each)."""
     r: dict[str, Any] = {
         "ok": True,
@@ -272,15 +270,22 @@ def build_report(cfg: Config, check_images: bool = True, decode: bool = False) -
             errors.append(f"{where}: {key} has no non-null taxon ids in the rows in use; nothing to train at that rank")
 
     for store, rows in per_store(views):
-        for name, stats in store.statistics(rows)["metadata"].items():
-            r["metadata"].setdefault(name, []).append({"file": str(store.path), **stats})
+        stats = store.statistics(rows)
+        for name, comp in stats["metadata"].items():
+            r["metadata"].setdefault(name, []).append({"file": str(store.path), **comp})
+        if stats["rows_all_ranks_null"]:
+            r["warnings"].append(
+                f"{store.path}: {stats['rows_all_ranks_null']} rows have no label at any of {keys}"
+                " (they add no loss; DATA.REQUIRE_ALL_RANKS would drop them)"
+            )
 
     if check_images:
         _check_images(cfg, views, decode, r)
-    try:
-        r["model"] = model_summary(cfg, {k: len(m) for k, m in class_maps.items()})
-    except LinnaeusError as exc:
-        errors.append(str(exc))
+    for name, section in (extra or {}).items():
+        try:
+            r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()})
+        except LinnaeusError as exc:
+            errors.append(str(exc))
     return _finish(r)
 
 
@@ -394,8 +399,15 @@ def format_report(r: dict[str, Any]) -> str:
     if im:
         how = "decoded" if im["decoded"] else "existence checked"
         lines.append(f"images: {im['checked']} {how}; {im['missing']} missing, {im['corrupt']} corrupt")
-    if r["model"]:
-        lines.append(f"model: {r['model']}")
+    if isinstance(r.get("model"), dict):
+        m = r["model"]
+        macs = ", ".join(f"{g:.2f} GMACs at {px}" for px, g in m["gmacs"].items())
+        lines.append(
+            f"model: {m['name']}: {m['params'] / 1e6:.2f} M parameters ({m['backbone_params'] / 1e6:.2f} M backbone"
+            f" incl. {m['meta_params'] / 1e6:.2f} M metadata embedders, {m['head_params'] / 1e6:.2f} M heads); {macs}"
+        )
+    if isinstance(r.get("shards"), dict):
+        lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list)))
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
     n = len(r["errors"])
@@ -403,12 +415,12 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, extra: dict[str, ExtraSection] | None = None) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
     from linnaeus.config import load_config
 
     cfg = load_config(args.cfg, args.opts)  # a ConfigError is printed as one line by the CLI
-    report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images)
+    report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()
     for line in report["errors"]:

@@ -271,7 +271,11 @@ def _read_all(
     elif h5py.check_string_dtype(ds.dtype) is None:
         problems.append(f"{path}: dataset '{IDENTIFIERS}' has dtype {ds.dtype}, expected variable-length strings")
     else:
-        ids = ds.asstr()[()].astype(object)
+        try:
+            ids = ds.asstr()[()].astype(object)
+        except UnicodeDecodeError as exc:
+            problems.append(f"{path}: dataset '{IDENTIFIERS}' holds bytes that are not UTF-8 ({exc.reason})")
+            return None
         n = len(ids)
         empty = np.flatnonzero(ids == "")
         if len(empty):

@@ -163,7 +163,7 @@ def examine_taxonomy(cfg: Config, views: list[SplitView]) -> TaxonomyFindings:
     stores = per_store(views)
     if cfg.DATA.TAXONOMY_PATH:
         tree = TaxonomyTree.from_json(resolve_path(cfg.DATA.TAXONOMY_PATH))
-        name = f"taxonomy.json ({tree.source})"
+        name = tree.source
         findings = TaxonomyFindings(tree)
     else:
         where = ", ".join(str(s.path) for s, _ in stores)

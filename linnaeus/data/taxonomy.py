@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from typus import RANK_CANON, RankLevel
+from typus import RANK_CANON, RankLevel, Taxon
 
 from linnaeus.errors import ConfigError, DataError
 
@@ -234,6 +234,17 @@ class TaxonomyTree:
                 return float(depth_in_a[t] + j)
         return float("inf")
 
+    def taxon(self, taxon_id: int) -> Taxon:
+        """The polli-typus ``Taxon`` (ancestry root → self, as typus defines it); KeyError for an unknown id."""
+        node = self.nodes[int(taxon_id)]
+        return Taxon(
+            taxon_id=node.id,
+            scientific_name=node.name or str(node.id),
+            rank_level=node.rank,
+            parent_id=self.parent.get(node.id),
+            ancestry=list(reversed(self.ancestors(node.id, include_self=True))),
+        )
+
     # ------------------------------------------------------------------------------------- class-index views
     def distance_matrix(self, taxon_ids: np.ndarray) -> np.ndarray:
         """(K, K) float32 edge distances between the given taxa (inf when they share no ancestor).
@@ -381,19 +392,33 @@ class TaxonomyTree:
             m = (child != 0) & (par != 0)
             if not m.any():
                 continue
-            triples, counts = np.unique(np.stack([child[m], level[m], par[m]], 1), axis=0, return_counts=True)
             by_child: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-            for (c, lv, p), n in zip(triples.tolist(), counts.tolist(), strict=True):
+            for c, lv, p, n in _pair_counts(child[m], level[m], par[m]):
                 by_child[c].append((lv, p, n))
             for c, cands in by_child.items():
                 finest = min(lv for lv, _, _ in cands)
                 at = [(p, n) for lv, p, n in cands if lv == finest]
                 if len(at) > 1:
                     pkey = fine_to_coarse[finest]
-                    conflicts.append(Conflict(key, c, [(pkey, p, n) for p, n in sorted(at, key=lambda x: -x[1])]))
+                    conflicts.append(
+                        Conflict(key, c, [(pkey, p, n) for p, n in sorted(at, key=lambda x: (-x[1], x[0]))])
+                    )
                 else:
                     parent[c] = at[0][0]
         return cls(nodes, parent, source=f"inferred from {where}"), conflicts
+
+
+def _pair_counts(child: np.ndarray, level: np.ndarray, parent: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Distinct (child, parent level, parent, rows). Ids that fit 32 bits are packed into one uint64 key, which
+    np.unique sorts several times faster than rows of a 2-D array (the level follows from the parent id)."""
+    if child.max() < 2**32 and parent.max() < 2**32:
+        key = (child.astype(np.uint64) << np.uint64(32)) | parent.astype(np.uint64)
+        uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+        c = (uniq >> np.uint64(32)).astype(np.int64)
+        p = (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        return list(zip(c.tolist(), level[first].tolist(), p.tolist(), counts.tolist(), strict=True))
+    triples, counts = np.unique(np.stack([child, level, parent], 1), axis=0, return_counts=True)
+    return [(c, lv, p, n) for (c, lv, p), n in zip(triples.tolist(), counts.tolist(), strict=True)]
 
 
 def _taxon_id(value: Any, where: str) -> int:

@@ -117,7 +117,9 @@ class Trainer:
 
         from linnaeus.data.prepare import prepare_data
 
-        self.data = prepare_data(cfg)
+        # A resumed run reads the split it saved (a changed labels file is then an error, not a silent new split);
+        # image verification runs once, on the main process.
+        self.data = prepare_data(cfg, split_file=self.run / "split.npz", check_images=self.is_main)
         self.task_keys = list(self.data.task_keys)
         if self.is_main:
             save_config(cfg, self.run / "config.yaml")

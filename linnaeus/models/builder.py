@@ -50,7 +50,9 @@ class LinnaeusModel(nn.Module):
         return list(self.backbone.aggregate.norm.parameters())
 
 
-def resolve_head_configs(model_cfg: ModelConfig, task_keys: list[str], num_classes: dict[str, int]) -> dict[str, HeadConfig]:
+def resolve_head_configs(
+    model_cfg: ModelConfig, task_keys: list[str], num_classes: dict[str, int]
+) -> dict[str, HeadConfig]:
     """One HeadConfig per task key (LinearHead defaults when ``HEADS`` is empty), checked against the labels."""
     heads = model_cfg.CLASSIFICATION.HEADS
     if not task_keys:
@@ -66,7 +68,9 @@ def resolve_head_configs(model_cfg: ModelConfig, task_keys: list[str], num_class
             raise ConfigError(f"MODEL.CLASSIFICATION.HEADS: no head for task '{key}' (heads defined: {sorted(heads)})")
     for key in heads:
         if key not in task_keys:
-            raise ConfigError(f"MODEL.CLASSIFICATION.HEADS.{key}: head for '{key}', which is not a task key {task_keys}")
+            raise ConfigError(
+                f"MODEL.CLASSIFICATION.HEADS.{key}: head for '{key}', which is not a task key {task_keys}"
+            )
     for key in task_keys:
         declared = heads[key].NUM_CLASSES
         if declared is not None and declared != num_classes[key]:

@@ -69,7 +69,7 @@ class MBConv(nn.Module):
         self, in_dim: int, out_dim: int, stride: int, expand_ratio: float, se_ratio: float, drop_path: float = 0.0
     ) -> None:
         super().__init__()
-        hidden = int(round(in_dim * expand_ratio))
+        hidden = round(in_dim * expand_ratio)
         self.expand = nn.Sequential(nn.Conv2d(in_dim, hidden, 1, bias=False), _bn(hidden), nn.SiLU())
         self.dw = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False), _bn(hidden), nn.SiLU()

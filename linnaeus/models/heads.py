@@ -108,7 +108,9 @@ def _parent_index(
     n_parents = (h != 0).sum(dim=0)
     if bool((n_parents > 1).any()):
         bad = int(torch.nonzero(n_parents > 1)[0, 0])
-        raise DataError(f"hierarchy ({parent}, {child}): child class {bad} has {int(n_parents[bad])} parents; expected a tree")
+        raise DataError(
+            f"hierarchy ({parent}, {child}): child class {bad} has {int(n_parents[bad])} parents; expected a tree"
+        )
     return (h != 0).float().argmax(dim=0), n_parents == 0
 
 

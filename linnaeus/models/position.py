@@ -24,9 +24,9 @@ def grid_coords(height: int, width: int, device: torch.device) -> tuple[torch.Te
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (x[2k], x[2k+1]) of ``x`` (..., N, D) by the angles behind cos/sin (..., N, D/2).
 
-    Computed in float32 and cast back, so bf16 activations are rotated without losing the angle's precision.
+    Computed in (at least) float32 and cast back, so bf16 activations are rotated without losing the angle's precision.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
@@ -66,8 +66,8 @@ class Rope2d(nn.Module):
 
     def cos_sin(self, height: int, width: int, num_extra: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables of shape (heads, num_extra + H·W, head_dim/2); extra tokens get angle 0 (identity)."""
-        xs, ys = grid_coords(height, width, self.freqs.device)
-        freqs = self.freqs.float()
+        freqs = self.freqs.to(torch.promote_types(self.freqs.dtype, torch.float32))
+        xs, ys = (c.to(freqs.dtype) for c in grid_coords(height, width, freqs.device))
         angles = xs[None, :, None] * freqs[0][:, None, :] + ys[None, :, None] * freqs[1][:, None, :]
         angles = F.pad(angles, (0, 0, num_extra, 0))
         return torch.cos(angles), torch.sin(angles)

@@ -1,0 +1,395 @@
+"""Training from shards: a per-process IterableDataset that yields ready batches in the file loader's format.
+
+Per epoch ``e`` (and resume offset ``k``), the shard list is permuted with ``(seed, e, k)`` identically on every
+process, then split by node (``rank::world``) and by DataLoader worker, so shard ownership rotates each epoch.
+A worker reads its shards in that order through a sample shuffle buffer (raw bytes, ``DATA.SHARDS.SHUFFLE_BUFFER``
+per worker) and, when they run out before its quota, keeps drawing shards with replacement (weighted by sample
+count) from the whole list: the stream is *resampled*, so every process yields exactly
+``batches_per_epoch = floor(train samples / (world * batch))`` batches whatever the shard sizes, and all ranks
+step together (no hang at epoch end, even with fewer shards than readers). A few samples repeat or sit out in an
+epoch; over epochs the rotation covers the data.
+
+Batches: built inside the worker (one IPC message per batch), with exactly the keys and dtypes of the file
+loader (``image`` uint8, ``meta``, ``meta_valid``, ``targets`` int64 with -1 null, ``row``, ``is_pad`` all False,
+``image_ok`` all True). Images go through the same ``load_image`` as files, ``train=True`` with a generator from
+``(seed, epoch, row)``. Labels and metadata are never read from the shard: the sample's ``row`` is looked up in
+the ``PreparedData`` arrays in memory, after the manifest's labels fingerprint and split digest were checked.
+
+Why not ``webdataset.WebDataset(resampled=True)``: its resampling is seeded from pid/time unless replaced, its
+default node splitter raises under WORLD_SIZE > 1, and ``with_epoch`` counts per worker; the few lines below give
+a deterministic stream with an exact per-process batch count (see docs/design.md). Shards stay plain WebDataset.
+
+Corrupt members (undecodable image, bad json, a row outside the train split, a truncated tar) are skipped and
+counted (``skipped_count``), with a rate-limited warning; they never stop training unless nothing readable is left.
+
+This loader is not passed to ``accelerator.prepare`` (which would dispatch through rank 0 or re-shard the stream):
+each process builds its own with its rank. Validation keeps using the file loader, so metrics stay exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from linnaeus.data.dataset import sample_rng
+from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.shards import manifest as mf
+from linnaeus.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from linnaeus.config import Config
+    from linnaeus.data.prepare import PreparedData
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_WARN_FIRST = 5  # warn on each of the first few skips per process, then every _WARN_EVERY-th
+_WARN_EVERY = 1000
+_EPOCH_SALT = 0x5EED5  # keeps the shard permutation stream apart from other (seed, epoch) generators
+
+
+def open_shard(path: str) -> IO[bytes]:
+    """Open one shard for sequential reading (module level so benchmarks can wrap it to add latency)."""
+    return open(path, "rb", buffering=1 << 20)
+
+
+def iter_shard(path: str, on_error: Callable[[str], None]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample, grouping consecutive members as WebDataset does.
+
+    A structural problem (truncated or garbled tar, unreadable file) is reported through ``on_error`` and ends
+    this shard; the sample being assembled at that point is dropped.
+    """
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with open_shard(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                k, dot, ext = base.partition(".")  # the first dot splits key and extension (WebDataset's rule)
+                if not dot:
+                    continue
+                reader = tar.extractfile(member)
+                data = reader.read() if reader is not None else b""
+                if k != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = k, {}
+                parts[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        on_error(f"shard {path}: {err}")
+        return
+    if key is not None:
+        yield key, parts
+
+
+def worker_batch_count(remaining: int, worker: int, num_workers: int) -> int:
+    """Batches worker ``worker`` yields: DataLoader takes batch i from worker i % num_workers."""
+    return len(range(worker, remaining, num_workers))
+
+
+class ShardTrainDataset(IterableDataset):
+    """Yields this process's training batches for the current epoch; see the module docstring."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        shard_samples: list[int],
+        rows: np.ndarray,
+        targets: dict[str, np.ndarray],
+        meta: np.ndarray,
+        meta_valid: np.ndarray,
+        *,
+        batch_size: int,
+        batches_per_epoch: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        img_size: int = 384,
+        rrc_scale: tuple[float, float] = (0.35, 1.0),
+        rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        where: str = "",
+    ) -> None:
+        if not shards:
+            raise DataError(f"{where or 'shards'}: no training shard holds any sample; rerun `linnaeus shard`")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardTrainDataset: rank {rank} is not in [0, {world_size})")
+        order = np.argsort(rows, kind="stable")
+        self.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64)[order])  # sorted: searchsorted lookup
+        self.targets = {k: np.ascontiguousarray(np.asarray(v, dtype=np.int64)[order]) for k, v in targets.items()}
+        n = len(self.rows)
+        self.meta = np.ascontiguousarray(np.asarray(meta, dtype=np.float32)[order]).reshape(n, -1)
+        self.meta_valid = np.ascontiguousarray(np.asarray(meta_valid, dtype=bool)[order]).reshape(n, -1)
+        self.shards = list(shards)
+        counts = np.asarray(shard_samples, dtype=np.float64)
+        self.shard_weights = counts / counts.sum()
+        self.total_samples = int(counts.sum())
+        self.batch_size = int(batch_size)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.world_size = int(world_size)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.img_size = int(img_size)
+        self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
+        self.rrc_ratio = (float(rrc_ratio[0]), float(rrc_ratio[1]))
+        self.where = where
+        self.epoch = 0
+        self.start_batch = 0
+        # Workers are separate processes: a shared counter lets the trainer report skips from all of them.
+        self._skipped = multiprocessing.Value("q", 0)
+        self._local_skips = 0
+
+    # ----------------------------------------------------------------------------------------------- epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; a resume at batch ``start_batch`` yields the remaining batches from a stream
+        re-seeded with the offset (shard streams have no exact sample position to return to)."""
+        if not 0 <= int(start_batch) <= self.batches_per_epoch:
+            raise ValueError(f"ShardTrainDataset: start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    @property
+    def skipped_count(self) -> int:
+        """Corrupt samples skipped so far by this process and its workers (all epochs)."""
+        return int(self._skipped.value)
+
+    def worker_shards(self, worker: int, num_workers: int) -> np.ndarray:
+        """This (rank, worker)'s shard indices for the current epoch, in reading order."""
+        perm = np.random.default_rng((self.seed % 2**63, self.epoch, self.start_batch, _EPOCH_SALT)).permutation(
+            len(self.shards)
+        )
+        return perm[self.rank :: self.world_size][worker::num_workers]
+
+    # ---------------------------------------------------------------------------------------------- stream
+    def _skip(self, what: str, reason: str) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            total = self._skipped.value
+        self._local_skips += 1
+        if self._local_skips <= _WARN_FIRST or self._local_skips % _WARN_EVERY == 0:
+            log.warning("skipping %s: %s (%d corrupt samples skipped so far)", what, reason, total)
+
+    def _shard_stream(self, worker: int, num_workers: int, rng: np.random.Generator) -> Iterator[int]:
+        yield from (int(i) for i in self.worker_shards(worker, num_workers))
+        while True:  # resampled: with replacement, weighted by samples, until the quota is met
+            yield int(rng.choice(len(self.shards), p=self.shard_weights))
+
+    def _raw_samples(self, worker: int, num_workers: int, rng: np.random.Generator) -> Iterator[tuple[str, str, dict]]:
+        barren = 0  # consecutive shards without a single sample
+        for sid in self._shard_stream(worker, num_workers, rng):
+            path = self.shards[sid]
+            got = False
+            for key, parts in iter_shard(path, lambda reason: self._skip("the rest of a shard", reason)):
+                got = True
+                yield path, key, parts
+            barren = 0 if got else barren + 1
+            if barren > 2 * len(self.shards) + 8:
+                raise DataError(
+                    f"{self.where or 'shards'}: {barren} shards in a row held no readable sample; "
+                    "the shards look corrupt, rerun `linnaeus shard`"
+                )
+
+    def _shuffled(self, items: Iterator[Any], rng: np.random.Generator) -> Iterator[Any]:
+        if self.shuffle_buffer <= 1:
+            yield from items
+            return
+        buf: list[Any] = []
+        for item in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            j = int(rng.integers(len(buf)))
+            yield buf[j]
+            buf[j] = item
+        rng.shuffle(buf)  # only reached if the stream ends (it is infinite in training)
+        yield from buf
+
+    def _decode(self, path: str, key: str, parts: dict[str, bytes]) -> tuple[int, np.ndarray]:
+        """(position in the train arrays, image) or raise ValueError/ImageDecodeError with the reason."""
+        info = json.loads(parts["json"]) if "json" in parts else None
+        if not isinstance(info, dict) or not isinstance(info.get("row"), int):
+            raise ValueError("no json member with an integer 'row'")
+        row = info["row"]
+        pos = int(np.searchsorted(self.rows, row))
+        if pos >= len(self.rows) or self.rows[pos] != row:
+            raise ValueError(f"labels.h5 row {row} is not in this run's training split")
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        if ext is None:
+            raise ValueError(f"no image member (expected one of .{', .'.join(IMAGE_EXTS)})")
+        image = load_image(
+            parts[ext],
+            img_size=self.img_size,
+            train=True,
+            rng=sample_rng(self.seed, self.epoch, row),
+            rrc_scale=self.rrc_scale,
+            rrc_ratio=self.rrc_ratio,
+        )
+        return pos, image
+
+    def _batch(self, positions: list[int], images: list[np.ndarray]) -> dict[str, Any]:
+        pos = np.asarray(positions, dtype=np.int64)
+        n = len(pos)
+        return {
+            "image": torch.from_numpy(np.stack(images)),
+            "meta": torch.from_numpy(self.meta[pos]),
+            "meta_valid": torch.from_numpy(self.meta_valid[pos]),
+            "targets": {k: torch.from_numpy(v[pos]) for k, v in self.targets.items()},
+            "row": torch.from_numpy(self.rows[pos]),
+            "is_pad": torch.zeros(n, dtype=torch.bool),
+            "image_ok": torch.ones(n, dtype=torch.bool),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = worker_batch_count(len(self), worker, num_workers)
+        if quota == 0:
+            return
+        rng = np.random.default_rng((self.seed % 2**63, self.epoch, self.start_batch, self.rank, worker))
+        samples = self._shuffled(self._raw_samples(worker, num_workers, rng), rng)
+        positions: list[int] = []
+        images: list[np.ndarray] = []
+        failures = 0
+        limit = max(1000, self.total_samples)  # a whole epoch's worth of failures in a row: not bad luck
+        for path, key, parts in samples:
+            try:
+                pos, image = self._decode(path, key, parts)
+            except (ValueError, ImageDecodeError) as err:
+                self._skip(f"sample {key} of {path}", getattr(err, "reason", str(err)))
+                failures += 1
+                if failures > limit:
+                    raise DataError(
+                        f"{self.where or 'shards'}: the last {failures} samples read were all unusable; "
+                        "the shards do not match this run's data, rerun `linnaeus shard`"
+                    ) from None
+                continue
+            failures = 0
+            positions.append(pos)
+            images.append(image)
+            if len(positions) == self.batch_size:
+                yield self._batch(positions, images)
+                positions, images = [], []
+                quota -= 1
+                if quota == 0:
+                    return
+
+
+# ------------------------------------------------------------------------------------------------ building
+def shard_dir_of(cfg: Config) -> Path:
+    from linnaeus.data.prepare import resolve_path
+
+    if not cfg.DATA.SHARDS.DIR:
+        raise ConfigError("DATA.SHARDS.DIR: not set; expected the folder written by `linnaeus shard`")
+    return resolve_path(cfg.DATA.SHARDS.DIR)
+
+
+def check_manifest(manifest: dict[str, Any], prepared: PreparedData, split: str, shard_dir: Path) -> dict[str, Any]:
+    """The manifest's entry for ``split`` after the labels/split identity and the shard files are checked."""
+    hint = manifest.get("config") or "EXP.yaml"
+    rerun = f"rerun `linnaeus shard --cfg {hint} --out {shard_dir}`"
+    problem = mf.identity_problem(manifest, prepared, split, shard_dir)
+    if problem:
+        raise DataError(f"{problem}; {rerun}")
+    entry = manifest["splits"].get(split)
+    if not entry:
+        raise DataError(f"{shard_dir / mf.MANIFEST_NAME}: has no {split} shards; {rerun} --splits {split}")
+    for shard in entry["shards"]:
+        path = shard_dir / shard["name"]
+        if not path.is_file():
+            raise DataError(f"shard {path}: listed in {mf.MANIFEST_NAME} but missing; {rerun}")
+        if path.stat().st_size != shard["bytes"]:
+            log.warning(
+                "shard %s: %d bytes, manifest says %d; its unreadable samples will be skipped (%s)",
+                path,
+                path.stat().st_size,
+                shard["bytes"],
+                rerun,
+            )
+    return entry
+
+
+def build_shard_train_loader(
+    cfg: Config,
+    prepared: PreparedData,
+    *,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> tuple[DataLoader, int, Callable[..., None]]:
+    """(loader, batches_per_epoch, set_epoch) for training from ``DATA.SHARDS.DIR``.
+
+    Call ``set_epoch(epoch, start_batch=0)`` before iterating each epoch; the loader then yields exactly
+    ``batches_per_epoch - start_batch`` batches on every process. Do not pass the loader to ``accelerator.prepare``.
+    """
+    shard_dir = shard_dir_of(cfg)
+    manifest = mf.read_manifest(shard_dir, cfg_hint="EXP.yaml")
+    entry = check_manifest(manifest, prepared, "train", shard_dir)
+    total = int(entry["num_samples"])
+    per_step = world_size * batch_size
+    batches = total // per_step
+    if batches == 0:
+        raise ConfigError(
+            f"DATA.BATCH_SIZE: {total} training samples in {shard_dir} cannot fill one batch of {batch_size} "
+            f"on each of {world_size} processes"
+        )
+    used = [s for s in entry["shards"] if s["samples"] > 0]
+    readers = world_size * max(1, num_workers)
+    if len(used) < readers:
+        log.warning(
+            "%s: %d training shards for %d readers (processes x workers); readers resample shards, so "
+            "training runs, but smaller shards (--samples-per-shard) mix better",
+            shard_dir,
+            len(used),
+            readers,
+        )
+    a = prepared.arrays("train", with_paths=False)
+    dataset = ShardTrainDataset(
+        [str(shard_dir / s["name"]) for s in used],
+        [int(s["samples"]) for s in used],
+        a["rows"],
+        a["targets"],
+        a["meta"],
+        a["meta_valid"],
+        batch_size=batch_size,
+        batches_per_epoch=batches,
+        world_size=world_size,
+        rank=rank,
+        seed=seed,
+        shuffle_buffer=cfg.DATA.SHARDS.SHUFFLE_BUFFER,
+        img_size=cfg.DATA.IMG_SIZE,
+        rrc_scale=tuple(cfg.AUG.RRC_SCALE),
+        rrc_ratio=tuple(cfg.AUG.RRC_RATIO),
+        where=str(shard_dir),
+    )
+    workers = int(num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # batches are built in the workers
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        # Fresh workers each epoch copy the dataset after set_epoch, so they see the new epoch and offset.
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed % 2**63),
+    )
+    return loader, batches, dataset.set_epoch

@@ -1,0 +1,428 @@
+"""Write a run's train/val split as WebDataset tar shards (``linnaeus shard``).
+
+Layout: ``DIR/{split}-%06d.tar``; each sample is two consecutive members, ``<key>.<ext>`` (the original image
+bytes, or a JPEG re-encoded to ``max_side`` when asked) and ``<key>.json`` = ``{"row", "identifier"}``, where
+``key`` is the zero-padded labels.h5 row. Labels and metadata are deliberately *not* stored: the reader joins them
+from labels.h5 by row, so relabelling never silently trains on stale labels (the manifest fingerprint catches it).
+
+Determinism: the split's rows are permuted once with the split seed (so a shard mixes classes even when
+labels.h5 is sorted by taxon) and cut into consecutive chunks; every tar header field is fixed (mtime 0, uid/gid
+0, empty owner names, mode 0444). The same inputs therefore give byte-identical shards, which is what lets a
+rerun keep a finished shard after checking its sha256 against the record of the run that wrote it.
+
+Why ``tarfile`` and not ``webdataset.TarWriter``: TarWriter stamps members with ``time.time()`` and a
+``bigdata`` owner unless told otherwise, and offers no hook to hash the bytes as they are written; writing the
+two members per sample ourselves is a few lines and keeps every header byte under our control. The result is
+plain USTAR that ``webdataset.WebDataset`` and ``tar -tf`` read (the tests check both).
+
+Resumption: shards are written to ``.{name}.{pid}.tmp`` and renamed when complete, and each finished shard is
+appended to ``.progress.jsonl``. A rerun keeps a shard whose file hashes to the recorded sha256 *and* whose plan
+(rows, identifiers, options) is unchanged; anything else, including temp files of a killed run, is rewritten.
+
+Missing or corrupt images are found with the training decoder (``load_image``): strict by default (DataError
+naming the file, row and shard); with ``DATA.HYBRID.ALLOW_MISSING_IMAGES`` they are left out and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.shards import manifest as mf
+from linnaeus.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from linnaeus.config import Config
+    from linnaeus.data.prepare import PreparedData
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE_MB = 256.0
+MAX_DEFAULT_WORKERS = 8
+REENCODE_QUALITY = 90
+TAR_OVERHEAD = 1536  # two 512-byte headers + on average half a block of padding per member, per sample
+SIZE_SAMPLE = 256  # files whose sizes estimate the mean image size for --shard-size-mb
+SKIPPED_EXAMPLES = 20  # per split in the manifest
+# Pillow format -> member extension. Anything else is re-encoded as JPEG so every member is a common format.
+EXT_BY_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+# ----------------------------------------------------------------------------------------------- planning
+@dataclass
+class ShardTask:
+    """One shard to write (or keep): everything a worker process needs, nothing that cannot be pickled."""
+
+    split: str
+    name: str
+    out_dir: str
+    rows: list[int]
+    identifiers: list[str]
+    paths: list[str]
+    max_side: int | None
+    allow_missing: bool
+    plan: str  # digest of what this shard must contain; a kept shard needs the same plan
+    previous: dict[str, Any] | None = None  # record of an earlier run with this plan, if any
+
+
+def plan_digest(split: str, name: str, rows: Sequence[int], identifiers: Sequence[str], max_side: int | None) -> str:
+    doc = {"v": mf.FORMAT_VERSION, "split": split, "name": name, "max_side": max_side}
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
+    h.update(np.asarray(rows, dtype="<i8").tobytes())
+    for ident in identifiers:
+        h.update(ident.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def estimate_samples_per_shard(paths: Sequence[str], shard_size_mb: float, max_side: int | None) -> int:
+    """Samples per shard for a target size, from the mean size of a fixed sample of the files.
+
+    Equal sample counts (rather than cutting at exact byte sizes) keep the plan a pure function of the inputs
+    without statting every file, and balance shards across readers; sizes end up close to the target on average.
+    """
+    if not paths:
+        return 1
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(paths), size=min(SIZE_SAMPLE, len(paths)), replace=False)
+
+    def size(i: int) -> int | None:
+        try:
+            return os.path.getsize(paths[int(i)])
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # stat is latency-bound on network file systems
+        sizes = [s for s in pool.map(size, pick) if s is not None]
+    mean = float(np.mean(sizes)) if sizes else 100_000.0
+    if max_side:
+        mean = min(mean, max_side * max_side * 3 / 8)  # rough JPEG q90 size of a re-encoded image (~3 bits/px)
+    return max(1, int(shard_size_mb * 1e6 // (mean + TAR_OVERHEAD)))
+
+
+def plan_split(
+    prepared: PreparedData, split: str, out_dir: Path, *, samples_per_shard: int, max_side: int | None
+) -> list[ShardTask]:
+    view = prepared.view(split)
+    rows = np.asarray(view.rows, dtype=np.int64)
+    ids = view.store.identifiers[rows]
+    paths = prepared.image_paths(split)
+    # One fixed permutation (split seed) spreads classes over shards; chunks of it are the shards.
+    order = np.random.default_rng(int(prepared.split.seed)).permutation(len(rows))
+    tasks = []
+    for index, start in enumerate(range(0, len(rows), samples_per_shard)):
+        part = order[start : start + samples_per_shard]
+        name = mf.shard_name(split, index)
+        r = [int(x) for x in rows[part]]
+        i = [str(ids[j]) for j in part]
+        tasks.append(
+            ShardTask(
+                split=split,
+                name=name,
+                out_dir=str(out_dir),
+                rows=r,
+                identifiers=i,
+                paths=[paths[j] for j in part],
+                max_side=max_side,
+                allow_missing=bool(prepared.cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES),
+                plan=plan_digest(split, name, r, i, max_side),
+            )
+        )
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except OSError as err:
+        raise ImageDecodeError(path, f"cannot read ({err.strerror or err})") from None
+
+
+def _reencode(data: bytes, max_side: int | None, path: str) -> bytes:
+    """Upright RGB JPEG, longer side scaled down to ``max_side`` (never up)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        if max_side:
+            w, h = im.size
+            scale = max_side / max(w, h)
+            if scale < 1 and im.format == "JPEG":
+                # DCT-domain reduced decode: never smaller than the target, much faster than a full decode.
+                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        im.load()
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        if max_side and max(im.size) > max_side:
+            scale = max_side / max(im.size)
+            size = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+            im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=REENCODE_QUALITY)
+        return buf.getvalue()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(path, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
+
+
+def encode_image(path: str, max_side: int | None) -> tuple[bytes, str]:
+    """(member bytes, extension) for one image file; raises ImageDecodeError when training could not decode it."""
+    data = _read_bytes(path)
+    # The training decoder itself is the check (reduced-size decode, so cheap): what passes here trains.
+    load_image(data, img_size=32, train=False, rng=None)
+    im = Image.open(io.BytesIO(data))  # header only: format and size
+    ext = EXT_BY_FORMAT.get(im.format or "")
+    if ext is None or (max_side and max(im.size) > max_side):
+        return _reencode(data, max_side, path), "jpg"
+    return data, ext
+
+
+# ------------------------------------------------------------------------------------------------- writing
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts everything tarfile writes through it."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_shard(task: ShardTask) -> dict[str, Any]:
+    """Write (or keep) one shard; return its record for the progress log and manifest. Runs in a worker."""
+    out_dir = Path(task.out_dir)
+    final = out_dir / task.name
+    prev = task.previous
+    if prev is not None and final.is_file() and mf.file_sha256(final) == prev["sha256"]:
+        return {**prev, "kept": True}
+    tmp = out_dir / f".{task.name}.{os.getpid()}.tmp"
+    skipped: list[dict[str, Any]] = []
+    samples = 0
+    try:
+        with open(tmp, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for row, ident, path in zip(task.rows, task.identifiers, task.paths, strict=True):
+                    try:
+                        data, ext = encode_image(path, task.max_side)
+                    except ImageDecodeError as err:
+                        if not task.allow_missing:
+                            raise DataError(
+                                f"image {path} (labels.h5 row {row}, {task.split} shard {task.name}): {err.reason}; "
+                                "fix or remove it, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True to skip and count it"
+                            ) from None
+                        skipped.append({"row": row, "identifier": ident, "path": path, "reason": err.reason})
+                        continue
+                    key = mf.sample_key(row)
+                    meta = json.dumps({"identifier": ident, "row": row}, sort_keys=True).encode("utf-8")
+                    # Image first, then json: members of one sample stay consecutive, as WebDataset groups them.
+                    tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                    tar.addfile(_member(f"{key}.json", len(meta)), io.BytesIO(meta))
+                    samples += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "split": task.split,
+        "name": task.name,
+        "plan": task.plan,
+        "sha256": hashing.sha.hexdigest(),
+        "bytes": hashing.size,
+        "samples": samples,
+        "skipped": skipped,
+        "kept": False,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- driver
+@dataclass
+class ShardOptions:
+    samples_per_shard: int | None = None
+    shard_size_mb: float | None = None
+    workers: int | None = None
+    max_side: int | None = None
+    splits: tuple[str, ...] = ("train", "val")
+    cfg_path: str | None = None  # recorded so error messages can repeat the exact command
+    progress: bool = True
+
+    def validate(self) -> None:
+        bad = [s for s in self.splits if s not in mf.SPLITS]
+        if bad or not self.splits:
+            raise ConfigError(f"--splits: {','.join(self.splits)!r} is not a comma-separated subset of train,val")
+        if self.samples_per_shard is not None and self.samples_per_shard < 1:
+            raise ConfigError(f"--samples-per-shard: must be >= 1, got {self.samples_per_shard}")
+        if self.shard_size_mb is not None and self.shard_size_mb <= 0:
+            raise ConfigError(f"--shard-size-mb: must be > 0, got {self.shard_size_mb}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {self.workers}")
+        if self.max_side is not None and self.max_side < 8:
+            raise ConfigError(f"--max-side: must be >= 8 pixels, got {self.max_side}")
+
+
+def _previous_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """name -> record of shards an earlier run finished (complete manifest first, then the progress log)."""
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        old = mf.read_manifest(out_dir)
+        for split, entry in old["splits"].items():
+            for rec in entry.get("shards", []):
+                if "plan" in rec and "sha256" in rec:
+                    records[rec["name"]] = {**rec, "split": split}
+    except DataError:
+        pass  # no (valid) manifest: nothing finished, or an interrupted first run
+    for rec in mf.read_progress(out_dir):
+        records[rec["name"]] = rec
+    return records
+
+
+def _clean_stale(out_dir: Path, split: str, planned: set[str]) -> None:
+    for tmp in out_dir.glob(f".{split}-*.tar.*.tmp"):
+        tmp.unlink(missing_ok=True)  # a killed writer's partial shard
+    for old in out_dir.glob(f"{split}-*.tar"):
+        if old.name not in planned:
+            old.unlink()  # left over from a run with another shard size; the manifest would not list it anyway
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield write_shard(task)
+        return
+    # spawn: the parent may hold torch/h5py state that is not fork-safe; workers only need PIL and numpy.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes=min(workers, len(tasks))) as pool:
+        # An exception (e.g. a strict missing image) propagates here; leaving the block terminates the others.
+        yield from pool.imap_unordered(write_shard, tasks, chunksize=1)
+
+
+def _split_entry(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    recs = sorted(records, key=lambda r: r["name"])
+    skipped = [s for r in recs for s in r.get("skipped", [])]
+    return {
+        "num_samples": sum(r["samples"] for r in recs),
+        "num_shards": len(recs),
+        "num_skipped": len(skipped),
+        "skipped_examples": skipped[:SKIPPED_EXAMPLES],
+        "shards": [
+            {
+                "name": r["name"],
+                "samples": r["samples"],
+                "bytes": r["bytes"],
+                "sha256": r["sha256"],
+                "plan": r["plan"],
+                "skipped": r.get("skipped", []),
+            }
+            for r in recs
+        ],
+    }
+
+
+def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
+    """Shard the run's split of ``cfg`` into ``out_dir``; return the manifest (also written as manifest.json)."""
+    from tqdm.auto import tqdm
+
+    from linnaeus import __version__
+    from linnaeus.data.prepare import prepare_data
+
+    opts = options or ShardOptions()
+    opts.validate()
+    prepared = prepare_data(cfg, check_images=False)  # the images are checked here, shard by shard
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_records(out)
+
+    tasks: list[ShardTask] = []
+    per_split: dict[str, int] = {}
+    for split in opts.splits:
+        paths = prepared.image_paths(split)
+        sps = opts.samples_per_shard or estimate_samples_per_shard(
+            paths, opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB, opts.max_side
+        )
+        per_split[split] = sps
+        split_tasks = plan_split(prepared, split, out, samples_per_shard=sps, max_side=opts.max_side)
+        _clean_stale(out, split, {t.name for t in split_tasks})
+        for t in split_tasks:
+            rec = previous.get(t.name)
+            t.previous = rec if rec is not None and rec.get("plan") == t.plan else None
+        tasks += split_tasks
+
+    workers = opts.workers or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
+    total = sum(len(t.rows) for t in tasks)
+    done: dict[str, list[dict[str, Any]]] = {s: [] for s in opts.splits}
+    kept = 0
+    with tqdm(total=total, desc="shard", unit="img", file=sys.stderr, disable=not opts.progress) as bar:
+        for rec in _run_tasks(tasks, workers):
+            if not rec["kept"]:
+                mf.append_progress(out, {k: v for k, v in rec.items() if k != "kept"})
+            kept += bool(rec["kept"])
+            done[rec["split"]].append(rec)
+            bar.update(rec["samples"] + len(rec.get("skipped", [])))
+
+    identity = mf.split_identity(prepared)
+    manifest: dict[str, Any] = {
+        "format_version": mf.FORMAT_VERSION,
+        "tool": {"name": "linnaeus", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": opts.cfg_path,
+        "source": identity,
+        "options": {
+            "samples_per_shard": per_split,
+            "shard_size_mb": None if opts.samples_per_shard else (opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB),
+            "max_side": opts.max_side,
+            "order_seed": int(prepared.split.seed),
+        },
+        "splits": {s: _split_entry(done[s]) for s in opts.splits},
+    }
+    _keep_other_splits(out, manifest, identity)
+    manifest["num_samples"] = sum(e["num_samples"] for e in manifest["splits"].values())
+    manifest["num_shards"] = sum(e["num_shards"] for e in manifest["splits"].values())
+    mf.write_manifest(out, manifest)
+    mf.clear_progress(out)
+    log.info("wrote %d shards (%d kept from an earlier run) to %s", len(tasks) - kept, kept, out)
+    manifest["_kept"] = kept  # for the CLI summary only; not part of the file
+    return manifest
+
+
+def _keep_other_splits(out: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+    """A run with ``--splits train`` keeps an earlier run's val entry when it was cut from the same data."""
+    try:
+        old = mf.read_manifest(out)
+    except DataError:
+        return
+    if old.get("source", {}).get("fingerprint") != identity["fingerprint"]:
+        return
+    for split, entry in old["splits"].items():
+        rows_now = identity["rows"].get(split, {}).get("sha256")
+        if split not in manifest["splits"] and old["source"].get("rows", {}).get(split, {}).get("sha256") == rows_now:
+            if all((out / s["name"]).is_file() for s in entry.get("shards", [])):
+                manifest["splits"][split] = entry

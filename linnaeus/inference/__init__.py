@@ -1,0 +1,29 @@
+"""Inference: export bundles, the Predictor, hierarchy-consistent decoding and polli-typus output.
+
+Names are imported lazily so ``import linnaeus.inference`` stays cheap (no model code until it is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Bundle": "linnaeus.inference.bundle",
+    "export_bundle": "linnaeus.inference.bundle",
+    "resolve_weights": "linnaeus.inference.bundle",
+    "Predictor": "linnaeus.inference.predictor",
+    "evaluate_bundle": "linnaeus.inference.evaluate",
+    "Hierarchy": "linnaeus.inference.decoding",
+    "Decoded": "linnaeus.inference.decoding",
+    "decode": "linnaeus.inference.decoding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'linnaeus.inference' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,386 @@
+"""Inference bundles: everything needed to serve a trained model, with no pickle and no training code paths.
+
+A bundle folder (written by ``linnaeus export``) holds:
+
+- ``weights.safetensors``: consolidated fp32 weights (whatever wrote the checkpoint: DDP or ZeRO-1/2/3);
+- ``config.yaml``: the run's resolved config (the model is rebuilt from it with ``build_model``);
+- ``class_maps.json``: per rank, class index → taxon id, name, rank level (the run's own file);
+- ``taxonomy.json``: the tree the run used (hierarchy matrices and decoding are derived from it);
+- ``preprocessing.json``: the validation image transform and the metadata encoding, component by component;
+- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, model summary.
+
+The same :class:`Bundle` object is also built straight from a run folder (``Bundle.from_run``), so ``predict --run``
+and ``predict --bundle`` share every line after loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from linnaeus.config import Config, dump_config, load_config
+from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
+from linnaeus.errors import ConfigError, DataError
+from linnaeus.inference.metadata import MetaComponent, resolve_components
+from linnaeus.utils.io import atomic_write_json
+
+log = logging.getLogger("linnaeus")
+
+FORMAT = "linnaeus-bundle"
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.yaml"
+CLASS_MAPS = "class_maps.json"
+TAXONOMY = "taxonomy.json"
+PREPROCESSING = "preprocessing.json"
+INFO = "bundle.json"
+BUNDLE_FILES = (WEIGHTS, CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING, INFO)
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in _strip_prefixes(sd).items()}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, the file's string metadata). safetensors only: no pickle is ever unpickled here."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path}: cannot read safetensors weights ({err})") from None
+
+
+def class_maps_from_json(doc: Any, task_keys: list[str], where: str) -> dict[str, ClassMap]:
+    """class_maps.json (``PreparedData.class_maps_json``) → ClassMap per task key, checked against the config."""
+    if not isinstance(doc, dict):
+        raise DataError(f"{where}: expected an object keyed by task key")
+    missing = [k for k in task_keys if k not in doc]
+    if missing:
+        raise DataError(f"{where}: no class map for {missing} (config DATA.TASK_KEYS_H5 is {task_keys})")
+    out = {}
+    for key in task_keys:
+        entry = doc[key]
+        classes = entry.get("classes") if isinstance(entry, dict) else None
+        if not isinstance(classes, list) or not classes:
+            raise DataError(f"{where}: {key}.classes must be a non-empty list")
+        ids, names = [], []
+        for i, c in enumerate(classes):
+            if not isinstance(c, dict) or c.get("index") != i or "taxon_id" not in c:
+                raise DataError(f"{where}: {key}.classes[{i}] must be {{'index': {i}, 'taxon_id': ..., 'name': ...}}")
+            ids.append(int(c["taxon_id"]))
+            names.append(c.get("name"))
+        out[key] = ClassMap(key, rank_of_key(key), np.asarray(ids, np.int64), names)
+    return out
+
+
+def hierarchy_matrices(
+    task_keys: list[str], class_maps: dict[str, ClassMap], tree: TaxonomyTree
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The same (parent_key, child_key) matrices ``PreparedData.hierarchy_matrices`` gives the trainer."""
+    order = keys_coarse_to_fine(task_keys)
+    return {
+        (p, c): torch.as_tensor(tree.hierarchy_matrix(class_maps[p], class_maps[c]), dtype=torch.float32)
+        for p, c in itertools.pairwise(order)
+    }
+
+
+def preprocessing_doc(cfg: Config, components: list[MetaComponent]) -> dict[str, Any]:
+    return {
+        "image": {
+            "img_size": cfg.DATA.IMG_SIZE,
+            "val_crop_pct": cfg.DATA.VAL_CROP_PCT,
+            "resize": "shorter side to img_size / val_crop_pct, then centre crop img_size x img_size "
+            "(one filtered resize of the source box; linnaeus.data.images.load_image with train=False)",
+            "interpolation": "bilinear",
+            "exif_orientation": True,
+            "color": "RGB uint8, then x / 255",
+            "mean": list(cfg.AUG.MEAN),
+            "std": list(cfg.AUG.STD),
+        },
+        "metadata": {
+            "active": bool(cfg.DATA.META.ACTIVE),
+            "dim": sum(c.dim for c in components),
+            "missing": "all-zero slice (and validity flag False), as in labels.h5",
+            "components": [c.to_json() for c in components],
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ bundle
+@dataclass
+class Bundle:
+    cfg: Config
+    state_dict: dict[str, torch.Tensor]
+    class_maps: dict[str, ClassMap]
+    class_maps_doc: dict[str, Any]
+    tree: TaxonomyTree
+    taxonomy_doc: dict[str, Any]
+    components: list[MetaComponent]
+    preprocessing: dict[str, Any]
+    info: dict[str, Any]
+    path: Path | None = None  # the bundle folder, or None when built from a run folder
+
+    @property
+    def task_keys(self) -> list[str]:
+        return list(self.cfg.DATA.TASK_KEYS_H5)
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {k: len(m) for k, m in self.class_maps.items()}
+
+    @property
+    def meta_dims(self) -> list[int]:
+        return [c.dim for c in self.components]
+
+    def build_model(self) -> torch.nn.Module:
+        """The model exactly as the trainer built it, with these weights loaded (strict), in eval mode."""
+        from linnaeus.models import build_model
+
+        hierarchy = hierarchy_matrices(self.task_keys, self.class_maps, self.tree)
+        model = build_model(self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy)
+        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        if missing or unexpected:
+            where = self.path or self.info.get("source", "the run")
+            raise ConfigError(
+                f"{where}: weights do not match the model built from its config.yaml "
+                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+            )
+        return model.eval()
+
+    # -------------------------------------------------------------------------------------------- from a run
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, which: str = "best") -> Bundle:
+        run = Path(run_dir)
+        if not (run / CONFIG).is_file():
+            raise ConfigError(f"--run {run}: not a run folder (no {CONFIG})")
+        cfg = load_config(run / CONFIG)
+        sd, weights_info = resolve_weights(run, which)
+        class_maps_doc = _read_json(run / CLASS_MAPS)
+        class_maps = class_maps_from_json(class_maps_doc, list(cfg.DATA.TASK_KEYS_H5), str(run / CLASS_MAPS))
+        tree = TaxonomyTree.from_json(run / TAXONOMY)
+        components = resolve_components(cfg)
+        from linnaeus import __version__
+
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "linnaeus_version": __version__,
+            "run": str(run.resolve()),
+            **weights_info,
+            "model": {"type": cfg.MODEL.TYPE, "name": cfg.MODEL.NAME, "img_size": cfg.MODEL.IMG_SIZE},
+            "task_keys": list(cfg.DATA.TASK_KEYS_H5),
+            "task_keys_coarse_to_fine": keys_coarse_to_fine(cfg.DATA.TASK_KEYS_H5),
+            "num_classes": {k: len(m) for k, m in class_maps.items()},
+            "meta_dims": [c.dim for c in components],
+            "dataset": {"name": cfg.DATA.DATASET.NAME, "version": cfg.DATA.DATASET.VERSION},
+        }
+        return cls(
+            cfg=cfg,
+            state_dict=sd,
+            class_maps=class_maps,
+            class_maps_doc=class_maps_doc,
+            tree=tree,
+            taxonomy_doc=tree.to_json(),
+            components=components,
+            preprocessing=preprocessing_doc(cfg, components),
+            info=info,
+        )
+
+    # -------------------------------------------------------------------------------------------- from a folder
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Bundle:
+        root = Path(path)
+        if not root.is_dir():
+            raise ConfigError(f"--bundle {root}: not a folder")
+        absent = [f for f in BUNDLE_FILES if not (root / f).is_file()]
+        if absent:
+            raise DataError(f"bundle {root}: missing {absent}; expected a folder written by `linnaeus export`")
+        info = _read_json(root / INFO)
+        if info.get("format") != FORMAT or int(info.get("format_version", -1)) > FORMAT_VERSION:
+            raise DataError(
+                f"{root / INFO}: format {info.get('format')!r} version {info.get('format_version')!r}; "
+                f"this linnaeus reads {FORMAT} up to version {FORMAT_VERSION}"
+            )
+        cfg = load_config(root / CONFIG)
+        sd, _ = read_safetensors(root / WEIGHTS)
+        class_maps_doc = _read_json(root / CLASS_MAPS)
+        class_maps = class_maps_from_json(class_maps_doc, list(cfg.DATA.TASK_KEYS_H5), str(root / CLASS_MAPS))
+        tree = TaxonomyTree.from_json(root / TAXONOMY)
+        preprocessing = _read_json(root / PREPROCESSING)
+        try:
+            raw_components = preprocessing["metadata"]["components"]
+        except (KeyError, TypeError):
+            raise DataError(f"{root / PREPROCESSING}: no metadata.components list") from None
+        components = [MetaComponent.from_json(c, str(root / PREPROCESSING)) for c in raw_components]
+        components.sort(key=lambda c: c.idx)
+        return cls(
+            cfg, _fp32(sd), class_maps, class_maps_doc, tree, tree.to_json(), components, preprocessing, info, root
+        )
+
+    # -------------------------------------------------------------------------------------------- writing
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write the bundle to a temporary sibling folder, then rename it into place (replacing an older bundle)."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / INFO).is_file())):
+            raise ConfigError(f"--out {out}: exists and is not a bundle folder; choose a new path or remove it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            meta = {"format": FORMAT, "which": str(self.info.get("which")), "step": str(self.info.get("step"))}
+            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / WEIGHTS), metadata=meta)
+            (tmp / CONFIG).write_text(dump_config(self.cfg))
+            atomic_write_json(tmp / CLASS_MAPS, self.class_maps_doc)
+            atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)
+            atomic_write_json(tmp / PREPROCESSING, self.preprocessing)
+            info = dict(self.info, weights_file=WEIGHTS, weights_sha256=sha256_file(tmp / WEIGHTS))
+            atomic_write_json(tmp / INFO, info)
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+            tmp.rename(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.info, self.path = info, out
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ weights
+def _checkpoint_step(ckpt: Path) -> int | None:
+    state = ckpt / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text()).get("step", 0))
+    m = _STEP.match(ckpt.name)
+    return int(m.group(1)) if m else None
+
+
+def _from_checkpoint(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from linnaeus.engine.checkpoint import consolidated_state_dict
+
+    sd = consolidated_state_dict(ckpt)
+    return _fp32(sd), {"which": which, "source": str(ckpt), "step": _checkpoint_step(ckpt)}
+
+
+def _from_export(path: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd, meta = read_safetensors(path)
+    step = meta.get("step")
+    return _fp32(sd), {
+        "which": which,
+        "source": str(path),
+        "step": int(step) if step and step.isdigit() else None,
+        "source_sha256": sha256_file(path),
+    }
+
+
+def _latest_checkpoint(run: Path) -> Path | None:
+    from linnaeus.engine.checkpoint import CheckpointManager
+
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return None
+    return CheckpointManager(root, 1, 0, "", "max").latest()
+
+
+def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 weights of ``which`` (best | final | step_N) from a run folder, and where they came from.
+
+    best: export/best.safetensors, else the best checkpoint named by trainer_state.json, else final.
+    final: export/final.safetensors unless the latest checkpoint is newer (a resumed run that did not finish),
+    else the latest checkpoint. step_N: that checkpoint folder, consolidated from its shards.
+    """
+    export = run / "export"
+    ckpts = run / "checkpoints"
+    if which == "best":
+        if (export / "best.safetensors").is_file():
+            return _from_export(export / "best.safetensors", "best")
+        latest = _latest_checkpoint(run)
+        if latest is not None:
+            bests = json.loads((latest / "trainer_state.json").read_text()).get("best_checkpoints", [])
+            if bests and (ckpts / bests[0]["dir"]).is_dir():
+                return _from_checkpoint(ckpts / bests[0]["dir"], "best")
+        log.info("%s: no best weights recorded; using the final weights", run)
+        return resolve_weights(run, "final")
+    if which == "final":
+        latest = _latest_checkpoint(run)
+        final = export / "final.safetensors"
+        if final.is_file():
+            sd, info = _from_export(final, "final")
+            latest_step = _checkpoint_step(latest) if latest is not None else None
+            if latest is None or info["step"] is None or latest_step is None or latest_step <= info["step"]:
+                return sd, info
+            log.warning(
+                "%s: checkpoint %s is newer than export/final.safetensors; using the checkpoint", run, latest.name
+            )
+        if latest is not None:
+            return _from_checkpoint(latest, "final")
+        raise ConfigError(f"--run {run}: no weights (no export/final.safetensors and no checkpoints/latest)")
+    m = _STEP.match(which)
+    if not m:
+        raise ConfigError(f"--which {which!r}: expected best, final or step_N (e.g. step_1200)")
+    ckpt = ckpts / which
+    if not (ckpt / "trainer_state.json").is_file():
+        have = sorted(
+            (p.name for p in ckpts.glob("step_*") if (p / "trainer_state.json").is_file()), key=lambda s: int(s[5:])
+        )
+        raise ConfigError(f"--which {which}: no complete checkpoint {ckpt} (available: {have or 'none'})")
+    return _from_checkpoint(ckpt, which)
+
+
+def export_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> Path:
+    """``linnaeus export``: build the bundle from a run folder, check the weights load into the model, write it."""
+    bundle = Bundle.from_run(run_dir, which)
+    bundle.build_model()  # fail here, not at serving time, if weights and config disagree
+    return bundle.save(out)

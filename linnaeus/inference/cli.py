@@ -1,0 +1,102 @@
+"""``linnaeus predict`` and ``linnaeus export`` (arguments are declared in ``linnaeus.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from linnaeus.data.prepare import IMAGE_SUFFIXES
+from linnaeus.errors import ConfigError, DataError
+
+
+def collect_images(args: Iterable[str]) -> list[Path]:
+    """Files as given; folders searched recursively for image files (sorted, so output order is reproducible)."""
+    out: list[Path] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{p}: folder holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such image file or folder")
+    return out
+
+
+def metadata_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    record = {"lat": args.lat, "lon": args.lon, "date": args.date, "elevation": args.elevation}
+    record = {k: v for k, v in record.items() if v is not None}
+    return record or None
+
+
+def predict_stream(
+    predictor: Any,
+    images: Sequence[Path],
+    metadata: Mapping[str, Any] | None,
+    out: TextIO,
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    consistent: bool = True,
+    progress: bool = True,
+) -> int:
+    """Predict ``images`` in batches, writing one JSON line per image to ``out`` as each batch finishes."""
+    from tqdm.auto import tqdm
+
+    done = 0
+    with tqdm(
+        total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            meta = None if metadata is None else [metadata] * len(chunk)
+            results = predictor.predict(
+                chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk]
+            )
+            for result in results:
+                out.write(result.to_json() + "\n")
+            out.flush()
+            done += len(chunk)
+            bar.update(len(chunk))
+    return done
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from linnaeus.inference.predictor import Predictor
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    images = collect_images(args.images)
+    metadata = metadata_from_args(args)
+    device = getattr(args, "device", None)
+    predictor = (
+        Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
+    )
+    predict_stream(
+        predictor,
+        images,
+        metadata,
+        sys.stdout,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        consistent=not args.raw,
+    )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from linnaeus.inference.bundle import INFO, export_bundle
+
+    path = export_bundle(args.run, args.out, args.which)
+    info = json.loads((path / INFO).read_text())
+    print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
+    return 0

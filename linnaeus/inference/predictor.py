@@ -1,0 +1,196 @@
+"""``Predictor``: a bundle (or run folder) → hierarchy-consistent polli-typus results for images + raw metadata.
+
+Preprocessing is the validation path itself, imported rather than re-implemented: ``load_image(train=False)``
+(decode, EXIF orientation, resize + centre crop to DATA.IMG_SIZE with DATA.VAL_CROP_PCT) in uint8, then
+``eval_transform`` (x / 255, AUG.MEAN/STD) on the device, in fp32, exactly as ``Trainer.validate`` feeds the model.
+Metadata goes through ``linnaeus.inference.metadata`` → ``linnaeus.data.encoders``, the encoders labels.h5 uses.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from linnaeus.aug import eval_transform
+from linnaeus.data.images import load_image
+from linnaeus.errors import ConfigError, DataError
+from linnaeus.inference.bundle import Bundle
+from linnaeus.inference.decoding import Decoded, Hierarchy, decode
+from linnaeus.inference.metadata import encode_records
+from linnaeus.inference.typus_output import ResultBuilder, model_evidence, taxonomy_context
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def image_id(image: ImageInput, i: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return f"<{'bytes' if isinstance(image, (bytes, bytearray, memoryview)) else 'image'}:{i}>"
+
+
+def _pil_to_bytes(image: Image.Image) -> bytes:
+    """A decoded PIL image as lossless PNG bytes for the shared loader (orientation applied first, since PNG
+    drops EXIF). Pixels equal the PIL image's; a JPEG *file* decodes through the loader's own path instead."""
+    buf = io.BytesIO()
+    ImageOps.exif_transpose(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Predictor:
+    """Loads the model once; :meth:`predict` returns one ``typus.ClassificationResult`` per image."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None) -> None:
+        self.bundle = bundle
+        self.cfg = bundle.cfg
+        self.device = resolve_device(device)
+        self.model = bundle.build_model().to(self.device)
+        self.task_keys = bundle.task_keys
+        self.components = bundle.components
+        self.hierarchy = Hierarchy.build(bundle.class_maps, bundle.tree)
+        heads = self.cfg.MODEL.CLASSIFICATION.HEADS
+        routing = next((h for h in heads.values() if h.TYPE == "ConditionalClassifier"), None)
+        info = bundle.info
+        self.results = ResultBuilder(
+            class_maps=bundle.class_maps,
+            tree=bundle.tree,
+            context=taxonomy_context(
+                bundle.class_maps,
+                bundle.tree,
+                source=self.cfg.DATA.DATASET.NAME or "linnaeus",
+                version=self.cfg.DATA.DATASET.VERSION or None,
+            ),
+            provenance={
+                "producer": "linnaeus",
+                "model_name": self.cfg.MODEL.NAME,
+                "model_version": f"{info.get('which')}@step{info.get('step')}",
+                "checkpoint_uri": str(bundle.path / "weights.safetensors") if bundle.path else info.get("source"),
+                "checkpoint_sha": info.get("weights_sha256") or info.get("source_sha256"),
+                "handler_version": f"linnaeus {info.get('linnaeus_version', '')}".strip(),
+            },
+            model_evidence=model_evidence(
+                {k: h.TYPE for k, h in heads.items()},
+                routing.ROUTING if routing else "soft",
+                routing.TEMPERATURE if routing else 1.0,
+            ),
+        )
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Predictor:
+        return cls(Bundle.load(path), device)
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | os.PathLike, which: str = "best", device: str | torch.device | None = None
+    ) -> Predictor:
+        return cls(Bundle.from_run(run_dir, which), device)
+
+    # ---------------------------------------------------------------------------------------------- inputs
+    def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """uint8 (B, 3, S, S), decoded and cropped exactly as the validation dataset does."""
+        arrays = []
+        for image in images:
+            source = _pil_to_bytes(image) if isinstance(image, Image.Image) else image
+            if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+                raise DataError(f"image input of type {type(image).__name__}: expected a path, bytes or a PIL image")
+            arrays.append(
+                load_image(
+                    Path(source) if isinstance(source, os.PathLike) else source,
+                    img_size=self.cfg.DATA.IMG_SIZE,
+                    train=False,
+                    rng=None,
+                    val_crop_pct=self.cfg.DATA.VAL_CROP_PCT,
+                )
+            )
+        return (
+            torch.from_numpy(np.stack(arrays))
+            if arrays
+            else torch.zeros((0, 3, self.cfg.DATA.IMG_SIZE, self.cfg.DATA.IMG_SIZE), dtype=torch.uint8)
+        )
+
+    def encode_metadata(
+        self, metadata: Sequence[Mapping[str, Any] | None] | None, n: int, names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(meta float32 (n, ΣDIM), meta_valid bool (n, C)); None or a missing field → that slice zeroed."""
+        if metadata is not None and len(metadata) != n:
+            raise DataError(f"metadata: {len(metadata)} entries for {n} images; expected one dict (or None) per image")
+        names = list(names) if names is not None else [f"image {i}" for i in range(n)]
+        records = list(metadata) if metadata is not None else [None] * n
+        meta, valid = encode_records(self.components, records, names)
+        return torch.from_numpy(meta), torch.from_numpy(valid)
+
+    @torch.inference_mode()
+    def log_probs(self, images_uint8: torch.Tensor, meta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per task key, (B, K) log-softmax of the model's (refined) logits; the model sees what validation feeds it."""
+        x = eval_transform(images_uint8.to(self.device), self.cfg.AUG.MEAN, self.cfg.AUG.STD)
+        meta_in = None if meta is None or meta.shape[1] == 0 else meta.to(self.device, torch.float32)
+        logits = self.model(x, meta_in)
+        return {k: torch.log_softmax(v.float(), dim=1).cpu() for k, v in logits.items()}
+
+    # ---------------------------------------------------------------------------------------------- predict
+    def decode(
+        self,
+        images: Sequence[ImageInput],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        top_k: int = 5,
+        consistent: bool = True,
+        ids: Sequence[str] | None = None,
+    ) -> list[Decoded]:
+        """One batch → decoded chains and per-rank candidates (class indices), before typus formatting."""
+        if top_k < 1:
+            raise ConfigError(f"top_k: expected >= 1, got {top_k}")
+        names = list(ids) if ids is not None else [image_id(im, i) for i, im in enumerate(images)]
+        meta, _ = self.encode_metadata(metadata, len(images), names)
+        return decode(self.log_probs(self.load_images(images), meta), self.hierarchy, top_k, consistent)
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        top_k: int = 5,
+        consistent: bool = True,
+        *,
+        batch_size: int = 32,
+        ids: Sequence[str] | None = None,
+    ) -> list[Any]:
+        """One ``typus.ClassificationResult`` per image (validated by its schema), processed ``batch_size`` at a time.
+
+        ``metadata``: per image a dict with any of lat, lon (degrees), date (ISO 8601), elevation (metres), or None.
+        ``consistent=False`` gives raw per-rank top-k (``--raw``). ``ids`` name the images in the results
+        (default: the path, or ``<bytes:i>`` / ``<image:i>``).
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        if metadata is not None and len(metadata) != len(images):
+            raise DataError(f"metadata: {len(metadata)} entries for {len(images)} images; expected one per image")
+        names = list(ids) if ids is not None else [image_id(im, i) for i, im in enumerate(images)]
+        out = []
+        for start in range(0, len(images), batch_size):
+            end = start + batch_size
+            decoded = self.decode(
+                images[start:end],
+                None if metadata is None else metadata[start:end],
+                top_k,
+                consistent,
+                names[start:end],
+            )
+            out += [self.results.build(d, names[start + i], top_k) for i, d in enumerate(decoded)]
+        return out

@@ -1,0 +1,191 @@
+"""The multi-rank training loss: per-rank criterion, null masking, class weights, reduction, task weighting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from linnaeus.config.defaults import Config, HeadLossConfig
+from linnaeus.errors import ConfigError, DataError
+from linnaeus.losses.class_weights import class_weights
+from linnaeus.losses.criteria import Criterion, get_criterion_class, soft_cross_entropy
+from linnaeus.losses.gradnorm import GradNorm
+
+
+class TaskLoss(nn.Module):
+    """Σ_t w_t · L_t over ranks, where L_t = Σ over included samples of ℓ / number of included samples (0 if none).
+
+    Included = labelled samples, plus null samples kept with probability ``null_keep_prob``; a kept null trains
+    toward the uniform distribution over the rank's classes. Excluded samples contribute exactly zero loss and
+    zero gradient. Class weights (if any) multiply each included sample's loss once, by the weight of its target
+    class (Σ_c t_c w_c for a mixed target; 1 for a kept null); they apply in training mode only, so validation
+    losses stay comparable across weighting schemes. w_t is ``LOSS.WEIGHT`` per head, or GradNorm's weights
+    (started from those) when ``LOSS.GRADNORM.ENABLED``.
+    """
+
+    def __init__(
+        self,
+        criteria: dict[str, Criterion],
+        weights: dict[str, float],
+        class_weight: dict[str, torch.Tensor] | None = None,
+        gradnorm: GradNorm | None = None,
+    ) -> None:
+        super().__init__()
+        self.task_keys = list(criteria)
+        self.criteria = nn.ModuleDict(criteria)
+        self.register_buffer("static_weights", torch.tensor([weights[k] for k in self.task_keys], dtype=torch.float32))
+        self.weighted_tasks = sorted((class_weight or {}).keys())
+        for key, w in (class_weight or {}).items():
+            self.register_buffer(f"class_weight_{key}", w.float(), persistent=False)
+        self.gradnorm = gradnorm
+
+    @property
+    def task_weights(self) -> torch.Tensor:
+        return self.gradnorm.weights if self.gradnorm is not None else self.static_weights
+
+    def _null_keep(self, null: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+        if prob <= 0.0:
+            return torch.zeros_like(null)
+        if prob >= 1.0:
+            return null
+        device = generator.device if generator is not None else null.device
+        draw = torch.rand(null.shape[0], generator=generator, device=device).to(null.device)
+        return null & (draw < prob)
+
+    def _task_loss(
+        self,
+        key: str,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        valid: torch.Tensor | None,
+        null_keep_prob: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        crit = self.criteria[key]
+        z = logits.float()
+        k = z.shape[-1]
+        if k != crit.num_classes:
+            raise ConfigError(f"logits for '{key}' have {k} classes; the loss was built for {crit.num_classes}")
+        cw = getattr(self, f"class_weight_{key}", None) if self.training else None
+        if target.is_floating_point():
+            soft = target.float()
+            is_valid = valid.to(torch.bool) if valid is not None else soft.sum(dim=-1) > 0
+            dist = crit.soft(soft)
+            sample_w = soft @ cw if cw is not None else None
+        else:
+            is_valid = target >= 0
+            index = target.clamp_min(0)
+            dist = crit.hard(index)
+            sample_w = cw.index_select(0, index) if cw is not None else None
+        keep = self._null_keep(~is_valid, null_keep_prob, generator)
+        included = is_valid | keep
+        dist = torch.where(keep[:, None], torch.full_like(dist, 1.0 / k), dist)
+        # Zero the targets of excluded rows so their loss and gradient are exactly 0, even for garbage targets.
+        dist = torch.where(included[:, None], dist, torch.zeros_like(dist))
+        per_sample = soft_cross_entropy(z, dist)
+        if sample_w is not None:
+            per_sample = per_sample * torch.where(keep, torch.ones_like(sample_w), sample_w)
+        per_sample = torch.where(included, per_sample, torch.zeros_like(per_sample))
+        return per_sample.sum() / included.sum().clamp_min(1)
+
+    def task_losses(
+        self,
+        logits: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        valid: dict[str, torch.Tensor] | None = None,
+        null_keep_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted per-rank losses with their graph (what GradNorm.update needs)."""
+        valid = valid or {}
+        return {
+            key: self._task_loss(key, logits[key], targets[key], valid.get(key), null_keep_prob, generator)
+            for key in self.task_keys
+        }
+
+    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([losses[key] for key in self.task_keys])
+        return (self.task_weights.to(stacked.device) * stacked).sum()
+
+    def forward(
+        self,
+        logits: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        valid: dict[str, torch.Tensor] | None = None,
+        null_keep_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total weighted loss, per-rank unweighted losses detached)."""
+        losses = self.task_losses(logits, targets, valid, null_keep_prob, generator)
+        return self.combine(losses), {k: v.detach() for k, v in losses.items()}
+
+
+def _head_loss(cfg: Config, key: str) -> HeadLossConfig:
+    heads = cfg.MODEL.CLASSIFICATION.HEADS
+    return heads[key].LOSS if key in heads else HeadLossConfig()
+
+
+def _distance(key: str, distance_matrices: dict[str, np.ndarray] | None, k: int) -> np.ndarray | None:
+    if not distance_matrices or key not in distance_matrices:
+        return None
+    d = np.asarray(distance_matrices[key])
+    if d.shape != (k, k):
+        raise DataError(f"distance matrix for '{key}' has shape {d.shape}; expected ({k}, {k}) for its {k} classes")
+    return d
+
+
+def build_task_loss(
+    cfg: Config,
+    task_keys: list[str],
+    num_classes: dict[str, int],
+    distance_matrices: dict[str, np.ndarray] | None,
+    class_counts: dict[str, np.ndarray] | None,
+) -> TaskLoss:
+    """The TaskLoss for ``MODEL.CLASSIFICATION.HEADS.<task>.LOSS``, ``LOSS.CLASS_WEIGHTING`` and ``LOSS.GRADNORM``.
+
+    ``distance_matrices[task]``: (K, K) tree distance (edges via the LCA, inf when unrelated), needed by
+    TaxonomyAwareLabelSmoothing. ``class_counts[task]``: (K,) training label counts, needed by class weighting.
+    """
+    criteria: dict[str, Criterion] = {}
+    weights: dict[str, float] = {}
+    for key in task_keys:
+        if key not in num_classes:
+            raise ConfigError(f"DATA.TASK_KEYS_H5: no class count for '{key}' (have {sorted(num_classes)})")
+        loss_cfg = _head_loss(cfg, key)
+        prefix = f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS"
+        cls = get_criterion_class(loss_cfg.TYPE, f"{prefix}.TYPE")
+        distance = _distance(key, distance_matrices, num_classes[key])
+        criteria[key] = cls(num_classes[key], dict(loss_cfg.PARAMS), f"{prefix}.PARAMS", distance)
+        weights[key] = float(loss_cfg.WEIGHT)
+
+    cw_cfg = cfg.LOSS.CLASS_WEIGHTING
+    class_weight: dict[str, torch.Tensor] = {}
+    if cw_cfg.TYPE != "none":
+        for key in task_keys:
+            counts = (class_counts or {}).get(key)
+            if counts is None:
+                raise ConfigError(f"LOSS.CLASS_WEIGHTING.TYPE: '{cw_cfg.TYPE}' needs training class counts for '{key}'")
+            counts = np.asarray(counts)
+            if counts.shape != (num_classes[key],):
+                raise DataError(f"class counts for '{key}' have shape {counts.shape}; expected ({num_classes[key]},)")
+            class_weight[key] = torch.as_tensor(class_weights(counts, cw_cfg), dtype=torch.float32)
+
+    gradnorm = None
+    gn = cfg.LOSS.GRADNORM
+    if gn.ENABLED:
+        for key in task_keys:
+            if weights[key] <= 0:
+                raise ConfigError(
+                    f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS.WEIGHT: GradNorm starts from the static weights, so "
+                    f"expected > 0 with LOSS.GRADNORM.ENABLED, got {weights[key]}"
+                )
+        gradnorm = GradNorm(
+            task_keys,
+            gn.ALPHA,
+            gn.LR,
+            init_weights=[weights[k] for k in task_keys],
+            update_interval=gn.UPDATE_INTERVAL,
+            warmup_steps=gn.WARMUP_STEPS,
+        )
+    return TaskLoss(criteria, weights, class_weight, gradnorm)

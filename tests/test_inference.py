@@ -1,0 +1,446 @@
+"""Inference: export bundles, the Predictor, hierarchy-consistent decoding, polli-typus output and `linnaeus predict`.
+
+Runs are faked in-process: a tiny model is built from the real config + data preparation, its (random) weights are
+written where the trainer writes them, and everything downstream is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_dataset
+from safetensors.torch import load_file, save_file
+from typus import ClassificationResult, RankNullCandidate, TaxonCandidate
+
+from linnaeus.aug import eval_transform
+from linnaeus.cli import main
+from linnaeus.config import load_config, repo_root, save_config
+from linnaeus.data import encoders
+from linnaeus.data.demo import write_demo_dataset
+from linnaeus.data.prepare import prepare_data
+from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, rank_of_key
+from linnaeus.errors import ConfigError, DataError
+from linnaeus.inference.bundle import BUNDLE_FILES, Bundle, export_bundle
+from linnaeus.inference.decoding import Hierarchy, chain_scores, decode
+from linnaeus.inference.evaluate import evaluate_bundle
+from linnaeus.inference.predictor import Predictor
+from linnaeus.inference.typus_output import ResultBuilder, taxonomy_context
+from linnaeus.models import build_model
+
+TINY_MODEL = [
+    "MODEL.IMG_SIZE", "32",
+    "DATA.IMG_SIZE", "32",
+    "DATA.VAL_CROP_PCT", "0.875",
+    "MODEL.DROP_PATH_RATE", "0.0",
+    "MODEL.CONVNEXT_STAGES", "{DEPTHS: [1, 1, 1, 1], DIMS: [8, 16, 32, 64]}",
+    "MODEL.ROPE_STAGES", "{DEPTHS: [1, 1], DIMS: [32, 64], NUM_HEADS: [2, 2]}",
+]  # fmt: skip
+HEADS = [
+    "MODEL.CLASSIFICATION.HEADS",
+    "{taxa_L10: {TYPE: ConditionalClassifier}, taxa_L20: {TYPE: ConditionalClassifier}, taxa_L30: {TYPE: LinearHead}}",
+]
+
+
+def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
+    """What training leaves behind, minus the training: config, data artefacts, export/final.safetensors."""
+    data = prepare_data(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    data.save(run)
+    torch.manual_seed(seed)
+    hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
+    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
+    with torch.no_grad():  # sharper than the init's near-uniform outputs, so decoding has real choices to make
+        for head in model.head.heads.values():
+            head.fc.weight.mul_(300.0)
+    (run / "export").mkdir(exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(run / "export" / "final.safetensors"), metadata={"model": cfg.MODEL.NAME, "step": str(step)})
+    return data, model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference_tiny")
+    ds = write_tiny_dataset(root / "data", per_species=3)
+    cfg = ds.config(*TINY_MODEL, *HEADS)
+    data, model = fake_run(cfg, root / "run")
+    return {"root": root, "ds": ds, "cfg": cfg, "data": data, "model": model, "run": root / "run"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_run):
+    return export_bundle(tiny_run["run"], tiny_run["root"] / "bundle")
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_bundle):
+    return Predictor.from_bundle(tiny_bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference_demo")
+    demo = root / "demo"
+    write_demo_dataset(demo, seed=0, per_species=4)
+    opts = [
+        "DATA.H5.LABELS_PATH", str(demo / "labels.h5"),
+        "DATA.HYBRID.IMAGES_DIR", str(demo / "images"),
+        "DATA.TAXONOMY_PATH", str(demo / "taxonomy.json"),
+        "DATA.NUM_WORKERS", "0",
+        "EXPERIMENT.OUTPUT_DIR", str(root / "outputs"),
+        *TINY_MODEL,
+    ]  # fmt: skip
+    cfg = load_config(repo_root() / "configs/experiments/demo.yaml", opts)
+    data, model = fake_run(cfg, root / "run", seed=1)
+    bundle = export_bundle(root / "run", root / "bundle")
+    return {"root": root, "demo": demo, "cfg": cfg, "data": data, "model": model, "bundle": bundle}
+
+
+def committed(result: ClassificationResult) -> dict[int, int | None]:
+    return {
+        o.rank_level: (o.resolved_to.match.taxon_id if o.decision == "commit" else None) for o in result.outcomes or []
+    }
+
+
+def assert_chain_in_tree(result: ClassificationResult, tree: TaxonomyTree) -> None:
+    chain = committed(result)
+    species, genus, family = chain[10], chain[20], chain[30]
+    assert family is not None
+    if species is not None:
+        assert tree.ancestor_at(species, 20) == genus  # None for a species linked straight to its family
+        assert tree.ancestor_at(species, 30) == family
+    if genus is not None:
+        assert tree.parent_of(genus) == family
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def test_export_writes_a_self_contained_bundle(tiny_run, tiny_bundle: Path) -> None:
+    for name in BUNDLE_FILES:
+        assert (tiny_bundle / name).is_file(), name
+    assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(".bundle")]  # temp folder renamed away
+    info = json.loads((tiny_bundle / "bundle.json").read_text())
+    # No best weights in this run: "best" falls back to the final export.
+    assert info["which"] == "final" and info["step"] == 7 and info["format_version"] == 1
+    assert info["task_keys_coarse_to_fine"] == ["taxa_L30", "taxa_L20", "taxa_L10"]
+    weights = load_file(str(tiny_bundle / "weights.safetensors"))
+    expected = tiny_run["model"].state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], expected[k]) for k in weights)
+    pre = json.loads((tiny_bundle / "preprocessing.json").read_text())
+    assert pre["image"]["img_size"] == 32 and pre["image"]["val_crop_pct"] == 0.875
+    comps = pre["metadata"]["components"]
+    assert [c["name"] for c in comps] == ["TEMPORAL", "SPATIAL", "ELEVATION"]  # IDX order
+    assert [c["dim"] for c in comps] == [2, 3, 10] and pre["metadata"]["dim"] == 15
+    assert comps[2]["scales"] == list(encoders.ELEVATION_SCALES) and comps[0]["columns"] == ["month_sin", "month_cos"]
+    maps = json.loads((tiny_bundle / "class_maps.json").read_text())
+    first = maps["taxa_L10"]["classes"][0]
+    assert first == {"index": 0, "taxon_id": 11, "name": "Apis mellifera", "rank_level": 10, "rank": "species"}
+    # Re-exporting replaces a bundle; any other non-empty folder is refused.
+    assert export_bundle(tiny_run["run"], tiny_bundle) == tiny_bundle
+    other = tiny_run["root"] / "not_a_bundle"
+    other.mkdir(exist_ok=True)
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a bundle folder"):
+        export_bundle(tiny_run["run"], other)
+
+
+def test_export_consolidates_checkpoints_when_no_export_exists(tiny_run, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    sd = load_file(str(run / "export" / "final.safetensors"))
+    shutil.rmtree(run / "export")
+    ckpt = run / "checkpoints" / "step_5"
+    ckpt.mkdir(parents=True)
+    # Accelerate saves the wrapped model: DDP's "module." prefix must not reach the bundle.
+    save_file({f"module.{k}": v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
+              str(ckpt / "model.safetensors"))  # fmt: skip
+    state = {"step": 5, "best_checkpoints": [{"dir": "step_5", "step": 5, "value": 0.5}]}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    (run / "checkpoints" / "latest").write_text("step_5\n")
+    for which in ("best", "final", "step_5"):
+        out = export_bundle(run, tmp_path / f"bundle_{which}", which)
+        info = json.loads((out / "bundle.json").read_text())
+        assert (info["which"], info["step"]) == (which, 5)
+        weights = load_file(str(out / "weights.safetensors"))
+        assert all(w.dtype == sd[k].dtype for k, w in weights.items())  # fp32 again
+        assert all(torch.equal(w, sd[k].to(torch.bfloat16).to(sd[k].dtype)) for k, w in weights.items())
+    with pytest.raises(ConfigError, match=r"step_9.*available: \['step_5'\]"):
+        export_bundle(run, tmp_path / "b9", "step_9")
+    with pytest.raises(ConfigError, match="expected best, final or step_N"):
+        export_bundle(run, tmp_path / "bx", "latest")
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle: Path, capsys) -> None:
+    images = tiny_run["ds"].images_dir
+    n = len(list(images.glob("*.jpg")))
+    argv = ["predict", "--bundle", str(tiny_bundle), str(images), "--batch-size", "5", "--top-k", "3",
+            "--lat", "45.5", "--lon", "-122.6", "--date", "2024-06-01", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == n
+    assert "predict" in captured.err  # the progress bar is on stderr, never mixed into the JSON lines
+    tree = TaxonomyTree.from_json(tiny_bundle / "taxonomy.json")
+    seen_paths, repaired, skip_level = set(), 0, 0
+    for line in lines:
+        result = ClassificationResult.model_validate_json(line)
+        assert result.schema_version == "classification-result.v1" and result.consistency.is_consistent
+        assert [r.rank_level for r in result.ranks] == [30, 20, 10]
+        seen_paths.add(result.input_context.unit_ids[0])
+        assert_chain_in_tree(result, tree)
+        for rank, outcome in zip(result.ranks, result.outcomes, strict=True):
+            assert len([c for c in rank.candidates if isinstance(c, TaxonCandidate)]) == min(3, {30: 2, 20: 3, 10: 7}[rank.rank_level])
+            first = rank.candidates[0]
+            if outcome.decision == "commit":
+                assert first.taxon_id == outcome.resolved_to.match.taxon_id
+                assert first.taxon_snapshot.scientific_name == tree.name_of(first.taxon_id)
+                repaired += outcome.adjustment.reason.value == "commit_after_repair"
+            else:
+                assert isinstance(first, RankNullCandidate) and rank.rank_level == 20
+                skip_level += 1
+        assert result.provenance.requested_top_k == 3 and result.provenance.producer == "linnaeus"
+    assert seen_paths == {str(p) for p in images.glob("*.jpg")}
+
+    # --raw: plain per-rank top-k, no decision policy; --run reads the run folder directly.
+    assert main(["predict", "--run", str(tiny_run["run"]), str(images / "img_0000.jpg"), "--raw", "--top-k", "2"]) == 0
+    raw = ClassificationResult.model_validate_json(capsys.readouterr().out.strip())
+    assert raw.outcomes is None and not raw.provenance.decision_policies
+    probs = [c.score for c in raw.ranks[2].candidates]
+    assert len(probs) == 2 and probs[0] >= probs[1]
+
+    assert main(["predict", "--bundle", str(tiny_bundle), str(tiny_run["root"] / "missing.jpg")]) == 2
+    assert "no such image file or folder" in capsys.readouterr().err
+
+
+def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
+    from linnaeus.inference.cli import collect_images, predict_stream
+
+    sizes = []
+    hook = tiny_predictor.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        import io
+
+        out = io.StringIO()
+        images = collect_images([str(tiny_run["ds"].images_dir)])
+        assert predict_stream(tiny_predictor, images, None, out, batch_size=10, progress=False) == len(images)
+    finally:
+        hook.remove()
+    assert sizes == [10, 10, len(images) - 20]
+    assert len(out.getvalue().splitlines()) == len(images)
+
+    paths = images[:4]
+    metadata = [None, {"lat": 12.0}, {"date": "2023-04-05", "elevation": 0.0}, {"latitude": 1, "longitude": 2}]
+    results = tiny_predictor.predict(paths, metadata, top_k=2)
+    assert len(results) == 4 and all(isinstance(r, ClassificationResult) for r in results)
+    # bytes and PIL input go through the same loader
+    from PIL import Image
+
+    data = Path(paths[0]).read_bytes()
+    by_bytes = tiny_predictor.predict([data], top_k=1)[0]
+    assert by_bytes.input_context.unit_ids == ["<bytes:0>"]
+    assert committed(by_bytes) == committed(tiny_predictor.predict([paths[0]], top_k=1)[0])
+    assert tiny_predictor.predict([Image.open(paths[0])], top_k=1)[0].input_context.unit_ids == ["<image:0>"]
+
+
+def test_missing_metadata_fields_zero_their_component(tiny_predictor: Predictor) -> None:
+    records = [
+        {"lat": 45.0, "lon": -120.0, "date": "2024-06-01", "elevation": 0.0},
+        None,
+        {"lat": 45.0},  # longitude missing: the whole spatial component is missing
+        {"date": "", "elevation": 250.0},
+        {"elevation": float("nan"), "date": "2024-03-05T10:00:00"},
+    ]
+    meta, valid = tiny_predictor.encode_metadata(records, len(records))
+    meta, valid = meta.numpy(), valid.numpy()
+    temporal, spatial, elevation = meta[:, 0:2], meta[:, 2:5], meta[:, 5:15]  # IDX order: TEMPORAL, SPATIAL, ELEVATION
+    assert valid.tolist() == [
+        [True, True, True],
+        [False, False, False],
+        [False, False, False],
+        [False, False, True],
+        [True, False, False],
+    ]
+    assert not meta[1].any() and not spatial[2].any() and not temporal[3].any() and not elevation[4].any()
+    np.testing.assert_array_equal(spatial[0], encoders.encode_spatial([45.0], [-120.0])[0])
+    np.testing.assert_array_equal(temporal[0], encoders.encode_temporal(["2024-06-01"])[0])
+    np.testing.assert_array_equal(elevation[0], encoders.encode_elevation([0.0])[0])  # sea level is a real value
+    np.testing.assert_array_equal(temporal[4], encoders.encode_temporal(["2024-03-05"])[0])
+    with pytest.raises(DataError, match="unknown metadata key 'altitude'"):
+        tiny_predictor.encode_metadata([{"altitude": 3}], 1)
+    with pytest.raises(DataError, match=r"^photo\.jpg: metadata SPATIAL: .*out of range") as err:
+        tiny_predictor.encode_metadata([{"lat": 95.0, "lon": 0.0}], 1, ["photo.jpg"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="2 entries for 1 images"):
+        tiny_predictor.predict(["a.jpg"], [None, None])
+
+
+# ------------------------------------------------------------------------------------------- train/serve parity
+def test_validation_and_prediction_feed_the_model_identical_tensors(demo_run) -> None:
+    data, cfg = demo_run["data"], demo_run["cfg"]
+    predictor = Predictor.from_bundle(demo_run["bundle"], device="cpu")
+    # Validation: the val dataset (worker-side decode + crop) and the device transform Trainer.validate applies.
+    val = data.dataset("val", train=False)
+    batch = [val[i] for i in range(len(val))]
+    val_images = eval_transform(torch.stack([b["image"] for b in batch]), cfg.AUG.MEAN, cfg.AUG.STD)
+    val_meta = torch.stack([b["meta"] for b in batch])
+    # Prediction: the val images' paths and their *raw* metadata (labels.h5 raw_* fields), as a user would give them.
+    view = data.view("val")
+    with h5py.File(data.cfg.DATA.H5.LABELS_PATH, "r") as f:
+        raw = {k: f[k][()] for k in ("raw_lat", "raw_lon", "raw_elevation")}
+        raw["raw_date_observed"] = f["raw_date_observed"].asstr()[()]
+    records = [
+        {
+            "lat": float(raw["raw_lat"][r]),
+            "lon": float(raw["raw_lon"][r]),
+            "date": str(raw["raw_date_observed"][r]),
+            "elevation": float(raw["raw_elevation"][r]),
+        }
+        for r in view.rows.tolist()
+    ]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = predictor.model.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[1].clone())))
+    try:
+        predictor.predict(data.image_paths("val"), records, batch_size=len(records))
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    assert val_images.shape == (len(val), 3, 32, 32)
+    assert torch.equal(seen[0][0], val_images)
+    assert torch.equal(seen[0][1], val_meta)
+    assert (~data.arrays("val", with_paths=False)["meta_valid"]).any()  # the split includes missing metadata
+
+
+def test_evaluate_bundle_reproduces_validation_top1(demo_run) -> None:
+    data, cfg, model = demo_run["data"], demo_run["cfg"], demo_run["model"]
+    val = data.dataset("val", train=False)
+    batch = [val[i] for i in range(len(val))]
+    with torch.no_grad():
+        logits = model(
+            eval_transform(torch.stack([b["image"] for b in batch]), cfg.AUG.MEAN, cfg.AUG.STD),
+            torch.stack([b["meta"] for b in batch]),
+        )
+    metrics = evaluate_bundle(demo_run["bundle"], data, batch_size=3)
+    for key in data.task_keys:
+        y = torch.stack([b["targets"][key] for b in batch])
+        labelled = y >= 0
+        expected = float((logits[key].argmax(1)[labelled] == y[labelled]).float().mean())
+        assert metrics[f"{key}/top1"] == pytest.approx(expected, abs=1e-12), key
+        assert metrics[f"{key}/count"] == float(labelled.sum())
+    assert metrics["samples"] == len(val)
+    decoded = evaluate_bundle(demo_run["bundle"], cfg, consistent=True)  # from a Config too
+    assert set(decoded) == set(metrics)
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+# family 1 ─ genus 10 (A) ─ species 100, 101 ; genus 11 (B) ─ species 102
+# family 2 ─ genus 12 (E) ─ species 103 ; genus 13 (G, no species classes) ; species 104 directly under family 2
+NODES = [(1, "family"), (2, "family"), (10, "genus"), (11, "genus"), (12, "genus"), (13, "genus")] + [
+    (t, "species") for t in (100, 101, 102, 103, 104)
+]
+EDGES = [(1, 10), (1, 11), (2, 12), (2, 13), (10, 100), (10, 101), (11, 102), (12, 103), (2, 104)]
+
+
+def toy_taxonomy() -> tuple[dict[str, ClassMap], TaxonomyTree]:
+    tree = TaxonomyTree.from_dict(
+        {
+            "nodes": [{"id": t, "rank": r, "name": f"T{t}"} for t, r in NODES],
+            "edges": [{"source": s, "target": t} for s, t in EDGES],
+        }
+    )
+    ids = {"taxa_L30": [1, 2], "taxa_L20": [10, 11, 12, 13], "taxa_L10": [100, 101, 102, 103, 104]}
+    maps = {k: ClassMap.from_ids(k, [np.array(v)], tree) for k, v in ids.items()}
+    return maps, tree
+
+
+def log_probs(fam, gen, sp) -> dict[str, torch.Tensor]:
+    def lp(p):
+        t = torch.tensor([p], dtype=torch.float64) + 1e-9
+        return (t / t.sum()).log().float()
+
+    return {"taxa_L30": lp(fam), "taxa_L20": lp(gen), "taxa_L10": lp(sp)}
+
+
+def test_hierarchy_chains_cover_skip_level_and_leaf_ranks() -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree)
+    assert h.keys == ("taxa_L30", "taxa_L20", "taxa_L10")
+    chains = {tuple(c) for c in h.chains.tolist()}
+    # (family, genus, species) class indices; -1 = no class at that rank
+    assert chains == {(0, 0, 0), (0, 0, 1), (0, 1, 2), (1, 2, 3), (1, 3, -1), (1, -1, 4)}
+    assert h.is_consistent([0, 0, 1]) and not h.is_consistent([0, 1, 1]) and not h.is_consistent([1, 2, 4])
+
+
+def test_best_chain_beats_per_rank_argmax_and_orders_alternatives_jointly() -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree)
+    # Species argmax is 102 (under genus B), but family 1 x genus A x species 100 has the larger joint probability.
+    lp = log_probs([0.5, 0.5], [0.6, 0.4, 0.0, 0.0], [0.31, 0.29, 0.4, 0.0, 0.0])
+    (d,) = decode(lp, h, top_k=3, consistent=True)
+    assert d.chosen() == {"taxa_L30": 0, "taxa_L20": 0, "taxa_L10": 0} and d.consistent
+    assert d.chain_probability == pytest.approx(0.5 * 0.6 * 0.31, rel=1e-4)
+    species = d.ranks[2]
+    assert [c for c, _ in species.candidates] == [0, 1, 2]  # by joint probability: .093, .087, .080
+    assert species.candidates[2][1] == pytest.approx(0.4, rel=1e-4)  # scores stay the rank's own probabilities
+    assert species.argmax == 2
+    (raw,) = decode(lp, h, top_k=3, consistent=False)
+    assert raw.chosen() == {"taxa_L30": 0, "taxa_L20": 0, "taxa_L10": 2} and not raw.consistent
+    assert [c for c, _ in raw.ranks[2].candidates] == [2, 0, 1]
+
+    builder = ResultBuilder(maps, tree, taxonomy_context(maps, tree, "toy", "1"), {"producer": "test"})
+    result = ClassificationResult.model_validate_json(builder.build(d, "x.jpg", 3).to_json())
+    outcome = result.outcomes[2]
+    assert outcome.adjustment.reason.value == "commit_after_repair"
+    assert outcome.adjustment.suppressed_from.match.taxon_id == 102
+    assert result.taxonomy_context.root_taxon_ids == [1, 2]
+    raw_result = ClassificationResult.model_validate_json(builder.build(raw, "x.jpg", 3).to_json())
+    assert raw_result.outcomes is None and not raw_result.consistency.is_consistent
+
+
+def test_skip_level_and_genus_only_chains_are_reported_with_rank_nulls() -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree)
+    builder = ResultBuilder(maps, tree, taxonomy_context(maps, tree, "toy", None), {"producer": "test"})
+    # Species 104 hangs directly off family 2: the chain has no genus.
+    (d,) = decode(log_probs([0.1, 0.9], [0.3, 0.3, 0.2, 0.2], [0.02, 0.02, 0.02, 0.04, 0.9]), h, top_k=2)
+    assert d.chosen() == {"taxa_L30": 1, "taxa_L20": None, "taxa_L10": 4}
+    result = ClassificationResult.model_validate_json(builder.build(d, "y.jpg", 2).to_json())
+    genus = result.ranks[1]
+    assert isinstance(genus.candidates[0], RankNullCandidate)
+    assert result.outcomes[1].decision == "abstain" and result.outcomes[1].adjustment.reason.value == "abstain_unmapped_taxon"
+    assert committed(result) == {30: 2, 20: None, 10: 104}
+    # Genus 13 has no species classes: a confident genus-13 image ends its chain at the genus.
+    (d,) = decode(log_probs([0.05, 0.95], [0.02, 0.02, 0.06, 0.9], [0.2, 0.2, 0.2, 0.2, 0.2]), h, top_k=2)
+    assert d.chosen() == {"taxa_L30": 1, "taxa_L20": 3, "taxa_L10": None}
+    result = ClassificationResult.model_validate_json(builder.build(d, "z.jpg", 2).to_json())
+    assert committed(result) == {30: 2, 20: 13, 10: None}
+
+
+def test_decoding_matches_brute_force_over_chains() -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree)
+    gen = torch.Generator().manual_seed(0)
+    lp = {k: torch.log_softmax(3 * torch.randn(64, len(m), generator=gen), dim=1) for k, m in maps.items()}
+    decoded = decode(lp, h, top_k=5)
+    for b, d in enumerate(decoded):
+        best, best_score = None, -math.inf
+        for chain in h.chains.tolist():
+            terms = [float(lp[k][b, c]) for k, c in zip(h.keys, chain, strict=True) if c >= 0]
+            score = sum(terms) / len(terms)
+            if score > best_score:
+                best, best_score = chain, score
+        assert [(-1 if c is None else c) for c in d.chosen().values()] == best
+        assert h.is_consistent(list(d.chosen().values()))
+        # Every listed class's best chain ranks no better than the reported one.
+        assert all(d.ranks[r].candidates[0][0] == best[r] for r in range(3) if best[r] >= 0)
+    total, mean = chain_scores([lp[k] for k in h.keys], torch.as_tensor(h.chains))
+    assert total.shape == mean.shape == (64, len(h.chains))
