@@ -25,9 +25,9 @@ from linnaeus.config import load_config, repo_root, save_config
 from linnaeus.data import encoders
 from linnaeus.data.demo import write_demo_dataset
 from linnaeus.data.prepare import prepare_data
-from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, rank_of_key
+from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
 from linnaeus.errors import ConfigError, DataError
-from linnaeus.inference.bundle import BUNDLE_FILES, Bundle, export_bundle
+from linnaeus.inference.bundle import BUNDLE_FILES, export_bundle
 from linnaeus.inference.decoding import Hierarchy, chain_scores, decode
 from linnaeus.inference.evaluate import evaluate_bundle
 from linnaeus.inference.predictor import Predictor
@@ -191,7 +191,7 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
     assert len(lines) == n
     assert "predict" in captured.err  # the progress bar is on stderr, never mixed into the JSON lines
     tree = TaxonomyTree.from_json(tiny_bundle / "taxonomy.json")
-    seen_paths, repaired, skip_level = set(), 0, 0
+    seen_paths = set()
     for line in lines:
         result = ClassificationResult.model_validate_json(line)
         assert result.schema_version == "classification-result.v1" and result.consistency.is_consistent
@@ -199,15 +199,15 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
         seen_paths.add(result.input_context.unit_ids[0])
         assert_chain_in_tree(result, tree)
         for rank, outcome in zip(result.ranks, result.outcomes, strict=True):
-            assert len([c for c in rank.candidates if isinstance(c, TaxonCandidate)]) == min(3, {30: 2, 20: 3, 10: 7}[rank.rank_level])
+            assert len([c for c in rank.candidates if isinstance(c, TaxonCandidate)]) == min(
+                3, {30: 2, 20: 3, 10: 7}[rank.rank_level]
+            )
             first = rank.candidates[0]
             if outcome.decision == "commit":
                 assert first.taxon_id == outcome.resolved_to.match.taxon_id
                 assert first.taxon_snapshot.scientific_name == tree.name_of(first.taxon_id)
-                repaired += outcome.adjustment.reason.value == "commit_after_repair"
-            else:
+            else:  # only the skip-level species 17 (no genus) leaves a rank without a class
                 assert isinstance(first, RankNullCandidate) and rank.rank_level == 20
-                skip_level += 1
         assert result.provenance.requested_top_k == 3 and result.provenance.producer == "linnaeus"
     assert seen_paths == {str(p) for p in images.glob("*.jpg")}
 
@@ -220,6 +220,13 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
     assert main(["predict", "--bundle", str(tiny_bundle), str(tiny_run["root"] / "missing.jpg")]) == 2
     assert "no such image file or folder" in capsys.readouterr().err
+    assert main(["predict", "--bundle", str(tiny_bundle), str(images), "--lat", "45"]) == 2
+    assert "--lat/--lon: give both" in capsys.readouterr().err
+    assert main(["predict", "--bundle", str(tiny_bundle), str(images), "--date", "June"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lat/--lon/--date/--elevation: metadata TEMPORAL") and err.count("\n") == 1
+    assert main(["predict", "--bundle", str(tiny_run["run"]), str(images)]) == 2  # a run folder is not a bundle
+    assert "expected a folder written by `linnaeus export`" in capsys.readouterr().err
 
 
 def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
@@ -242,6 +249,7 @@ def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_pred
     metadata = [None, {"lat": 12.0}, {"date": "2023-04-05", "elevation": 0.0}, {"latitude": 1, "longitude": 2}]
     results = tiny_predictor.predict(paths, metadata, top_k=2)
     assert len(results) == 4 and all(isinstance(r, ClassificationResult) for r in results)
+    assert len(tiny_predictor.predict(paths, {"lat": 1.0, "lon": 2.0})) == 4  # one dict for every image
     # bytes and PIL input go through the same loader
     from PIL import Image
 
@@ -341,6 +349,18 @@ def test_evaluate_bundle_reproduces_validation_top1(demo_run) -> None:
     assert set(decoded) == set(metrics)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_predictor_agrees_with_cpu(demo_run) -> None:
+    paths = demo_run["data"].image_paths("val")
+    cpu = Predictor.from_bundle(demo_run["bundle"], device="cpu")
+    gpu = Predictor.from_bundle(demo_run["bundle"], device="cuda")
+    images, meta = cpu.load_images(paths), cpu.encode_metadata(None, len(paths))[0]
+    a, b = cpu.log_probs(images, meta), gpu.log_probs(images, meta)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3)
+    assert [committed(r) for r in gpu.predict(paths)] == [committed(r) for r in cpu.predict(paths)]
+
+
 # ------------------------------------------------------------------------------------------------------ decoding
 # family 1 ─ genus 10 (A) ─ species 100, 101 ; genus 11 (B) ─ species 102
 # family 2 ─ genus 12 (E) ─ species 103 ; genus 13 (G, no species classes) ; species 104 directly under family 2
@@ -416,7 +436,10 @@ def test_skip_level_and_genus_only_chains_are_reported_with_rank_nulls() -> None
     result = ClassificationResult.model_validate_json(builder.build(d, "y.jpg", 2).to_json())
     genus = result.ranks[1]
     assert isinstance(genus.candidates[0], RankNullCandidate)
-    assert result.outcomes[1].decision == "abstain" and result.outcomes[1].adjustment.reason.value == "abstain_unmapped_taxon"
+    assert (
+        result.outcomes[1].decision == "abstain"
+        and result.outcomes[1].adjustment.reason.value == "abstain_unmapped_taxon"
+    )
     assert committed(result) == {30: 2, 20: None, 10: 104}
     # Genus 13 has no species classes: a confident genus-13 image ends its chain at the genus.
     (d,) = decode(log_probs([0.05, 0.95], [0.02, 0.02, 0.06, 0.9], [0.2, 0.2, 0.2, 0.2, 0.2]), h, top_k=2)

@@ -56,6 +56,15 @@ def tiny_model(path: Path, meta_dims: list[int], extra: list[str] | None = None,
 
 
 V1_SM = ARCHS / "mFormerV1" / "mFormerV1_sm.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine, intra-op threads mostly wait on each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 V0_SM = ARCHS / "mFormerV0" / "mFormerV0_sm.yaml"
 
 

@@ -26,6 +26,11 @@ def prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _launched() -> bool:
+    """True under a launcher that started several processes (torchrun / accelerate / deepspeed / MPI)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
 def _deepspeed_json_precision() -> str | None:
     """bf16/fp16 when the launched DeepSpeed JSON switches one on explicitly (not "auto")."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -88,7 +93,7 @@ def build_accelerator(cfg: Config, micro_batch_size: int):
         InitProcessGroupKwargs(
             timeout=datetime.timedelta(minutes=60),
             # Without CUDA accelerate forms the process group only when a backend is given explicitly.
-            **({} if torch.cuda.is_available() else {"backend": "gloo"}),
+            **({"backend": "gloo"} if _launched() and not torch.cuda.is_available() else {}),
         )
     ]
     uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

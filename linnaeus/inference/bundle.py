@@ -112,7 +112,12 @@ def class_maps_from_json(doc: Any, task_keys: list[str], where: str) -> dict[str
         for i, c in enumerate(classes):
             if not isinstance(c, dict) or c.get("index") != i or "taxon_id" not in c:
                 raise DataError(f"{where}: {key}.classes[{i}] must be {{'index': {i}, 'taxon_id': ..., 'name': ...}}")
-            ids.append(int(c["taxon_id"]))
+            try:
+                ids.append(int(c["taxon_id"]))
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{where}: {key}.classes[{i}].taxon_id must be an integer, got {c['taxon_id']!r}"
+                ) from None
             names.append(c.get("name"))
         out[key] = ClassMap(key, rank_of_key(key), np.asarray(ids, np.int64), names)
     return out
@@ -242,9 +247,12 @@ class Bundle:
         if absent:
             raise DataError(f"bundle {root}: missing {absent}; expected a folder written by `linnaeus export`")
         info = _read_json(root / INFO)
-        if info.get("format") != FORMAT or int(info.get("format_version", -1)) > FORMAT_VERSION:
+        if not isinstance(info, dict):
+            raise DataError(f"{root / INFO}: expected a JSON object written by `linnaeus export`")
+        version = info.get("format_version")
+        if not isinstance(version, int) or info.get("format") != FORMAT or version > FORMAT_VERSION:
             raise DataError(
-                f"{root / INFO}: format {info.get('format')!r} version {info.get('format_version')!r}; "
+                f"{root / INFO}: format {info.get('format')!r} version {version!r}; "
                 f"this linnaeus reads {FORMAT} up to version {FORMAT_VERSION}"
             )
         cfg = load_config(root / CONFIG)

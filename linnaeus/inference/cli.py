@@ -31,6 +31,8 @@ def collect_images(args: Iterable[str]) -> list[Path]:
 
 
 def metadata_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    if (args.lat is None) != (args.lon is None):
+        raise ConfigError("--lat/--lon: give both (a location needs both coordinates) or neither")
     record = {"lat": args.lat, "lon": args.lon, "date": args.date, "elevation": args.elevation}
     record = {k: v for k, v in record.items() if v is not None}
     return record or None
@@ -81,6 +83,8 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = (
         Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
     )
+    if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
+        predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
     predict_stream(
         predictor,
         images,

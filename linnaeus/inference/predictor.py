@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from linnaeus.aug import eval_transform
 from linnaeus.data.images import load_image
 from linnaeus.errors import ConfigError, DataError
-from linnaeus.inference.bundle import Bundle
+from linnaeus.inference.bundle import WEIGHTS, Bundle
 from linnaeus.inference.decoding import Decoded, Hierarchy, decode
 from linnaeus.inference.metadata import encode_records
 from linnaeus.inference.typus_output import ResultBuilder, model_evidence, taxonomy_context
@@ -82,7 +82,7 @@ class Predictor:
                 "producer": "linnaeus",
                 "model_name": self.cfg.MODEL.NAME,
                 "model_version": f"{info.get('which')}@step{info.get('step')}",
-                "checkpoint_uri": str(bundle.path / "weights.safetensors") if bundle.path else info.get("source"),
+                "checkpoint_uri": str(bundle.path / WEIGHTS) if bundle.path else info.get("source"),
                 "checkpoint_sha": info.get("weights_sha256") or info.get("source_sha256"),
                 "handler_version": f"linnaeus {info.get('linnaeus_version', '')}".strip(),
             },
@@ -173,12 +173,15 @@ class Predictor:
     ) -> list[Any]:
         """One ``typus.ClassificationResult`` per image (validated by its schema), processed ``batch_size`` at a time.
 
-        ``metadata``: per image a dict with any of lat, lon (degrees), date (ISO 8601), elevation (metres), or None.
+        ``metadata``: per image a dict with any of lat, lon (degrees), date (ISO 8601), elevation (metres), or None
+        (one dict applies to every image).
         ``consistent=False`` gives raw per-rank top-k (``--raw``). ``ids`` name the images in the results
         (default: the path, or ``<bytes:i>`` / ``<image:i>``).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        if isinstance(metadata, Mapping):  # one dict: the same observation metadata for every image
+            metadata = [metadata] * len(images)
         if metadata is not None and len(metadata) != len(images):
             raise DataError(f"metadata: {len(metadata)} entries for {len(images)} images; expected one per image")
         names = list(ids) if ids is not None else [image_id(im, i) for i, im in enumerate(images)]
