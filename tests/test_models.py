@@ -56,6 +56,7 @@ def tiny_model(path: Path, meta_dims: list[int], extra: list[str] | None = None,
 
 
 V1_SM = ARCHS / "mFormerV1" / "mFormerV1_sm.yaml"
+V0_SM = ARCHS / "mFormerV0" / "mFormerV0_sm.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-V0_SM = ARCHS / "mFormerV0" / "mFormerV0_sm.yaml"
 
 
 def test_every_arch_yaml_is_found():
@@ -312,7 +312,9 @@ def test_tiny_model_overfits_fixed_batch():
     labels = torch.arange(16) % 4
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     start = time.perf_counter()
-    for step in range(300):
+    steps = 0
+    while steps < 300:
+        steps += 1
         loss, _ = loss_fn(model(images, meta), {"taxa_L10": labels})
         opt.zero_grad()
         loss.backward()
@@ -322,7 +324,7 @@ def test_tiny_model_overfits_fixed_batch():
     model.eval()
     with torch.no_grad():
         acc = (model(images, meta)["taxa_L10"].argmax(-1) == labels).float().mean().item()
-    assert acc == 1.0, f"accuracy {acc} after {step + 1} steps, loss {loss.item():.3f}"
+    assert acc == 1.0, f"accuracy {acc} after {steps} steps, loss {loss.item():.3f}"
     assert loss.item() < 0.1
     assert time.perf_counter() - start < 60
 

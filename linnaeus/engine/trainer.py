@@ -276,9 +276,10 @@ class Trainer:
 
             os.environ["WANDB_MODE"] = w.MODE
         if self.state.wandb_run_id is None:
-            import wandb
+            import uuid
 
-            self.state.wandb_run_id = w.RUN_ID or wandb.util.generate_id()
+            # Chosen here and saved in the trainer state, so a resumed run reattaches to the same W&B run.
+            self.state.wandb_run_id = w.RUN_ID or uuid.uuid4().hex[:12]
         init = {
             "name": cfg.EXPERIMENT.NAME,
             "group": cfg.EXPERIMENT.GROUP,

@@ -1,0 +1,201 @@
+"""Trainer overhead: the real ``Trainer.fit`` step against a minimal hand-written loop, on the same batches.
+
+``ours`` is not a re-implementation: a ``Trainer`` is set up from the demo experiment and its own ``fit()`` runs,
+with its train loader swapped for an in-memory list of batches the real loader produced. Every training step
+therefore does what it does in a run: device transfer, meta masking, ``BatchAugment``, the hierarchical task loss
+with null masking, ``accelerator.backward``, clipping, schedules, loss bookkeeping, logging to metrics.jsonl, the
+preemption check.
+
+``minimal`` is the loop a person would write by hand: normalise, forward, plain cross-entropy (nulls ignored),
+backward, AdamW, on a copy of the same model with the same initial weights.
+
+The two alternate at step granularity: each time ``fit()`` asks for its next batch, the stand-in loader first
+runs one minimal step on that same batch (timed), then hands the batch over. A trainer step is the time between
+handing a batch over and being asked for the next one. Overhead = median(ours) / median(minimal) - 1 (target
+<= 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import itertools
+import logging
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import BenchDataset, Comparison, Target, overhead, set_threads, write_bench_dataset
+
+WARMUP_STEPS = 2  # first steps pay for allocator growth and lazy initialisation on both sides
+
+
+class MinimalLoop:
+    """The hand-written baseline: no augmentation, plain CE with nulls ignored, AdamW with one param group."""
+
+    def __init__(self, model: torch.nn.Module, task_keys: list[str], lr: float, mean, std) -> None:
+        self.model = model
+        self.task_keys = task_keys
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def step(self, batch: dict[str, Any]) -> float:
+        x = (batch["image"].float() / 255.0 - self.mean) / self.std
+        meta = batch["meta"] if batch["meta"].shape[1] else None
+        out = self.model(x, meta)
+        loss = sum(F.cross_entropy(out[k], batch["targets"][k], ignore_index=-1) for k in self.task_keys)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+class InterleavedBatches:
+    """Stands in for the trainer's DataLoader: cycles through ``batches``, runs ``baseline(batch)`` before handing
+    each batch to the trainer, and times both sides."""
+
+    def __init__(self, batches: list[dict[str, Any]], baseline: Callable[[dict[str, Any]], Any]) -> None:
+        self.batches = batches
+        self.baseline = baseline
+        self.cursor = 0
+        self.handed_over_at: float | None = None
+        self.ours: list[float] = []
+        self.minimal: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            now = time.perf_counter()
+            if self.handed_over_at is not None:
+                self.ours.append(now - self.handed_over_at)  # the trainer's step on the previous batch
+            batch = self.batches[self.cursor % len(self.batches)]
+            self.cursor += 1
+            t0 = time.perf_counter()
+            self.baseline(batch)
+            self.minimal.append(time.perf_counter() - t0)
+            self.handed_over_at = time.perf_counter()
+            yield batch
+
+
+@contextlib.contextmanager
+def _quiet_trainer() -> Iterator[io.StringIO]:
+    """Keep the trainer's console output (progress bar, summary, tables) and its signal handlers local."""
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    logger = logging.getLogger("linnaeus")
+    saved_handlers, saved_propagate = list(logger.handlers), logger.propagate
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+            yield sink
+    finally:
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
+        for h in logger.handlers:
+            if h not in saved_handlers:
+                h.close()
+        logger.handlers[:] = saved_handlers
+        logger.propagate = saved_propagate
+
+
+def _single_process_group() -> bool:
+    """A world-of-one gloo group, so accelerate's single-process setup finds a process group when it asks for one
+    (plain ``python`` runs, no launcher). Returns True when this call created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    store = tempfile.NamedTemporaryFile(prefix="linnaeus-pg-", delete=False)
+    store.close()
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    return True
+
+
+def measure(ds: BenchDataset, out_dir: Path, steps: int, **overrides: Any) -> tuple[Comparison, InterleavedBatches]:
+    """Run ``steps`` trainer steps interleaved with as many minimal steps; returns the comparison and the stand-in
+    loader (for its records)."""
+    import torch.distributed as dist
+
+    from linnaeus.engine.trainer import Trainer
+
+    opts: dict[str, Any] = {
+        "EXPERIMENT__OUTPUT_DIR": str(out_dir),
+        "EXPERIMENT__NAME": "trainer_overhead",
+        "DATA__NUM_WORKERS": 0,
+        "TRAIN__MAX_STEPS": steps,
+        # Events that would land inside the timed window in a real run are part of the overhead (logging);
+        # validation and checkpoints are not per-step costs, so they stay out of the window (they fire after it).
+        "SCHEDULE__VALIDATION__INTERVAL": "{STEPS: 1000000}",
+        "SCHEDULE__VALIDATION__MASK_META_INTERVAL": "{STEPS: 1000000}",
+        "SCHEDULE__CHECKPOINT__INTERVAL": "{STEPS: 1000000}",
+    } | overrides
+    cfg = ds.config(**opts)
+    created = _single_process_group()
+    try:
+        with _quiet_trainer():
+            trainer = Trainer(cfg)
+            trainer.setup()
+            trainer.train_sampler.set_epoch(0)
+            batches = list(itertools.islice(iter(trainer.train_loader), min(steps + 1, len(trainer.train_loader))))
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            baseline = MinimalLoop(
+                copy.deepcopy(unwrapped), trainer.task_keys, trainer.base_lr, cfg.AUG.MEAN, cfg.AUG.STD
+            )
+            stand_in = InterleavedBatches(batches, baseline.step)
+            trainer.train_loader = stand_in
+            trainer.fit()
+    finally:
+        if created and dist.is_initialized():  # accelerate's end_training() may have destroyed it already
+            dist.destroy_process_group()
+    skip = min(WARMUP_STEPS, max(0, len(stand_in.ours) - 1))
+    samples = {"ours": stand_in.ours[skip:], "minimal": stand_in.minimal[skip : len(stand_in.ours)]}
+    extra = overhead(samples["ours"], samples["minimal"])
+    comp = Comparison(
+        name=f"trainer step vs minimal loop ({cfg.MODEL.NAME}, {cfg.DATA.IMG_SIZE}px, batch {cfg.DATA.BATCH_SIZE})",
+        unit="s/step",
+        samples=samples,
+        ratios={"ours/minimal (time)": extra + 1.0},
+        targets=[Target("trainer overhead <= 5 %", extra, 0.05, higher=False)],
+        facts={
+            "steps": len(samples["ours"]),
+            "clip_grad": cfg.TRAIN.CLIP_GRAD,
+            "color_jitter": cfg.AUG.COLOR_JITTER,
+            "meta_masking": cfg.SCHEDULE.META_MASKING.ENABLED,
+            "log_interval": cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS,
+        },
+        items_per_unit=cfg.DATA.BATCH_SIZE,
+    )
+    return comp, stand_in
+
+
+def run(quick: bool) -> list[Comparison]:
+    set_threads(1)
+    with tempfile.TemporaryDirectory(prefix="linnaeus-bench-overhead-") as tmp:
+        ds = write_bench_dataset(Path(tmp) / "demo", 240 if quick else 480, None)
+        comp, _ = measure(ds, Path(tmp) / "out", steps=14 if quick else 40)
+    return [comp]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import format_comparison
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for comp in run(args.quick):
+        print(format_comparison(comp), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

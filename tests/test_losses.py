@@ -1,0 +1,238 @@
+"""Losses: smoothing matrices, null masking, soft targets, class weights, task weights, GradNorm direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linnaeus.config import default_config
+from linnaeus.config.defaults import ClassWeightingConfig, Config, HeadConfig, HeadLossConfig
+from linnaeus.errors import ConfigError, DataError
+from linnaeus.losses import GradNorm, build_task_loss, class_weights, taxonomy_smoothing_matrix
+
+INF = np.inf
+# Species 0-3: (0, 1) share genus A, (2, 3) share genus B, A and B share a family; species 4 is in another tree.
+DIST = np.array(
+    [
+        [0, 2, 4, 4, INF],
+        [2, 0, 4, 4, INF],
+        [4, 4, 0, 2, INF],
+        [4, 4, 2, 0, INF],
+        [INF, INF, INF, INF, 0],
+    ]
+)
+
+
+def config(heads: dict[str, HeadConfig] | None = None, **loss) -> Config:
+    cfg = default_config()
+    cfg.MODEL.CLASSIFICATION.HEADS = heads or {}
+    for name, value in loss.items():
+        setattr(cfg.LOSS, name, value)
+    return cfg
+
+
+def head(loss_type: str = "CrossEntropyLoss", weight: float = 1.0, **params) -> HeadConfig:
+    return HeadConfig(LOSS=HeadLossConfig(TYPE=loss_type, PARAMS=params, WEIGHT=weight))
+
+
+def test_smoothing_matrix_rows_relatives_and_alpha_zero():
+    s = taxonomy_smoothing_matrix(DIST, alpha=0.2, beta=1.0)
+    np.testing.assert_allclose(s.sum(axis=1), 1.0)
+    np.testing.assert_allclose(np.diag(s), 0.8)
+    assert s[0, 1] > s[0, 2] > 0 and s[0, 4] == 0  # sibling > cousin > unrelated
+    np.testing.assert_allclose(s[0, 1] / s[0, 2], np.exp(2.0))  # ∝ exp(−β·d)
+    np.testing.assert_allclose(s[4], [0.05, 0.05, 0.05, 0.05, 0.8])  # no relatives: uniform over the others
+    np.testing.assert_allclose(taxonomy_smoothing_matrix(DIST, alpha=0.0, beta=1.0), np.eye(5))
+    sharper = taxonomy_smoothing_matrix(DIST, alpha=0.2, beta=3.0)
+    assert sharper[0, 1] > s[0, 1]  # larger β concentrates on close relatives
+
+
+def test_taxonomy_smoothing_alpha_zero_equals_cross_entropy():
+    cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=0.0, beta=1.0)})
+    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    total, per = loss({"taxa_L10": logits}, {"taxa_L10": y})
+    torch.testing.assert_close(total, F.cross_entropy(logits, y))
+    torch.testing.assert_close(per["taxa_L10"], total.detach())
+
+
+def test_taxonomy_smoothing_uses_matrix_rows():
+    cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=0.3, beta=0.5)})
+    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+    logits, y = torch.randn(3, 5), torch.tensor([0, 2, 4])
+    s = torch.as_tensor(taxonomy_smoothing_matrix(DIST, 0.3, 0.5), dtype=torch.float32)
+    expected = -(s[y] * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss({"taxa_L10": logits}, {"taxa_L10": y})[0], expected)
+
+
+def test_label_smoothing_matches_torch_convention():
+    cfg = config({"taxa_L10": head(label_smoothing=0.1)})
+    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, None, None)
+    logits, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(
+        loss({"taxa_L10": logits}, {"taxa_L10": y})[0], F.cross_entropy(logits, y, label_smoothing=0.1)
+    )
+
+
+def test_taxonomy_smoothing_without_distances_names_head():
+    cfg = config({"taxa_L20": head("TaxonomyAwareLabelSmoothing")})
+    with pytest.raises(ConfigError, match=r"MODEL\.CLASSIFICATION\.HEADS\.taxa_L20\.LOSS\.TYPE: .*DATA\.TAXONOMY_PATH"):
+        build_task_loss(cfg, ["taxa_L20"], {"taxa_L20": 5}, None, None)
+    with pytest.raises(DataError, match=r"shape \(5, 5\); expected \(4, 4\)"):
+        build_task_loss(cfg, ["taxa_L20"], {"taxa_L20": 4}, {"taxa_L20": DIST}, None)
+
+
+def test_bad_loss_params_are_one_line_config_errors():
+    cfg = config({"taxa_L10": head(smoothing=0.1)})
+    with pytest.raises(ConfigError, match=r"HEADS\.taxa_L10\.LOSS\.PARAMS\.smoothing: unknown parameter"):
+        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, None, None)
+    cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=1.5)})
+    with pytest.raises(ConfigError, match=r"PARAMS\.alpha: expected a number in \[0\.0, 1\.0\], got 1\.5"):
+        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+
+
+def test_null_samples_get_exactly_zero_gradient_and_mean_over_valid():
+    loss = build_task_loss(config(), ["taxa_L10", "taxa_L20"], {"taxa_L10": 5, "taxa_L20": 3}, None, None)
+    logits = {"taxa_L10": torch.randn(4, 5, requires_grad=True), "taxa_L20": torch.randn(4, 3, requires_grad=True)}
+    targets = {"taxa_L10": torch.tensor([1, -1, 3, -1]), "taxa_L20": torch.tensor([-1, -1, -1, -1])}
+    total, per = loss(logits, targets)
+    total.backward()
+    g10, g20 = logits["taxa_L10"].grad, logits["taxa_L20"].grad
+    assert torch.equal(g10[[1, 3]], torch.zeros(2, 5)) and g10[[0, 2]].abs().sum() > 0
+    assert torch.equal(g20, torch.zeros(4, 3))  # a rank with no labels: loss 0, no NaN, no gradient
+    expected = F.cross_entropy(logits["taxa_L10"][[0, 2]], torch.tensor([1, 3]))
+    torch.testing.assert_close(per["taxa_L10"], expected.detach())
+    assert per["taxa_L20"].item() == 0.0 and torch.isfinite(total)
+
+
+def test_kept_null_samples_train_toward_uniform():
+    loss = build_task_loss(config(), ["taxa_L10"], {"taxa_L10": 4}, None, None)
+    logits = torch.randn(3, 4)
+    target = {"taxa_L10": torch.tensor([2, -1, -1])}
+    total, _ = loss({"taxa_L10": logits}, target, null_keep_prob=1.0)
+    uniform = torch.full((4,), 0.25)
+    expected = (
+        F.cross_entropy(logits[:1], torch.tensor([2]), reduction="sum") - (uniform * logits[1:].log_softmax(-1)).sum()
+    ) / 3
+    torch.testing.assert_close(total, expected)
+    # With a probability, draws come from the given generator: same seed, same result.
+    a, _ = loss({"taxa_L10": logits}, target, null_keep_prob=0.5, generator=torch.Generator().manual_seed(3))
+    b, _ = loss({"taxa_L10": logits}, target, null_keep_prob=0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_soft_targets_for_mixed_samples():
+    loss = build_task_loss(config(), ["taxa_L10"], {"taxa_L10": 4}, None, None)
+    logits = torch.randn(3, 4, requires_grad=True)
+    soft = torch.tensor([[0.7, 0.3, 0, 0], [0, 0, 1.0, 0], [0.5, 0.5, 0, 0]])
+    valid = torch.tensor([True, True, False])
+    total, _ = loss({"taxa_L10": logits}, {"taxa_L10": soft}, {"taxa_L10": valid})
+    lp = logits.log_softmax(-1)
+    expected = (-(0.7 * lp[0, 0] + 0.3 * lp[0, 1]) - lp[1, 2]) / 2
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert torch.equal(logits.grad[2], torch.zeros(4))
+
+
+def test_class_weights_applied_exactly_once():
+    cw = ClassWeightingConfig(TYPE="capping", CAP=20.0)
+    counts = np.array([80, 15, 5])
+    cfg = config(CLASS_WEIGHTING=cw)
+    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 3}, None, {"taxa_L10": counts})
+    w = torch.as_tensor(class_weights(counts, cw), dtype=torch.float32)
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, -1])
+    total, _ = loss({"taxa_L10": logits}, {"taxa_L10": y})
+    ce = F.cross_entropy(logits[:4], y[:4], reduction="none")
+    torch.testing.assert_close(total, (w[y[:4]] * ce).sum() / 4)  # once: w, not w²
+    soft = torch.tensor([[0.5, 0.5, 0.0]])
+    total_soft, _ = loss({"taxa_L10": logits[:1]}, {"taxa_L10": soft}, {"taxa_L10": torch.tensor([True])})
+    expected = (0.5 * w[0] + 0.5 * w[1]) * -(soft * logits[:1].log_softmax(-1)).sum()
+    torch.testing.assert_close(total_soft, expected)
+    loss.eval()  # validation losses are unweighted
+    torch.testing.assert_close(loss({"taxa_L10": logits}, {"taxa_L10": y})[0], ce.mean())
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "capping", "logarithmic"])
+def test_class_weight_formulas_favour_rare_classes_and_keep_scale(kind):
+    counts = np.array([1000, 100, 10, 0])
+    w = class_weights(counts, ClassWeightingConfig(TYPE=kind))
+    assert w[0] < w[1] < w[2]
+    assert (counts * w).sum() / counts.sum() == pytest.approx(1.0)
+    assert class_weights(counts, ClassWeightingConfig(TYPE="none")) is None
+    capped = class_weights(np.array([1000, 1]), ClassWeightingConfig(TYPE="capping", CAP=10.0))
+    assert capped[1] / capped[0] == pytest.approx(10.0 / (1001 / 1000))  # min(N/n, CAP) per class
+
+
+def test_class_weighting_without_counts_is_config_error():
+    cfg = config(CLASS_WEIGHTING=ClassWeightingConfig(TYPE="smoothing"))
+    with pytest.raises(
+        ConfigError, match=r"LOSS\.CLASS_WEIGHTING\.TYPE: 'smoothing' needs training class counts for 'taxa_L10'"
+    ):
+        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 3}, None, None)
+
+
+def test_static_rank_weights():
+    cfg = config({"taxa_L10": head(weight=0.5), "taxa_L20": head(weight=2.0)})
+    loss = build_task_loss(cfg, ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
+    logits = {"taxa_L10": torch.randn(3, 4), "taxa_L20": torch.randn(3, 2)}
+    targets = {"taxa_L10": torch.tensor([0, 1, 2]), "taxa_L20": torch.tensor([0, 1, 1])}
+    total, per = loss(logits, targets)
+    torch.testing.assert_close(total, 0.5 * per["taxa_L10"] + 2.0 * per["taxa_L20"])
+    assert not per["taxa_L10"].requires_grad
+
+
+def _two_task_setup(scale_a: float, scale_b: float, loss_a: float, loss_b: float):
+    """Shared parameter θ; task losses L = scale·θ·x (so ‖∇L‖ ∝ scale) shifted to the wanted values."""
+    theta = torch.nn.Parameter(torch.ones(3))
+    x = torch.tensor([1.0, 2.0, 2.0])
+    base = (theta * x).sum()
+    losses = {"a": scale_a * base - scale_a * 5 + loss_a, "b": scale_b * base - scale_b * 5 + loss_b}
+    return theta, losses
+
+
+def test_gradnorm_lowers_weight_of_task_with_larger_gradient():
+    gn = GradNorm(["a", "b"], alpha=1.5, lr=0.1)
+    theta, losses = _two_task_setup(10.0, 1.0, 1.0, 1.0)
+    weights = gn.update(losses, [theta])
+    assert weights["a"] < 1.0 < weights["b"]
+    assert sum(weights.values()) == pytest.approx(2.0)
+    assert theta.grad is None  # never touches .grad
+
+
+def test_gradnorm_raises_weight_of_slower_task():
+    gn = GradNorm(["a", "b"], alpha=1.5, lr=0.1)
+    theta, losses = _two_task_setup(1.0, 1.0, 1.0, 1.0)
+    gn.update(losses, [theta])  # records L(0); equal gradients and ratios: weights stay put
+    torch.testing.assert_close(gn.weights, torch.ones(2))
+    theta, losses = _two_task_setup(1.0, 1.0, 0.9, 0.3)  # "a" has trained less (higher L/L0)
+    weights = gn.update(losses, [theta])
+    assert weights["a"] > 1.0 > weights["b"]
+
+
+def test_gradnorm_keeps_existing_gradients_and_state_round_trips():
+    gn = GradNorm(["a", "b"], alpha=1.0, lr=0.05, init_weights=[1.0, 3.0])
+    torch.testing.assert_close(gn.weights, torch.tensor([0.5, 1.5]))
+    theta, losses = _two_task_setup(2.0, 1.0, 1.0, 1.0)
+    theta.grad = torch.full((3,), 7.0)
+    gn.update(losses, [theta])
+    assert torch.equal(theta.grad, torch.full((3,), 7.0))
+    clone = GradNorm(["a", "b"], alpha=1.0, lr=0.05)
+    clone.load_state_dict(gn.state_dict())
+    assert torch.equal(clone.weights, gn.weights) and torch.equal(clone.initial_losses, gn.initial_losses)
+    assert gn.due(0) and not GradNorm(["a"], 1.0, 0.1, update_interval=10, warmup_steps=20).due(10)
+
+
+def test_task_loss_uses_gradnorm_weights():
+    from linnaeus.config.defaults import GradNormConfig
+
+    cfg = config({"taxa_L10": head(weight=1.0), "taxa_L20": head(weight=3.0)}, GRADNORM=GradNormConfig(ENABLED=True))
+    loss = build_task_loss(cfg, ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
+    assert loss.gradnorm is not None
+    torch.testing.assert_close(loss.task_weights, torch.tensor([0.5, 1.5]))
+    loss.gradnorm.weights.copy_(torch.tensor([1.2, 0.8]))
+    logits = {"taxa_L10": torch.randn(3, 4), "taxa_L20": torch.randn(3, 2)}
+    targets = {"taxa_L10": torch.tensor([0, 1, 2]), "taxa_L20": torch.tensor([0, 1, 1])}
+    total, per = loss(logits, targets)
+    torch.testing.assert_close(total, 1.2 * per["taxa_L10"] + 0.8 * per["taxa_L20"])
