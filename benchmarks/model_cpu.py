@@ -1,9 +1,11 @@
 """mFormerV1_sm training-step throughput on CPU: forward + backward images/s at a few input sizes.
 
-    .venv/bin/python -m benchmarks.model_cpu [--sizes 64 128] [--batch 8] [--iters 3]
+    .venv/bin/python -m benchmarks.model_cpu [--sizes 64 128] [--batch 8] [--iters 3] [--threads 1]
 
 The sizes are timed interleaved (64 128 64 128 ...) and reported as medians, so machine load drifts over all of
-them alike. "GMAC/s" counts a training step as 3× the forward MACs (forward + input and weight gradients).
+them alike. One intra-op thread by default (one DDP rank per core); on a loaded 2-core machine, 2 threads can be
+10x slower than 1 because they wait on each other. "GMAC/s" counts a training step as 3x the forward MACs
+(forward, input gradients, weight gradients).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleave, median
+from benchmarks.common import interleave, median, set_threads
 from linnaeus.config import load_config
 from linnaeus.models import build_model, model_size
 
@@ -40,7 +42,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 keeps torch's default")
     args = parser.parse_args()
+    if args.threads > 0:
+        set_threads(args.threads)
 
     torch.manual_seed(0)
     cfg = load_config(ARCH).MODEL

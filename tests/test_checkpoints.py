@@ -33,6 +33,32 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise AssertionError("timed out waiting")
 
 
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in their own sessions, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _latest(run: Path) -> str | None:
     p = run / "checkpoints" / "latest"
     return p.read_text().strip() if p.is_file() else None
@@ -48,7 +74,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, 
     proc = subprocess.Popen(train_cmd(opts, "cpu_ddp"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(lambda: _latest(run) == "step_10", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _signal_tree(proc, signal.SIGKILL)
     proc.communicate()
     steps_before = {r["step"] for r in metrics(run, "train")}
     assert 30 not in steps_before, "the run finished before it could be killed; the test proves nothing"
@@ -96,7 +122,7 @@ def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    _signal_tree(proc, signal.SIGTERM)
     proc.communicate(timeout=180)
     saved = _latest(run)
     assert saved is not None, "no checkpoint after SIGTERM"
