@@ -56,7 +56,7 @@ class MinimalLoop:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 class InterleavedBatches:
@@ -121,9 +121,8 @@ def _single_process_group() -> bool:
     return True
 
 
-def measure(ds: BenchDataset, out_dir: Path, steps: int, **overrides: Any) -> tuple[Comparison, InterleavedBatches]:
-    """Run ``steps`` trainer steps interleaved with as many minimal steps; returns the comparison and the stand-in
-    loader (for its records)."""
+def measure(ds: BenchDataset, out_dir: Path, steps: int, **overrides: Any) -> Comparison:
+    """Run ``steps`` trainer steps interleaved with as many minimal steps (``overrides``: ``--opts`` as keywords)."""
     import torch.distributed as dist
 
     from linnaeus.engine.trainer import Trainer
@@ -175,14 +174,14 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, **overrides: Any) -> tu
         },
         items_per_unit=cfg.DATA.BATCH_SIZE,
     )
-    return comp, stand_in
+    return comp
 
 
 def run(quick: bool) -> list[Comparison]:
     set_threads(1)
     with tempfile.TemporaryDirectory(prefix="linnaeus-bench-overhead-") as tmp:
         ds = write_bench_dataset(Path(tmp) / "demo", 240 if quick else 480, None)
-        comp, _ = measure(ds, Path(tmp) / "out", steps=14 if quick else 40)
+        comp = measure(ds, Path(tmp) / "out", steps=14 if quick else 40)
     return [comp]
 
 

@@ -335,3 +335,17 @@ def test_heads_dict_order_follows_task_keys_and_loss_grad_reaches_backbone():
     F.cross_entropy(out["taxa_L20"], torch.tensor([0, 1])).backward()
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0
     assert model.head.heads["taxa_L10"].fc.weight.grad is None  # a LinearHead for L10 is independent of L20's loss
+
+
+@pytest.mark.parametrize("path", [V1_SM, V0_SM], ids=["v1", "v0"])
+@pytest.mark.parametrize("only_last", [False, True], ids=["both_cls", "last_cls"])
+def test_every_parameter_gets_a_gradient(path, only_last):
+    # DDP without find_unused_parameters hangs or errors if any parameter is left out of the graph.
+    hierarchy = {("taxa_L20", "taxa_L10"): torch.eye(3).repeat_interleave(torch.tensor([3, 2, 2]), dim=1)}
+    heads = "{taxa_L10: {TYPE: ConditionalClassifier}, taxa_L20: {TYPE: LinearHead}}"
+    extra = ["MODEL.ONLY_LAST_CLS", str(only_last), "MODEL.CLASSIFICATION.HEADS", heads]
+    extra += ["DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L20]"]
+    model = tiny_model(path, [2, 3], extra=extra, hierarchy=hierarchy)
+    assert hasattr(model.backbone.aggregate, "proj1") != only_last
+    sum(v.sum() for v in model(torch.randn(2, 3, 64, 64), torch.randn(2, 5)).values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -29,7 +29,8 @@ from linnaeus.data.images import load_image
 from linnaeus.data.loader import build_loader
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.shards import ShardOptions, build_shard_train_loader, shard_report, write_shards
-from linnaeus.data.shards.reader import ShardTrainDataset
+from linnaeus.data.shards.reader import ShardTrainDataset, iter_shard
+from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
 from linnaeus.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,9 @@ def sha256(path: Path) -> str:
 
 
 def shard_cfg(ds, out: Path, *opts: str):
-    return ds.config("DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", str(out), "DATA.SHARDS.SHUFFLE_BUFFER", "8", *opts)
+    return ds.config(
+        "DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", str(out), "DATA.SHARDS.SHUFFLE_BUFFER", "8", *opts
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def sharded(tmp_path_factory):
 
 
 def test_manifest_records_source_counts_and_checksums(sharded):
-    ds, out, _, prepared, m = sharded
+    _ds, out, _, prepared, m = sharded
     assert m["format_version"] == 1 and m["tool"]["version"]
     assert m["source"]["labels"]["train"]["fingerprint"] == prepared.train.store.fingerprint
     assert m["source"]["seed"] == 7 and m["source"]["ratio"] == 0.75
@@ -156,7 +159,9 @@ def test_missing_image_strict_fails_and_allowed_is_skipped(tmp_path):
 def test_max_side_reencodes_large_images(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2, image_size=40)
     out = tmp_path / "out"
-    m = write_shards(ds.config(), out, ShardOptions(samples_per_shard=SPS, max_side=24, splits=("val",), progress=False))
+    m = write_shards(
+        ds.config(), out, ShardOptions(samples_per_shard=SPS, max_side=24, splits=("val",), progress=False)
+    )
     for s in m["splits"]["val"]["shards"]:
         for sample in wds.WebDataset(str(out / s["name"]), shardshuffle=False, empty_check=False):
             assert max(Image.open(io.BytesIO(sample["jpg"])).size) == 24
@@ -204,9 +209,11 @@ def _check_against_file_rows(batches, prepared):
 
 
 def test_loader_epoch_matches_file_training_rows(sharded):
-    ds, out, cfg, prepared, _ = sharded
+    ds, _out, cfg, prepared, _ = sharded
     n_train, bs = len(prepared.train.rows), 4
-    file_loader, _ = build_loader(prepared.dataset("train", train=True), batch_size=bs, num_workers=0, shuffle=True, seed=5)
+    file_loader, _ = build_loader(
+        prepared.dataset("train", train=True), batch_size=bs, num_workers=0, shuffle=True, seed=5
+    )
     ref = next(iter(file_loader))
 
     batches, n = _epoch(cfg, prepared, world=1, rank=0, bs=bs, workers=0)
@@ -238,7 +245,7 @@ def test_loader_epoch_matches_file_training_rows(sharded):
 
 
 def test_resume_offset_and_few_shards_still_give_exact_counts(sharded):
-    _, out, cfg, prepared, _ = sharded
+    _, _out, cfg, prepared, _ = sharded
     loader, n, set_epoch = build_shard_train_loader(
         cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2
     )
@@ -247,7 +254,7 @@ def test_resume_offset_and_few_shards_still_give_exact_counts(sharded):
 
 
 def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
-    _, out, cfg, prepared, m = sharded
+    _, out, _cfg, prepared, m = sharded
     a = prepared.arrays("train", with_paths=False)
     good = [str(out / s["name"]) for s in m["splits"]["train"]["shards"]]
     bad = tmp_path / "bad.tar"
@@ -304,3 +311,96 @@ def test_shard_size_target_plans_by_mean_file_size(tmp_path):
     size = ds.image_file(0).stat().st_size
     m = write_shards(ds.config(), tmp_path / "out", ShardOptions(shard_size_mb=5 * (size + 1536) / 1e6, progress=False))
     assert m["options"]["samples_per_shard"]["train"] in (4, 5, 6)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_reads_other_writers_and_rejects_truncation(fmt):
+    members = [("a" * 120 + ".jpg", b"x" * 700), ("dir/0001.json", b"{}"), ("empty.txt", b"")]
+    if fmt == tarfile.USTAR_FORMAT:
+        members[0] = ("p" * 90 + "/" + "a" * 60 + ".jpg", b"x" * 700)  # long names via the ustar prefix field
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_dir_info())  # skipped by the reader
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    assert list(iter_tar_members(io.BytesIO(raw))) == members
+    for cut in (700, 1100, 2048):
+        with pytest.raises(TarFormatError):
+            list(iter_tar_members(io.BytesIO(raw[:cut])))
+    garbled = bytearray(raw)
+    garbled[600] ^= 0xFF  # inside the second header block
+    with pytest.raises(TarFormatError):
+        list(iter_tar_members(io.BytesIO(bytes(garbled))))
+
+
+def _dir_info() -> tarfile.TarInfo:
+    info = tarfile.TarInfo("somedir")
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_rerun_with_other_shard_size_replaces_the_old_set(sharded, tmp_path):
+    ds, ref, _, prepared, _ = sharded
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    opts = ShardOptions(samples_per_shard=7, splits=("train",), workers=1, progress=False)
+    m = write_shards(load_config(ds.config_path), out, opts)
+    assert m["splits"]["train"]["num_shards"] == -(-len(prepared.train.rows) // 7)
+    assert "val" in m["splits"]  # the val entry of the earlier run is still valid and kept
+    on_disk = sorted(p.name for p in out.glob("train-*.tar"))
+    assert on_disk == [s["name"] for s in m["splits"]["train"]["shards"]]
+    rows = [
+        json.loads(parts["json"])["row"] for name in on_disk for _, parts in iter_shard(str(out / name), pytest.fail)
+    ]
+    assert sorted(rows) == prepared.train.rows.tolist()
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from linnaeus.config import load_config
+from linnaeus.data.prepare import prepare_data
+from linnaeus.data.shards import build_shard_train_loader
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
+loader, n, set_epoch = build_shard_train_loader(
+    cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
+)
+rows = []
+for epoch in range(2):
+    set_epoch(epoch)
+    for batch in loader:
+        step = torch.ones(1)
+        dist.all_reduce(step)  # one collective per batch: a rank with fewer batches would hang here
+        rows += batch["row"].tolist()
+    dist.barrier()
+json.dump({"n": n, "rows": rows}, open(f"{sys.argv[3]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_launch_steps_together(sharded, tmp_path):
+    ds, out, _, prepared, _ = sharded
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file"]
+    cmd += [
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        str(script),
+        str(ds.config_path),
+        str(out),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    n = len(prepared.train.rows) // 8
+    assert results[0]["n"] == results[1]["n"] == n
+    assert all(len(r["rows"]) == 2 * n * 4 for r in results)
+    assert set(results[0]["rows"]) | set(results[1]["rows"]) <= set(prepared.train.rows.tolist())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch_utils import ACCELERATE as ACCELERATE_BIN
 from launch_utils import ROOT, ensure_demo, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -150,3 +151,29 @@ def test_wandb_offline_writes_a_local_run(demo: Path, tmp_path: Path) -> None:
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list(run.iterdir())
     assert len(metrics(run, "train")) == 2  # metrics.jsonl is written whether W&B is on or not
+
+
+def test_training_from_shards_with_two_processes(demo: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(demo), str(data)], check=True)
+    opts = tiny_opts(data, tmp_path, name="shards", TRAIN__MAX_STEPS=4, DATA__SHARDS__ENABLED=True,
+                     DATA__SHARDS__DIR=str(shards), SCHEDULE__VALIDATION__INTERVAL="{STEPS: 4}")
+    cmd = [str(Path(ACCELERATE_BIN).with_name("linnaeus")), "shard", "--cfg", str(ROOT / "configs/experiments/demo.yaml"),
+           "--out", str(shards), "--samples-per-shard", "40", "--workers", "1", "--opts", *opts]
+    subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, text=True, timeout=300)
+    launch(opts, "cpu_ddp")
+    run = run_dir(tmp_path, "shards")
+    assert len(metrics(run, "train")) == 4
+    assert metrics(run, "val")[-1]["samples"] > 0
+    # labels.h5 stays the source of truth: changing it invalidates the shards, loudly.
+    import h5py
+
+    with h5py.File(data / "labels.h5", "r+") as f:
+        f["taxa_L30"][0] = f["taxa_L30"][1]
+        f["taxa_L30"][1] = f["taxa_L30"][0]
+        f.attrs["touched"] = 1
+    proc = launch(tiny_opts(data, tmp_path, name="shards2", TRAIN__MAX_STEPS=2, DATA__SHARDS__ENABLED=True,
+                            DATA__SHARDS__DIR=str(shards)), check=False)
+    assert proc.returncode != 0
+    assert "linnaeus shard" in proc.stderr and "labels.h5" in proc.stderr

@@ -284,6 +284,9 @@ def build_report(
     for name, section in (extra or {}).items():
         try:
             r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()})
+            if isinstance(r[name], dict):  # a section may carry its own problems (e.g. a shard fingerprint)
+                errors.extend(r[name].get("errors", []))
+                r["warnings"].extend(r[name].get("warnings", []))
         except LinnaeusError as exc:
             errors.append(str(exc))
     return _finish(r)

@@ -114,6 +114,9 @@ class Trainer:
             self.ckpt.clean_partial()
         acc.wait_for_everyone()
         _seed_everything(cfg.MISC.SEED)
+        if not torch.cuda.is_available():
+            # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
+            torch.set_flush_denormal(True)
 
         from linnaeus.data.prepare import prepare_data
 
@@ -146,9 +149,21 @@ class Trainer:
             pin_memory=cfg.DATA.PIN_MEMORY and torch.cuda.is_available(),
             prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
         )
-        self.train_loader, self.train_sampler = build_loader(
-            self.train_set, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, pad=False, **common
-        )
+        if cfg.DATA.SHARDS.ENABLED:
+            # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with
+            # a fixed number of batches per rank. Validation stays on files so its metrics are exact.
+            from linnaeus.data.shards import build_shard_train_loader
+
+            self.train_loader, _, _ = build_shard_train_loader(
+                cfg, self.data, world_size=d.world_size, rank=d.rank, batch_size=cfg.DATA.BATCH_SIZE,
+                seed=cfg.MISC.SEED, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=common["pin_memory"],
+                prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
+            )
+            self.train_sampler = self.train_loader.dataset  # set_epoch(epoch, start_batch=...)
+        else:
+            self.train_loader, self.train_sampler = build_loader(
+                self.train_set, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, pad=False, **common
+            )
         self.val_loader, self.val_sampler = build_loader(
             self.val_set, batch_size=cfg.DATA.BATCH_SIZE_VAL, shuffle=False, drop_last=False, pad=True, **common
         )
@@ -202,7 +217,9 @@ class Trainer:
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                     )
         if cfg.MODEL.COMPILE:
-            self.model = torch.compile(self.model)
+            # dynamic=False: inductor's dynamic-shape path crashes on this model (a second input shape, e.g. the
+            # validation batch, would otherwise switch it on); each new shape compiles once instead.
+            self.model = torch.compile(self.model, dynamic=False)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.loss_fn = self.loss_fn.to(self.accelerator.device)
         self.group_lr_scale = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
@@ -501,6 +518,9 @@ class Trainer:
         if latest is None or read_state(latest)["step"] != s.step:
             self._save()
         self._export()
+        skipped = getattr(getattr(self.train_loader, "dataset", None), "skipped_count", 0)
+        if skipped:
+            log.warning("%d corrupt shard members were skipped during training", int(skipped))
         if s.missing_images:
             log.warning("%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)", s.missing_images)
         acc.wait_for_everyone()

@@ -32,7 +32,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import ImageDecodeError, load_image
 from linnaeus.data.shards import manifest as mf
+from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -72,22 +72,17 @@ def iter_shard(path: str, on_error: Callable[[str], None]) -> Iterator[tuple[str
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with open_shard(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                k, dot, ext = base.partition(".")  # the first dot splits key and extension (WebDataset's rule)
+        with open_shard(path) as fh:
+            for name, data in iter_tar_members(fh):
+                k, dot, ext = os.path.basename(name).partition(".")  # first dot: key | extension (WebDataset)
                 if not dot:
                     continue
-                reader = tar.extractfile(member)
-                data = reader.read() if reader is not None else b""
                 if k != key:
                     if key is not None:
                         yield key, parts
                     key, parts = k, {}
                 parts[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (TarFormatError, OSError) as err:
         on_error(f"shard {path}: {err}")
         return
     if key is not None:
@@ -148,8 +143,10 @@ class ShardTrainDataset(IterableDataset):
         self.where = where
         self.epoch = 0
         self.start_batch = 0
-        # Workers are separate processes: a shared counter lets the trainer report skips from all of them.
-        self._skipped = multiprocessing.Value("q", 0)
+        # Workers are separate processes: a shared counter lets the trainer report skips from all of them. A
+        # spawn-context lock is inherited by forked workers and may also be sent to spawn/forkserver ones (a
+        # fork-context lock may not).
+        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
         self._local_skips = 0
 
     # ----------------------------------------------------------------------------------------------- epoch
@@ -335,11 +332,13 @@ def build_shard_train_loader(
     num_workers: int,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    multiprocessing_context: Any = None,
 ) -> tuple[DataLoader, int, Callable[..., None]]:
     """(loader, batches_per_epoch, set_epoch) for training from ``DATA.SHARDS.DIR``.
 
     Call ``set_epoch(epoch, start_batch=0)`` before iterating each epoch; the loader then yields exactly
     ``batches_per_epoch - start_batch`` batches on every process. Do not pass the loader to ``accelerator.prepare``.
+    ``loader.dataset.skipped_count`` is the number of corrupt samples skipped so far (all workers).
     """
     shard_dir = shard_dir_of(cfg)
     manifest = mf.read_manifest(shard_dir, cfg_hint="EXP.yaml")
@@ -390,6 +389,7 @@ def build_shard_train_loader(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         # Fresh workers each epoch copy the dataset after set_epoch, so they see the new epoch and offset.
         persistent_workers=False,
+        multiprocessing_context=multiprocessing_context if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
     return loader, batches, dataset.set_epoch

@@ -289,20 +289,40 @@ class ShardOptions:
             raise ConfigError(f"--max-side: must be >= 8 pixels, got {self.max_side}")
 
 
-def _previous_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _old_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return mf.read_manifest(out_dir)
+    except DataError:
+        return None  # none yet (first or interrupted run) or unreadable: nothing to keep from it
+
+
+def _previous_records(old: dict[str, Any] | None, out_dir: Path) -> dict[str, dict[str, Any]]:
     """name -> record of shards an earlier run finished (complete manifest first, then the progress log)."""
     records: dict[str, dict[str, Any]] = {}
-    try:
-        old = mf.read_manifest(out_dir)
-        for split, entry in old["splits"].items():
-            for rec in entry.get("shards", []):
-                if "plan" in rec and "sha256" in rec:
-                    records[rec["name"]] = {**rec, "split": split}
-    except DataError:
-        pass  # no (valid) manifest: nothing finished, or an interrupted first run
+    for split, entry in (old or {}).get("splits", {}).items():
+        for rec in entry.get("shards", []):
+            if "plan" in rec and "sha256" in rec:
+                records[rec["name"]] = {**rec, "split": split}
     for rec in mf.read_progress(out_dir):
         records[rec["name"]] = rec
     return records
+
+
+def _retire_manifest(out_dir: Path, old: dict[str, Any] | None, tasks: list[ShardTask]) -> None:
+    """Remove manifest.json before changing any shard it lists, so a run killed half-way cannot leave a manifest
+    that describes other files (readers then stop with "manifest not found" until the rerun finishes). Its
+    still-valid records move to the progress log so that rerun keeps those shards."""
+    if old is None:
+        return
+    splits = {t.split for t in tasks}
+    listed = {s["name"] for split, e in old["splits"].items() if split in splits for s in e.get("shards", [])}
+    planned = {t.name: t for t in tasks}
+    if not any(name not in planned or planned[name].previous is None for name in listed):
+        return  # every listed shard is planned unchanged: at worst rewritten to the same bytes
+    for t in tasks:
+        if t.previous is not None:
+            mf.append_progress(out_dir, {k: v for k, v in t.previous.items() if k != "kept"})
+    (out_dir / mf.MANIFEST_NAME).unlink(missing_ok=True)
 
 
 def _clean_stale(out_dir: Path, split: str, planned: set[str]) -> None:
@@ -359,7 +379,8 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
     prepared = prepare_data(cfg, check_images=False)  # the images are checked here, shard by shard
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _previous_records(out)
+    old = _old_manifest(out)
+    previous = _previous_records(old, out)
 
     tasks: list[ShardTask] = []
     per_split: dict[str, int] = {}
@@ -370,23 +391,32 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
         )
         per_split[split] = sps
         split_tasks = plan_split(prepared, split, out, samples_per_shard=sps, max_side=opts.max_side)
-        _clean_stale(out, split, {t.name for t in split_tasks})
         for t in split_tasks:
             rec = previous.get(t.name)
             t.previous = rec if rec is not None and rec.get("plan") == t.plan else None
         tasks += split_tasks
+    _retire_manifest(out, old, tasks)
+    for split in opts.splits:
+        _clean_stale(out, split, {t.name for t in tasks if t.split == split})
 
     workers = opts.workers or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
     total = sum(len(t.rows) for t in tasks)
     done: dict[str, list[dict[str, Any]]] = {s: [] for s in opts.splits}
     kept = 0
-    with tqdm(total=total, desc="shard", unit="img", file=sys.stderr, disable=not opts.progress) as bar:
-        for rec in _run_tasks(tasks, workers):
-            if not rec["kept"]:
-                mf.append_progress(out, {k: v for k, v in rec.items() if k != "kept"})
-            kept += bool(rec["kept"])
-            done[rec["split"]].append(rec)
-            bar.update(rec["samples"] + len(rec.get("skipped", [])))
+    try:
+        with tqdm(total=total, desc="shard", unit="img", file=sys.stderr, disable=not opts.progress) as bar:
+            for rec in _run_tasks(tasks, workers):
+                if not rec["kept"]:
+                    mf.append_progress(out, {k: v for k, v in rec.items() if k != "kept"})
+                kept += bool(rec["kept"])
+                done[rec["split"]].append(rec)
+                bar.update(rec["samples"] + len(rec.get("skipped", [])))
+    except BaseException:
+        # Workers terminated mid-shard cannot remove their temp files; finished shards stay for the rerun.
+        for split in opts.splits:
+            for tmp in out.glob(f".{split}-*.tar.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        raise
 
     identity = mf.split_identity(prepared)
     manifest: dict[str, Any] = {
@@ -403,7 +433,7 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
         },
         "splits": {s: _split_entry(done[s]) for s in opts.splits},
     }
-    _keep_other_splits(out, manifest, identity)
+    _keep_other_splits(out, old, manifest, identity)
     manifest["num_samples"] = sum(e["num_samples"] for e in manifest["splits"].values())
     manifest["num_shards"] = sum(e["num_shards"] for e in manifest["splits"].values())
     mf.write_manifest(out, manifest)
@@ -413,13 +443,9 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
     return manifest
 
 
-def _keep_other_splits(out: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+def _keep_other_splits(out: Path, old: dict[str, Any] | None, manifest: dict[str, Any], identity: dict) -> None:
     """A run with ``--splits train`` keeps an earlier run's val entry when it was cut from the same data."""
-    try:
-        old = mf.read_manifest(out)
-    except DataError:
-        return
-    if old.get("source", {}).get("fingerprint") != identity["fingerprint"]:
+    if old is None or old.get("source", {}).get("fingerprint") != identity["fingerprint"]:
         return
     for split, entry in old["splits"].items():
         rows_now = identity["rows"].get(split, {}).get("sha256")
