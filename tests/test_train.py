@@ -177,3 +177,15 @@ def test_training_from_shards_with_two_processes(demo: Path, tmp_path: Path) -> 
                             DATA__SHARDS__DIR=str(shards)), check=False)
     assert proc.returncode != 0
     assert "linnaeus shard" in proc.stderr and "labels.h5" in proc.stderr
+
+
+def test_gradnorm_moves_task_weights_under_ddp(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="gn", TRAIN__MAX_STEPS=4, LOSS__GRADNORM__ENABLED=True,
+                     LOSS__GRADNORM__UPDATE_INTERVAL=1)
+    launch(opts, "cpu_ddp")
+    rows = metrics(run_dir(tmp_path, "gn"), "train")
+    keys = ["taxa_L10/weight", "taxa_L20/weight", "taxa_L30/weight"]
+    first, last = [rows[0][k] for k in keys], [rows[-1][k] for k in keys]
+    assert sum(last) == pytest.approx(3.0, rel=1e-4)  # normalised to the number of tasks
+    assert max(abs(a - b) for a, b in zip(first, last, strict=True)) > 1e-4
+    assert all(np.isfinite(r["loss"]) for r in rows)

@@ -41,6 +41,7 @@ class TrainerState:
     zero_stage: int = 0
     missing_images: int = 0
     task_weights: dict[str, float] = field(default_factory=dict)
+    gradnorm_state: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -220,7 +221,15 @@ class Trainer:
             # dynamic=False: inductor's dynamic-shape path crashes on this model (a second input shape, e.g. the
             # validation batch, would otherwise switch it on); each new shape compiles once instead.
             self.model = torch.compile(self.model, dynamic=False)
+        if cfg.LOSS.GRADNORM.ENABLED and self.dist.zero_stage == 3:
+            raise ConfigError(
+                "LOSS.GRADNORM.ENABLED: GradNorm needs whole parameters for its per-rank gradient norms, which ZeRO-3 "
+                "partitions; use DDP or ZeRO-1/2, or disable GradNorm"
+            )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.shared_params = (
+            self.accelerator.unwrap_model(self.model).gradnorm_shared_parameters() if self.loss_fn.gradnorm else []
+        )
         self.loss_fn = self.loss_fn.to(self.accelerator.device)
         self.group_lr_scale = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
         if self.resume_from is not None:
@@ -261,6 +270,10 @@ class Trainer:
         self.state.wandb_run_id = saved.wandb_run_id
         self.state.missing_images = saved.missing_images
         self.state.task_weights = saved.task_weights
+        if self.loss_fn.gradnorm is not None and saved.gradnorm_state:
+            gn = self.loss_fn.gradnorm
+            current = gn.state_dict()
+            gn.load_state_dict({k: torch.as_tensor(v, dtype=current[k].dtype) for k, v in saved.gradnorm_state.items()})
 
     # -------------------------------------------------------------------------------------------------- summary
     def _summary(self) -> None:
@@ -346,7 +359,9 @@ class Trainer:
             mask[:, slices[c] : slices[c + 1]] = (~comp_drop[:, c]).to(meta.dtype)[:, None]
         return meta * mask, meta_valid & ~comp_drop
 
-    def _train_step(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _train_step(
+        self, batch: dict[str, Any], gen: torch.Generator, first_micro: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         step = self.state.step
         meta, meta_valid = self._mask_meta(
             batch["meta"], batch["meta_valid"], self.ops.meta_mask_prob(step), self.ops.partial_meta_mask_prob(step), gen
@@ -358,11 +373,14 @@ class Trainer:
         meta_in = out.meta.to(dtype) if out.meta.shape[1] else None
         logits = self.model(out.images.to(dtype), meta_in)
         logits = {k: v.float() for k, v in logits.items()}  # losses in fp32
-        total, per_task = self.loss_fn(
-            logits, out.targets, out.valid, null_keep_prob=self.ops.null_keep_prob(step), generator=gen
-        )
+        losses = self.loss_fn.task_losses(logits, out.targets, out.valid, self.ops.null_keep_prob(step), gen)
+        gradnorm = self.loss_fn.gradnorm
+        if gradnorm is not None and first_micro and gradnorm.due(step):
+            # Per-rank gradient norms via autograd.grad: no .grad is touched, no DDP hook fires; averaged over ranks.
+            gradnorm.update(losses, self.shared_params, reduce=lambda t: self.accelerator.reduce(t, "mean"))
+        total = self.loss_fn.combine(losses)
         self.accelerator.backward(total)
-        return total.detach(), per_task
+        return total.detach(), {k: v.detach() for k, v in losses.items()}
 
     def _set_lr(self) -> float:
         lr = self.lr_schedule.lr(self.state.step)
@@ -413,6 +431,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- checkpoint
     def _save(self) -> Path:
         s = self.state
+        s.task_weights = {k: float(w) for k, w in zip(self.task_keys, self.loss_fn.task_weights.tolist(), strict=True)}
+        if self.loss_fn.gradnorm is not None:
+            s.gradnorm_state = {k: v.tolist() for k, v in self.loss_fn.gradnorm.state_dict().items()}
         if self.last_val and self.ckpt.best_metric in self.last_val:
             s.best_checkpoints = self.ckpt.update_bests(s.best_checkpoints, s.step, self.last_val)
         path = self.ckpt.save(self.accelerator, s.step, s.to_dict())
@@ -461,7 +482,7 @@ class Trainer:
                 # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.
                 gen.manual_seed(hash((self.cfg.MISC.SEED, self.dist.rank, s.step, micro)) % 2**63)
                 with acc.accumulate(self.model):
-                    loss, per_task = self._train_step(batch, gen)
+                    loss, per_task = self._train_step(batch, gen, first_micro=micro == 0)
                     if acc.sync_gradients and not self.dist.uses_deepspeed and self.cfg.TRAIN.CLIP_GRAD > 0:
                         acc.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.CLIP_GRAD)
                     self.optimizer.step()
@@ -485,6 +506,8 @@ class Trainer:
                     row = {"loss": mean_loss, "lr": lr, "images_per_sec": ips}
                     row |= {f"{k}/loss": v / max(window_n, 1) for k, v in window_tasks.items()}
                     row["meta_mask_prob"] = self.ops.meta_mask_prob(s.step)
+                    if self.loss_fn.gradnorm is not None:
+                        row |= {f"{k}/weight": float(w) for k, w in zip(self.task_keys, self.loss_fn.task_weights.tolist(), strict=True)}
                     self._log("train", row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
