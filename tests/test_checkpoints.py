@@ -180,3 +180,34 @@ def test_retention_keeps_last_k_and_best_m(demo: Path, tmp_path: Path) -> None:
     assert kept == expected
     assert _latest(run) == "step_8"
     assert (run / "export" / "best.safetensors").is_file()
+
+
+def test_resume_with_another_process_count_restores_weights(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="reshape", TRAIN__MAX_STEPS=4, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}")
+    launch(opts, "cpu_zero2")
+    run = run_dir(tmp_path, "reshape")
+    before = final_weights(run)
+    launch(tiny_opts(demo, tmp_path, name="reshape", TRAIN__MAX_STEPS=6))  # one process now, no DeepSpeed
+    log = (run / "logs" / "train.log").read_text()
+    assert "resumed from step 4" in log and "different process count or ZeRO stage" in log
+    assert "optimizer state and RNG restarted" in log
+    steps = [r["step"] for r in metrics(run, "train")]
+    assert steps[-1] == 6 and 5 in steps
+    after = final_weights(run)
+    assert before.keys() == after.keys()
+
+
+@pytest.mark.parametrize("launcher", ["cpu_ddp", "cpu_zero3"])
+def test_exported_bundle_reproduces_the_run_validation(demo: Path, tmp_path: Path, launcher: str) -> None:
+    from linnaeus.config import load_config
+    from linnaeus.inference.bundle import export_bundle
+    from linnaeus.inference.evaluate import evaluate_bundle
+
+    opts = tiny_opts(demo, tmp_path, name=launcher, TRAIN__MAX_STEPS=6, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 6}")
+    launch(opts, launcher)
+    run = run_dir(tmp_path, launcher)
+    reported = metrics(run, "val")[-1]
+    bundle = export_bundle(run, tmp_path / "bundle", which="final")
+    mine = evaluate_bundle(bundle, load_config(run / "config.yaml"))
+    for key in ("taxa_L10", "taxa_L20", "taxa_L30"):
+        assert mine[f"{key}/top1"] == pytest.approx(reported[f"{key}/top1"], abs=1e-9), key

@@ -1,0 +1,64 @@
+"""Step-based schedules: LR warmup + cosine / WSD, probability ramps, intervals in steps, epochs or fractions."""
+
+from __future__ import annotations
+
+import pytest
+
+from linnaeus.config import load_config
+from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, interval_steps, plan_steps
+from linnaeus.config.defaults import Interval
+
+PLAN = StepPlan(steps_per_epoch=10, total_steps=100)
+
+
+def test_plan_counts_optimizer_steps() -> None:
+    cfg = load_config(None, ["TRAIN.EPOCHS", "3", "TRAIN.ACCUMULATION_STEPS", "2"])
+    assert plan_steps(cfg, batches_per_epoch=21) == StepPlan(steps_per_epoch=10, total_steps=30)
+    cfg = load_config(None, ["TRAIN.MAX_STEPS", "7"])
+    assert plan_steps(cfg, batches_per_epoch=21).total_steps == 7
+
+
+def test_warmup_then_cosine_to_min_lr() -> None:
+    cfg = load_config(None, ["LR_SCHEDULER.WARMUP_STEPS", "10", "LR_SCHEDULER.BASE_LR", "1e-3", "LR_SCHEDULER.MIN_LR", "1e-5",
+                             "LR_SCHEDULER.WARMUP_LR", "0"])
+    s = LRSchedule(cfg, PLAN, base_lr=1e-3)
+    lrs = [s.lr(i) for i in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rising through warmup
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then never rising
+    assert s.lr(100) == pytest.approx(1e-5)
+
+
+def test_warmup_stable_decay() -> None:
+    cfg = load_config(None, ["LR_SCHEDULER.NAME", "wsd", "LR_SCHEDULER.WARMUP_STEPS", "0", "LR_SCHEDULER.STABLE_FRACTION", "0.5",
+                             "LR_SCHEDULER.DECAY_TYPE", "linear", "LR_SCHEDULER.MIN_LR", "0"])
+    s = LRSchedule(cfg, PLAN, base_lr=1.0)
+    assert s.lr(0) == s.lr(49) == 1.0
+    assert s.lr(75) == pytest.approx(0.5)
+    assert s.lr(100) == pytest.approx(0.0)
+
+
+def test_intervals_resolve_and_fire_mid_epoch() -> None:
+    assert interval_steps(Interval(STEPS=7), PLAN) == 7
+    assert interval_steps(Interval(EPOCHS=0.5), PLAN) == 5
+    assert interval_steps(Interval(FRACTION=0.25), PLAN) == 25
+    assert interval_steps(Interval(), PLAN) is None
+    fired = [s for s in range(1, 101) if fires(interval_steps(Interval(EPOCHS=0.5), PLAN), s, PLAN)]
+    assert fired[:3] == [5, 10, 15] and fired[-1] == 100
+    with pytest.raises(Exception, match="set only one"):
+        Interval(STEPS=1, EPOCHS=1)
+
+
+def test_ramps() -> None:
+    cfg = load_config(None, ["SCHEDULE.META_MASKING.START_PROB", "1.0", "SCHEDULE.META_MASKING.END_PROB", "0.0",
+                             "SCHEDULE.META_MASKING.END_STEPS", "50"])
+    ops = OpsSchedule(cfg, PLAN)
+    assert ops.meta_mask_prob(0) == 1.0
+    assert ops.meta_mask_prob(25) == pytest.approx(0.5)
+    assert ops.meta_mask_prob(80) == 0.0
+    assert ops.null_keep_prob(10) == 0.0  # nulls masked by default
+    cfg = load_config(None, ["SCHEDULE.NULL_MASKING.ENABLED", "True", "SCHEDULE.NULL_MASKING.END_FRACTION", "0.5"])
+    assert OpsSchedule(cfg, PLAN).null_keep_prob(25) == pytest.approx(0.5)
+    cfg = load_config(None, ["DATA.META.ACTIVE", "False"])
+    assert OpsSchedule(cfg, PLAN).meta_mask_prob(0) == 0.0
+    assert OpsSchedule(cfg, PLAN).val_mask_meta_every is None
