@@ -105,6 +105,9 @@ def _run_external(entry: Entry, quick: bool, workdir: Path) -> dict[str, Any]:
         result["error"] = f"{entry.module} exited with {rc}"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
+        if isinstance(report.get("comparisons"), list):  # written with benchmarks.common.Comparison.to_dict
+            result["comparisons"] = report["comparisons"]
+            return result
         result["report"] = report
         result["ratios"] = _collect_ratios(report)
         result["targets"] = [
@@ -149,21 +152,22 @@ def _summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     for name, res in results.items():
         if res.get("status") != "ok":
-            rows.append(f"{name:<9} {res.get('status', '?')}: {res.get('reason') or res.get('error', '')}")
+            rows.append(f"{name}: {res.get('status', '?')}: {res.get('reason') or res.get('error', '')}")
             continue
         for comp in res.get("comparisons", []):
-            for label, value in comp["ratios"].items():
-                rows.append(f"{name:<9} {label:<58} {value:8.3f}")
+            rows.append(f"{name}: {comp['name']}")
+            rows += [f"    {label:<62} {value:8.3f}" for label, value in comp["ratios"].items()]
             for t in comp["targets"]:
                 op = ">=" if t["higher"] else "<="
                 verdict = "MET" if t["met"] else "MISSED"
-                rows.append(f"{name:<9}   target {t['label']:<49} {t['value']:8.3f} {op} {t['threshold']:g} {verdict}")
-        for label, value in res.get("ratios", {}).items():
-            rows.append(f"{name:<9} {label:<58} {value:8.3f}")
+                rows.append(f"    target {t['label']:<55} {t['value']:8.3f} {op} {t['threshold']:g} {verdict}")
+        if res.get("ratios"):
+            rows.append(f"{name}:")
+            rows += [f"    {label:<62} {value:8.3f}" for label, value in res["ratios"].items()]
         for t in res.get("targets", []):
-            rows.append(f"{name:<9}   target {t['label']:<49} {t['value']:8.3f} {'MET' if t['met'] else 'MISSED'}")
+            rows.append(f"    target {t['label']:<55} {t['value']:8.3f} {'MET' if t['met'] else 'MISSED'}")
         if "note" in res:
-            rows.append(f"{name:<9} ({res['note']})")
+            rows.append(f"{name}: ({res['note']})")
     return rows
 
 

@@ -201,7 +201,7 @@ def compare_loaders(
     ours_vs_naive = speedup(samples["ours"], samples["naive"])
     per_worker = median(samples["ceiling"]) / (median(samples["ours"]) * max(workers, 1))
     comp = Comparison(
-        name=f"input pipeline, {label} JPEGs -> {img_size}px train crops",
+        name=f"input pipeline, {label} JPEGs -> {img_size}px train crops, {workers} worker(s)",
         unit="s/img",
         samples=samples,
         ratios={"ours/naive (img/s)": ours_vs_naive, "ours per worker / ceiling": per_worker},
@@ -282,7 +282,7 @@ def run(quick: bool, workers: list[int] | None = None) -> list[Comparison]:
     """Both image sets with 1 worker (one worker process and a nearly idle main process fit 2 cores, so the
     per-worker figure is clean); the full run adds the 1 MP set with 2 workers (workers = cores)."""
     set_threads(1)
-    count = 96 if quick else 240
+    count = 72 if quick else 240
     reps = 3 if quick else 5
     cores = torch.multiprocessing.cpu_count() or 1
     plan = [("1MP", SIZE_1MP, w) for w in (workers or ([1] if quick else sorted({1, min(2, cores)})))]

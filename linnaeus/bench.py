@@ -39,9 +39,16 @@ def run(args: argparse.Namespace) -> int:
     workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
     data = prepare_data(cfg)
     dataset = data.dataset("train", train=True)
-    loader, sampler = build_loader(dataset, batch_size=cfg.DATA.BATCH_SIZE, num_workers=workers, shuffle=True,
-                                   seed=cfg.MISC.SEED, drop_last=True, prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
-                                   pin_memory=torch.cuda.is_available())
+    loader, sampler = build_loader(
+        dataset,
+        batch_size=cfg.DATA.BATCH_SIZE,
+        num_workers=workers,
+        shuffle=True,
+        seed=cfg.MISC.SEED,
+        drop_last=True,
+        prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
+        pin_memory=torch.cuda.is_available(),
+    )
     sampler.set_epoch(0)
     seconds, images = _time_loader(loader, args.batches)
     loader_ips = images / max(seconds, 1e-9)

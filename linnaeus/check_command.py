@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Any
 
 from linnaeus.config import Config
@@ -31,10 +32,12 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     keys = list(cfg.DATA.TASK_KEYS_H5)
     order = coarse_to_fine(keys)
     # Which parent each child has does not change the size; any valid tree of the right shape will do.
-    shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in zip(order, order[1:], strict=False)}
+    shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
     with torch.device("meta"):  # the backbone can be large; count it without allocating memory
         num_features = build_backbone(cfg.MODEL, meta_dims).num_features
-    heads = HierarchicalClassifier(num_features, keys, num_classes, resolve_head_configs(cfg.MODEL, keys, num_classes), shapes)
+    heads = HierarchicalClassifier(
+        num_features, keys, num_classes, resolve_head_configs(cfg.MODEL, keys, num_classes), shapes
+    )
     head_params = sum(p.numel() for p in heads.parameters())
     sizes = {px: model_size(cfg.MODEL, meta_dims, px) for px in (*SIZE_RESOLUTIONS, cfg.MODEL.IMG_SIZE)}
     backbone = sizes[SIZE_RESOLUTIONS[0]]
@@ -48,7 +51,7 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:  # noqa: ARG001
+def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
     if not cfg.DATA.SHARDS.ENABLED:
         return None
     from linnaeus.data.shards import shard_report

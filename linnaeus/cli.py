@@ -50,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_cfg_arguments(p)
     p.add_argument("--out", required=True, help="output folder, e.g. shards/my_dataset")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-size-mb", "--shard-size", type=float, dest="shard_size_mb", default=None,
-                      help="target shard size in MB (default 256)")
+    size.add_argument(
+        "--shard-size-mb",
+        "--shard-size",
+        type=float,
+        dest="shard_size_mb",
+        default=None,
+        help="target shard size in MB (default 256)",
+    )
     size.add_argument("--samples-per-shard", type=int, default=None, help="fixed number of samples per shard")
     p.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: CPU count, max 8)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")

@@ -70,13 +70,27 @@ def train_cmd(opts: list[str], accelerate_config: str | None = None, extra: list
     if accelerate_config is None:
         return [PY, "-m", "linnaeus.train", "--cfg", str(DEMO_CFG), "--opts", *opts]
     return [
-        ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{accelerate_config}.yaml"),
-        *(extra or []), "-m", "linnaeus.train", "--cfg", str(DEMO_CFG), "--opts", *opts,
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / f"{accelerate_config}.yaml"),
+        *(extra or []),
+        "-m",
+        "linnaeus.train",
+        "--cfg",
+        str(DEMO_CFG),
+        "--opts",
+        *opts,
     ]
 
 
-def launch(opts: list[str], accelerate_config: str | None = None, timeout: int = 600, check: bool = True,
-           extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    opts: list[str],
+    accelerate_config: str | None = None,
+    timeout: int = 600,
+    check: bool = True,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         train_cmd(opts, accelerate_config, extra), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
     )

@@ -14,9 +14,22 @@ from linnaeus.config import repo_root
 ROOT = repo_root()
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 EXPECTED = {
-    "single_gpu", "multi_gpu_ddp", "zero1", "zero2", "zero3", "multi_node_zero2", "cpu_ddp", "cpu_zero2", "cpu_zero3",
+    "single_gpu",
+    "multi_gpu_ddp",
+    "zero1",
+    "zero2",
+    "zero3",
+    "multi_node_zero2",
+    "cpu_ddp",
+    "cpu_zero2",
+    "cpu_zero3",
 }
-FILLED_BY_LINNAEUS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size"}
+FILLED_BY_LINNAEUS = {
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "train_batch_size",
+}
 
 
 def test_exactly_the_documented_configs_exist() -> None:

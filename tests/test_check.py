@@ -70,7 +70,9 @@ def test_json_report(capsys, tiny_dataset):
     }
     assert report["metadata"]["SPATIAL"][0]["missing"] == 1
     assert report["taxonomy"]["conflicts"] == [] and report["taxonomy"]["nodes"] == 12
-    assert report["model"] is None  # the lead's hook
+    model = report["model"]  # measured, not documented: mFormerV1_sm with 3 metadata components
+    assert model["name"] == "mFormerV1_sm" and abs(model["backbone_params"] / 30.7e6 - 1) < 0.05
+    assert set(model["gmacs"]) >= {"224", "384"} and abs(model["gmacs"]["224"] / 4.3 - 1) < 0.05
 
 
 CASES = {

@@ -27,7 +27,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         if predicate():
             return
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             raise AssertionError(f"run ended before the condition held ({proc.returncode}):\n{err[-4000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
@@ -65,14 +65,23 @@ def _latest(run: Path) -> str | None:
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, tmp_path: Path) -> None:
-    common = dict(TRAIN__MAX_STEPS=30, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 5}", SCHEDULE__CHECKPOINT__KEEP_LAST_N=10)
+    common = dict(
+        TRAIN__MAX_STEPS=30, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 5}", SCHEDULE__CHECKPOINT__KEEP_LAST_N=10
+    )
     launch(tiny_opts(demo, tmp_path / "a", name="straight", **common), "cpu_ddp")
     straight = final_weights(run_dir(tmp_path / "a", "straight"))
 
     opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
     run = run_dir(tmp_path / "b", "killed")
-    proc = subprocess.Popen(train_cmd(opts, "cpu_ddp"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(opts, "cpu_ddp"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for(lambda: _latest(run) == "step_10", proc)
     _signal_tree(proc, signal.SIGKILL)
     proc.communicate()
@@ -100,8 +109,9 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, 
 def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="term", TRAIN__MAX_STEPS=200, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
     run = run_dir(tmp_path, "term")
-    proc = subprocess.Popen(train_cmd(opts), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        train_cmd(opts), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -119,8 +129,15 @@ def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_p
 def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=400)
     run = run_dir(tmp_path, "term2")
-    proc = subprocess.Popen(train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(opts, "cpu_zero2"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
     _signal_tree(proc, signal.SIGTERM)
     proc.communicate(timeout=180)
@@ -150,8 +167,15 @@ def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Pa
     model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
     model.load_state_dict(final_weights(run), strict=True)
     model.eval()
-    loader, sampler = build_loader(data.dataset("val", train=False), batch_size=64, num_workers=0, shuffle=False,
-                                   seed=cfg.MISC.SEED, drop_last=False, pad=False)
+    loader, _ = build_loader(
+        data.dataset("val", train=False),
+        batch_size=64,
+        num_workers=0,
+        shuffle=False,
+        seed=cfg.MISC.SEED,
+        drop_last=False,
+        pad=False,
+    )
     meter = ValidationMeter(data.task_keys, torch.device("cpu"))
     with torch.no_grad():
         for batch in loader:
@@ -166,10 +190,17 @@ def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Pa
 
 def test_retention_keeps_last_k_and_best_m(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(
-        demo, tmp_path, name="keep", TRAIN__MAX_STEPS=8, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1}",
-        SCHEDULE__VALIDATION__INTERVAL="{STEPS: 1}", SCHEDULE__CHECKPOINT__KEEP_LAST_N=2,
-        SCHEDULE__CHECKPOINT__KEEP_BEST_N=1, SCHEDULE__CHECKPOINT__BEST_METRIC="val/taxa_L30/loss",
-        SCHEDULE__CHECKPOINT__BEST_MODE="min", LR_SCHEDULER__BASE_LR=0.02,
+        demo,
+        tmp_path,
+        name="keep",
+        TRAIN__MAX_STEPS=8,
+        SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1}",
+        SCHEDULE__VALIDATION__INTERVAL="{STEPS: 1}",
+        SCHEDULE__CHECKPOINT__KEEP_LAST_N=2,
+        SCHEDULE__CHECKPOINT__KEEP_BEST_N=1,
+        SCHEDULE__CHECKPOINT__BEST_METRIC="val/taxa_L30/loss",
+        SCHEDULE__CHECKPOINT__BEST_MODE="min",
+        LR_SCHEDULER__BASE_LR=0.02,
     )
     launch(opts)
     run = run_dir(tmp_path, "keep")

@@ -80,7 +80,10 @@ def test_opts_values_are_yaml_typed() -> None:
     [
         (["DATA.IMG_SIZ", "384"], "DATA.IMG_SIZ (from --opts): unknown key; did you mean DATA.IMG_SIZE?"),
         (["TRAIN.EPOCH", "3"], "did you mean TRAIN.EPOCHS?"),
-        (["MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASS", "3"], "did you mean MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASSES?"),
+        (
+            ["MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASS", "3"],
+            "did you mean MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASSES?",
+        ),
         (["DATA.BATCH_SIZE", "lots"], "DATA.BATCH_SIZE (from --opts): Input should be a valid integer"),
         (["DATA.IMG_SIZE", "224"], "DATA.IMG_SIZE (224) must equal MODEL.IMG_SIZE (384)"),
         (["DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L20, taxa_L30]"], "'taxa_L30' has no head"),
@@ -104,20 +107,23 @@ def test_error_names_the_file_a_key_came_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"DATA\.IMG_SIZE \(from .*base\.yaml\)"):
         load_config(tmp_path / "exp.yaml")
     (tmp_path / "typo.yaml").write_text("BASE: [base.yaml]\nOPTIMIZER: {WEIGHT_DECAI: 0.1}\n")
-    with pytest.raises(ConfigError, match=r"OPTIMIZER\.WEIGHT_DECAI \(from .*typo\.yaml\): unknown key; did you mean OPTIMIZER\.WEIGHT_DECAY\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"OPTIMIZER\.WEIGHT_DECAI \(from .*typo\.yaml\): unknown key; did you mean OPTIMIZER\.WEIGHT_DECAY\?",
+    ):
         load_config(tmp_path / "typo.yaml")
 
 
 def test_base_cycle_and_missing_base_are_reported(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("BASE: [b.yaml]\n")
     (tmp_path / "b.yaml").write_text("BASE: [a.yaml]\n")
-    with pytest.raises(ConfigError, match="inheritance cycle .*a.yaml -> .*b.yaml -> .*a.yaml"):
+    with pytest.raises(ConfigError, match=r"inheritance cycle .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("BASE: [nowhere.yaml]\n")
     with pytest.raises(ConfigError, match=r"BASE \(from .*c.yaml\): 'nowhere.yaml' not found"):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "bad.yaml").write_text("DATA: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml line .*not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml line .*not valid YAML"):
         load_config(tmp_path / "bad.yaml")
 
 
@@ -143,7 +149,9 @@ def test_cli_lists_every_subcommand() -> None:
     for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
         assert name in out
     for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
-        sub = subprocess.run([sys.executable, "-m", "linnaeus", name, "--help"], capture_output=True, text=True, cwd=ROOT)
+        sub = subprocess.run(
+            [sys.executable, "-m", "linnaeus", name, "--help"], capture_output=True, text=True, cwd=ROOT
+        )
         assert sub.returncode == 0, sub.stderr
         assert "usage: linnaeus" in sub.stdout
 

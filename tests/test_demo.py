@@ -34,8 +34,14 @@ def test_readme_demo_command_learns(tmp_path_factory) -> None:
     data = ensure_demo(tmp_path_factory.getbasetemp(), per_species=200)  # what `linnaeus demo-data` writes
     out = tmp_path_factory.mktemp("demo_out")
     opts = [
-        "DATA.H5.LABELS_PATH", str(data / "labels.h5"), "DATA.HYBRID.IMAGES_DIR", str(data / "images"),
-        "DATA.TAXONOMY_PATH", str(data / "taxonomy.json"), "EXPERIMENT.OUTPUT_DIR", str(out),
+        "DATA.H5.LABELS_PATH",
+        str(data / "labels.h5"),
+        "DATA.HYBRID.IMAGES_DIR",
+        str(data / "images"),
+        "DATA.TAXONOMY_PATH",
+        str(data / "taxonomy.json"),
+        "EXPERIMENT.OUTPUT_DIR",
+        str(out),
     ]
     launch(opts, "cpu_zero2", timeout=900)
     run = Path(out) / "linnaeus_demo" / "cpu" / "demo"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from linnaeus.config import load_config
-from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, interval_steps, plan_steps
 from linnaeus.config.defaults import Interval
+from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, interval_steps, plan_steps
 
 PLAN = StepPlan(steps_per_epoch=10, total_steps=100)
 
@@ -19,19 +21,43 @@ def test_plan_counts_optimizer_steps() -> None:
 
 
 def test_warmup_then_cosine_to_min_lr() -> None:
-    cfg = load_config(None, ["LR_SCHEDULER.WARMUP_STEPS", "10", "LR_SCHEDULER.BASE_LR", "1e-3", "LR_SCHEDULER.MIN_LR", "1e-5",
-                             "LR_SCHEDULER.WARMUP_LR", "0"])
+    cfg = load_config(
+        None,
+        [
+            "LR_SCHEDULER.WARMUP_STEPS",
+            "10",
+            "LR_SCHEDULER.BASE_LR",
+            "1e-3",
+            "LR_SCHEDULER.MIN_LR",
+            "1e-5",
+            "LR_SCHEDULER.WARMUP_LR",
+            "0",
+        ],
+    )
     s = LRSchedule(cfg, PLAN, base_lr=1e-3)
     lrs = [s.lr(i) for i in range(100)]
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rising through warmup
+    assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # rising through warmup
     assert lrs[10] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then never rising
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # then never rising
     assert s.lr(100) == pytest.approx(1e-5)
 
 
 def test_warmup_stable_decay() -> None:
-    cfg = load_config(None, ["LR_SCHEDULER.NAME", "wsd", "LR_SCHEDULER.WARMUP_STEPS", "0", "LR_SCHEDULER.STABLE_FRACTION", "0.5",
-                             "LR_SCHEDULER.DECAY_TYPE", "linear", "LR_SCHEDULER.MIN_LR", "0"])
+    cfg = load_config(
+        None,
+        [
+            "LR_SCHEDULER.NAME",
+            "wsd",
+            "LR_SCHEDULER.WARMUP_STEPS",
+            "0",
+            "LR_SCHEDULER.STABLE_FRACTION",
+            "0.5",
+            "LR_SCHEDULER.DECAY_TYPE",
+            "linear",
+            "LR_SCHEDULER.MIN_LR",
+            "0",
+        ],
+    )
     s = LRSchedule(cfg, PLAN, base_lr=1.0)
     assert s.lr(0) == s.lr(49) == 1.0
     assert s.lr(75) == pytest.approx(0.5)
@@ -50,8 +76,17 @@ def test_intervals_resolve_and_fire_mid_epoch() -> None:
 
 
 def test_ramps() -> None:
-    cfg = load_config(None, ["SCHEDULE.META_MASKING.START_PROB", "1.0", "SCHEDULE.META_MASKING.END_PROB", "0.0",
-                             "SCHEDULE.META_MASKING.END_STEPS", "50"])
+    cfg = load_config(
+        None,
+        [
+            "SCHEDULE.META_MASKING.START_PROB",
+            "1.0",
+            "SCHEDULE.META_MASKING.END_PROB",
+            "0.0",
+            "SCHEDULE.META_MASKING.END_STEPS",
+            "50",
+        ],
+    )
     ops = OpsSchedule(cfg, PLAN)
     assert ops.meta_mask_prob(0) == 1.0
     assert ops.meta_mask_prob(25) == pytest.approx(0.5)

@@ -43,21 +43,44 @@ def test_ddp_zero2_zero3_agree_on_the_same_seed(demo: Path, tmp_path: Path) -> N
 
 def test_metrics_jsonl_fields_and_run_folder(demo: Path, tmp_path: Path) -> None:
     launch(
-        tiny_opts(demo, tmp_path, TRAIN__MAX_STEPS=4, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 2}",
-                  SCHEDULE__VALIDATION__MASK_META_INTERVAL="{STEPS: 4}"),
+        tiny_opts(
+            demo,
+            tmp_path,
+            TRAIN__MAX_STEPS=4,
+            SCHEDULE__VALIDATION__INTERVAL="{STEPS: 2}",
+            SCHEDULE__VALIDATION__MASK_META_INTERVAL="{STEPS: 4}",
+        ),
     )
     run = run_dir(tmp_path)
     rows = metrics(run)
     for r in rows:
-        assert isinstance(r["step"], int) and isinstance(r["epoch"], float) and r["phase"] in {"train", "val", "val_mask_meta"}
+        assert (
+            isinstance(r["step"], int)
+            and isinstance(r["epoch"], float)
+            and r["phase"] in {"train", "val", "val_mask_meta"}
+        )
     train = metrics(run, "train")
     assert {"loss", "lr", "images_per_sec", "taxa_L10/loss"} <= set(train[0])
     val = metrics(run, "val")
     assert [r["step"] for r in val] == [2, 4]  # fired mid-epoch, at the configured step interval
-    for key in ("taxa_L10/top1", "taxa_L10/top5", "taxa_L10/loss", "taxa_L20/coverage", "chain_accuracy", "partial_chain_accuracy"):
+    for key in (
+        "taxa_L10/top1",
+        "taxa_L10/top5",
+        "taxa_L10/loss",
+        "taxa_L20/coverage",
+        "chain_accuracy",
+        "partial_chain_accuracy",
+    ):
         assert key in val[0]
     assert [r["step"] for r in metrics(run, "val_mask_meta")] == [4]
-    for name in ("config.yaml", "class_maps.json", "taxonomy.json", "stats.json", "logs/train.log", "export/final.safetensors"):
+    for name in (
+        "config.yaml",
+        "class_maps.json",
+        "taxonomy.json",
+        "stats.json",
+        "logs/train.log",
+        "export/final.safetensors",
+    ):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
 
@@ -65,8 +88,13 @@ def test_metrics_jsonl_fields_and_run_folder(demo: Path, tmp_path: Path) -> None
 def test_gradient_accumulation_equals_the_larger_batch(demo: Path, tmp_path: Path) -> None:
     # Nothing random that depends on the micro-batch layout: no flips, jitter, erasing, masking; all ranks labelled.
     common = dict(
-        TRAIN__MAX_STEPS=3, AUG__HFLIP_PROB=0.0, AUG__COLOR_JITTER=0.0, AUG__RANDOM_ERASE__PROB=0.0,
-        SCHEDULE__META_MASKING__ENABLED=False, DATA__REQUIRE_ALL_RANKS=True, LR_SCHEDULER__WARMUP_FRACTION=0.0,
+        TRAIN__MAX_STEPS=3,
+        AUG__HFLIP_PROB=0.0,
+        AUG__COLOR_JITTER=0.0,
+        AUG__RANDOM_ERASE__PROB=0.0,
+        SCHEDULE__META_MASKING__ENABLED=False,
+        DATA__REQUIRE_ALL_RANKS=True,
+        LR_SCHEDULER__WARMUP_FRACTION=0.0,
         # Adam divides by sqrt(v)+eps: with the default eps a parameter whose gradient is ~1e-9 moves by ~lr
         # either way, so float summation order alone would flip it. A larger eps keeps updates proportional to the
         # gradient, which is what this test compares.
@@ -92,7 +120,11 @@ def test_bf16_on_cpu_with_zero2(demo: Path, tmp_path: Path) -> None:
 
 def test_uneven_data_does_not_hang_and_a_failing_rank_fails_the_launch(demo: Path, tmp_path: Path) -> None:
     # A batch size that leaves a ragged tail per rank: every rank must still step together.
-    launch(tiny_opts(demo, tmp_path, name="ragged", DATA__BATCH_SIZE=7, TRAIN__MAX_STEPS=None, TRAIN__EPOCHS=1), "cpu_ddp", timeout=300)
+    launch(
+        tiny_opts(demo, tmp_path, name="ragged", DATA__BATCH_SIZE=7, TRAIN__MAX_STEPS=None, TRAIN__EPOCHS=1),
+        "cpu_ddp",
+        timeout=300,
+    )
     # Corrupt an image only the second process reads first: its DataError must end the whole launch non-zero.
     from linnaeus.config import load_config
     from linnaeus.data.loader import EpochSampler
@@ -127,12 +159,29 @@ def test_two_machines_on_loopback(demo: Path, tmp_path: Path) -> None:
     procs = []
     for rank in (0, 1):
         extra = [
-            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-            "--deepspeed_config_file", str(ROOT / "accelerate_configs" / "ds_cpu_zero2.json"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--deepspeed_config_file",
+            str(ROOT / "accelerate_configs" / "ds_cpu_zero2.json"),
         ]
-        procs.append(subprocess.Popen(train_cmd(opts, "multi_node_zero2", extra), cwd=ROOT, env=env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                train_cmd(opts, "multi_node_zero2", extra),
+                cwd=ROOT,
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
@@ -142,10 +191,17 @@ def test_two_machines_on_loopback(demo: Path, tmp_path: Path) -> None:
 
 
 def test_wandb_offline_writes_a_local_run(demo: Path, tmp_path: Path) -> None:
-    opts = tiny_opts(demo, tmp_path, name="wb", TRAIN__MAX_STEPS=2, EXPERIMENT__WANDB__ENABLED=True,
-                     EXPERIMENT__WANDB__MODE="offline")
-    proc = subprocess.run(train_cmd(opts), cwd=ROOT, env={**env(), "WANDB_MODE": "offline"}, capture_output=True,
-                          text=True, timeout=300)
+    opts = tiny_opts(
+        demo,
+        tmp_path,
+        name="wb",
+        TRAIN__MAX_STEPS=2,
+        EXPERIMENT__WANDB__ENABLED=True,
+        EXPERIMENT__WANDB__MODE="offline",
+    )
+    proc = subprocess.run(
+        train_cmd(opts), cwd=ROOT, env={**env(), "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = run_dir(tmp_path, "wb")
     offline = list((run / "wandb").glob("offline-run-*"))
@@ -157,10 +213,29 @@ def test_training_from_shards_with_two_processes(demo: Path, tmp_path: Path) -> 
     shards = tmp_path / "shards"
     data = tmp_path / "data"
     subprocess.run(["cp", "-r", str(demo), str(data)], check=True)
-    opts = tiny_opts(data, tmp_path, name="shards", TRAIN__MAX_STEPS=4, DATA__SHARDS__ENABLED=True,
-                     DATA__SHARDS__DIR=str(shards), SCHEDULE__VALIDATION__INTERVAL="{STEPS: 4}")
-    cmd = [str(Path(ACCELERATE_BIN).with_name("linnaeus")), "shard", "--cfg", str(ROOT / "configs/experiments/demo.yaml"),
-           "--out", str(shards), "--samples-per-shard", "40", "--workers", "1", "--opts", *opts]
+    opts = tiny_opts(
+        data,
+        tmp_path,
+        name="shards",
+        TRAIN__MAX_STEPS=4,
+        DATA__SHARDS__ENABLED=True,
+        DATA__SHARDS__DIR=str(shards),
+        SCHEDULE__VALIDATION__INTERVAL="{STEPS: 4}",
+    )
+    cmd = [
+        str(Path(ACCELERATE_BIN).with_name("linnaeus")),
+        "shard",
+        "--cfg",
+        str(ROOT / "configs/experiments/demo.yaml"),
+        "--out",
+        str(shards),
+        "--samples-per-shard",
+        "40",
+        "--workers",
+        "1",
+        "--opts",
+        *opts,
+    ]
     subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, text=True, timeout=300)
     launch(opts, "cpu_ddp")
     run = run_dir(tmp_path, "shards")
@@ -173,15 +248,25 @@ def test_training_from_shards_with_two_processes(demo: Path, tmp_path: Path) -> 
         f["taxa_L30"][0] = f["taxa_L30"][1]
         f["taxa_L30"][1] = f["taxa_L30"][0]
         f.attrs["touched"] = 1
-    proc = launch(tiny_opts(data, tmp_path, name="shards2", TRAIN__MAX_STEPS=2, DATA__SHARDS__ENABLED=True,
-                            DATA__SHARDS__DIR=str(shards)), check=False)
+    proc = launch(
+        tiny_opts(
+            data,
+            tmp_path,
+            name="shards2",
+            TRAIN__MAX_STEPS=2,
+            DATA__SHARDS__ENABLED=True,
+            DATA__SHARDS__DIR=str(shards),
+        ),
+        check=False,
+    )
     assert proc.returncode != 0
     assert "linnaeus shard" in proc.stderr and "labels.h5" in proc.stderr
 
 
 def test_gradnorm_moves_task_weights_under_ddp(demo: Path, tmp_path: Path) -> None:
-    opts = tiny_opts(demo, tmp_path, name="gn", TRAIN__MAX_STEPS=4, LOSS__GRADNORM__ENABLED=True,
-                     LOSS__GRADNORM__UPDATE_INTERVAL=1)
+    opts = tiny_opts(
+        demo, tmp_path, name="gn", TRAIN__MAX_STEPS=4, LOSS__GRADNORM__ENABLED=True, LOSS__GRADNORM__UPDATE_INTERVAL=1
+    )
     launch(opts, "cpu_ddp")
     rows = metrics(run_dir(tmp_path, "gn"), "train")
     keys = ["taxa_L10/weight", "taxa_L20/weight", "taxa_L30/weight"]

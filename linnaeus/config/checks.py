@@ -40,7 +40,11 @@ def check_consistency(cfg: Config, prov: Provenance) -> None:
                 )
         for key in heads:
             if key not in keys:
-                _fail(f"MODEL.CLASSIFICATION.HEADS.{key}", prov, f"head for '{key}' which is not in DATA.TASK_KEYS_H5 {keys}")
+                _fail(
+                    f"MODEL.CLASSIFICATION.HEADS.{key}",
+                    prov,
+                    f"head for '{key}' which is not in DATA.TASK_KEYS_H5 {keys}",
+                )
     per_level = data.NUM_CLASSES_PER_LEVEL or {}
     for key, n in per_level.items():
         if key not in keys:
@@ -87,7 +91,11 @@ def check_consistency(cfg: Config, prov: Provenance) -> None:
     if model.TYPE == "mFormerV1":
         rs, cs = model.ROPE_STAGES, model.CONVNEXT_STAGES
         if len(cs.DIMS) != 4 or len(cs.DEPTHS) < 2:
-            _fail("MODEL.CONVNEXT_STAGES.DIMS", prov, f"expected 4 stage widths and >= 2 depths, got {cs.DIMS}/{cs.DEPTHS}")
+            _fail(
+                "MODEL.CONVNEXT_STAGES.DIMS",
+                prov,
+                f"expected 4 stage widths and >= 2 depths, got {cs.DIMS}/{cs.DEPTHS}",
+            )
         if list(rs.DIMS) != list(cs.DIMS[2:4]):
             _fail(
                 "MODEL.ROPE_STAGES.DIMS",

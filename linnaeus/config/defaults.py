@@ -268,13 +268,16 @@ class TrainConfig(Node):
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
     BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
-        None, description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config"
+        None,
+        description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",
     )
     ACCUMULATION_STEPS: int = Field(1, ge=0, description="0 is read as 1")
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
-    PHASE1_MASK_NULL_LOSS: bool = Field(True, description="null labels never contribute loss (see SCHEDULE.NULL_MASKING)")
+    PHASE1_MASK_NULL_LOSS: bool = Field(
+        True, description="null labels never contribute loss (see SCHEDULE.NULL_MASKING)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER

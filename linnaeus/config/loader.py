@@ -239,7 +239,8 @@ def build_config(tree: dict[str, Any], prov: Provenance) -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         errors = exc.errors()
-        raise ConfigError(_format_error(errors[0], prov) + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(_format_error(errors[0], prov) + more) from None
     from linnaeus.config.checks import check_consistency
 
     check_consistency(cfg, prov)

@@ -410,7 +410,9 @@ def format_report(r: dict[str, Any]) -> str:
             f" incl. {m['meta_params'] / 1e6:.2f} M metadata embedders, {m['head_params'] / 1e6:.2f} M heads); {macs}"
         )
     if isinstance(r.get("shards"), dict):
-        lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list)))
+        lines.append(
+            "shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list))
+        )
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
     n = len(r["errors"])

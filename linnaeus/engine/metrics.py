@@ -80,7 +80,10 @@ class ValidationMeter:
 
 def format_table(phase: str, step: int, metrics: dict[str, float], task_keys: list[str]) -> str:
     """One readable table per evaluation."""
-    lines = [f"{phase} @ step {step}: {int(metrics['samples'])} samples", f"{'rank':<12}{'top1':>8}{'top5':>8}{'loss':>9}{'coverage':>10}"]
+    lines = [
+        f"{phase} @ step {step}: {int(metrics['samples'])} samples",
+        f"{'rank':<12}{'top1':>8}{'top5':>8}{'loss':>9}{'coverage':>10}",
+    ]
     for key in task_keys:
         lines.append(
             f"{key:<12}{metrics[f'{key}/top1']:>8.3f}{metrics[f'{key}/top5']:>8.3f}"

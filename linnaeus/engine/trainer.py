@@ -18,7 +18,7 @@ import torch
 
 from linnaeus.config import Config, save_config
 from linnaeus.engine.checkpoint import CheckpointManager, consolidated_state_dict, export_weights, read_state
-from linnaeus.engine.distributed import DistInfo, build_accelerator, prepare_environment
+from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.metrics import ValidationMeter, format_table
 from linnaeus.engine.run_dir import MetricsWriter, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, plan_steps
@@ -61,7 +61,7 @@ class PreemptionFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+    def _handler(self, signum, frame) -> None:
         self.raised = True
         self.signal_name = signal.Signals(signum).name
 
@@ -156,8 +156,14 @@ class Trainer:
             from linnaeus.data.shards import build_shard_train_loader
 
             self.train_loader, _, _ = build_shard_train_loader(
-                cfg, self.data, world_size=d.world_size, rank=d.rank, batch_size=cfg.DATA.BATCH_SIZE,
-                seed=cfg.MISC.SEED, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=common["pin_memory"],
+                cfg,
+                self.data,
+                world_size=d.world_size,
+                rank=d.rank,
+                batch_size=cfg.DATA.BATCH_SIZE,
+                seed=cfg.MISC.SEED,
+                num_workers=cfg.DATA.NUM_WORKERS,
+                pin_memory=common["pin_memory"],
                 prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
             )
             self.train_sampler = self.train_loader.dataset  # set_epoch(epoch, start_batch=...)
@@ -181,7 +187,9 @@ class Trainer:
         cfg = self.cfg
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
         self.model = build_model(cfg.MODEL, self.task_keys, self.data.num_classes, self.data.meta_dims, hierarchy)
-        needs_distance = any(h.LOSS.TYPE == "TaxonomyAwareLabelSmoothing" for h in cfg.MODEL.CLASSIFICATION.HEADS.values())
+        needs_distance = any(
+            h.LOSS.TYPE == "TaxonomyAwareLabelSmoothing" for h in cfg.MODEL.CLASSIFICATION.HEADS.values()
+        )
         self.loss_fn = build_task_loss(
             cfg,
             self.task_keys,
@@ -194,7 +202,11 @@ class Trainer:
             effective = cfg.DATA.BATCH_SIZE * self.accum * self.dist.world_size
             base_lr = base_lr * effective / cfg.LR_SCHEDULER.REFERENCE_BS
         self.base_lr = base_lr
-        groups = [g for g in param_groups(self.model, cfg.OPTIMIZER.WEIGHT_DECAY, cfg.OPTIMIZER.HEAD_LR_MULTIPLIER) if g["params"]]
+        groups = [
+            g
+            for g in param_groups(self.model, cfg.OPTIMIZER.WEIGHT_DECAY, cfg.OPTIMIZER.HEAD_LR_MULTIPLIER)
+            if g["params"]
+        ]
         for g in groups:
             g["lr"] = base_lr * g.get("lr_scale", 1.0)
         b1, b2 = cfg.OPTIMIZER.BETAS
@@ -240,7 +252,9 @@ class Trainer:
         if cfg.TRAIN.RESUME_FROM:
             path = Path(cfg.TRAIN.RESUME_FROM)
             if not (path / "trainer_state.json").is_file():
-                raise ConfigError(f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)")
+                raise ConfigError(
+                    f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)"
+                )
             return path
         if cfg.TRAIN.AUTO_RESUME:
             return self.ckpt.latest()
@@ -257,12 +271,19 @@ class Trainer:
                 "resumed from step %d of %s with a different process count or ZeRO stage (%d/ZeRO-%d -> %d/ZeRO-%d): "
                 "model weights, step, epoch, schedules and metric bests restored; optimizer state and RNG restarted; "
                 "data position mapped approximately",
-                saved.step, ckpt, saved.world_size, saved.zero_stage, self.dist.world_size, self.dist.zero_stage,
+                saved.step,
+                ckpt,
+                saved.world_size,
+                saved.zero_stage,
+                self.dist.world_size,
+                self.dist.zero_stage,
             )
         else:
             self.accelerator.load_state(str(ckpt))
             self.state.batch_in_epoch = saved.batch_in_epoch
-            log.info("resumed from step %d (%s): weights, optimizer, RNG, schedules and data position", saved.step, ckpt)
+            log.info(
+                "resumed from step %d (%s): weights, optimizer, RNG, schedules and data position", saved.step, ckpt
+            )
         self.state.step = saved.step
         self.state.epoch = saved.epoch
         self.state.best_checkpoints = saved.best_checkpoints
@@ -284,11 +305,21 @@ class Trainer:
             ("world size", f"{d.world_size} processes ({d.distributed_type}, {d.num_machines} machine(s))"),
             ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
             ("precision", f"{d.precision} (from {d.precision_source})"),
-            ("batch", f"{per_dev} per device x {self.accum} accumulation x {d.world_size} = {per_dev * self.accum * d.world_size} effective"),
+            (
+                "batch",
+                f"{per_dev} per device x {self.accum} accumulation x {d.world_size} = {per_dev * self.accum * d.world_size} effective",
+            ),
             ("dataset", f"{len(self.train_set)} train / {len(self.val_set)} val samples"),
             ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
-            ("metadata", ", ".join(f"{n}({dim})" for n, dim in zip(self.data.meta_components, self.data.meta_dims, strict=True)) or "none"),
-            ("model", f"{cfg.MODEL.NAME} ({sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()) / 1e6:.2f} M parameters)"),
+            (
+                "metadata",
+                ", ".join(f"{n}({dim})" for n, dim in zip(self.data.meta_components, self.data.meta_dims, strict=True))
+                or "none",
+            ),
+            (
+                "model",
+                f"{cfg.MODEL.NAME} ({sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()) / 1e6:.2f} M parameters)",
+            ),
             ("lr", f"{cfg.LR_SCHEDULER.NAME}, base {self.base_lr:.3g}, warmup {self.lr_schedule.warmup} steps"),
         ]
         rows += self.ops.summary()
@@ -322,7 +353,9 @@ class Trainer:
         }
         from linnaeus.config import config_to_dict
 
-        self.accelerator.init_trackers(w.PROJECT or cfg.EXPERIMENT.PROJECT, config=config_to_dict(cfg), init_kwargs={"wandb": init})
+        self.accelerator.init_trackers(
+            w.PROJECT or cfg.EXPERIMENT.PROJECT, config=config_to_dict(cfg), init_kwargs={"wandb": init}
+        )
 
     def _log(self, phase: str, metrics: dict[str, float]) -> None:
         step, epoch = self.state.step, self.plan.epoch_of(self.state.step)
@@ -336,7 +369,9 @@ class Trainer:
             return torch.bfloat16 if self.dist.precision == "bf16" else torch.float16
         return torch.float32
 
-    def _mask_meta(self, meta: torch.Tensor, meta_valid: torch.Tensor, p_all: float, p_partial: float, gen: torch.Generator):
+    def _mask_meta(
+        self, meta: torch.Tensor, meta_valid: torch.Tensor, p_all: float, p_partial: float, gen: torch.Generator
+    ):
         """Zero a sample's whole metadata with probability p_all; optionally whitelisted component subsets."""
         if meta.shape[1] == 0:
             return meta, meta_valid
@@ -364,7 +399,11 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         step = self.state.step
         meta, meta_valid = self._mask_meta(
-            batch["meta"], batch["meta_valid"], self.ops.meta_mask_prob(step), self.ops.partial_meta_mask_prob(step), gen
+            batch["meta"],
+            batch["meta_valid"],
+            self.ops.meta_mask_prob(step),
+            self.ops.partial_meta_mask_prob(step),
+            gen,
         )
         out = self.augment(
             batch["image"], batch["targets"], meta, meta_valid, mix_prob=self.ops.mix_prob(step), generator=gen
@@ -450,7 +489,11 @@ class Trainer:
             export_weights(latest, self.run / "export" / "final.safetensors", meta)
         best = self.state.best_checkpoints[0] if self.state.best_checkpoints else None
         if best and (self.ckpt.root / best["dir"]).is_dir():
-            export_weights(self.ckpt.root / best["dir"], self.run / "export" / "best.safetensors", {**meta, "step": str(best["step"])})
+            export_weights(
+                self.ckpt.root / best["dir"],
+                self.run / "export" / "best.safetensors",
+                {**meta, "step": str(best["step"])},
+            )
         log.info("exported weights to %s", self.run / "export")
 
     # -------------------------------------------------------------------------------------------------- loop
@@ -507,7 +550,10 @@ class Trainer:
                     row |= {f"{k}/loss": v / max(window_n, 1) for k, v in window_tasks.items()}
                     row["meta_mask_prob"] = self.ops.meta_mask_prob(s.step)
                     if self.loss_fn.gradnorm is not None:
-                        row |= {f"{k}/weight": float(w) for k, w in zip(self.task_keys, self.loss_fn.task_weights.tolist(), strict=True)}
+                        row |= {
+                            f"{k}/weight": float(w)
+                            for k, w in zip(self.task_keys, self.loss_fn.task_weights.tolist(), strict=True)
+                        }
                     self._log("train", row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
@@ -525,9 +571,13 @@ class Trainer:
                 if stop or fires(self.ops.ckpt_every, s.step, plan):
                     self._save()
                 if stop:
-                    log.warning("received %s: checkpoint saved at step %d; exiting with code %d so the job can be "
-                                "resumed by rerunning the same command", preempt.signal_name or "a signal on another rank",
-                                s.step, PREEMPTED_EXIT_CODE)
+                    log.warning(
+                        "received %s: checkpoint saved at step %d; exiting with code %d so the job can be "
+                        "resumed by rerunning the same command",
+                        preempt.signal_name or "a signal on another rank",
+                        s.step,
+                        PREEMPTED_EXIT_CODE,
+                    )
                     if bar is not None:
                         bar.close()
                     acc.end_training()
@@ -545,7 +595,10 @@ class Trainer:
         if skipped:
             log.warning("%d corrupt shard members were skipped during training", int(skipped))
         if s.missing_images:
-            log.warning("%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)", s.missing_images)
+            log.warning(
+                "%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)",
+                s.missing_images,
+            )
         acc.wait_for_everyone()
         acc.end_training()
         log.info("training finished at step %d; run folder %s", s.step, self.run)
