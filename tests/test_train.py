@@ -274,3 +274,28 @@ def test_gradnorm_moves_task_weights_under_ddp(demo: Path, tmp_path: Path) -> No
     assert sum(last) == pytest.approx(3.0, rel=1e-4)  # normalised to the number of tasks
     assert max(abs(a - b) for a, b in zip(first, last, strict=True)) > 1e-4
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_all_ops_schedules_together(demo: Path, tmp_path: Path) -> None:
+    """Selective Mixup/CutMix, partial metadata masking, scheduled null keeping and WSD in one run."""
+    opts = tiny_opts(
+        demo,
+        tmp_path,
+        name="ops",
+        TRAIN__MAX_STEPS=4,
+        SCHEDULE__MIX__MIXUP__ENABLED=True,
+        SCHEDULE__MIX__CUTMIX__ENABLED=True,
+        SCHEDULE__MIX__GROUP_LEVEL="taxa_L20",
+        SCHEDULE__MIX__PROB="{ENABLED: True, START_PROB: 1.0, END_PROB: 0.5, END_FRACTION: 1.0}",
+        SCHEDULE__META_MASKING__PARTIAL="{ENABLED: True, PROB: 0.5, WHITELIST: [[SPATIAL], [TEMPORAL, ELEVATION]]}",
+        SCHEDULE__NULL_MASKING="{ENABLED: True, START_PROB: 0.0, END_PROB: 1.0, END_FRACTION: 1.0}",
+        LR_SCHEDULER__NAME="wsd",
+        LOSS__CLASS_WEIGHTING__TYPE="capping",
+    )
+    launch(opts, "cpu_ddp")
+    run = run_dir(tmp_path, "ops")
+    rows = metrics(run, "train")
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+    log = (run / "logs" / "train.log").read_text()
+    assert "mix p" in log and "1.00 -> 0.50" in log
+    assert "null loss keep p" in log and "0.00 -> 1.00" in log
