@@ -107,7 +107,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State-dict keys as the bare model names them (no DDP ``module.`` or torch.compile ``_orig_mod.``)."""
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):
@@ -133,7 +134,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise ConfigError(f"{ckpt}: no model weights found (expected pytorch_model/ or model.safetensors)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in _strip_prefixes(sd).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(sd).items()}
 
 
 def export_weights(ckpt: Path, out_file: Path, metadata: dict[str, str] | None = None) -> Path:

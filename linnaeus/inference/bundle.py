@@ -32,6 +32,7 @@ import torch
 
 from linnaeus.config import Config, dump_config, load_config
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
+from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.metadata import MetaComponent, resolve_components
 from linnaeus.utils.io import atomic_write_json
@@ -58,16 +59,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
-
-
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
 
 
 def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

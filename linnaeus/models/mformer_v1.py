@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
@@ -15,14 +14,13 @@ from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_heads_divide, require_len, require_positive
 from linnaeus.models.conv import ConvNeXtBlock, Downsample
 from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
-from linnaeus.models.meta import check_meta
 from linnaeus.models.position import Rope2d
 from linnaeus.models.registry import register_model
-from linnaeus.models.tokens import ClsAggregator, TokenStage
+from linnaeus.models.tokens import ClsAggregator, HybridBackbone, TokenStage
 
 
 @register_model("mFormerV1")
-class MFormerV1(nn.Module):
+class MFormerV1(HybridBackbone):
     """Backbone: ``forward(image, meta) -> feature (B, num_features)``; heads are attached by the builder."""
 
     def __init__(
@@ -120,33 +118,15 @@ class MFormerV1(nn.Module):
             only_last_cls=cfg.ONLY_LAST_CLS,
         )
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.attn_stages:
-            stage.grad_checkpointing = enable
-
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names (relative to this module) that must not be decayed besides norms and biases."""
         return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", ".freqs", ".gamma"))}
 
-    def _conv_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        for block in stage:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+    def _between_conv_stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsamples[0](x)
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        b, _, h, w = image.shape
-        if h % 32 or w % 32:
-            raise ConfigError(f"model input image is {h}x{w}; expected height and width that are multiples of 32")
-        meta = check_meta(meta, self.meta_dims, b, image)
-        x = self._conv_stage(self.conv_stages[0], self.stem(image))
-        x = self._conv_stage(self.conv_stages[1], self.downsamples[0](x))
-        x = self.downsamples[1](x)
-        grid3 = (x.shape[2], x.shape[3])
-        z3 = self.attn_stages[0](x, meta)
-        x = self.downsamples[2](self.attn_stages[0].patches_to_map(z3, grid3))
-        z4 = self.attn_stages[1](x, meta)
-        return self.aggregate(z3[:, 0], z4[:, 0])
+    def _to_stage3(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsamples[1](x)
+
+    def _to_stage4(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsamples[2](x)
