@@ -1,0 +1,41 @@
+"""`linnaeus bench` measures the user's own input pipeline and the data-wait share of a real training step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, tiny_opts
+
+
+def test_bench_reports_loader_throughput_and_wait_share(tmp_path_factory) -> None:
+    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+    out = tmp_path_factory.mktemp("bench")
+    linnaeus = str(Path(sys.executable).with_name("linnaeus"))
+    proc = subprocess.run(
+        [
+            linnaeus,
+            "bench",
+            "--cfg",
+            str(DEMO_CFG),
+            "--batches",
+            "4",
+            "--workers",
+            "1",
+            "--opts",
+            *tiny_opts(demo, out),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["loader_images_per_sec"] > 0
+    assert report["workers"] == 1 and report["batch_size"] == 16
+    assert 0.0 <= report["data_wait_share"] <= 1.0
+    assert report["train_steps_timed"] == 3
