@@ -9,8 +9,9 @@ Variants, each a full ``python -m linnaeus.train`` run under ``accelerate launch
 - ``zero3``  accelerate_configs/cpu_zero3.yaml.
 
 Throughput is the trainer's own ``images_per_sec`` (all ranks together) from metrics.jsonl, logged every step; the
-first rows are warm-up and are dropped. Variants are launched in rounds (1proc ddp zero1 ... 1proc ddp ...), so
-drift on a shared machine spreads over all of them. Ratios: ddp/1proc (ideal = 2 on 2 cores) and zeroK/ddp
+first rows are warm-up and are dropped, and the remaining per-step rows are the samples. ``measure`` can launch
+the variants in several rounds (1proc ddp zero1 ... 1proc ddp ...) so drift spreads over all of them; the suite
+uses one round, because each launch spends 10-30 s starting up on 2 cores. Ratios: ddp/1proc (ideal = 2 on 2 cores) and zeroK/ddp
 (< 1 means ZeRO costs throughput; for a model this small it can only cost).
 """
 
@@ -143,7 +144,8 @@ def run(quick: bool, variants: tuple[str, ...] | None = None) -> list[Comparison
     variants = variants or (QUICK_VARIANTS if quick else ALL_VARIANTS)
     with tempfile.TemporaryDirectory(prefix="linnaeus-bench-scaling-") as tmp:
         ds = write_bench_dataset(Path(tmp) / "demo", 360, None)
-        comp = measure(ds, Path(tmp) / "out", variants, rounds=1 if quick else 2, steps=10 if quick else 16)
+        # One round: a launch costs 10-30 s of start-up on 2 cores, so the samples are each run's logged steps.
+        comp = measure(ds, Path(tmp) / "out", variants, rounds=1, steps=10 if quick else 20)
     if quick:
         comp.notes.append("--quick launches " + ", ".join(variants) + "; the full run adds ZeRO-1 and ZeRO-3")
     return [comp]

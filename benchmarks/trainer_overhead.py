@@ -11,8 +11,8 @@ backward, AdamW, on a copy of the same model with the same initial weights.
 
 The two alternate at step granularity: each time ``fit()`` asks for its next batch, the stand-in loader first
 runs one minimal step on that same batch (timed), then hands the batch over. A trainer step is the time between
-handing a batch over and being asked for the next one. Overhead = median(ours) / median(minimal) - 1 (target
-<= 5 %).
+handing a batch over and being asked for the next one. Overhead = median over steps of ours/minimal - 1 (target
+<= 5 %); the ratio of the two medians is reported beside it.
 """
 
 from __future__ import annotations
@@ -116,23 +116,8 @@ def _quiet_trainer() -> Iterator[io.StringIO]:
         logger.propagate = saved_propagate
 
 
-def _single_process_group() -> bool:
-    """A world-of-one gloo group, so accelerate's single-process setup finds a process group when it asks for one
-    (plain ``python`` runs, no launcher). Returns True when this call created it."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    store = tempfile.NamedTemporaryFile(prefix="linnaeus-pg-", delete=False)
-    store.close()
-    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
-    return True
-
-
 def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **overrides: Any) -> Comparison:
     """Run ``steps`` trainer steps interleaved with as many minimal steps (``overrides``: ``--opts`` as keywords)."""
-    import torch.distributed as dist
-
     from linnaeus.engine.trainer import Trainer
 
     opts: dict[str, Any] = {
@@ -147,35 +132,31 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
         "SCHEDULE__CHECKPOINT__INTERVAL": "{STEPS: 1000000}",
     } | overrides
     cfg = ds.config(**opts)
-    created = _single_process_group()
-    try:
-        with _quiet_trainer():
-            trainer = Trainer(cfg)
-            trainer.setup()
-            trainer.train_sampler.set_epoch(0)
-            batches = list(itertools.islice(iter(trainer.train_loader), min(steps + 1, len(trainer.train_loader))))
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            baseline = MinimalLoop(
-                copy.deepcopy(unwrapped), trainer.task_keys, trainer.base_lr, cfg.AUG.MEAN, cfg.AUG.STD
-            )
-            stand_in = InterleavedBatches(batches, baseline.step)
-            trainer.train_loader = stand_in
-            trainer.fit()
-    finally:
-        if created and dist.is_initialized():  # accelerate's end_training() may have destroyed it already
-            dist.destroy_process_group()
+    with _quiet_trainer():
+        trainer = Trainer(cfg)
+        trainer.setup()  # a plain process: accelerate's single-process mode, no process group
+        trainer.train_sampler.set_epoch(0)
+        batches = list(itertools.islice(iter(trainer.train_loader), min(steps + 1, len(trainer.train_loader))))
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        baseline = MinimalLoop(copy.deepcopy(unwrapped), trainer.task_keys, trainer.base_lr, cfg.AUG.MEAN, cfg.AUG.STD)
+        stand_in = InterleavedBatches(batches, baseline.step)
+        trainer.train_loader = stand_in
+        trainer.fit()
     skip = min(WARMUP_STEPS, max(0, len(stand_in.ours) - 1))
     samples = {"ours": stand_in.ours[skip:], "minimal": stand_in.minimal[skip : len(stand_in.ours)]}
-    extra = overhead(samples["ours"], samples["minimal"])
-    # Neighbouring steps share the machine's momentary load, so the per-step ratio is a steadier second view.
+    # The target uses the median of per-step ratios: the two steps of a pair run back to back and share the machine's
+    # momentary load, which a shared 2-core machine changes from second to second; the ratio of medians is shown too.
     paired = median([a / b for a, b in zip(samples["ours"], samples["minimal"], strict=True)])
     return Comparison(
         name=f"trainer step vs minimal loop: {label or 'demo experiment'} "
         f"({cfg.MODEL.NAME}, {cfg.DATA.IMG_SIZE}px, batch {cfg.DATA.BATCH_SIZE})",
         unit="s/step",
         samples=samples,
-        ratios={"ours/minimal (time)": extra + 1.0, "ours/minimal (median of per-step ratios)": paired},
-        targets=[Target("trainer overhead <= 5 %", extra, 0.05, higher=False)],
+        ratios={
+            "ours/minimal (median of per-step ratios)": paired,
+            "ours/minimal (ratio of medians)": overhead(samples["ours"], samples["minimal"]) + 1.0,
+        },
+        targets=[Target("trainer overhead <= 5 % (per-step ratio - 1)", paired - 1.0, 0.05, higher=False)],
         facts={
             "steps": len(samples["ours"]),
             "clip_grad": cfg.TRAIN.CLIP_GRAD,
@@ -210,7 +191,7 @@ def run(quick: bool) -> list[Comparison]:
     plan: list[tuple[str, int, dict[str, Any]]] = [("demo experiment", 12 if quick else 40, {})]
     if not quick:
         plan.append(("augmentation, clipping, meta masking off", 40, FEATURES_OFF))
-    plan.append(("mFormerV1_sm widths", 8 if quick else 16, SM_WIDTHS))
+    plan.append(("mFormerV1_sm widths", 10 if quick else 16, SM_WIDTHS))
     comps = []
     with tempfile.TemporaryDirectory(prefix="linnaeus-bench-overhead-") as tmp:
         ds = write_bench_dataset(Path(tmp) / "demo", 240 if quick else 480, None)
