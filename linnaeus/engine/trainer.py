@@ -27,6 +27,7 @@ from linnaeus.errors import ConfigError, LinnaeusError
 log = logging.getLogger("linnaeus")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; SLURM scripts can requeue on it.
+PREEMPT_CHECK_STEPS = 5
 
 
 @dataclass
@@ -506,7 +507,8 @@ class Trainer:
         gen = torch.Generator(device=acc.device)
         self.model.train()
         window_loss = torch.zeros((), device=acc.device)
-        window_tasks: dict[str, float] = {}
+        # Running sums stay on the device: a float() per micro-batch would stall the GPU pipeline every step.
+        window_tasks: dict[str, torch.Tensor] = {}
         window_n = 0
         window_start = time.perf_counter()
         bar = None
@@ -534,7 +536,7 @@ class Trainer:
                 s.batch_in_epoch += 1
                 window_loss += loss
                 for k, v in per_task.items():
-                    window_tasks[k] = window_tasks.get(k, 0.0) + float(v)
+                    window_tasks[k] = window_tasks[k] + v if k in window_tasks else v.clone()
                 window_n += 1
                 if not acc.sync_gradients:
                     continue
@@ -547,7 +549,7 @@ class Trainer:
                     mean_loss = float(acc.reduce(window_loss / max(window_n, 1), "mean"))
                     ips = window_n * self.cfg.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
                     row = {"loss": mean_loss, "lr": lr, "images_per_sec": ips}
-                    row |= {f"{k}/loss": v / max(window_n, 1) for k, v in window_tasks.items()}
+                    row |= {f"{k}/loss": float(v) / max(window_n, 1) for k, v in window_tasks.items()}
                     row["meta_mask_prob"] = self.ops.meta_mask_prob(s.step)
                     if self.loss_fn.gradnorm is not None:
                         row |= {
@@ -567,7 +569,9 @@ class Trainer:
                 if epoch_done:
                     s.epoch += 1
                     s.batch_in_epoch = 0
-                stop = self._agree(preempt.raised)
+                # Agreeing costs an all-reduce and a host sync, so ranks compare flags every few steps (the same
+                # steps on every rank); SLURM's warning comes minutes ahead, so a few steps' delay is harmless.
+                stop = s.step % PREEMPT_CHECK_STEPS == 0 and self._agree(preempt.raised)
                 if stop or fires(self.ops.ckpt_every, s.step, plan):
                     self._save()
                 if stop:
