@@ -191,7 +191,7 @@ class VerifyImagesConfig(Node):
     REPORT_PATH: str | None = Field(None, description="JSON report; default: the run folder")
     # Compatibility:
     CHUNK_SIZE: int | None = Field(None, description="no-op (images are checked by a thread pool)")
-    LOG_MISSING: bool = True
+    LOG_MISSING: bool | None = Field(None, description="no-op: problems always go to the JSON report and the log")
 
 
 class HybridConfig(Node):
@@ -275,8 +275,8 @@ class TrainConfig(Node):
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
-    PHASE1_MASK_NULL_LOSS: bool = Field(
-        True, description="null labels never contribute loss (see SCHEDULE.NULL_MASKING)"
+    PHASE1_MASK_NULL_LOSS: bool | None = Field(
+        None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
     )
 
 

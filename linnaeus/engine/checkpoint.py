@@ -41,9 +41,17 @@ class CheckpointManager:
         if not pointer.is_file():
             return None
         target = self.root / pointer.read_text().strip()
-        if not (target / STATE_FILE).is_file():
-            raise ConfigError(f"{pointer}: points to '{target.name}', which is not a complete checkpoint")
-        return target
+        if (target / STATE_FILE).is_file():
+            return target
+        # A kill between replacing a re-saved step folder and renaming its new copy leaves the pointer dangling;
+        # the newest complete checkpoint is then the right place to continue.
+        done = self.completed()
+        if not done:
+            raise ConfigError(f"{pointer}: points to '{target.name}', which is not a complete checkpoint, and none is")
+        log.warning(
+            "%s points to missing '%s'; using the newest complete checkpoint %s", pointer, target.name, done[-1][1]
+        )
+        return done[-1][1]
 
     def completed(self) -> list[tuple[int, Path]]:
         out = []
@@ -100,7 +108,8 @@ class CheckpointManager:
         entry = {"dir": step_dir_name(step), "step": step, "value": value}
         bests = [b for b in bests if b["step"] != step] + [entry]
         bests.sort(key=lambda b: -b["value"] if self.best_mode == "max" else b["value"])
-        return bests
+        # Only the top M are kept on disk (and a later entry can only enter above them), so the list stays bounded.
+        return bests[: self.keep_best]
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

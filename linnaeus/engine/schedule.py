@@ -138,8 +138,7 @@ class OpsSchedule:
         return p.PROB if (p.ENABLED and self.cfg.DATA.META.ACTIVE) else 0.0
 
     def null_keep_prob(self, step: int) -> float:
-        if self.cfg.TRAIN.PHASE1_MASK_NULL_LOSS and not self.cfg.SCHEDULE.NULL_MASKING.ENABLED:
-            return 0.0
+        """Probability a null-labelled sample stays in that rank's loss (0 = always masked, the default)."""
         return ramp_value(self.cfg.SCHEDULE.NULL_MASKING, step, self.plan, 1.0)
 
     def mix_prob(self, step: int) -> float:

@@ -6,7 +6,6 @@ Components live in their own modules (schedule, metrics, checkpoint, run_dir, di
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed on every rank
+    samples_seen: int = 0  # training samples consumed over all processes: maps progress across world sizes
     best_checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    bests: dict[str, float] = field(default_factory=dict)
     wandb_run_id: str | None = None
     world_size: int = 1
     zero_stage: int = 0
@@ -67,12 +66,16 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(seed: int, deterministic: bool = False) -> None:
     import random
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: a few kernels have no deterministic variant; say so instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -115,7 +118,7 @@ class Trainer:
             self.ckpt.root.mkdir(parents=True, exist_ok=True)
             self.ckpt.clean_partial()
         acc.wait_for_everyone()
-        _seed_everything(cfg.MISC.SEED)
+        _seed_everything(cfg.MISC.SEED, cfg.MISC.DETERMINISTIC)
         if not torch.cuda.is_available():
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
             torch.set_flush_denormal(True)
@@ -176,6 +179,11 @@ class Trainer:
             self.val_set, batch_size=cfg.DATA.BATCH_SIZE_VAL, shuffle=False, drop_last=False, pad=True, **common
         )
         self.accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
+        if len(self.train_loader) < self.accum:
+            raise ConfigError(
+                f"TRAIN.ACCUMULATION_STEPS: {self.accum} micro-batches per optimizer step, but an epoch has only "
+                f"{len(self.train_loader)} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
+            )
         self.plan: StepPlan = plan_steps(cfg, len(self.train_loader))
         # Whole accumulation windows only, so every optimizer step sees `accum` micro-batches on every rank.
         self.batches_per_epoch = self.plan.steps_per_epoch * self.accum
@@ -219,7 +227,7 @@ class Trainer:
         self.resume_from = self._find_resume()
         self.weights_only_resume = False
         if self.resume_from is not None:
-            saved = read_state(self.resume_from)
+            saved = self._read_state_everywhere(self.resume_from)
             if saved.get("world_size") != self.dist.world_size or saved.get("zero_stage") != self.dist.zero_stage:
                 # Optimizer shards are tied to the process count and ZeRO stage; weights are not.
                 self.weights_only_resume = True
@@ -249,6 +257,18 @@ class Trainer:
             self._restore(self.resume_from)
 
     def _find_resume(self) -> Path | None:
+        """Decided on the main process and broadcast: ranks reading a shared filesystem at slightly different
+        moments (or through stale NFS caches) must never choose different resume paths."""
+        from accelerate.utils import broadcast_object_list
+
+        choice: list[Any] = [None]
+        if self.is_main:
+            found = self._resume_candidate()
+            choice = [None if found is None else str(found)]
+        broadcast_object_list(choice, from_process=0)
+        return None if choice[0] is None else Path(choice[0])
+
+    def _resume_candidate(self) -> Path | None:
         cfg = self.cfg
         if cfg.TRAIN.RESUME_FROM:
             path = Path(cfg.TRAIN.RESUME_FROM)
@@ -261,34 +281,51 @@ class Trainer:
             return self.ckpt.latest()
         return None
 
+    def _read_state_everywhere(self, ckpt: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state as the main process read it (same reason as `_find_resume`)."""
+        from accelerate.utils import broadcast_object_list
+
+        box: list[Any] = [read_state(ckpt) if self.is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
     def _restore(self, ckpt: Path) -> None:
-        saved = TrainerState.from_dict(read_state(ckpt))
+        saved = TrainerState.from_dict(self._read_state_everywhere(ckpt))
         if self.weights_only_resume:
-            # Map the data position by global samples consumed; optimizer moments and RNG restart.
-            consumed = saved.batch_in_epoch * saved.world_size
-            self.state.batch_in_epoch = min(consumed // self.dist.world_size, self.batches_per_epoch)
-            self.state.batch_in_epoch -= self.state.batch_in_epoch % self.accum
+            # Progress is carried over as samples consumed, so epochs, the LR schedule and the ramps continue where
+            # they were even though a step now holds a different number of samples; optimizer moments and RNG
+            # restart.
+            global_batch = self.cfg.DATA.BATCH_SIZE * self.accum * self.dist.world_size
+            step = saved.samples_seen // global_batch
+            self.state.step = step
+            self.state.epoch = step // self.plan.steps_per_epoch
+            self.state.batch_in_epoch = (step % self.plan.steps_per_epoch) * self.accum
             log.warning(
                 "resumed from step %d of %s with a different process count or ZeRO stage (%d/ZeRO-%d -> %d/ZeRO-%d): "
-                "model weights, step, epoch, schedules and metric bests restored; optimizer state and RNG restarted; "
-                "data position mapped approximately",
+                "model weights restored and progress mapped by samples consumed (%d samples -> step %d); metric "
+                "bests and GradNorm weights restored; optimizer state and RNG restarted",
                 saved.step,
                 ckpt,
                 saved.world_size,
                 saved.zero_stage,
                 self.dist.world_size,
                 self.dist.zero_stage,
+                saved.samples_seen,
+                step,
             )
         else:
             self.accelerator.load_state(str(ckpt))
+            self.state.step = saved.step
+            self.state.epoch = saved.epoch
             self.state.batch_in_epoch = saved.batch_in_epoch
             log.info(
                 "resumed from step %d (%s): weights, optimizer, RNG, schedules and data position", saved.step, ckpt
             )
-        self.state.step = saved.step
-        self.state.epoch = saved.epoch
+        if self.state.batch_in_epoch >= self.batches_per_epoch:  # saved exactly at an epoch's end
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+        self.state.samples_seen = self.state.step * self.cfg.DATA.BATCH_SIZE * self.accum * self.dist.world_size
         self.state.best_checkpoints = saved.best_checkpoints
-        self.state.bests = saved.bests
         self.state.wandb_run_id = saved.wandb_run_id
         self.state.missing_images = saved.missing_images
         self.state.task_weights = saved.task_weights
@@ -434,39 +471,41 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self, mask_meta: bool = False) -> dict[str, float]:
+    def validate(self, normal: bool = True, masked: bool = False) -> dict[str, dict[str, float]]:
+        """One pass over the validation set: each batch is decoded and moved once, then run with metadata
+        (``val``) and/or with every metadata component masked (``val_mask_meta``)."""
         from linnaeus.aug import eval_transform
 
         self.model.eval()
-        meter = ValidationMeter(self.task_keys, self.accelerator.device)
+        device = self.accelerator.device
+        passes = [name for name, on in (("val", normal), ("val_mask_meta", masked)) if on]
+        meters = {name: ValidationMeter(self.task_keys, device) for name in passes}
         self.val_sampler.set_epoch(0)
         dtype = self._model_dtype()
         for batch in self.val_loader:
-            batch = _to_device(batch, self.accelerator.device)
+            batch = _to_device(batch, device)
             images = eval_transform(batch["image"], self.cfg.AUG.MEAN, self.cfg.AUG.STD).to(dtype)
             meta = batch["meta"]
-            if meta.shape[1] == 0:
-                meta_in = None
-            else:
-                meta_in = (torch.zeros_like(meta) if mask_meta else meta).to(dtype)
-            logits = self.model(images, meta_in)
-            meter.update(logits, batch["targets"], batch["is_pad"])
+            for name in passes:
+                if meta.shape[1] == 0:
+                    meta_in = None
+                else:
+                    meta_in = (torch.zeros_like(meta) if name == "val_mask_meta" else meta).to(dtype)
+                meters[name].update(self.model(images, meta_in), batch["targets"], batch["is_pad"])
         self.model.train()
-        return meter.compute(lambda t: self.accelerator.reduce(t, "sum"))
+        return {name: m.compute(lambda t: self.accelerator.reduce(t, "sum")) for name, m in meters.items()}
 
     def _run_validation(self, with_masked: bool, do_normal: bool = True) -> None:
+        results = self.validate(normal=do_normal, masked=with_masked)
+        titles = {"val": "validation", "val_mask_meta": "validation, metadata masked"}
         if do_normal:
-            metrics = self.validate()
-            self._log("val", metrics)
-            log.info(format_table("validation", self.state.step, metrics, self.task_keys))
-            for k, v in metrics.items():
-                self.state.bests[f"val/{k}"] = max(v, self.state.bests.get(f"val/{k}", -math.inf))
-            self.last_val = {f"val/{k}": v for k, v in metrics.items()}
-        if with_masked:
-            masked = self.validate(mask_meta=True)
-            self._log("val_mask_meta", masked)
-            log.info(format_table("validation, metadata masked", self.state.step, masked, self.task_keys))
-            self.last_val.update({f"val_mask_meta/{k}": v for k, v in masked.items()})
+            self.last_val = {}
+        for phase, metrics in results.items():
+            self._log(phase, metrics)
+            log.info(format_table(titles[phase], self.state.step, metrics, self.task_keys))
+            self.last_val.update({f"{phase}/{k}": v for k, v in metrics.items()})
+        if do_normal:
+            self.last_val_step = self.state.step
 
     # -------------------------------------------------------------------------------------------------- checkpoint
     def _save(self) -> Path:
@@ -474,9 +513,11 @@ class Trainer:
         s.task_weights = {k: float(w) for k, w in zip(self.task_keys, self.loss_fn.task_weights.tolist(), strict=True)}
         if self.loss_fn.gradnorm is not None:
             s.gradnorm_state = {k: v.tolist() for k, v in self.loss_fn.gradnorm.state_dict().items()}
-        if self.last_val and self.ckpt.best_metric in self.last_val:
+        # Only a validation of exactly these weights may rank this checkpoint (not an earlier step's numbers).
+        if self.last_val_step == s.step and self.ckpt.best_metric in self.last_val:
             s.best_checkpoints = self.ckpt.update_bests(s.best_checkpoints, s.step, self.last_val)
         path = self.ckpt.save(self.accelerator, s.step, s.to_dict())
+        self.last_saved_step = s.step
         log.info("checkpoint saved: %s", path)
         return path
 
@@ -504,6 +545,9 @@ class Trainer:
         self._init_trackers()
         preempt = PreemptionFlag()
         self.last_val: dict[str, float] = {}
+        self.last_val_step = -1
+        self.last_saved_step = s.step if self.resume_from is not None else -1
+        missing_local = 0
         gen = torch.Generator(device=acc.device)
         self.model.train()
         window_loss = torch.zeros((), device=acc.device)
@@ -522,7 +566,7 @@ class Trainer:
             lr = self._set_lr()
             for batch in self.train_loader:
                 if "image_ok" in batch:
-                    s.missing_images += int((~batch["image_ok"].bool()).sum())
+                    missing_local += int((~batch["image_ok"].bool()).sum())
                 batch = _to_device(batch, acc.device)
                 # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.
                 gen.manual_seed(hash((self.cfg.MISC.SEED, self.dist.rank, s.step, micro)) % 2**63)
@@ -541,15 +585,24 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 s.step += 1
+                s.samples_seen += self.cfg.DATA.BATCH_SIZE * self.accum * self.dist.world_size
                 micro = 0
                 if bar is not None:
                     bar.update(1)
                 if fires(self.ops.log_every, s.step, plan):
                     elapsed = time.perf_counter() - window_start
-                    mean_loss = float(acc.reduce(window_loss / max(window_n, 1), "mean"))
+                    # One all-reduce for everything logged: loss, per-rank losses (means over processes) and the
+                    # unreadable-image count (a sum, kept as the global total).
+                    keys = list(window_tasks)
+                    packed = torch.stack([window_loss, *(window_tasks[k] for k in keys)]).float() / max(window_n, 1)
+                    packed = acc.reduce(packed, "mean").tolist()
+                    missing = acc.reduce(torch.tensor([float(missing_local)], device=acc.device), "sum")
+                    s.missing_images += int(missing.item())
+                    missing_local = 0
+                    mean_loss = packed[0]
                     ips = window_n * self.cfg.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
                     row = {"loss": mean_loss, "lr": lr, "images_per_sec": ips}
-                    row |= {f"{k}/loss": float(v) / max(window_n, 1) for k, v in window_tasks.items()}
+                    row |= {f"{k}/loss": v for k, v in zip(keys, packed[1:], strict=True)}
                     row["meta_mask_prob"] = self.ops.meta_mask_prob(s.step)
                     if self.loss_fn.gradnorm is not None:
                         row |= {
@@ -561,6 +614,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
                     window_loss.zero_()
                     window_tasks, window_n, window_start = {}, 0, time.perf_counter()
+                paused = time.perf_counter()  # validation and checkpoints are not training throughput
                 do_val = fires(self.ops.val_every, s.step, plan)
                 do_masked = fires(self.ops.val_mask_meta_every, s.step, plan)
                 if do_val or do_masked:
@@ -586,13 +640,13 @@ class Trainer:
                         bar.close()
                     acc.end_training()
                     return PREEMPTED_EXIT_CODE
+                window_start += time.perf_counter() - paused
                 if s.step >= plan.total_steps or epoch_done:
                     break
                 lr = self._set_lr()
         if bar is not None:
             bar.close()
-        latest = self.ckpt.latest()
-        if latest is None or read_state(latest)["step"] != s.step:
+        if self.last_saved_step != s.step:  # in-memory, identical on every rank: this decides a collective
             self._save()
         self._export()
         skipped = getattr(getattr(self.train_loader, "dataset", None), "skipped_count", 0)

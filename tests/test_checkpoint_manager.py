@@ -1,0 +1,53 @@
+"""CheckpointManager's file rules without a launch: pointer fallback, partial folders, best ranking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from linnaeus.engine.checkpoint import CheckpointManager
+from linnaeus.errors import ConfigError
+
+
+def _complete(root: Path, step: int) -> None:
+    d = root / f"step_{step}"
+    d.mkdir(parents=True)
+    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def test_latest_follows_the_pointer_and_falls_back_when_it_dangles(tmp_path: Path) -> None:
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, best_metric="val/x", best_mode="max")
+    assert m.latest() is None
+    _complete(tmp_path, 5)
+    _complete(tmp_path, 10)
+    (tmp_path / "latest").write_text("step_5\n")
+    assert m.latest() == tmp_path / "step_5"
+    (tmp_path / "latest").write_text("step_15\n")  # killed between removing step_15 and renaming its new copy
+    assert m.latest() == tmp_path / "step_10"
+    (tmp_path / ".tmp_step_15").mkdir()
+    m.clean_partial()
+    assert not (tmp_path / ".tmp_step_15").exists()
+
+
+def test_dangling_pointer_without_any_checkpoint_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "latest").write_text("step_3\n")
+    (tmp_path / "step_3").mkdir()  # never completed: no trainer_state.json
+    m = CheckpointManager(tmp_path, keep_last=1, keep_best=0, best_metric="val/x", best_mode="max")
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        m.latest()
+
+
+def test_bests_are_ranked_by_mode_and_bounded(tmp_path: Path) -> None:
+    up = CheckpointManager(tmp_path, keep_last=1, keep_best=2, best_metric="val/acc", best_mode="max")
+    bests: list[dict] = []
+    for step, value in [(1, 0.2), (2, 0.5), (3, 0.4), (4, 0.1)]:
+        bests = up.update_bests(bests, step, {"val/acc": value})
+    assert [b["step"] for b in bests] == [2, 3]
+    down = CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="val/loss", best_mode="min")
+    bests = []
+    for step, value in [(1, 0.9), (2, 0.3), (3, 0.6)]:
+        bests = down.update_bests(bests, step, {"val/loss": value})
+    assert bests == [{"dir": "step_2", "step": 2, "value": 0.3}]
+    assert down.update_bests(bests, 4, {"other": 1.0}) == bests  # metric absent: unchanged
