@@ -298,3 +298,15 @@ def write_bench_dataset(root: Path, num_images: int, size: tuple[int, int] | Non
         for name, data in zip(names, synth_images(n, size, seed), strict=True):
             (images / name).write_bytes(data)
     return BenchDataset(root=root, num_images=n, size=size or (IMAGE_PX, IMAGE_PX))
+
+
+def run_cli(run: Callable[[bool], list[Comparison]], doc: str | None, argv: list[str] | None = None) -> int:
+    """The command line every suite module shares: ``[--quick]``, then print each comparison."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for comp in run(args.quick):
+        print(format_comparison(comp), flush=True)
+    return 0

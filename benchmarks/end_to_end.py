@@ -17,7 +17,6 @@ a share near 0 means the loader keeps up; on a 2-core CPU the workers and the mo
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import tempfile
 import time
@@ -137,14 +136,9 @@ def run(quick: bool) -> list[Comparison]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import format_comparison
+    from benchmarks.common import run_cli
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    for comp in run(args.quick):
-        print(format_comparison(comp), flush=True)
-    return 0
+    return run_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

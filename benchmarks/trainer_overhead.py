@@ -17,7 +17,6 @@ handing a batch over and being asked for the next one. Overhead = median over st
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -201,14 +200,9 @@ def run(quick: bool) -> list[Comparison]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import format_comparison
+    from benchmarks.common import run_cli
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    for comp in run(args.quick):
-        print(format_comparison(comp), flush=True)
-    return 0
+    return run_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

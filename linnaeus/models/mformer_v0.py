@@ -169,7 +169,8 @@ class MFormerV0(HybridBackbone):
     def no_weight_decay_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", ".table", ".extra"))}
 
-    # Recomputing a BatchNorm block under gradient checkpointing updates its running stats a second time.
+    # Note: with gradient checkpointing, recomputing an MBConv block updates its BatchNorm running stats twice.
+
     def _to_stage3(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embeds[0](x)
 
