@@ -18,7 +18,6 @@ Prints min/median/max ms per image and img/s, and the ratios of medians: ours_va
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -42,19 +41,9 @@ SETS = {"1MP": (1152, 864), "500px": (500, 375)}
 
 def synth_jpeg(width: int, height: int, seed: int) -> bytes:
     """Photo-like content (gradients, blobs, texture, noise) so file sizes and decode work are realistic."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.empty((height, width, 3), np.float32)
-    for c in range(3):
-        fx, fy, ph = rng.uniform(5, 60), rng.uniform(5, 60), rng.uniform(0, 6.3)
-        img[..., c] = 120 + 60 * np.sin(xx / fx + ph) * np.cos(yy / fy) + rng.uniform(-40, 40) * xx / width
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.25) * min(width, height)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    from benchmarks.common import _canvas, jpeg_bytes
+
+    return jpeg_bytes(_canvas(width, height, seed), quality=90)
 
 
 def tight_decode_resize(path: str, size: int, crop_pct: float, draft: bool = True) -> np.ndarray:

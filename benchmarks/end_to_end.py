@@ -20,13 +20,14 @@ from __future__ import annotations
 import itertools
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import SIZE_1MP, SIZE_500PX, BenchDataset, Comparison, set_threads, speedup, write_bench_dataset
+from benchmarks.trainer_overhead import MinimalLoop
 
 SKIP = 2  # steps at the start of each fed window: worker start-up and the first prefetch
 
@@ -46,25 +47,9 @@ def _build(ds: BenchDataset, img_size: int, batch: int, workers: int):
     return cfg, data, loader, sampler, model
 
 
-class Step:
-    def __init__(self, model: torch.nn.Module, task_keys: list[str], mean, std) -> None:
-        self.model = model
-        self.task_keys = task_keys
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-
-    def __call__(self, batch: dict[str, Any]) -> None:
-        x = (batch["image"].float() / 255.0 - self.mean) / self.std
-        meta = batch["meta"] if batch["meta"].shape[1] else None
-        out = self.model(x, meta)
-        loss = sum(F.cross_entropy(out[k], batch["targets"][k], ignore_index=-1) for k in self.task_keys)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
-def fed_window(loader, sampler, epoch: int, step: Step, steps: int) -> tuple[list[float], list[float]]:
+def fed_window(
+    loader, sampler, epoch: int, step: Callable[[dict[str, Any]], Any], steps: int
+) -> tuple[list[float], list[float]]:
     """(wait, compute) seconds per step for ``steps`` loader-fed steps (the first SKIP dropped)."""
     sampler.set_epoch(epoch)
     it = iter(loader)
@@ -87,7 +72,8 @@ def fed_window(loader, sampler, epoch: int, step: Step, steps: int) -> tuple[lis
 
 def measure(ds: BenchDataset, *, label: str, img_size: int, batch: int, workers: int, steps: int, windows: int):
     cfg, data, loader, sampler, model = _build(ds, img_size, batch, workers)
-    step = Step(model, list(data.task_keys), cfg.AUG.MEAN, cfg.AUG.STD)
+    # The same minimal loop the trainer-overhead benchmark compares against: plain CE, AdamW, no extras.
+    step = MinimalLoop(model, list(data.task_keys), 1e-4, cfg.AUG.MEAN, cfg.AUG.STD).step
     sampler.set_epoch(0)
     preloaded = list(itertools.islice(iter(loader), steps))
     for b in preloaded[:2]:  # warm-up: allocator, lazy init

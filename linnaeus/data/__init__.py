@@ -6,8 +6,7 @@ The common entry point is :func:`prepare_data` (``linnaeus.data.prepare``). Name
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from linnaeus.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "LabelStore": "linnaeus.data.labels",
@@ -27,8 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'linnaeus.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("linnaeus.data", _EXPORTS)

@@ -5,8 +5,7 @@ Names are imported lazily so ``import linnaeus.inference`` stays cheap (no model
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from linnaeus.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "Bundle": "linnaeus.inference.bundle",
@@ -22,8 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'linnaeus.inference' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("linnaeus.inference", _EXPORTS)

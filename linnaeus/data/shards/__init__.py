@@ -5,8 +5,7 @@ Names are imported lazily so the writer (and ``linnaeus shard``) never imports t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from linnaeus.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "FORMAT_VERSION": "linnaeus.data.shards.manifest",
@@ -23,8 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'linnaeus.data.shards' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("linnaeus.data.shards", _EXPORTS)
