@@ -404,11 +404,11 @@ def file_dataset(paths: list[str], img_size: int, train: bool = True):
     )
 
 
-def cpu_loader_rate(paths: list[str], plan: Plan, epochs: int = 2) -> dict[str, Any]:
+def plan_loader(ds, plan: Plan):
+    """The loader both loader measurements use: the plan's batch and workers, persistent workers, pinned on CUDA."""
     from linnaeus.data.loader import build_loader
 
-    ds = file_dataset(paths, plan.loader_img)
-    loader, sampler = build_loader(
+    return build_loader(
         ds,
         batch_size=plan.loader_batch,
         num_workers=plan.workers,
@@ -418,6 +418,11 @@ def cpu_loader_rate(paths: list[str], plan: Plan, epochs: int = 2) -> dict[str, 
         pin_memory=plan.device == "cuda",
         persistent_workers=True,
     )
+
+
+def cpu_loader_rate(paths: list[str], plan: Plan, epochs: int = 2) -> dict[str, Any]:
+    ds = file_dataset(paths, plan.loader_img)
+    loader, sampler = plan_loader(ds, plan)
     rates = []
     for epoch in range(epochs + 1):  # epoch 0 starts the workers and warms the page cache: not counted
         sampler.set_epoch(epoch)
@@ -513,22 +518,12 @@ def run_loader(rec: Recorder, plan: Plan, tmp: Path) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------------------- 4. end to end
 def run_end_to_end(rec: Recorder, plan: Plan, paths: list[str]) -> None:
-    from linnaeus.data.loader import build_loader
 
     img_size = plan.loader_img
     model, _ = build_train_model(plan, img_size)
     step = TrainStep(model, plan.device)
     ds = file_dataset(paths, img_size)
-    loader, sampler = build_loader(
-        ds,
-        batch_size=plan.loader_batch,
-        num_workers=plan.workers,
-        shuffle=True,
-        seed=0,
-        drop_last=True,
-        pin_memory=plan.device == "cuda",
-        persistent_workers=True,
-    )
+    loader, sampler = plan_loader(ds, plan)
     waits, computes = [], []
     done, epoch = 0, 0
     while done < plan.e2e_steps + 2:

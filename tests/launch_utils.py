@@ -108,3 +108,16 @@ def final_weights(run: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run / "export" / "final.safetensors"))
+
+
+def spawn(opts: list[str], accelerate_config: str | None = None) -> subprocess.Popen:
+    """A training run in the background, in its own session, for tests that signal or kill it."""
+    return subprocess.Popen(
+        train_cmd(opts, accelerate_config),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import ROOT, ensure_demo, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
+from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
 
 pytestmark = pytest.mark.slow
 
@@ -73,15 +73,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, 
 
     opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
     run = run_dir(tmp_path / "b", "killed")
-    proc = subprocess.Popen(
-        train_cmd(opts, "cpu_ddp"),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn(opts, "cpu_ddp")
     _wait_for(lambda: _latest(run) == "step_10", proc)
     _signal_tree(proc, signal.SIGKILL)
     proc.communicate()
@@ -109,9 +101,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, 
 def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="term", TRAIN__MAX_STEPS=200, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
     run = run_dir(tmp_path, "term")
-    proc = subprocess.Popen(
-        train_cmd(opts), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = spawn(opts)
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -129,15 +119,7 @@ def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_p
 def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=400)
     run = run_dir(tmp_path, "term2")
-    proc = subprocess.Popen(
-        train_cmd(opts, "cpu_zero2"),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn(opts, "cpu_zero2")
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
     _signal_tree(proc, signal.SIGTERM)
     proc.communicate(timeout=180)
