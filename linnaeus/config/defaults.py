@@ -111,6 +111,12 @@ class RopeStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
     ROPE_THETA: float = 10000.0
     ROPE_MIXED: bool = Field(True, description="learnable mixed 2-D frequencies (False: fixed axial)")
+    LAYER_SCALE_INIT_VALUE: float | None = Field(
+        None,
+        gt=0,
+        description="LayerScale on attention/MLP branches (DeiT-LS); None: none. Set it to receive "
+        "a RoPE-ViT-LS checkpoint's gamma_1/gamma_2 (stitched pretrained source)",
+    )
 
 
 class ConvStages(Node):
@@ -132,8 +138,19 @@ class AttentionStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
 
 
+class TimmModelConfig(Node):
+    """``MODEL.TYPE: timm``: any timm image model as the backbone (built with random weights; see PRETRAINED)."""
+
+    NAME: str | None = Field(None, description="a timm model name, e.g. vit_base_patch16_dinov3")
+    KWARGS: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+    GLOBAL_POOL: str | None = Field(None, description="timm global_pool ('token', 'avg', ...); None: the model's")
+    META_FUSION: Literal["add", "concat"] = Field(
+        "add", description="how the metadata embedding joins the pooled image feature (docs/design.md)"
+    )
+
+
 class ModelConfig(Node):
-    TYPE: Literal["mFormerV1", "mFormerV0"] = "mFormerV1"
+    TYPE: Literal["mFormerV1", "mFormerV0", "timm"] = "mFormerV1"
     NAME: str = "mFormerV1_sm"
     IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
     IN_CHANS: int = 3
@@ -143,7 +160,20 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
-    PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
+    # Start from pretrained weights (local files only; `linnaeus check` prints what each file gives).
+    PRETRAINED: str | None = Field(
+        None, description="weights file (.safetensors/.pth/.bin) or Linnaeus bundle folder to start from"
+    )
+    PRETRAINED_SOURCE: Literal["linnaeus", "timm", "metaformer", "stitched_convnext_ropevit"] | None = Field(
+        None, description="layout of PRETRAINED; None: 'timm' for MODEL.TYPE timm, else 'linnaeus'"
+    )
+    PRETRAINED_CONVNEXT: str | None = Field(None, description="stitched_convnext_ropevit: ConvNeXt weights file")
+    PRETRAINED_ROPEVIT: str | None = Field(None, description="stitched_convnext_ropevit: RoPE-Mixed ViT weights file")
+    FREEZE_BACKBONE: bool = Field(False, description="backbone gets no gradients and no optimizer state")
+    UNFREEZE_BACKBONE_AFTER: Interval = Field(
+        default_factory=Interval, description="with FREEZE_BACKBONE: unfreeze once, after this many steps/epochs"
+    )
+    TIMM: TimmModelConfig = Field(default_factory=TimmModelConfig)
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
     CONV_STAGES: ConvStages = Field(default_factory=ConvStages)
@@ -263,6 +293,14 @@ class AugConfig(Node):
 
 
 # -------------------------------------------------------------------------------------------------------- TRAIN
+class EmaConfig(Node):
+    """Exponential moving average of the weights (timm ModelEmaV3), validated as its own phase ``val_ema``."""
+
+    ENABLED: bool = False
+    DECAY: float = Field(0.9998, gt=0, lt=1)
+    WARMUP: bool = Field(True, description="decay ramps up as 1 - (1 + step/gamma)^-power early in training")
+
+
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
@@ -275,6 +313,7 @@ class TrainConfig(Node):
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
+    EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
     PHASE1_MASK_NULL_LOSS: bool | None = Field(
         None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
     )
@@ -287,6 +326,9 @@ class OptimizerConfig(Node):
     BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     EPS: float = 1e-8
     HEAD_LR_MULTIPLIER: float = Field(1.0, gt=0, description="LR multiplier for classification heads")
+    LAYER_DECAY: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay: layer i of L gets LAYER_DECAY^(L+1-i) (timm layer ids)"
+    )
 
 
 class LRSchedulerConfig(Node):
