@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -66,7 +64,7 @@ def test_timm_backbone_with_metadata_and_all_head_types(ds):
 
 def test_unknown_timm_name_is_one_line_error(ds):
     cfg = ds.config(*TIMM_TINY, "MODEL.TIMM.NAME", "not_a_model_xyz")
-    with pytest.raises(ConfigError, match="MODEL.TIMM.NAME: 'not_a_model_xyz' is not a timm model"):
+    with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.NAME: 'not_a_model_xyz' is not a timm model"):
         build(cfg, prepare_data(cfg))
 
 
@@ -96,7 +94,7 @@ def test_unfreeze_after_resolves_to_a_step(ds):
     cfg = ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true", "MODEL.UNFREEZE_BACKBONE_AFTER", "{EPOCHS: 2.5}")
     assert unfreeze_step(cfg, plan) == 25
     assert unfreeze_step(ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true"), plan) is None
-    with pytest.raises(ConfigError, match="MODEL.UNFREEZE_BACKBONE_AFTER"):
+    with pytest.raises(ConfigError, match=r"MODEL\.UNFREEZE_BACKBONE_AFTER"):
         unfreeze_step(ds.config(*TIMM_TINY, "MODEL.UNFREEZE_BACKBONE_AFTER", "{STEPS: 5}"), plan)
 
 
