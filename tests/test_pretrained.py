@@ -261,3 +261,90 @@ def test_fine_tune_from_export_remaps_heads_by_taxon_id(tmp_path):
     # Without the new run's class maps the heads are skipped with the reason, the backbone still loads.
     plain = build_model(new_cfg.MODEL, TASKS, {"taxa_L10": 6, "taxa_L20": 3}, [2, 3])
     assert "class maps were not given" in dict(plain.pretrained_report.skipped)["head.heads.taxa_L10.fc.weight"]
+
+
+# ------------------------------------------------------------------------------------------------- MetaFormer
+V0_SM = ARCHS / "mFormerV0" / "mFormerV0_sm.yaml"
+V0_TINY = [
+    "MODEL.CONV_STAGES.STEM_DIMS", "[8, 16]", "MODEL.CONV_STAGES.OUT_CHANNELS", "[16, 24]",
+    "MODEL.CONV_STAGES.DEPTHS", "[1, 2]", "MODEL.ATTENTION_STAGES.DEPTHS", "[2, 1]",
+    "MODEL.ATTENTION_STAGES.DIMS", "[64, 64]", "MODEL.IMG_SIZE", "64", "DATA.IMG_SIZE", "64",
+]  # fmt: skip
+
+
+def metaformer_layout(sd: dict[str, torch.Tensor], table_side: dict[int, int]) -> dict[str, torch.Tensor]:
+    """Our V0 state dict renamed the way dqshuai/MetaFormer names it, bias tables in its (rows, heads) form."""
+    mb = {"expand.0": "_expand_conv", "expand.1": "_bn0", "dw.0": "_depthwise_conv", "dw.1": "_bn1",
+          "se.reduce": "_se_reduce", "se.expand": "_se_expand", "project.0": "_project_conv", "project.1": "_bn2"}  # fmt: skip
+    meta = {"fc": "0", "norm": "2", "res.fc1": "3.w1", "res.norm1": "3.norm_fn1", "res.fc2": "3.w2",
+            "res.norm2": "3.norm_fn2"}  # fmt: skip
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("backbone.")
+        if k.startswith("head.") or k.endswith("position.extra"):
+            continue
+        if m := re.match(r"stem\.7\.(.+)", k):
+            k = f"bn1.{m[1]}"
+        elif m := re.match(r"stem\.(\d)\.(.+)", k):
+            k = f"stage_0.{m[1]}.{m[2]}"
+        elif m := re.match(r"conv_stages\.(\d)\.(\d+)\.(\w+\.\w+)\.(.+)", k):
+            k = f"stage_{int(m[1]) + 1}.{m[2]}.{mb[m[3]]}.{m[4]}"
+        elif m := re.match(r"patch_embeds\.(\d)\.(.+)", k):
+            k = f"stage_{int(m[1]) + 3}.0.patch_embed.{m[2]}"
+        elif m := re.match(r"attn_stages\.(\d)\.blocks\.(\d+)\.attn\.position\.table", k):
+            heads = v.shape[0]
+            side = table_side[int(m[1])]
+            v = torch.randn(side * side + 1, heads)
+            k = f"stage_{int(m[1]) + 3}.{m[2]}.attn.relative_position_bias_table"
+        elif m := re.match(r"attn_stages\.(\d)\.blocks\.(.+)", k):
+            k = f"stage_{int(m[1]) + 3}.{m[2]}"
+        elif m := re.match(r"attn_stages\.(\d)\.meta_tokens\.embedders\.(\d)\.(.+)\.(weight|bias)", k):
+            k = f"meta_{int(m[2]) + 1}_head_{int(m[1]) + 1}.{meta[m[3]]}.{m[4]}"
+        elif m := re.match(r"attn_stages\.(\d)\.(cls_token|norm)(.*)", k):
+            k = f"{m[2]}_{int(m[1]) + 1}{m[3]}"
+        else:
+            k = {"aggregate.proj1.0.weight": "cl_1_fc.0.fc1.weight", "aggregate.proj1.0.bias": "cl_1_fc.0.fc1.bias",
+                 "aggregate.proj1.2.weight": "cl_1_fc.0.fc2.weight", "aggregate.proj1.2.bias": "cl_1_fc.0.fc2.bias",
+                 "aggregate.proj1.3.weight": "cl_1_fc.1.weight", "aggregate.proj1.3.bias": "cl_1_fc.1.bias",
+                 "aggregate.mix.weight": "aggregate.weight", "aggregate.mix.bias": "aggregate.bias",
+                 "aggregate.norm.weight": "norm.weight", "aggregate.norm.bias": "norm.bias"}[k]  # fmt: skip
+        out[k] = torch.randn_like(v) if v.is_floating_point() and "bias_table" not in k else v
+    out["stage_3.0.attn.relative_position_index"] = torch.zeros(4, 4, dtype=torch.long)
+    out["head.weight"] = torch.randn(1000, 64)
+    return out
+
+
+def test_metaformer_checkpoint_loads_into_v0_with_bias_tables_converted(tmp_path):
+    cfg = load_config(V0_SM, V0_TINY)
+    model = build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2, 3])
+    # Stage 3 runs on a 4×4 grid here; the checkpoint's stage-3 tables are for 6×6 (resized), stage 4's for 2×2.
+    orig = metaformer_layout(model.state_dict(), {0: 11, 1: 3})
+    path = tmp_path / "metafg_0.pth"
+    torch.save({"model": orig}, path)
+    loaded = build_model(load_config(V0_SM, [*V0_TINY, "MODEL.PRETRAINED", str(path),
+                                             "MODEL.PRETRAINED_SOURCE", "metaformer"]).MODEL,
+                         TASKS, NUM_CLASSES, [2, 3])  # fmt: skip
+    sd = loaded.state_dict()
+    report = loaded.pretrained_report
+    backbone_tensors = [k for k in sd if k.startswith("backbone.")]
+    assert report.num_loaded == len(backbone_tensors)  # every backbone tensor has a counterpart
+    assert torch.equal(sd["backbone.stem.7.running_var"], orig["bn1.running_var"])
+    assert torch.equal(sd["backbone.conv_stages.1.1.se.reduce.weight"], orig["stage_2.1._se_reduce.weight"])
+    assert torch.equal(
+        sd["backbone.attn_stages.0.meta_tokens.embedders.1.res.fc2.weight"], orig["meta_2_head_1.3.w2.weight"]
+    )
+    assert torch.equal(sd["backbone.aggregate.mix.weight"], orig["aggregate.weight"])
+    # Stage 4: same grid, so the table is the original's patch rows and extra pairs read row 0, as in MetaFormer.
+    table = orig["stage_4.0.attn.relative_position_bias_table"]
+    position = loaded.backbone.attn_stages[1].blocks[0].attn.position
+    bias = position.bias(2, 2, 3)  # (heads, 3 extra + 4 patches, same)
+    h = w = 2
+    for i in range(4):
+        for j in range(4):
+            dy, dx = i // w - j // w + h - 1, i % w - j % w + w - 1
+            torch.testing.assert_close(bias[:, 3 + i, 3 + j], table[dy * (2 * w - 1) + dx])
+    torch.testing.assert_close(bias[:, 0, 5], table[0])
+    assert tuple(sd["backbone.attn_stages.0.blocks.0.attn.position.table"].shape) == (8, 7, 7)  # resized 11 → 7
+    skipped = dict(report.skipped)
+    assert "recomputed" in skipped["stage_3.0.attn.relative_position_index"]
+    assert "classifier" in skipped["head.weight"]
