@@ -51,6 +51,27 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+    """What each MODEL.PRETRAINED* file gives the model, per group, with every skipped tensor and its reason.
+
+    The model is built for real on the CPU (the weights must be read to be checked). Head rows of a previous
+    Linnaeus model are matched by taxon id at training start; here they are reported as skipped.
+    """
+    from linnaeus.models.pretrained import pretrained_source
+
+    if pretrained_source(cfg.MODEL) is None:
+        return None
+    from linnaeus.data.labels import components_from_config
+    from linnaeus.models import build_model, coarse_to_fine
+
+    keys = list(cfg.DATA.TASK_KEYS_H5)
+    order = coarse_to_fine(keys)
+    shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
+    meta_dims = [c.dim for c in components_from_config(cfg)]
+    report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes).pretrained_report
+    return {**report.to_json(), "lines": report.lines()}
+
+
 def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
     if not cfg.DATA.SHARDS.ENABLED:
         return None
@@ -62,4 +83,6 @@ def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] |
 def run(args: argparse.Namespace) -> int:
     from linnaeus.data.check import run as run_data_check
 
-    return run_data_check(args, extra={"model": model_section, "shards": shards_section})
+    return run_data_check(
+        args, extra={"model": model_section, "pretrained": pretrained_section, "shards": shards_section}
+    )

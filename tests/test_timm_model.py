@@ -238,3 +238,47 @@ def test_ema_load_rejects_other_files(ds, tmp_path):
         ema.load(tmp_path / "x.safetensors")
     with pytest.raises(ConfigError, match="no EMA weights"):
         ema.load(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- linnaeus check
+def test_check_reports_what_the_pretrained_file_gives(ds, tmp_path, capsys):
+    import json
+
+    from linnaeus.cli import main
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit", pretrained=False, img_size=32).state_dict(), weights)
+    opts = ["--opts", *TIMM_TINY, "MODEL.PRETRAINED", str(weights)]
+    assert main(["check", "--cfg", str(ds.config_path), "--no-images", *opts]) == 0
+    out = capsys.readouterr().out
+    assert f"pretrained (timm, {weights}): stem 2/2, blocks " in out
+    assert "skipped head.weight: no counterpart" in out
+    assert main(["check", "--cfg", str(ds.config_path), "--no-images", "--json", *opts]) == 0
+    section = json.loads(capsys.readouterr().out)["pretrained"]
+    assert section["groups"]["heads"] == {"loaded": 0, "total": 6}
+    assert section["groups"]["blocks"]["loaded"] == section["groups"]["blocks"]["total"] > 0
+
+    useless = tmp_path / "useless.safetensors"
+    save_file({"something.else": torch.zeros(2)}, useless)
+    rc = main(
+        ["check", "--cfg", str(ds.config_path), "--no-images", "--opts", *TIMM_TINY, "MODEL.PRETRAINED", str(useless)]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and "loads nothing into this model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_frozen_vit_example_config_is_the_dinov3_recipe():
+    from linnaeus.config import repo_root
+    from linnaeus.models import build_backbone
+
+    cfg = load_config(repo_root() / "configs/experiments/frozen_vit_example.yaml")
+    assert cfg.MODEL.TYPE == "timm" and timm.is_model(cfg.MODEL.TIMM.NAME) and "dinov3" in cfg.MODEL.TIMM.NAME
+    assert cfg.MODEL.FREEZE_BACKBONE and {h.TYPE for h in cfg.MODEL.CLASSIFICATION.HEADS.values()} == {"LinearHead"}
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.MODEL, [2, 3, 10])
+    assert backbone.num_features == 768 and type(backbone.model).__name__ == "Eva"
+    # The weights file is not here: building for training says how to get it, in one line.
+    with pytest.raises(ConfigError, match=r"MODEL\.PRETRAINED: .* is not a local file"):
+        keys = list(cfg.DATA.TASK_KEYS_H5)
+        hierarchy = {(p, c): torch.ones(3, 3) for p, c in zip(keys[1:], keys[:-1], strict=True)}
+        build_model(cfg.MODEL, keys, dict.fromkeys(keys, 3), [2, 3, 10], hierarchy)

@@ -409,6 +409,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"model: {m['name']}: {m['params'] / 1e6:.2f} M parameters ({m['backbone_params'] / 1e6:.2f} M backbone"
             f" incl. {m['meta_params'] / 1e6:.2f} M metadata embedders, {m['head_params'] / 1e6:.2f} M heads); {macs}"
         )
+    if isinstance(r.get("pretrained"), dict):
+        lines.extend(r["pretrained"]["lines"])
     if isinstance(r.get("shards"), dict):
         lines.append(
             "shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list))

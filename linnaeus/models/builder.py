@@ -14,7 +14,7 @@ from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
 from linnaeus.models.heads import HierarchicalClassifier, rank_level
 from linnaeus.models.param_groups import set_backbone_frozen
-from linnaeus.models.pretrained import LoadReport, apply_pretrained
+from linnaeus.models.pretrained import LoadReport, apply_pretrained, require_pretrained_files
 from linnaeus.models.registry import get_model_class
 
 
@@ -113,6 +113,8 @@ def build_model(
     files (inference rebuilds, whose weights come from a bundle). ``MODEL.FREEZE_BACKBONE`` is applied here.
     """
     head_cfgs = resolve_head_configs(model_cfg, task_keys, num_classes)
+    if load_pretrained:
+        require_pretrained_files(model_cfg)
     backbone = build_backbone(model_cfg, meta_dims)
     head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_cfgs, hierarchy)
     model = LinnaeusModel(backbone, head)

@@ -7,13 +7,14 @@ weights; inference rebuilds pass ``load_pretrained=False`` (their weights come f
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from torch import nn
 
 from linnaeus.config.defaults import ModelConfig
 from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
-from linnaeus.models.pretrained.files import read_weights
+from linnaeus.models.pretrained.files import how_to_get, read_weights
 from linnaeus.models.pretrained.report import GROUPS, LoadReport, group_of
 
 log = logging.getLogger("linnaeus")
@@ -34,6 +35,22 @@ def pretrained_source(cfg: ModelConfig) -> str | None:
     if cfg.PRETRAINED_SOURCE is not None:
         return cfg.PRETRAINED_SOURCE
     return "timm" if cfg.TYPE == "timm" else "linnaeus"
+
+
+def require_pretrained_files(cfg: ModelConfig) -> None:
+    """Fail before the (possibly large) model is built when a configured weights path does not exist."""
+    source = pretrained_source(cfg)
+    if source is None:
+        return
+    keys = (
+        ("MODEL.PRETRAINED_CONVNEXT", "MODEL.PRETRAINED_ROPEVIT")
+        if source == "stitched_convnext_ropevit"
+        else ("MODEL.PRETRAINED",)
+    )
+    for key in keys:
+        value = getattr(cfg, key.split(".")[1])
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: '{value}' is not a local file; {how_to_get(key, value)}")
 
 
 def apply_pretrained(
@@ -64,4 +81,13 @@ def apply_pretrained(
     return report
 
 
-__all__ = ["GROUPS", "SOURCES", "LoadReport", "apply_pretrained", "group_of", "pretrained_source", "read_weights"]
+__all__ = [
+    "GROUPS",
+    "SOURCES",
+    "LoadReport",
+    "apply_pretrained",
+    "group_of",
+    "pretrained_source",
+    "read_weights",
+    "require_pretrained_files",
+]
