@@ -348,3 +348,19 @@ def test_metaformer_checkpoint_loads_into_v0_with_bias_tables_converted(tmp_path
     skipped = dict(report.skipped)
     assert "recomputed" in skipped["stage_3.0.attn.relative_position_index"]
     assert "classifier" in skipped["head.weight"]
+
+
+def test_source_resolution():
+    from linnaeus.models.pretrained import pretrained_source
+
+    def src(*opts):
+        return pretrained_source(load_config(V1_SM, list(opts)).MODEL)
+
+    assert src() is None
+    assert src("MODEL.PRETRAINED", "x.safetensors") == "linnaeus"
+    assert src("MODEL.PRETRAINED", "x.safetensors", "MODEL.TYPE", "timm") == "timm"
+    assert src("MODEL.PRETRAINED_ROPEVIT", "r.pth") == "stitched_convnext_ropevit"
+    with pytest.raises(ConfigError, match=r"used only with MODEL\.PRETRAINED_SOURCE stitched"):
+        src("MODEL.PRETRAINED_CONVNEXT", "c.pth", "MODEL.PRETRAINED_SOURCE", "linnaeus", "MODEL.PRETRAINED", "x")
+    with pytest.raises(ConfigError, match=r"MODEL\.PRETRAINED: required with MODEL\.PRETRAINED_SOURCE timm"):
+        src("MODEL.PRETRAINED_SOURCE", "timm")

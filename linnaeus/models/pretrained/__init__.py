@@ -28,6 +28,11 @@ def pretrained_source(cfg: ModelConfig) -> str | None:
         cfg.PRETRAINED_SOURCE is None and not cfg.PRETRAINED and (cfg.PRETRAINED_CONVNEXT or cfg.PRETRAINED_ROPEVIT)
     ):
         return "stitched_convnext_ropevit"
+    if cfg.PRETRAINED_CONVNEXT or cfg.PRETRAINED_ROPEVIT:
+        raise ConfigError(
+            "MODEL.PRETRAINED_CONVNEXT / MODEL.PRETRAINED_ROPEVIT: used only with MODEL.PRETRAINED_SOURCE "
+            f"stitched_convnext_ropevit, got {cfg.PRETRAINED_SOURCE}"
+        )
     if not cfg.PRETRAINED:
         if cfg.PRETRAINED_SOURCE is not None:
             raise ConfigError(f"MODEL.PRETRAINED: required with MODEL.PRETRAINED_SOURCE {cfg.PRETRAINED_SOURCE}")
