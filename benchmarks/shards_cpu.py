@@ -8,7 +8,7 @@ Data: the demo labels.h5 (12 species, 3 ranks, metadata) with its drawings repla
 2. ``read raw``: every training sample's bytes, from shards (``iter_shard``) against opening each file, on a warm
    page cache and with a simulated ``LATENCY_MS`` per file open (as on NFS/Lustre/object stores, where opening a
    file costs a round trip). Shards pay the latency once per shard, files once per image. Target: >= 3x there.
-3. ``loader``: one training epoch of batches, ``build_shard_train_loader`` against the file loader
+3. ``loader``: one training epoch of batches, ``build_shard_batches`` against the file loader
    (``FileDataset`` + ``build_loader``), 0 workers, same decode code, warm and with the same latency.
 
 Prints per-variant medians and ratios of medians (read the ratios: absolute numbers drift on a shared machine).
@@ -105,7 +105,7 @@ def per_image(fn: Callable[[], Any], n: int) -> Callable[[], float]:
 def bench(quick: bool, workdir: Path) -> list[Comparison]:
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
-    from linnaeus.data.shards import ShardOptions, build_shard_train_loader, write_shards
+    from linnaeus.data.shards import ShardOptions, build_shard_batches, write_shards
 
     set_threads(1)
     n_images, reps, sps = (240, 3, 32) if quick else (960, 5, 64)
@@ -171,9 +171,8 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
     file_loader, sampler = build_loader(
         prepared.dataset("train", train=True), batch_size=BATCH, num_workers=0, shuffle=True, seed=0
     )
-    shard_loader, n_batches, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0
-    )
+    shard_stream = build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0)
+    n_batches = shard_stream.batches_per_epoch
     n_loaded = n_batches * BATCH
 
     def epoch(loader: Any, set_fn: Callable[[int], None]) -> Callable[[], None]:
@@ -211,7 +210,7 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
             loads = interleave(
                 {
                     "files": per_image(epoch(file_loader, sampler.set_epoch), n_loaded),
-                    "shards": per_image(epoch(shard_loader, set_epoch), n_loaded),
+                    "shards": per_image(epoch(shard_stream, shard_stream.set_epoch), n_loaded),
                 },
                 reps=reps,
             )

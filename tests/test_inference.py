@@ -325,7 +325,7 @@ def test_validation_and_prediction_feed_the_model_identical_tensors(demo_run) ->
     assert val_images.shape == (len(val), 3, 32, 32)
     assert torch.equal(seen[0][0], val_images)
     assert torch.equal(seen[0][1], val_meta)
-    assert (~data.arrays("val", with_paths=False)["meta_valid"]).any()  # the split includes missing metadata
+    assert (~data.samples("val", with_paths=False).meta_valid).any()  # the split includes missing metadata
 
 
 def test_evaluate_bundle_reproduces_validation_top1(demo_run) -> None:

@@ -28,7 +28,7 @@ from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import load_image
 from linnaeus.data.loader import build_loader
 from linnaeus.data.prepare import prepare_data
-from linnaeus.data.shards import ShardOptions, build_shard_train_loader, shard_report, write_shards
+from linnaeus.data.shards import ShardOptions, build_shard_batches, shard_report, write_shards
 from linnaeus.data.shards.reader import ShardTrainDataset, iter_shard
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
 from linnaeus.errors import DataError
@@ -177,7 +177,7 @@ def test_changed_labels_fail_with_reshard_message(tmp_path):
         f["metadata"].attrs["note"] = "relabelled"  # any byte change is a new fingerprint
     prepared = prepare_data(cfg)
     with pytest.raises(DataError) as err:
-        build_shard_train_loader(cfg, prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
+        build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
     msg = str(err.value)
     assert str(ds.labels_path) in msg and "changed" in msg and "\n" not in msg
     assert f"linnaeus shard --cfg {ds.config_path} --out {out}" in msg
@@ -186,25 +186,24 @@ def test_changed_labels_fail_with_reshard_message(tmp_path):
 
 
 def _epoch(cfg, prepared, *, world, rank, bs, workers, epoch=0):
-    loader, n, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers
-    )
-    set_epoch(epoch)
-    batches = list(loader)
-    assert len(batches) == n == len(loader)
+    stream = build_shard_batches(cfg, prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers)
+    n = stream.batches_per_epoch
+    stream.set_epoch(epoch)
+    batches = list(stream)
+    assert len(batches) == n == len(stream)
     return batches, n
 
 
 def _check_against_file_rows(batches, prepared):
-    a = prepared.arrays("train", with_paths=False)
-    where = {int(r): i for i, r in enumerate(a["rows"])}
+    a = prepared.samples("train", with_paths=False)
+    where = {int(r): i for i, r in enumerate(a.rows)}
     for b in batches:
         for j, row in enumerate(b["row"].tolist()):
             i = where[row]  # KeyError: not a training row
             for k, t in b["targets"].items():
-                assert int(t[j]) == int(a["targets"][k][i])
-            assert torch.equal(b["meta"][j], torch.from_numpy(a["meta"][i]))
-            assert torch.equal(b["meta_valid"][j], torch.from_numpy(a["meta_valid"][i]))
+                assert int(t[j]) == int(a.targets[k][i])
+            assert torch.equal(b["meta"][j], torch.from_numpy(a.meta[i]))
+            assert torch.equal(b["meta_valid"][j], torch.from_numpy(a.meta_valid[i]))
     return [r for b in batches for r in b["row"].tolist()]
 
 
@@ -246,23 +245,22 @@ def test_loader_epoch_matches_file_training_rows(sharded):
 
 def test_resume_offset_and_few_shards_still_give_exact_counts(sharded):
     _, _out, cfg, prepared, _ = sharded
-    loader, n, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2
-    )
-    set_epoch(2, start_batch=2)
-    assert len(loader) == n - 2 and len(list(loader)) == n - 2
+    stream = build_shard_batches(cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2)
+    n = stream.batches_per_epoch
+    stream.set_epoch(2, start_batch=2)
+    assert len(stream) == n - 2 and len(list(stream)) == n - 2
 
 
 def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     _, out, _cfg, prepared, m = sharded
-    a = prepared.arrays("train", with_paths=False)
+    a = prepared.samples("train", with_paths=False)
     good = [str(out / s["name"]) for s in m["splits"]["train"]["shards"]]
     bad = tmp_path / "bad.tar"
     val_row = int(prepared.val.rows[0])
     with tarfile.open(bad, "w") as tar:
         for name, data in [
             ("0000000001.jpg", b"not a jpeg"),
-            ("0000000001.json", json.dumps({"row": int(a["rows"][1])}).encode()),
+            ("0000000001.json", json.dumps({"row": int(a.rows[1])}).encode()),
             (f"{val_row:010d}.jpg", Path(good[0]).read_bytes()[:10]),
             (f"{val_row:010d}.json", json.dumps({"row": val_row}).encode()),
         ]:
@@ -276,10 +274,7 @@ def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     ds = ShardTrainDataset(
         shards,
         [2, 4] + [s["samples"] for s in m["splits"]["train"]["shards"][:3]],
-        a["rows"],
-        a["targets"],
-        a["meta"],
-        a["meta_valid"],
+        a,
         batch_size=4,
         batches_per_epoch=6,
         img_size=64,
@@ -288,7 +283,7 @@ def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     for epoch in range(2):
         ds.set_epoch(epoch)
         rows = [r for b in ds for r in b["row"].tolist()]
-        assert len(rows) == 24 and set(rows) <= set(a["rows"].tolist())
+        assert len(rows) == 24 and set(rows) <= set(a.rows.tolist())
     assert ds.skipped_count >= 6  # per epoch: two bad samples + the truncated tar
 
 
@@ -363,18 +358,17 @@ import json, sys
 import torch, torch.distributed as dist
 from linnaeus.config import load_config
 from linnaeus.data.prepare import prepare_data
-from linnaeus.data.shards import build_shard_train_loader
+from linnaeus.data.shards import build_shard_batches
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
-loader, n, set_epoch = build_shard_train_loader(
-    cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
-)
+stream = build_shard_batches(cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1)
+n = stream.batches_per_epoch
 rows = []
 for epoch in range(2):
-    set_epoch(epoch)
-    for batch in loader:
+    stream.set_epoch(epoch)
+    for batch in stream:
         step = torch.ones(1)
         dist.all_reduce(step)  # one collective per batch: a rank with fewer batches would hang here
         rows += batch["row"].tolist()

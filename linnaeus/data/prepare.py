@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from linnaeus.data.labels import FilterReport, LabelStore, components_from_config, filters_from_config
+from linnaeus.data.samples import SampleTable
 from linnaeus.data.splits import SPLIT_FILE, Split, check_saved, random_split
 from linnaeus.data.taxonomy import (
     ClassMap,
@@ -285,29 +286,24 @@ class PreparedData:
         ids = v.store.identifiers[v.rows]
         return [image_path(images_dir, i, hybrid.FILE_EXTENSION) for i in ids]
 
-    def arrays(self, split: str, with_paths: bool = True) -> dict[str, Any]:
+    def samples(self, split: str, with_paths: bool = True) -> SampleTable:
         """Everything per sample of a split: rows, targets (-1 null), packed meta, meta_valid, image paths."""
         v = self.view(split)
-        return {
-            "rows": v.rows.astype(np.int64),
-            "targets": self.targets(split),
-            "meta": v.store.meta[v.rows].astype(np.float32, copy=False),
-            "meta_valid": v.store.meta_valid[v.rows],
-            "paths": self.image_paths(split) if with_paths else None,
-        }
+        return SampleTable(
+            rows=v.rows,
+            targets=self.targets(split),
+            meta=v.store.meta[v.rows],
+            meta_valid=v.store.meta_valid[v.rows],
+            paths=self.image_paths(split) if with_paths else None,
+        )
 
     def dataset(self, split: str, train: bool):
         """A ``FileDataset`` over this split (decode + crop in workers)."""
         from linnaeus.data.dataset import FileDataset
 
-        a = self.arrays(split)
         cfg = self.cfg
         return FileDataset(
-            a["paths"],
-            a["rows"],
-            a["targets"],
-            a["meta"],
-            a["meta_valid"],
+            self.samples(split),
             img_size=cfg.DATA.IMG_SIZE,
             train=train,
             rrc_scale=tuple(cfg.AUG.RRC_SCALE),

@@ -42,8 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
+from linnaeus.data.stream import BatchStream
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -101,10 +103,7 @@ class ShardTrainDataset(IterableDataset):
         self,
         shards: list[str],
         shard_samples: list[int],
-        rows: np.ndarray,
-        targets: dict[str, np.ndarray],
-        meta: np.ndarray,
-        meta_valid: np.ndarray,
+        table: SampleTable,
         *,
         batch_size: int,
         batches_per_epoch: int,
@@ -121,12 +120,11 @@ class ShardTrainDataset(IterableDataset):
             raise DataError(f"{where or 'shards'}: no training shard holds any sample; rerun `linnaeus shard`")
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardTrainDataset: rank {rank} is not in [0, {world_size})")
-        order = np.argsort(rows, kind="stable")
-        self.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64)[order])  # sorted: searchsorted lookup
-        self.targets = {k: np.ascontiguousarray(np.asarray(v, dtype=np.int64)[order]) for k, v in targets.items()}
-        n = len(self.rows)
-        self.meta = np.ascontiguousarray(np.asarray(meta, dtype=np.float32)[order]).reshape(n, -1)
-        self.meta_valid = np.ascontiguousarray(np.asarray(meta_valid, dtype=bool)[order]).reshape(n, -1)
+        table = table.sorted_by_row()  # searchsorted lookup by row
+        self.rows = table.rows
+        self.targets = table.targets
+        self.meta = table.meta
+        self.meta_valid = table.meta_valid
         self.shards = list(shards)
         counts = np.asarray(shard_samples, dtype=np.float64)
         self.shard_weights = counts / counts.sum()
@@ -321,7 +319,7 @@ def check_manifest(manifest: dict[str, Any], prepared: PreparedData, split: str,
     return entry
 
 
-def build_shard_train_loader(
+def build_shard_batches(
     cfg: Config,
     prepared: PreparedData,
     *,
@@ -333,13 +331,8 @@ def build_shard_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context: Any = None,
-) -> tuple[DataLoader, int, Callable[..., None]]:
-    """(loader, batches_per_epoch, set_epoch) for training from ``DATA.SHARDS.DIR``.
-
-    Call ``set_epoch(epoch, start_batch=0)`` before iterating each epoch; the loader then yields exactly
-    ``batches_per_epoch - start_batch`` batches on every process. Do not pass the loader to ``accelerator.prepare``.
-    ``loader.dataset.skipped_count`` is the number of corrupt samples skipped so far (all workers).
-    """
+) -> BatchStream:
+    """The training ``BatchStream`` from ``DATA.SHARDS.DIR``; do not pass its loader to ``accelerator.prepare``."""
     shard_dir = shard_dir_of(cfg)
     manifest = mf.read_manifest(shard_dir, cfg_hint="EXP.yaml")
     entry = check_manifest(manifest, prepared, "train", shard_dir)
@@ -361,14 +354,10 @@ def build_shard_train_loader(
             len(used),
             readers,
         )
-    a = prepared.arrays("train", with_paths=False)
     dataset = ShardTrainDataset(
         [str(shard_dir / s["name"]) for s in used],
         [int(s["samples"]) for s in used],
-        a["rows"],
-        a["targets"],
-        a["meta"],
-        a["meta_valid"],
+        prepared.samples("train", with_paths=False),
         batch_size=batch_size,
         batches_per_epoch=batches,
         world_size=world_size,
@@ -392,4 +381,4 @@ def build_shard_train_loader(
         multiprocessing_context=multiprocessing_context if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
-    return loader, batches, dataset.set_epoch
+    return BatchStream(loader, dataset, batches)
