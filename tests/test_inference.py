@@ -467,3 +467,104 @@ def test_decoding_matches_brute_force_over_chains() -> None:
         assert all(d.ranks[r].candidates[0][0] == best[r] for r in range(3) if best[r] >= 0)
     total, mean = chain_scores([lp[k] for k in h.keys], torch.as_tensor(h.chains))
     assert total.shape == mean.shape == (64, len(h.chains))
+
+
+# ------------------------------------------------------------------------------------------- refined heads
+REFINED = {"taxa_L20": "HierarchicalSoftmaxHead", "taxa_L10": "ConditionalClassifier"}
+
+
+def brute_force_chain(lp: dict[str, torch.Tensor], b: int, h: Hierarchy, head_types: dict[str, str]) -> list[int]:
+    """The best chain by the corrected score, written out: a rank's probability counts unless the chain's class at
+    the next finer rank comes from a refined head (it already contains it); chains compared by the mean."""
+    best, best_score = None, -math.inf
+    for chain in h.chains.tolist():
+        terms = []
+        for r, (key, c) in enumerate(zip(h.keys, chain, strict=True)):
+            finer_refined = (
+                r + 1 < len(chain) and chain[r + 1] >= 0 and head_types.get(h.keys[r + 1]) in set(REFINED.values())
+            )
+            if c >= 0 and not finer_refined:
+                terms.append(float(lp[key][b, c]))
+        score = sum(terms) / len(terms)
+        if score > best_score:
+            best, best_score = chain, score
+    return best
+
+
+@pytest.mark.parametrize(
+    "head_types",
+    [REFINED, {"taxa_L10": "HierarchicalSoftmaxHead"}, {"taxa_L20": "ConditionalClassifier"}],
+    ids=["all-refined", "species-refined", "genus-refined"],
+)
+def test_refined_decoding_matches_brute_force_over_chains(head_types) -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree, head_types)
+    assert h.refined == (False, "taxa_L20" in head_types, "taxa_L10" in head_types)
+    gen = torch.Generator().manual_seed(1)
+    lp = {k: torch.log_softmax(3 * torch.randn(200, len(m), generator=gen), dim=1) for k, m in maps.items()}
+    for b, d in enumerate(decode(lp, h, top_k=5)):
+        best = brute_force_chain(lp, b, h, head_types)
+        assert [(-1 if c is None else c) for c in d.chosen().values()] == best
+        assert all(d.ranks[r].candidates[0][0] == best[r] for r in range(3) if best[r] >= 0)
+
+
+def complete_tree(families: int = 3, genera: int = 3, species: int = 4) -> tuple[dict[str, ClassMap], TaxonomyTree]:
+    nodes, edges, ids = [], [], {"taxa_L30": [], "taxa_L20": [], "taxa_L10": []}
+    for f in range(families):
+        fid = 1 + f
+        nodes.append({"id": fid, "rank": "family", "name": f"F{f}"})
+        ids["taxa_L30"].append(fid)
+        for g in range(genera):
+            gid = 100 + 10 * f + g
+            nodes.append({"id": gid, "rank": "genus", "name": f"G{gid}"})
+            edges.append({"source": fid, "target": gid})
+            ids["taxa_L20"].append(gid)
+            for s in range(species):
+                sid = 10000 + 100 * gid + s
+                nodes.append({"id": sid, "rank": "species", "name": f"S{sid}"})
+                edges.append({"source": gid, "target": sid})
+                ids["taxa_L10"].append(sid)
+    tree = TaxonomyTree.from_dict({"nodes": nodes, "edges": edges})
+    return {k: ClassMap.from_ids(k, [np.array(v)], tree) for k, v in ids.items()}, tree
+
+
+@pytest.mark.parametrize("species_head", ["HierarchicalSoftmaxHead", "ConditionalClassifier"])
+def test_refined_decoding_equals_the_refined_argmax_when_it_is_consistent(species_head) -> None:
+    from linnaeus.config.defaults import HeadConfig
+    from linnaeus.inference.bundle import hierarchy_matrices
+    from linnaeus.models import HierarchicalClassifier
+
+    maps, tree = complete_tree()
+    keys = list(maps)
+    head_types = {"taxa_L30": "LinearHead", "taxa_L20": "HierarchicalSoftmaxHead", "taxa_L10": species_head}
+    torch.manual_seed(0)
+    clf = HierarchicalClassifier(
+        8,
+        keys,
+        {k: len(m) for k, m in maps.items()},
+        {k: HeadConfig(TYPE=t) for k, t in head_types.items()},
+        hierarchy_matrices(keys, maps, tree),
+    ).eval()
+    with torch.no_grad():
+        for head in clf.heads.values():
+            head.fc.weight.mul_(60.0)
+        lp = {k: torch.log_softmax(v, dim=1) for k, v in clf(torch.randn(2000, 8)).items()}
+    h = Hierarchy.build(maps, tree, head_types)
+    argmax = torch.stack([lp[k].argmax(dim=1) for k in h.keys], dim=1)
+    decoded = decode(lp, h, top_k=3)
+    for b, d in enumerate(decoded):
+        chosen = list(d.chosen().values())
+        # The refined species argmax always heads a consistent chain here (every species has one), and with the
+        # finest refined probability as the score it is exactly the decoded chain.
+        assert chosen == h.paths[2][int(argmax[b, 2])].tolist()
+        assert d.chain_probability == pytest.approx(float(lp["taxa_L10"][b, chosen[2]].exp()), rel=1e-5)
+        if h.is_consistent(argmax[b].tolist()):
+            assert chosen == argmax[b].tolist()
+    # The product of every rank's softmax (the old score) counts genus and family twice and moves away from it.
+    product = decode(lp, Hierarchy.build(maps, tree), top_k=1)
+    moved = sum(p.ranks[2].chosen != int(argmax[b, 2]) for b, p in enumerate(product))
+    assert moved > 0.02 * len(product), moved
+    builder = ResultBuilder(maps, tree, taxonomy_context(maps, tree, "toy", "1"), {"producer": "test"})
+    result = ClassificationResult.model_validate_json(builder.build(decoded[0], "x.jpg", 3).to_json())
+    (policy,) = result.provenance.decision_policies
+    assert policy.parameters["chain_score"] == h.chain_score_rule != product[0].chain_score
