@@ -70,6 +70,10 @@ def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_tiny")
     ds = write_tiny_dataset(root / "data", per_species=3)
+    # The file says how spatial and elevation were encoded, so export reads the encodings instead of assuming them.
+    with h5py.File(ds.labels_path, "r+") as f:
+        for source in ("spatial", "elevation_broadrange_2"):
+            f[source].attrs["column_names"] = list(encoders.COLUMN_NAMES[source])
     cfg = ds.config(*TINY_MODEL, *HEADS)
     data, model = fake_run(cfg, root / "run")
     return {"root": root, "ds": ds, "cfg": cfg, "data": data, "model": model, "run": root / "run"}
@@ -177,6 +181,52 @@ def test_export_consolidates_checkpoints_when_no_export_exists(tiny_run, tmp_pat
     with pytest.raises(ConfigError, match="expected best, final or step_N"):
         export_bundle(run, tmp_path / "bx", "latest")
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+
+
+def test_export_refuses_assumed_metadata_encodings_unless_told(
+    tiny_run, tiny_bundle: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    labels = tmp_path / "labels.h5"
+    shutil.copy(tiny_run["ds"].labels_path, labels)
+    with h5py.File(labels, "r+") as f:  # training read these columns from nowhere the bundle can see
+        for source in ("spatial", "elevation_broadrange_2"):
+            del f[source].attrs["column_names"]
+    cfg = load_config(run / "config.yaml", ["DATA.H5.LABELS_PATH", str(labels)])
+    save_config(cfg, run / "config.yaml")
+    out = tmp_path / "bundle"
+    with pytest.raises(ConfigError) as err:
+        export_bundle(run, out)
+    message = str(err.value)
+    assert "\n" not in message and "--assume-encodings" in message
+    assert "DATA.META.COMPONENTS.SPATIAL.COLUMNS, DATA.META.COMPONENTS.ELEVATION.COLUMNS: not set" in message
+    assert "TEMPORAL" not in message  # its COLUMNS are in the config
+    assert not out.exists()
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 2
+    assert "error: DATA.META.COMPONENTS.SPATIAL.COLUMNS" in capsys.readouterr().err and not out.exists()
+    # The labels file unreachable at export time is the same guess.
+    labels.unlink()
+    with pytest.raises(ConfigError, match="--assume-encodings"):
+        export_bundle(run, out)
+
+    with caplog.at_level("WARNING", logger="linnaeus"):
+        assert main(["export", "--run", str(run), "--out", str(out), "--assume-encodings"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "ASSUMING" in r.getMessage()]
+    assert len(warned) == 2 and "SPATIAL" in warned[0] and "ELEVATION" in warned[1]
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["assumed_metadata_encodings"] == {
+        "SPATIAL": {"source": "spatial", "columns": list(encoders.SPATIAL_COLUMNS)},
+        "ELEVATION": {
+            "source": "elevation_broadrange_2",
+            "columns": list(encoders.COLUMN_NAMES["elevation_broadrange_2"]),
+        },
+    }
+    comps = json.loads((out / "preprocessing.json").read_text())["metadata"]["components"]
+    assert [c["columns_from"] for c in comps] == ["config COLUMNS", *["built-in default (assumed, not read)"] * 2]
+    # An honest export records nothing of the kind.
+    honest = json.loads((tiny_bundle / "bundle.json").read_text())
+    assert "assumed_metadata_encodings" not in honest
 
 
 # ------------------------------------------------------------------------------------------------------ predict
