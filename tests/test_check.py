@@ -13,7 +13,7 @@ import pytest
 from conftest import TEMPORAL_COLUMNS, write_labels_h5
 
 from linnaeus.cli import main
-from linnaeus.data.check import scan_images
+from linnaeus.data.verify_images import scan_images
 from linnaeus.data.prepare import prepare_data
 from linnaeus.errors import DataError
 
