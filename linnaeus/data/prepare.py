@@ -1,9 +1,11 @@
 """From a Config to everything the trainer needs about the data: ``prepare_data(cfg) -> PreparedData``.
 
 Steps, each failing with one line naming the file/key/row: resolve the labels path(s) → read and validate
-labels.h5 (LabelStore) → explicit filters (counted) → split (seeded, or reloaded from the run's split.npz) →
-taxonomy (taxonomy.json checked against the labels, or inferred with conflicts refused) → class maps over the
-rows in use (train ∪ val) → NUM_CLASSES checked or inferred → optional image verification → statistics.
+labels.h5 (LabelStore) → explicit filters (counted) → split (seeded, or reloaded from the run's split.npz; both
+splits non-empty) → taxonomy (taxonomy.json checked against the labels, or inferred with conflicts refused) →
+class maps over the rows in use (train ∪ val) → NUM_CLASSES checked or inferred → image paths (identifiers must
+stay inside IMAGES_DIR) → optional image verification → statistics. Every check is a rule from
+:mod:`linnaeus.data.rules` (or a module it names) raised with ``raise_first``; ``linnaeus check`` lists them all.
 
 Class maps are built from the rows that survive the filters, so no class gets an output slot only because of
 rows a filter removed. A class seen only in validation rows still gets one (its validation samples must be
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from linnaeus.data.labels import FilterReport, LabelStore, components_from_config, filters_from_config
-from linnaeus.data.paths import (
+from linnaeus.data.paths import (  # IMAGE_SUFFIXES, image_path, label_paths: also importable from here
     IMAGE_SUFFIXES,
     IMAGES_DIR_UNSET,
     image_path,
@@ -393,7 +395,8 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         fingerprint=fingerprint,
     )
     if cfg.DATA.HYBRID.IMAGES_DIR:  # identifiers that leave the image folder are refused now, on every process
-        data.image_paths("train"), data.image_paths("val")
+        for name in ("train", "val"):
+            data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES
     if check_images and verify.ENABLED:
         paths, rows, ids = [], [], []

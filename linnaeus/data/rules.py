@@ -83,11 +83,9 @@ def split_problems(split: Split) -> list[Problem]:
             )
         )
     if not len(split.val_rows):
-        how = (
-            "the validation file has no rows after the filters"
-            if split.presplit
-            else (f"DATA.H5.TRAIN_VAL_SPLIT_RATIO {split.ratio} leaves no rows for it")
-        )
+        how = f"DATA.H5.TRAIN_VAL_SPLIT_RATIO {split.ratio} leaves no rows for it"
+        if split.presplit:
+            how = "the validation file has no rows after the filters"
         problems.append(Problem(f"the validation split is empty ({how}); validation needs at least one row"))
     return problems
 
