@@ -279,6 +279,8 @@ def test_check_refuses_identifiers_outside_the_image_folder(capsys, tiny_dataset
     report = json.loads(out)
     assert rc == 2 and errors == [f"error: {line}" for line in escape_lines(tiny_dataset)]
     assert report["images"]["checked"] == 21 and report["images"]["missing"] == 0  # the refused ones are not opened
+    rc, _, no_images = check(capsys, tiny_dataset, "--no-images")  # the rule holds without the image check too
+    assert rc == 2 and no_images == errors
 
 
 def test_prepare_refuses_identifiers_outside_the_image_folder(tiny_dataset):

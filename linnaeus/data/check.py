@@ -158,8 +158,7 @@ def build_report(
                 " (they add no loss; DATA.REQUIRE_ALL_RANKS would drop them)"
             )
 
-    if check_images:
-        _check_images(cfg, views, decode, r)
+    _check_images(cfg, views, check_images, decode, r)
     for name, section in (extra or {}).items():
         try:
             r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()})
@@ -171,14 +170,16 @@ def build_report(
     return _finish(r)
 
 
-def _check_images(cfg: Config, views: list[SplitView], decode: bool, r: dict[str, Any]) -> None:
+def _check_images(cfg: Config, views: list[SplitView], verify: bool, decode: bool, r: dict[str, Any]) -> None:
+    """Identifiers that leave IMAGES_DIR (always, as training refuses them), then, with ``verify``, the images."""
     hybrid = cfg.DATA.HYBRID
     problem = images_dir_problem(cfg)
-    if problem:
+    if problem and verify:
         if not hybrid.IMAGES_DIR and cfg.DATA.SHARDS.ENABLED:
             r["warnings"].append("images not checked: DATA.HYBRID.IMAGES_DIR is not set (training reads shards)")
         else:
             r["errors"].append(problem)
+    if not hybrid.IMAGES_DIR or (problem and verify):
         return
     paths, rows, ids = [], [], []
     for v in views:
@@ -188,6 +189,8 @@ def _check_images(cfg: Config, views: list[SplitView], decode: bool, r: dict[str
         paths += [split_paths[j] for j in keep]
         rows.append(v.rows[keep])
         ids.append(v.store.identifiers[v.rows[keep]])
+    if not verify:
+        return
     report = verify_images(
         paths,
         np.concatenate(rows),
