@@ -17,7 +17,7 @@ from linnaeus.errors import LinnaeusError
 HANDLERS: dict[str, str] = {
     "train": "linnaeus.train:run_from_args",
     "shard": "linnaeus.data.shards.cli:run",
-    "check": "linnaeus.check_command:run",
+    "check": "linnaeus.commands.check:run",
     "predict": "linnaeus.inference.cli:run_predict",
     "export": "linnaeus.inference.cli:run_export",
     "demo-data": "linnaeus.data.demo:run",

@@ -195,8 +195,9 @@ class VerifyImagesConfig(Node):
 
 
 class HybridConfig(Node):
-    USE_HYBRID: bool = True
+    USE_HYBRID: bool = Field(True, description="images are files under IMAGES_DIR; False (images in HDF5) is refused")
     IMAGES_DIR: str = ""
+    ALLOW_SYMLINKS_OUTSIDE: bool = Field(False, description="follow symbolic links that lead out of IMAGES_DIR")
     FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
     ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
     VERIFY_IMAGES: VerifyImagesConfig = Field(default_factory=VerifyImagesConfig)
@@ -219,7 +220,7 @@ class ShardsConfig(Node):
 class DatasetInfo(Node):
     NAME: str = ""
     VERSION: str = ""
-    CLADE: str = ""
+    CLADE: str = Field("", description="descriptive; recorded in bundle.json with NAME and VERSION")
 
 
 class DataConfig(Node):

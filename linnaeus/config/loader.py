@@ -20,9 +20,6 @@ from linnaeus.errors import ConfigError
 OPTS = "--opts"
 DEFAULTS = "defaults"
 
-# Sections whose keys are user-chosen names (task keys, component names) rather than schema fields.
-OPEN_MAPS = {("MODEL", "CLASSIFICATION", "HEADS"), ("DATA", "META", "COMPONENTS"), ("DATA", "NUM_CLASSES_PER_LEVEL")}
-
 
 def repo_root() -> Path:
     """The directory holding ``configs/``: the source checkout, or the current directory for an installed package."""

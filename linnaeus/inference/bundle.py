@@ -214,7 +214,11 @@ class Bundle:
             "task_keys_coarse_to_fine": keys_coarse_to_fine(cfg.DATA.TASK_KEYS_H5),
             "num_classes": {k: len(m) for k, m in class_maps.items()},
             "meta_dims": [c.dim for c in components],
-            "dataset": {"name": cfg.DATA.DATASET.NAME, "version": cfg.DATA.DATASET.VERSION},
+            "dataset": {
+                "name": cfg.DATA.DATASET.NAME,
+                "version": cfg.DATA.DATASET.VERSION,
+                "clade": cfg.DATA.DATASET.CLADE,
+            },
         }
         return cls(
             cfg=cfg,
