@@ -16,7 +16,7 @@ from linnaeus.errors import LinnaeusError
 # command -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
     "train": "linnaeus.train:run_from_args",
-    "shard": "linnaeus.data.shards.cli:run",
+    "shard": "linnaeus.commands.shard:run",
     "check": "linnaeus.commands.check:run",
     "predict": "linnaeus.inference.cli:run_predict",
     "export": "linnaeus.inference.cli:run_export",
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: CPU count, max 8)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
     p.add_argument("--splits", default="train,val", help="which splits to write (default train,val)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--part", default=None, metavar="I/N", help="write only part I of N (parallel jobs); no manifest")
+    mode.add_argument("--merge", action="store_true", help="after all --part jobs: verify them, write the manifest")
 
     p = sub.add_parser("check", help="validate config, labels.h5, taxonomy and images; print a report")
     add_cfg_arguments(p)

@@ -215,6 +215,9 @@ class ShardsConfig(Node):
     ENABLED: bool = False
     DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
+    VERIFY: Literal["none", "open", "full"] = Field(
+        "full", description="shard checks: open = size at each open; full = also sha256, once per shard per run"
+    )
 
 
 class DatasetInfo(Node):
