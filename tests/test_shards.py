@@ -534,6 +534,7 @@ def test_shard_sh_outside_slurm_prints_usage_and_exits_2(tmp_path):
     (fake / "linnaeus").chmod(0o755)
     slurm = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "5"}
     slurm |= {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4", "PATH": f"{fake}:{env['PATH']}"}
+    slurm["LINNAEUS_VENV"] = str(tmp_path / "no-venv")  # the checkout's .venv would put the real linnaeus first
     args = ["c.yaml", "out", "--samples-per-shard", "8", "--opts", "DATA.IMG_SIZE", "64"]
     proc = subprocess.run(["bash", str(REPO / "shard.sh"), *args], capture_output=True, text=True, env={**env, **slurm})
     assert proc.returncode == 0, proc.stderr
