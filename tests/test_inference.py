@@ -230,7 +230,7 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
 
 def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
-    from linnaeus.inference.cli import collect_images, predict_stream
+    from linnaeus.commands.inference import collect_images, predict_stream
 
     sizes = []
     hook = tiny_predictor.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))

@@ -1,4 +1,4 @@
-"""``linnaeus demo-data``: a small synthetic taxonomic dataset in the real labels.h5 schema.
+"""A small synthetic taxonomic dataset in the real labels.h5 schema (``linnaeus demo-data`` writes it).
 
 2 families ⊃ 4 genera ⊃ 12 species. Genus sets the SHAPE (circle, square, triangle, cross); species sets colour
 and texture; every image adds a random background, distractor blobs, noise and random position/scale/rotation.
@@ -20,7 +20,6 @@ no timestamps in HDF5 objects. Files are written to temporary names and renamed;
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -384,13 +383,3 @@ def write_demo_dataset(out: Path, seed: int = 0, per_species: int = 200) -> dict
         "species_nulls": int((rows["taxa_L10"] == 0).sum()),
         "genus_nulls": int((rows["taxa_L20"] == 0).sum()),
     }
-
-
-def run(args: argparse.Namespace) -> int:
-    s = write_demo_dataset(Path(args.out), seed=args.seed, per_species=args.per_species)
-    print(
-        f"demo-data: {s['num_images']} images ({s['num_species']} species, {s['num_genera']} genera, "
-        f"{s['num_families']} families; {s['species_nulls']} rows without species, {s['genus_nulls']} without genus) "
-        f"-> {s['images_dir']}, {s['labels']}, {s['taxonomy']}"
-    )
-    return 0
