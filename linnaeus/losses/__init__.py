@@ -5,12 +5,13 @@ from linnaeus.losses.criteria import (
     Criterion,
     CrossEntropyCriterion,
     TaxonomyAwareCriterion,
+    list_criteria,
     register_criterion,
     soft_cross_entropy,
 )
 from linnaeus.losses.gradnorm import GradNorm
 from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
-from linnaeus.losses.task_loss import TaskLoss, build_task_loss
+from linnaeus.losses.task_loss import TaskLoss, build_task_loss, needs_distance_matrices
 
 __all__ = [
     "Criterion",
@@ -20,6 +21,8 @@ __all__ = [
     "TaxonomyAwareCriterion",
     "build_task_loss",
     "class_weights",
+    "list_criteria",
+    "needs_distance_matrices",
     "register_criterion",
     "soft_cross_entropy",
     "taxonomy_smoothing_matrix",
