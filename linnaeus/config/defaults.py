@@ -274,7 +274,9 @@ class AugConfig(Node):
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
-    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    BATCH_SIZE: int | None = Field(
+        None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
+    )
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
         None,
         description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",
