@@ -97,6 +97,7 @@ class HeadConfig(Node):
     TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
     USE_BIAS: bool = True
+    PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
     LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
@@ -151,6 +152,9 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
+    )
     PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
