@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--which", default="best", help="best | final | step_N (default best, falling back to final)")
+    p.add_argument(
+        "--assume-encodings",
+        action="store_true",
+        help="export even when a metadata component's columns are unknown (no COLUMNS, no column_names): use the "
+        "built-in encoding, warn, and record the assumption in bundle.json",
+    )
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset (images, labels.h5, taxonomy.json)")
     p.add_argument("--out", required=True, help="output folder")
