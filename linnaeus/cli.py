@@ -1,6 +1,7 @@
 """The ``linnaeus`` console script: parses arguments, then calls one function per command.
 
-Each command's work lives in its own module; this file only knows their names and arguments, and turns a
+Each command's work lives in its own module under ``linnaeus.commands``; this file only knows their names and
+arguments, imports the chosen handler (so ``linnaeus --help`` stays fast), and turns a
 ``LinnaeusError`` into one line on stderr and a non-zero exit code.
 """
 
@@ -15,13 +16,13 @@ from linnaeus.errors import LinnaeusError
 
 # command -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
-    "train": "linnaeus.train:run_from_args",
+    "train": "linnaeus.commands.train:run",
     "shard": "linnaeus.commands.shard:run",
     "check": "linnaeus.commands.check:run",
-    "predict": "linnaeus.inference.cli:run_predict",
-    "export": "linnaeus.inference.cli:run_export",
-    "demo-data": "linnaeus.data.demo:run",
-    "bench": "linnaeus.bench:run",
+    "predict": "linnaeus.commands.inference:run_predict",
+    "export": "linnaeus.commands.inference:run_export",
+    "demo-data": "linnaeus.commands.demo_data:run",
+    "bench": "linnaeus.commands.bench:run",
 }
 
 
@@ -116,15 +117,7 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    target = HANDLERS[args.command]
-    try:
-        handler = _resolve(target)
-    except ModuleNotFoundError as err:
-        # Only a missing *command module* means "not built"; a missing dependency is a real error.
-        if not (err.name and target.split(":")[0].startswith(err.name)):
-            raise
-        print(f"linnaeus {args.command}: not built yet in this version", file=sys.stderr)
-        return 2
+    handler = _resolve(HANDLERS[args.command])
     try:
         return int(handler(args) or 0)
     except LinnaeusError as err:

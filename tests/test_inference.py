@@ -23,7 +23,6 @@ from linnaeus.aug import eval_transform
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root, save_config
 from linnaeus.data import encoders
-from linnaeus.data.demo import write_demo_dataset
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
 from linnaeus.errors import ConfigError, DataError
@@ -33,6 +32,8 @@ from linnaeus.inference.evaluate import evaluate_bundle
 from linnaeus.inference.predictor import Predictor
 from linnaeus.inference.typus_output import ResultBuilder, taxonomy_context
 from linnaeus.models import build_model
+
+from launch_utils import ensure_demo
 
 TINY_MODEL = [
     "MODEL.IMG_SIZE", "32",
@@ -92,8 +93,7 @@ def tiny_predictor(tiny_bundle):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_demo")
-    demo = root / "demo"
-    write_demo_dataset(demo, seed=0, per_species=4)
+    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=4)
     opts = [
         "DATA.H5.LABELS_PATH", str(demo / "labels.h5"),
         "DATA.HYBRID.IMAGES_DIR", str(demo / "images"),
@@ -280,7 +280,7 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
 
 def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
-    from linnaeus.inference.cli import collect_images, predict_stream
+    from linnaeus.commands.inference import collect_images, predict_stream
 
     sizes = []
     hook = tiny_predictor.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))

@@ -1,1 +1,1 @@
-"""Command handlers: one module per ``linnaeus`` command (printing, arguments, exit codes)."""
+"""Command handlers: one module per ``linnaeus`` command (arguments in, printing and exit codes out)."""

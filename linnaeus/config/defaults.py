@@ -11,9 +11,16 @@ Keys accepted only for compatibility with configs written for the prior Polli Li
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from linnaeus.registry import HEADS, LOSSES, MODELS
+
+# Names of registered parts; checked against ``linnaeus.registry`` so a new model/head/loss needs no schema edit.
+ModelName = Annotated[str, AfterValidator(MODELS.validator())]
+HeadName = Annotated[str, AfterValidator(HEADS.validator())]
+LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 
 
 class Node(BaseModel):
@@ -77,18 +84,20 @@ class ExperimentConfig(Node):
 
 # -------------------------------------------------------------------------------------------------------- MODEL
 class HeadLossConfig(Node):
-    TYPE: Literal["CrossEntropyLoss", "TaxonomyAwareLabelSmoothing"] = "CrossEntropyLoss"
+    TYPE: LossName = Field("CrossEntropyLoss", description="a registered loss: linnaeus.losses.list_criteria()")
     PARAMS: dict[str, Any] = Field(
         default_factory=dict,
-        description="CrossEntropyLoss: {label_smoothing}; TaxonomyAwareLabelSmoothing: {alpha, beta}",
+        description="checked by the loss; built in: CrossEntropyLoss {label_smoothing}, "
+        "TaxonomyAwareLabelSmoothing {alpha, beta}",
     )
     WEIGHT: float = Field(1.0, ge=0, description="static weight of this rank's loss in the total")
 
 
 class HeadConfig(Node):
-    TYPE: Literal["LinearHead", "HierarchicalSoftmaxHead", "ConditionalClassifier"] = "LinearHead"
+    TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
     USE_BIAS: bool = True
+    PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
     LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
@@ -133,9 +142,9 @@ class AttentionStages(Node):
 
 
 class ModelConfig(Node):
-    TYPE: Literal["mFormerV1", "mFormerV0"] = "mFormerV1"
+    TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
     NAME: str = "mFormerV1_sm"
-    IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
+    IMG_SIZE: int = Field(384, ge=32, description="must equal DATA.IMG_SIZE; mFormerV0/V1 need a multiple of 32")
     IN_CHANS: int = 3
     DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
     DROP_RATE: float = Field(0.0, ge=0, lt=1)
@@ -143,6 +152,9 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
+    )
     PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
@@ -270,7 +282,9 @@ class AugConfig(Node):
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
-    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    BATCH_SIZE: int | None = Field(
+        None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
+    )
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
         None,
         description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",

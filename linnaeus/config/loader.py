@@ -160,7 +160,7 @@ def _get_dotted(tree: dict, dotted: str) -> Any:
 
 
 def _apply_aliases(tree: dict, prov: Provenance) -> None:
-    """``TRAIN.BATCH_SIZE`` is the seed guide's name for the per-process batch size ``DATA.BATCH_SIZE``."""
+    """``TRAIN.BATCH_SIZE`` is the prior system's user-guide name for the per-process batch size ``DATA.BATCH_SIZE``."""
     alias = _get_dotted(tree, "TRAIN.BATCH_SIZE")
     if alias is not None:
         _set_dotted(tree, "DATA.BATCH_SIZE", alias)
