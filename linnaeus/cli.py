@@ -1,6 +1,7 @@
 """The ``linnaeus`` console script: parses arguments, then calls one function per command.
 
-Each command's work lives in its own module; this file only knows their names and arguments, and turns a
+Each command's work lives in its own module under ``linnaeus.commands``; this file only knows their names and
+arguments, imports the chosen handler (so ``linnaeus --help`` stays fast), and turns a
 ``LinnaeusError`` into one line on stderr and a non-zero exit code.
 """
 
@@ -15,13 +16,13 @@ from linnaeus.errors import LinnaeusError
 
 # command -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
-    "train": "linnaeus.train:run_from_args",
-    "shard": "linnaeus.data.shards.cli:run",
-    "check": "linnaeus.check_command:run",
-    "predict": "linnaeus.inference.cli:run_predict",
-    "export": "linnaeus.inference.cli:run_export",
-    "demo-data": "linnaeus.data.demo:run",
-    "bench": "linnaeus.bench:run",
+    "train": "linnaeus.commands.train:run",
+    "shard": "linnaeus.commands.shard:run",
+    "check": "linnaeus.commands.check:run",
+    "predict": "linnaeus.commands.inference:run_predict",
+    "export": "linnaeus.commands.inference:run_export",
+    "demo-data": "linnaeus.commands.demo_data:run",
+    "bench": "linnaeus.commands.bench:run",
 }
 
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: CPU count, max 8)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
     p.add_argument("--splits", default="train,val", help="which splits to write (default train,val)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--part", default=None, metavar="I/N", help="write only part I of N (parallel jobs); no manifest")
+    mode.add_argument("--merge", action="store_true", help="after all --part jobs: verify them, write the manifest")
 
     p = sub.add_parser("check", help="validate config, labels.h5, taxonomy and images; print a report")
     add_cfg_arguments(p)
@@ -87,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--which", default="best", help="best | final | step_N (default best, falling back to final)")
+    p.add_argument(
+        "--assume-encodings",
+        action="store_true",
+        help="export even when a metadata component's columns are unknown (no COLUMNS, no column_names): use the "
+        "built-in encoding, warn, and record the assumption in bundle.json",
+    )
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset (images, labels.h5, taxonomy.json)")
     p.add_argument("--out", required=True, help="output folder")
@@ -107,15 +117,7 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    target = HANDLERS[args.command]
-    try:
-        handler = _resolve(target)
-    except ModuleNotFoundError as err:
-        # Only a missing *command module* means "not built"; a missing dependency is a real error.
-        if not (err.name and target.split(":")[0].startswith(err.name)):
-            raise
-        print(f"linnaeus {args.command}: not built yet in this version", file=sys.stderr)
-        return 2
+    handler = _resolve(HANDLERS[args.command])
     try:
         return int(handler(args) or 0)
     except LinnaeusError as err:

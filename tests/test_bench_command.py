@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, tiny_opts
+from launch_utils import DEMO_CFG, ROOT, env, tiny_opts
 
 
-def test_bench_reports_loader_throughput_and_wait_share(tmp_path_factory) -> None:
-    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+def test_bench_reports_loader_throughput_and_wait_share(demo: Path, tmp_path_factory) -> None:
     out = tmp_path_factory.mktemp("bench")
     linnaeus = str(Path(sys.executable).with_name("linnaeus"))
     proc = subprocess.run(

@@ -11,9 +11,16 @@ Keys accepted only for compatibility with configs written for the prior Polli Li
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from linnaeus.registry import HEADS, LOSSES, MODELS
+
+# Names of registered parts; checked against ``linnaeus.registry`` so a new model/head/loss needs no schema edit.
+ModelName = Annotated[str, AfterValidator(MODELS.validator())]
+HeadName = Annotated[str, AfterValidator(HEADS.validator())]
+LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 
 
 class Node(BaseModel):
@@ -77,18 +84,20 @@ class ExperimentConfig(Node):
 
 # -------------------------------------------------------------------------------------------------------- MODEL
 class HeadLossConfig(Node):
-    TYPE: Literal["CrossEntropyLoss", "TaxonomyAwareLabelSmoothing"] = "CrossEntropyLoss"
+    TYPE: LossName = Field("CrossEntropyLoss", description="a registered loss: linnaeus.losses.list_criteria()")
     PARAMS: dict[str, Any] = Field(
         default_factory=dict,
-        description="CrossEntropyLoss: {label_smoothing}; TaxonomyAwareLabelSmoothing: {alpha, beta}",
+        description="checked by the loss; built in: CrossEntropyLoss {label_smoothing}, "
+        "TaxonomyAwareLabelSmoothing {alpha, beta}",
     )
     WEIGHT: float = Field(1.0, ge=0, description="static weight of this rank's loss in the total")
 
 
 class HeadConfig(Node):
-    TYPE: Literal["LinearHead", "HierarchicalSoftmaxHead", "ConditionalClassifier"] = "LinearHead"
+    TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
     USE_BIAS: bool = True
+    PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
     LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
@@ -150,9 +159,9 @@ class TimmModelConfig(Node):
 
 
 class ModelConfig(Node):
-    TYPE: Literal["mFormerV1", "mFormerV0", "timm"] = "mFormerV1"
+    TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
     NAME: str = "mFormerV1_sm"
-    IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
+    IMG_SIZE: int = Field(384, ge=32, description="must equal DATA.IMG_SIZE; mFormerV0/V1 need a multiple of 32")
     IN_CHANS: int = 3
     DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
     DROP_RATE: float = Field(0.0, ge=0, lt=1)
@@ -160,6 +169,9 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
+    )
     # Start from pretrained weights (local files only; `linnaeus check` prints what each file gives).
     PRETRAINED: str | None = Field(
         None, description="weights file (.safetensors/.pth/.bin) or Linnaeus bundle folder to start from"
@@ -225,8 +237,9 @@ class VerifyImagesConfig(Node):
 
 
 class HybridConfig(Node):
-    USE_HYBRID: bool = True
+    USE_HYBRID: bool = Field(True, description="images are files under IMAGES_DIR; False (images in HDF5) is refused")
     IMAGES_DIR: str = ""
+    ALLOW_SYMLINKS_OUTSIDE: bool = Field(False, description="follow symbolic links that lead out of IMAGES_DIR")
     FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
     ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
     VERIFY_IMAGES: VerifyImagesConfig = Field(default_factory=VerifyImagesConfig)
@@ -244,12 +257,15 @@ class ShardsConfig(Node):
     ENABLED: bool = False
     DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
+    VERIFY: Literal["none", "open", "full"] = Field(
+        "full", description="shard checks: open = size at each open; full = also sha256, once per shard per run"
+    )
 
 
 class DatasetInfo(Node):
     NAME: str = ""
     VERSION: str = ""
-    CLADE: str = ""
+    CLADE: str = Field("", description="descriptive; recorded in bundle.json with NAME and VERSION")
 
 
 class DataConfig(Node):
@@ -304,7 +320,9 @@ class EmaConfig(Node):
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
-    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    BATCH_SIZE: int | None = Field(
+        None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
+    )
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
         None,
         description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",

@@ -100,7 +100,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from linnaeus.inference.bundle import INFO, export_bundle
 
-    path = export_bundle(args.run, args.out, args.which)
+    path = export_bundle(args.run, args.out, args.which, assume_encodings=args.assume_encodings)
     info = json.loads((path / INFO).read_text())
     print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
     return 0
