@@ -2,7 +2,7 @@
 
 The loop calls::
 
-    ema = EmaComponent.maybe_create(cfg, model)     # before accelerator.prepare: a full fp32 copy of the weights
+    ema = EmaComponent.maybe_create(cfg, model, device=accelerator.device)  # before accelerator.prepare
     ema.update(model, step)                          # after each optimizer step (after the sync point)
     ema.module                                       # the averaged LinnaeusModel, eval mode, for `val_ema`
     ema.save(path) / ema.load(path)                  # <checkpoint>/ema.safetensors, counter in its metadata
@@ -58,9 +58,13 @@ class EmaComponent:
         self.step = 0  # the optimizer step of the last update
 
     @classmethod
-    def maybe_create(cls, cfg: Config, model: nn.Module) -> EmaComponent | None:
+    def maybe_create(
+        cls, cfg: Config, model: nn.Module, device: torch.device | str | None = None
+    ) -> EmaComponent | None:
+        """The EMA of ``model`` when ``TRAIN.EMA.ENABLED``, else None. Create it before ``accelerator.prepare`` (the
+        model is still a plain module with whole parameters) and give the device training will run on."""
         ema_cfg = cfg.TRAIN.EMA
-        return cls(model, ema_cfg.DECAY, ema_cfg.WARMUP) if ema_cfg.ENABLED else None
+        return cls(model, ema_cfg.DECAY, ema_cfg.WARMUP, device=device) if ema_cfg.ENABLED else None
 
     @property
     def module(self) -> nn.Module:
@@ -77,6 +81,8 @@ class EmaComponent:
         self.step = int(step)
         decay = self.decay_at(self.updates)
         inner = unwrap(model)
+        # timm's multi-tensor lerp needs both copies on one device (not so while the model is still on the CPU).
+        self.ema.foreach = next(inner.parameters()).device == next(self.module.parameters()).device
         with _gathered(inner):
             self.ema.apply_update_(inner, decay)
         self.module.eval()
