@@ -22,6 +22,7 @@ HANDLERS: dict[str, str] = {
     "export": "linnaeus.inference.cli:run_export",
     "demo-data": "linnaeus.data.demo:run",
     "bench": "linnaeus.bench:run",
+    "plot": "linnaeus.commands.plot:run",
 }
 
 
@@ -36,11 +37,23 @@ def add_cfg_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("linnaeus")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        from linnaeus import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linnaeus",
         description="Hierarchical taxonomic image classification: train, shard, check, predict, export.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model (same as `python -m linnaeus.train`)")
@@ -103,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cfg_arguments(p)
     p.add_argument("--batches", type=int, default=50, help="batches to time")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: DATA.NUM_WORKERS)")
+
+    p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
+    p.add_argument("--run", required=True, help="run folder")
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Command handlers of the ``linnaeus`` console script, one module per command."""
