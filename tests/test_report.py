@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch_utils import PY, ROOT, ensure_demo, env, launch, metrics, run_dir, tiny_opts
 
 from linnaeus.engine.plots import draw_plots
 from linnaeus.engine.report import (
@@ -19,6 +18,8 @@ from linnaeus.engine.report import (
     update_bests,
     write_report,
 )
+
+from launch_utils import PY, ROOT, ensure_demo, env, launch, metrics, run_dir, tiny_opts
 
 PLOTS = {"loss", "lr", "val_top1", "chain_accuracy", "metadata_gap", "images_per_sec"}
 

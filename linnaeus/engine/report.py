@@ -210,7 +210,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def _duration(seconds: Any) -> str:
     if not _finite(seconds):
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
