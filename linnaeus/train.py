@@ -21,10 +21,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from linnaeus.engine.launch_checks import check_launch
+    from linnaeus.engine.trackers import wandb_preflight
+
+    check_launch()  # before anything is built: one line from the first rank for an impossible launch
     from linnaeus.config import load_config
     from linnaeus.engine.trainer import train
 
     cfg = load_config(args.cfg, args.opts)
+    wandb_preflight(cfg)  # before any heavy work: a missing W&B login is one line, never a prompt
     return train(cfg)
 
 
