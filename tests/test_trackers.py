@@ -66,7 +66,7 @@ def test_wandb_preflight_without_credentials(tmp_path: Path) -> None:
     wandb_preflight(_cfg(), clean, tmp_path)  # W&B off: nothing to check
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
     wandb_preflight(on, clean, tmp_path)
-    with pytest.raises(ConfigError, match="no ~/.netrc entry for wandb.example.org"):
+    with pytest.raises(ConfigError, match=r"no ~/\.netrc entry for wandb\.example\.org"):
         wandb_preflight(on, {**clean, "WANDB_BASE_URL": "https://wandb.example.org"}, tmp_path)
     (tmp_path / ".netrc").unlink()
     (tmp_path / ".config" / "wandb").mkdir(parents=True)
