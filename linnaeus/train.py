@@ -35,6 +35,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from linnaeus.utils import quiet
+
+    quiet.install()
     try:
         return run_from_args(args)
     except LinnaeusError as err:

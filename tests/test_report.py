@@ -177,3 +177,50 @@ def test_plot_command_refuses_a_folder_without_metrics(tmp_path: Path) -> None:
         proc.stderr.strip()
         == f"error: --run: {tmp_path} has no metrics.jsonl (expected a run folder written by `linnaeus train`)"
     )
+
+
+def test_predict_from_the_run_json_and_table(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from linnaeus.inference.table import format_result
+
+    images = sorted((ensure_demo(tmp_path_factory.getbasetemp(), per_species=8) / "images").glob("*.jpg"))[:2]
+    base = [PY, "-m", "linnaeus.cli", "predict", "--run", str(real_run), *map(str, images), "--top-k", "3"]
+    proc = subprocess.run(base, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout: JSON lines only
+    assert len(results) == 2
+    for result in results:
+        for rank in result["ranks"]:
+            scores = [c["score"] for c in rank["candidates"]]
+            assert scores == sorted(scores, reverse=True)
+    assert "\r" not in proc.stderr  # no bar when stderr is not a terminal
+    table = subprocess.run(
+        [*base, "--format", "table"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stdout.strip() == "\n\n".join(format_result(r) for r in results)
+    block = format_result(results[0]).splitlines()
+    assert block[0] == str(images[0]) and block[1].startswith("  chain (p=")
+    species = next(line for line in block if line.lstrip().startswith("species"))
+    scores = [float(tok.rstrip(",")) for tok in species.split() if tok.rstrip(",").replace(".", "").isdigit()]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+
+
+def test_exported_bundle_weights_are_group_readable(real_run: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from linnaeus.inference.bundle import export_bundle
+    from linnaeus.utils.io import make_readable
+
+    old = os.umask(0o022)
+    try:
+        out = export_bundle(str(real_run), str(tmp_path / "bundle"), "best")
+        assert stat.S_IMODE((out / "weights.safetensors").stat().st_mode) == 0o644
+        os.umask(0o027)
+        f = tmp_path / "x.safetensors"
+        f.write_bytes(b"")
+        f.chmod(0o600)
+        make_readable(f)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640  # the umask is respected
+    finally:
+        os.umask(old)

@@ -142,7 +142,7 @@ class ResultBuilder:
                     )
                 )
             listed = set()
-            for index, prob in d.candidates:
+            for index, prob in sorted(d.candidates, key=lambda c: -float(c[1])):  # highest score first
                 listed.add(index)
                 candidates.append(
                     TaxonCandidate(

@@ -20,9 +20,6 @@ def install() -> None:
     # DeepSpeed's ZeRO gathers call torch.distributed.all_gather_into_tensor, which torch now marks deprecated; the
     # call is inside DeepSpeed (deepspeed/comm/torch.py), so we cannot switch it to the new name ourselves.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
-    # wandb must never stop a job to ask for a login on a terminal: the pre-flight check (engine.trackers) turns a
-    # missing login into one error line before any work instead.
-    os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 
 
 def settle_deepspeed_accelerator() -> None:
