@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,6 +85,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    start = time.monotonic()
     images = collect_images(args.images)
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
@@ -105,6 +107,8 @@ def run_predict(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),  # a bar in a log file is only carriage returns
         fmt=getattr(args, "format", "json"),
     )
+    if not sys.stderr.isatty():
+        print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,8 @@ def _name(candidate: Mapping[str, Any]) -> str:
 
 
 def by_score(candidates: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(candidates, key=lambda c: -float(c.get("score") or 0.0))
+    """Taxa highest score first; a rank-null decision (no score of its own) in front, as in the JSON."""
+    return sorted(candidates, key=lambda c: (c.get("kind") != "null", -float(c.get("score") or 0.0)))
 
 
 def format_result(result: Mapping[str, Any]) -> str:
