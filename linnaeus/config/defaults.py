@@ -80,6 +80,10 @@ class ExperimentConfig(Node):
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
+    TRACKERS: list[str] = Field(
+        default_factory=list,
+        description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL
