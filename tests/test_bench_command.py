@@ -44,7 +44,7 @@ def test_bench_reports_loader_throughput_and_wait_share(demo: Path, tmp_path_fac
 
 
 def test_bench_summary_reads_as_text() -> None:
-    from linnaeus.bench import summary
+    from linnaeus.commands.bench import summary
 
     report = {
         "device": "cpu",
