@@ -23,6 +23,7 @@ HANDLERS: dict[str, str] = {
     "export": "linnaeus.commands.inference:run_export",
     "demo-data": "linnaeus.commands.demo_data:run",
     "bench": "linnaeus.commands.bench:run",
+    "plot": "linnaeus.commands.plot:run",
 }
 
 
@@ -37,11 +38,23 @@ def add_cfg_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("linnaeus")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        from linnaeus import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linnaeus",
         description="Hierarchical taxonomic image classification: train, shard, check, predict, export.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model (same as `python -m linnaeus.train`)")
@@ -82,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")
     p.add_argument("--elevation", type=float, default=None, help="elevation in metres")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="candidates listed per rank, highest score first (default 5)")
+    p.add_argument(
+        "--format",
+        choices=["json", "table"],
+        default="json",
+        help="json: one polli-typus JSON line per image (default); table: a readable block per image",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="per-rank top-k without hierarchy-consistent decoding")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -107,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cfg_arguments(p)
     p.add_argument("--batches", type=int, default=50, help="batches to time")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: DATA.NUM_WORKERS)")
+    p.add_argument("--json", action="store_true", help="print the raw numbers as JSON instead of the summary")
+
+    p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
+    p.add_argument("--run", required=True, help="run folder")
     return parser
 
 
@@ -117,6 +140,11 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from linnaeus.utils import quiet
+
+    quiet.install()
+    if args.command in ("train", "predict", "export"):  # the commands that may import DeepSpeed
+        quiet.settle_deepspeed_accelerator()
     handler = _resolve(HANDLERS[args.command])
     try:
         return int(handler(args) or 0)

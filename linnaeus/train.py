@@ -27,6 +27,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from linnaeus.utils import quiet
+
+    quiet.install()
     try:
         return run(args)
     except LinnaeusError as err:

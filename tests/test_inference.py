@@ -252,12 +252,16 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
             assert len([c for c in rank.candidates if isinstance(c, TaxonCandidate)]) == min(
                 3, {30: 2, 20: 3, 10: 7}[rank.rank_level]
             )
-            first = rank.candidates[0]
+            # Taxa are listed by score (issue #16); the decision is in the outcome and always among them.
+            scores = [c.score for c in rank.candidates if isinstance(c, TaxonCandidate)]
+            assert scores == sorted(scores, reverse=True)
             if outcome.decision == "commit":
-                assert first.taxon_id == outcome.resolved_to.match.taxon_id
-                assert first.taxon_snapshot.scientific_name == tree.name_of(first.taxon_id)
+                chosen = next(
+                    c for c in rank.candidates if getattr(c, "taxon_id", None) == outcome.resolved_to.match.taxon_id
+                )
+                assert chosen.taxon_snapshot.scientific_name == tree.name_of(chosen.taxon_id)
             else:  # only the skip-level species 17 (no genus) leaves a rank without a class
-                assert isinstance(first, RankNullCandidate) and rank.rank_level == 20
+                assert isinstance(rank.candidates[0], RankNullCandidate) and rank.rank_level == 20
         assert result.provenance.requested_top_k == 3 and result.provenance.producer == "linnaeus"
     assert seen_paths == {str(p) for p in images.glob("*.jpg")}
 

@@ -80,6 +80,10 @@ class ExperimentConfig(Node):
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
+    TRACKERS: list[str] = Field(
+        default_factory=list,
+        description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL
@@ -331,6 +335,11 @@ class TrainConfig(Node):
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
+    RESUME_CONFIG_CHANGE: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
+        "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
+    )
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
     PHASE1_MASK_NULL_LOSS: bool | None = Field(
         None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"

@@ -35,7 +35,7 @@ from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, 
 from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.metadata import COLUMNS_ASSUMED, MetaComponent, resolve_components
-from linnaeus.utils.io import atomic_write_json
+from linnaeus.utils.io import atomic_write_json, make_readable
 
 log = logging.getLogger("linnaeus")
 
@@ -283,6 +283,7 @@ class Bundle:
         try:
             meta = {"format": FORMAT, "which": str(self.info.get("which")), "step": str(self.info.get("step"))}
             save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / WEIGHTS), metadata=meta)
+            make_readable(tmp / WEIGHTS)  # safetensors writes 0600; a bundle is meant to be shared
             (tmp / CONFIG).write_text(dump_config(self.cfg))
             atomic_write_json(tmp / CLASS_MAPS, self.class_maps_doc)
             atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)

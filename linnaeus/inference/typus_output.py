@@ -142,7 +142,9 @@ class ResultBuilder:
                     )
                 )
             listed = set()
-            for index, prob in d.candidates:
+            # Taxa by score, highest first (the decision is in the outcomes); a rank-null decision, which has no
+            # score of its own, stays in front of them.
+            for index, prob in sorted(d.candidates, key=lambda c: -float(c[1])):
                 listed.add(index)
                 candidates.append(
                     TaxonCandidate(
