@@ -45,6 +45,10 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "DATA.H5.VAL_LABELS_PATH",
     "DATA.TAXONOMY_PATH",
     "MODEL.COMPILE",
+    "MODEL.PRETRAINED",  # the starting weights only matter on a fresh start; a resume continues its checkpoint
+    "MODEL.PRETRAINED_SOURCE",
+    "MODEL.PRETRAINED_CONVNEXT",
+    "MODEL.PRETRAINED_ROPEVIT",
     "SCHEDULE.VALIDATION",
     "SCHEDULE.CHECKPOINT",
     "SCHEDULE.METRICS",
