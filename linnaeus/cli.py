@@ -22,6 +22,7 @@ HANDLERS: dict[str, str] = {
     "export": "linnaeus.inference.cli:run_export",
     "demo-data": "linnaeus.data.demo:run",
     "bench": "linnaeus.bench:run",
+    "config": "linnaeus.commands.config:run",
 }
 
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_cfg_arguments(p)
     p.add_argument("--batches", type=int, default=50, help="batches to time")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: DATA.NUM_WORKERS)")
+
+    p = sub.add_parser("config", help="render, validate, explain or migrate a config (Polli Linnaeus configs too)")
+    from linnaeus.commands.config import add_arguments as add_config_arguments
+
+    add_config_arguments(p)
     return parser
 
 

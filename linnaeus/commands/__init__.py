@@ -1,0 +1,1 @@
+"""Command modules of the ``linnaeus`` console script (one module per command)."""
