@@ -105,9 +105,7 @@ TABLE: dict[str, Rule] = {
     "MISC.PIPELINE_METRICS_FREQ": Drop("train metrics cadence is SCHEDULE.METRICS.LOG_INTERVAL_STEPS"),
     "DEBUG.**": Drop(_DEBUG),
     "DISTRIBUTED.**": Drop("processes, backend and DDP options come from the accelerate config (accelerate_configs/)"),
-    "CHECKPOINT.KEEP_TOP_N": Map("SCHEDULE.CHECKPOINT.KEEP_BEST_N"),
-    "CHECKPOINT.KEEP_LAST_N": Map("SCHEDULE.CHECKPOINT.KEEP_LAST_N"),
-    "CHECKPOINT.SAVE_FREQ": Map("SCHEDULE.CHECKPOINT.INTERVAL.EPOCHS"),
+    "CHECKPOINT.**": Drop("deprecated there too; SCHEDULE.CHECKPOINT (INTERVAL, KEEP_LAST_N, KEEP_BEST_N) replaces it"),
     "METRICS.**": Drop("metrics here are fixed: per-rank top-1/top-5, chain accuracy, null/non-null splits"),
     "VAL.**": Drop("validation here: SCHEDULE.VALIDATION (INTERVAL, MASK_META_INTERVAL); DATA.VAL_CROP_PCT"),
     # ------------------------------------------------------------------------------------------------ DATA

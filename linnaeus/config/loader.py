@@ -125,25 +125,30 @@ class LoadState:
 
 
 def _base_entries(raw: dict[str, Any], path: Path, state: LoadState) -> list[str]:
+    """BASE entries in merge order; Polli Linnaeus' MODEL.BASE (its only working inheritance) comes after BASE."""
     where = _display(path)
-    bases = raw.pop("BASE", [])
-    model = raw.get("MODEL")
-    if isinstance(model, dict) and "BASE" in model:
-        # Polli Linnaeus' only working inheritance: MODEL.BASE, merged under this file like BASE.
-        model_bases = model.pop("BASE")
-        model_bases = [model_bases] if isinstance(model_bases, str) else model_bases
-        if isinstance(model_bases, list) and any(b for b in model_bases if isinstance(b, str)):
-            state.findings.append(
-                compat.Finding("MODEL.BASE", where, f"read as BASE (inherited before this file); {compat.MIGRATE_HINT}")
-            )
-        bases = ([bases] if isinstance(bases, str) else list(bases or [])) + list(model_bases or [])
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"BASE (from {where}): expected a list of YAML paths, got {short(bases)}")
+    bases = _base_list(raw.pop("BASE", []), "BASE", where)
     if "" in bases:
         state.findings.append(compat.Finding("BASE", where, "empty entry '' ignored (the Polli Linnaeus default)"))
+    model = raw.get("MODEL")
+    if isinstance(model, dict) and "BASE" in model:
+        model_bases = _base_list(model.pop("BASE"), "MODEL.BASE", where)
+        if any(model_bases):
+            message = f"read as BASE (inherited before this file); {compat.MIGRATE_HINT}"
+        else:
+            message = "empty; nothing inherited (the Polli Linnaeus default)"
+        state.findings.append(compat.Finding("MODEL.BASE", where, message))
+        bases += model_bases
     return [b for b in bases if b]
+
+
+def _base_list(value: Any, key: str, where: str) -> list[str]:
+    value = [value] if isinstance(value, str) else value
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+        raise ConfigError(f"{key} (from {where}): expected a list of YAML paths, got {short(value)}")
+    return list(value)
 
 
 def _load_tree(path: Path, prov: Provenance, stack: tuple[Path, ...], state: LoadState) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from linnaeus.data.prepare import (
     used_taxa,
 )
 from linnaeus.data.taxonomy import keys_coarse_to_fine, rank_name, rank_of_key
-from linnaeus.errors import DataError, LinnaeusError
+from linnaeus.errors import ConfigError, DataError, LinnaeusError
 from linnaeus.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -422,10 +422,18 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, extra: dict[str, ExtraSection] | None = None) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
-    from linnaeus.config import load_config
+    from linnaeus.config import load_config_with_provenance
+    from linnaeus.config.loader import problems_of
 
-    cfg = load_config(args.cfg, args.opts)  # a ConfigError is printed as one line by the CLI
+    try:
+        cfg, prov = load_config_with_provenance(args.cfg, args.opts)
+    except ConfigError as err:
+        if not args.json:
+            raise  # printed as one line by the CLI
+        print(json.dumps({"ok": False, "errors": problems_of(err), "warnings": []}, indent=2))
+        return err.exit_code
     report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
+    report["warnings"][:0] = prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()
     for line in report["errors"]:
