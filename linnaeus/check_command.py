@@ -59,7 +59,16 @@ def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] |
     return shard_report(cfg)
 
 
+def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+    """Each head's loss, with its PARAMS validated by the same code training uses."""
+    from linnaeus.losses.task_loss import loss_config_problems
+
+    heads = cfg.MODEL.CLASSIFICATION.HEADS
+    types = {k: heads[k].LOSS.TYPE if k in heads else "CrossEntropyLoss" for k in cfg.DATA.TASK_KEYS_H5}
+    return {"types": types, "errors": loss_config_problems(cfg)}
+
+
 def run(args: argparse.Namespace) -> int:
     from linnaeus.data.check import run as run_data_check
 
-    return run_data_check(args, extra={"model": model_section, "shards": shards_section})
+    return run_data_check(args, extra={"losses": losses_section, "model": model_section, "shards": shards_section})

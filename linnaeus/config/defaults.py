@@ -11,6 +11,7 @@ them onto these keys, or accepts them with one warning line each.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -73,6 +74,10 @@ class ExperimentConfig(Node):
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
+
+    def run_folder(self) -> Path:
+        """OUTPUT_DIR/PROJECT/GROUP/NAME: where the run writes (also what '{output_dir}' in paths stands for)."""
+        return Path(self.OUTPUT_DIR) / self.PROJECT / self.GROUP / self.NAME
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL

@@ -237,16 +237,22 @@ def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
     return True, value
 
 
-def _complete_components(tree: dict) -> None:
-    """A partial spec of a default component (TEMPORAL, SPATIAL, ELEVATION) gets that component's defaults."""
+def _complete_components(tree: dict, prov: Provenance) -> None:
+    """A partial spec of a default component (TEMPORAL, SPATIAL, ELEVATION) gets that component's defaults; a
+    component a file or --opts names is enabled unless one of them sets its ENABLED (off is explicit)."""
     comps = _get_dotted(tree, "DATA.META.COMPONENTS")
     if not isinstance(comps, dict):
         return
-    for name, default in default_components().items():
-        spec = comps.get(name)
-        if isinstance(spec, dict):
-            for k, v in default.model_dump().items():
+    defaults = default_components()
+    for name, spec in comps.items():
+        if not isinstance(spec, dict):
+            continue
+        if name in defaults:
+            for k, v in defaults[name].model_dump().items():
                 spec.setdefault(k, v)
+        prefix = f"DATA.META.COMPONENTS.{name}"
+        if f"{prefix}.ENABLED" not in prov and any(k.startswith(prefix + ".") for k in prov):
+            spec["ENABLED"] = True
 
 
 def _get_dotted(tree: dict, dotted: str) -> Any:
@@ -432,7 +438,7 @@ def resolve_tree(cfg_path: str | os.PathLike | None, opts: list[str] | None = No
             _set_dotted(tree, key, here)
             _mark_children(here, key, OPTS, prov)
         _merge(tree, translated, OPTS, prov)  # what compat renamed lands under our keys
-    _complete_components(tree)
+    _complete_components(tree, prov)
     findings, errors, origins = compat.expand_per_task(tree, state.held, lambda k: k in prov)
     prov.update(origins)
     _apply_aliases(tree, prov)

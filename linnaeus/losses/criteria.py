@@ -51,11 +51,26 @@ def _number(key: str, params: dict[str, Any], name: str, default: float, low: fl
 def _check_params(key: str, params: dict[str, Any], allowed: set[str]) -> None:
     for name in params:
         if name not in allowed:
-            raise ConfigError(f"{key}.{name}: unknown parameter; expected one of {sorted(allowed)}")
+            hint = ""
+            if name == "label_smoothing" and "alpha" in allowed:
+                hint = " (TaxonomyAwareLabelSmoothing's smoothing strength is 'alpha')"
+            raise ConfigError(f"{key}.{name}: unknown parameter{hint}; expected one of {sorted(allowed)}")
+
+
+def validate_loss_params(loss_type: str, params: dict[str, Any], key: str) -> dict[str, float]:
+    """The one validation of ``HEADS.<task>.LOSS`` that training and `linnaeus check` share (ConfigError if bad).
+
+    ``key`` is the head's LOSS prefix, e.g. ``MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS``.
+    """
+    return get_criterion_class(loss_type, f"{key}.TYPE").parse_params(params, f"{key}.PARAMS")
 
 
 class Criterion(nn.Module):
-    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``."""
+    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``; ``parse_params`` validates ``LOSS.PARAMS``."""
+
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
+        raise NotImplementedError
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -75,10 +90,14 @@ class CrossEntropyCriterion(Criterion):
     (So the true class keeps 1 − ε + ε/K; the prior system's ε/(K − 1) variant is not used.)
     """
 
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
+        _check_params(key, params, {"label_smoothing"})
+        return {"label_smoothing": _number(key, params, "label_smoothing", 0.0, 0.0, 1.0)}
+
     def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
         super().__init__(num_classes)
-        _check_params(key, params, {"label_smoothing"})
-        self.eps = _number(key, params, "label_smoothing", 0.0, 0.0, 1.0)
+        self.eps = self.parse_params(params, key)["label_smoothing"]
 
     def hard(self, y: torch.Tensor) -> torch.Tensor:
         return self.soft(F.one_hot(y, self.num_classes).float())
@@ -91,11 +110,18 @@ class CrossEntropyCriterion(Criterion):
 class TaxonomyAwareCriterion(Criterion):
     """Targets are rows of the smoothing matrix S (see ``taxonomy_smoothing_matrix``); soft targets become t · S."""
 
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
+        _check_params(key, params, {"alpha", "beta"})
+        return {
+            "alpha": _number(key, params, "alpha", 0.1, 0.0, 1.0),
+            "beta": _number(key, params, "beta", 1.0, 0.0, float("inf")),
+        }
+
     def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
         super().__init__(num_classes)
-        _check_params(key, params, {"alpha", "beta"})
-        self.alpha = _number(key, params, "alpha", 0.1, 0.0, 1.0)
-        self.beta = _number(key, params, "beta", 1.0, 0.0, float("inf"))
+        parsed = self.parse_params(params, key)
+        self.alpha, self.beta = parsed["alpha"], parsed["beta"]
         if distance is None:
             head = key.removesuffix(".LOSS.PARAMS")
             raise ConfigError(
