@@ -104,6 +104,10 @@ def test_prior_values_that_change_the_architecture_are_refused(tmp_path: Path) -
     assert len(problems) == 2
     assert "MODEL.ATTENTION_STAGES.STRIDE_SEQS" in problems[0] and "is not built here" in problems[0]
     assert "MODEL.NORMALIZATION.ACTIVATION_LAYER" in problems[1] and "'SiLU'" in problems[1]
+    # What one model type builds is not accepted for the other.
+    (tmp_path / "y.yaml").write_text("MODEL:\n  TYPE: mFormerV1\n  NORMALIZATION: {CONV_NORM_LAYER: BatchNorm2d}\n")
+    with pytest.raises(ConfigError, match=r"CONV_NORM_LAYER .*'BatchNorm2d' is not built here"):
+        load_config(tmp_path / "y.yaml")
 
 
 def test_zero_steps_mean_unset_where_the_prior_file_means_it(tmp_path: Path) -> None:

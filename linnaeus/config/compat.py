@@ -42,7 +42,7 @@ class Fixed:
     """An architecture choice that is fixed here: ``accepts(value)`` says whether the value is what we build."""
 
     reason: str
-    accepts: Callable[[Any], bool]
+    accepts: Callable[[Any, str | None], bool]  # (value, MODEL.TYPE of the same file or None)
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,28 @@ def _first_level(levels: Any) -> Any:
     return levels[0] if isinstance(levels, list) and levels else None
 
 
-def _standard_strides(seqs: Any) -> bool:
+def _standard_strides(seqs: Any, _model_type: str | None = None) -> bool:
     """Prior STRIDE_SEQS that equal what we build: each stage's first block strides 2 (conv stage 2: 1), rest 1."""
     if not isinstance(seqs, list) or len(seqs) != 2 or not all(isinstance(s, list) and s for s in seqs):
         return False
     return all(all(v == 1 for v in s[1:]) for s in seqs)
 
 
-def _in(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda v: v in allowed
+def _in(*allowed: Any) -> Callable[[Any, str | None], bool]:
+    return lambda v, _t: v in allowed
 
 
-def _any(_: Any) -> bool:
+def _per_type(v1: str, v0: str) -> Callable[[Any, str | None], bool]:
+    """What each model type builds; a file that does not name its type may describe either."""
+    built = {"mFormerV1": v1, "mFormerV0": v0}
+
+    def accepts(value: Any, model_type: str | None) -> bool:
+        return value == built[model_type] if model_type in built else value in (v1, v0)
+
+    return accepts
+
+
+def _any(_: Any, _t: str | None = None) -> bool:
     return True
 
 
@@ -154,10 +164,12 @@ TABLE: dict[str, Rule] = {
     "MODEL.AGGREGATION.TYPE": Fixed("the two CLS tokens are always mixed by a Conv1d", _in("Conv1d", "default")),
     "MODEL.AGGREGATION.PARAMETERS.**": Fixed("sized from the last stage's width", _any),
     "MODEL.NORMALIZATION.CONV_NORM_LAYER": Fixed(
-        "V1 uses channels-first LayerNorm, V0 BatchNorm2d", _in("LayerNormChannelsFirst", "BatchNorm2d")
+        "V1 uses channels-first LayerNorm, V0 BatchNorm2d", _per_type("LayerNormChannelsFirst", "BatchNorm2d")
     ),
     "MODEL.NORMALIZATION.ATTENTION_NORM_LAYER": Fixed("attention blocks use LayerNorm", _in("LayerNorm")),
-    "MODEL.NORMALIZATION.ACTIVATION_LAYER": Fixed("V1 uses GELU, V0's stem ReLU", _in("GELU", "ReLU")),
+    "MODEL.NORMALIZATION.ACTIVATION_LAYER": Fixed(
+        "GELU in blocks, ReLU in V0's stem, Swish in MBConv", _in("GELU", "ReLU")
+    ),
     "MODEL.CONV_STAGES.STEM_OUT": Drop("ignored by Polli Linnaeus too; the stem width is CONV_STAGES.STEM_DIMS"),
     "MODEL.CONV_STAGES.EMBED_DIMS": Map(
         "MODEL.CONV_STAGES.STEM_DIMS",
@@ -168,7 +180,7 @@ TABLE: dict[str, Rule] = {
     "MODEL.ATTENTION_STAGES.EMBED_DIMS": Map("MODEL.ATTENTION_STAGES.DIMS"),
     "MODEL.ATTENTION_STAGES.ATTENTION_TYPE": Fixed(
         "mFormerV0 attention is relative-position attention",
-        lambda v: isinstance(v, list) and all(t == "RelativeAttention" for t in v),
+        lambda v, _t: isinstance(v, list) and all(t == "RelativeAttention" for t in v),
     ),
     "MODEL.ATTENTION_STAGES.STRIDE_SEQS": Fixed("each stage strides 2 in its first block", _standard_strides),
     "MODEL.CLASSIFICATION.HEADS.*.ROUTING_STRATEGY": Map("MODEL.CLASSIFICATION.HEADS.{0}.ROUTING"),
@@ -379,7 +391,9 @@ def translate(raw: dict[str, Any], origin: str, known: Callable[[str], str | Non
     out: dict[str, Any] = {}
     result = Translation(out)
     renamed: list[tuple[str, str, Any, Map]] = []
-    _walk(raw, "", out, result, known, origin, renamed)
+    model = raw.get("MODEL")
+    model_type = model.get("TYPE") if isinstance(model, dict) and isinstance(model.get("TYPE"), str) else None
+    _walk(raw, "", out, result, known, origin, renamed, model_type)
     mapped: dict[str, str] = {}
     for src, target, value, rule in renamed:
         if target in mapped and isinstance(value, bool):
@@ -405,6 +419,7 @@ def _walk(
     known: Callable[[str], str | None],
     origin: str,
     renamed: list,
+    model_type: str | None,
 ) -> None:
     for key, value in node.items():
         key = str(key)
@@ -414,7 +429,7 @@ def _walk(
         kind = known(dotted)
         if kind == "node" and isinstance(value, dict):
             sub: dict[str, Any] = {}
-            _walk(value, dotted, sub, result, known, origin, renamed)
+            _walk(value, dotted, sub, result, known, origin, renamed, model_type)
             if sub or not value:
                 out[key] = sub
             continue
@@ -435,7 +450,7 @@ def _walk(
         if isinstance(value, dict) and value:
             # Look the leaves up one by one, so an exact rule below a subtree rule wins (ENV.OUTPUT.BASE_DIR).
             sub = {}
-            _walk(value, dotted, sub, result, known, origin, renamed)
+            _walk(value, dotted, sub, result, known, origin, renamed, model_type)
             if sub:
                 out[key] = sub
             continue
@@ -454,7 +469,7 @@ def _walk(
             result.held.append(Held(dotted, value, origin, rule.what))
         elif isinstance(rule, Fixed):
             for leaf, v in _leaves(value, dotted):
-                if rule.accepts(v):
+                if rule.accepts(v, model_type):
                     result.findings.append(Finding(leaf, origin, f"accepted, not needed: {rule.reason}"))
                 else:
                     result.errors.append(
