@@ -146,9 +146,9 @@ def test_cli_lists_every_subcommand() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "linnaeus", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench", "config"):
         assert name in out
-    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench", "config"):
         sub = subprocess.run(
             [sys.executable, "-m", "linnaeus", name, "--help"], capture_output=True, text=True, cwd=ROOT
         )

@@ -35,28 +35,6 @@ from linnaeus.errors import ConfigError
 from linnaeus.utils.io import atomic_write_text
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``config`` subcommands (called by ``linnaeus.cli.build_parser``)."""
-    sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
-
-    def cfg_args(q: argparse.ArgumentParser, required: bool) -> None:
-        q.add_argument("--cfg", required=required, help="experiment YAML (BASE files are followed)")
-        q.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="override config keys")
-
-    q = sub.add_parser("render", help="the resolved config, each value with the file it came from")
-    cfg_args(q, True)
-    q.add_argument("--json", action="store_true", help="{key: {value, source}} as JSON")
-    q = sub.add_parser("validate", help="list every config problem at once (and the compatibility warnings)")
-    cfg_args(q, True)
-    q.add_argument("--json", action="store_true", help="print {ok, errors, warnings} as JSON")
-    q = sub.add_parser("explain", help="what a key means, its default, and where it is set")
-    q.add_argument("key", help="dotted key, e.g. DATA.BATCH_SIZE (Polli Linnaeus keys too)")
-    cfg_args(q, False)
-    q = sub.add_parser("migrate", help="rewrite a (Polli Linnaeus) config in our keys, one comment per change")
-    q.add_argument("file", help="the YAML to migrate (its BASE files are inlined)")
-    q.add_argument("--out", default=None, help="output file (default: FILE with .migrated.yaml)")
-
-
 def run(args: argparse.Namespace) -> int:
     return {"render": render, "validate": validate, "explain": explain, "migrate": migrate}[args.config_command](args)
 
