@@ -369,3 +369,27 @@ def test_config_dir_env_is_a_base_root(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_config(exp).BASE_RESOLVED == [str(arch_file(tmp_path / "polli_configs", "mFormerV0_md").resolve())]
     monkeypatch.delenv("CONFIG_DIR")
     assert os.environ.get("CONFIG_DIR") is None
+
+
+def test_no_section_default_differs_from_its_class_except_interval_alternatives() -> None:
+    """A partial YAML section is built from its class's defaults, so a section whose default instance differs from
+    them would silently change (the MIX.PROB bug). Intervals differ on purpose: STEPS/EPOCHS/FRACTION are
+    alternatives, so setting one must not keep the default EPOCHS."""
+    from pydantic import BaseModel
+
+    from linnaeus.config.defaults import Interval
+
+    differing = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                if ann is not Interval and info.get_default(call_default_factory=True) != ann():
+                    differing.append(prefix + name)
+                walk(ann, f"{prefix}{name}.")
+
+    walk(type(default_config()), "")
+    assert differing == []
+    cfg = load_config(None, ["SCHEDULE.VALIDATION.INTERVAL", "{STEPS: 100}"])
+    assert (cfg.SCHEDULE.VALIDATION.INTERVAL.STEPS, cfg.SCHEDULE.VALIDATION.INTERVAL.EPOCHS) == (100, None)
