@@ -179,6 +179,8 @@ def migrated_text(path: Path) -> str:
     resolved.pop("BASE_RESOLVED", None)
     out: dict[str, Any] = {}
     for dotted in prov:
+        if any(k.startswith(dotted + ".") for k in prov):
+            continue  # e.g. an arch file's `HEADS: {}` that later files filled in
         value: Any = resolved
         for part in dotted.split("."):
             if not isinstance(value, dict) or part not in value:
@@ -188,7 +190,7 @@ def migrated_text(path: Path) -> str:
             _put(out, dotted, value)
     header = [f"# Migrated from {path} by `linnaeus config migrate`."]
     header += [f"# BASE inlined: {b}" for b in prov.bases]
-    header += [f"# {f.line()}" for f in prov.findings]
+    header += [f"# {f.line().replace('; ' + compat.MIGRATE_HINT, '')}" for f in prov.findings]
     body = yaml.safe_dump(_ordered(out, resolved), sort_keys=False, default_flow_style=None, width=120)
     return "\n".join(header) + "\n" + body
 

@@ -455,8 +455,9 @@ def load_config_with_provenance(
 ) -> tuple[Config, Provenance]:
     tree, prov, problems = resolve_tree(cfg_path, opts)
     cfg = build_config(tree, prov, problems)
-    for line in prov.warnings:
-        log.warning("%s", line)
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, one copy of each warning (from the main process)
+        for line in prov.warnings:
+            log.warning("%s", line)
     return cfg, prov
 
 
