@@ -1,1 +1,1 @@
-"""Command modules of the ``linnaeus`` console script (one module per command)."""
+"""Command handlers: one module per ``linnaeus`` command (arguments in, printing and exit codes out)."""

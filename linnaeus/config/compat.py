@@ -149,9 +149,6 @@ TABLE: dict[str, Rule] = {
     "AUG.GPU_COMPILE.**": Drop("augmentation is not compiled; MODEL.COMPILE compiles the model"),
     "AUG.SELECTIVE_MIXING.**": Drop("Mixup/CutMix is a plain tensor op on the batch"),
     # ----------------------------------------------------------------------------------------------- MODEL
-    "MODEL.PRETRAINED_SOURCE": Drop("MODEL.PRETRAINED takes one safetensors file for the whole backbone"),
-    "MODEL.PRETRAINED_CONVNEXT": Drop("MODEL.PRETRAINED takes one safetensors file for the whole backbone"),
-    "MODEL.PRETRAINED_ROPEVIT": Drop("MODEL.PRETRAINED takes one safetensors file for the whole backbone"),
     "MODEL.NUM_CLASSES": Drop("class counts come from labels.h5 (check them with HEADS.<task>.NUM_CLASSES)"),
     "MODEL.LABEL_SMOOTHING": Drop("label smoothing is set per head: HEADS.<task>.LOSS.PARAMS.label_smoothing"),
     "MODEL.EXTRA_TOKEN_NUM": Drop("derived: 1 + number of enabled DATA.META.COMPONENTS"),

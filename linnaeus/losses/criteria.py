@@ -7,7 +7,7 @@ exactly as the mixture of its smoothed components.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,24 +16,20 @@ from torch import nn
 
 from linnaeus.errors import ConfigError
 from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
-
-_CRITERIA: dict[str, type[Criterion]] = {}
+from linnaeus.registry import LOSSES
 
 
 def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
     """Class decorator: make a criterion usable as ``HEADS.<task>.LOSS.TYPE: <name>``."""
-
-    def decorator(cls: type[Criterion]) -> type[Criterion]:
-        _CRITERIA[name] = cls
-        return cls
-
-    return decorator
+    return LOSSES.register(name)
 
 
 def get_criterion_class(name: str, key: str) -> type[Criterion]:
-    if name not in _CRITERIA:
-        raise ConfigError(f"{key}: unknown loss '{name}'; expected one of {sorted(_CRITERIA)}")
-    return _CRITERIA[name]
+    return LOSSES.get(name, key)
+
+
+def list_criteria() -> list[str]:
+    return LOSSES.names()
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,7 +53,7 @@ def _check_params(key: str, params: dict[str, Any], allowed: set[str]) -> None:
             raise ConfigError(f"{key}.{name}: unknown parameter{hint}; expected one of {sorted(allowed)}")
 
 
-def validate_loss_params(loss_type: str, params: dict[str, Any], key: str) -> dict[str, float]:
+def validate_loss_params(loss_type: str, params: dict[str, Any], key: str) -> dict[str, Any]:
     """The one validation of ``HEADS.<task>.LOSS`` that training and `linnaeus check` share (ConfigError if bad).
 
     ``key`` is the head's LOSS prefix, e.g. ``MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS``.
@@ -66,11 +62,19 @@ def validate_loss_params(loss_type: str, params: dict[str, Any], key: str) -> di
 
 
 class Criterion(nn.Module):
-    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``; ``parse_params`` validates ``LOSS.PARAMS``."""
+    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``; ``parse_params`` validates ``LOSS.PARAMS``.
+
+    Subclasses are built as ``cls(num_classes, params, key, distance)``; ``distance`` is the task's (K, K)
+    taxonomy distance matrix, computed only for criteria that set ``needs_distance``.
+    """
+
+    needs_distance: ClassVar[bool] = False
 
     @staticmethod
-    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
-        raise NotImplementedError
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, Any]:
+        """Validate ``LOSS.PARAMS`` (ConfigError naming ``key.<param>``); `linnaeus check` and training both call
+        it. Criteria with parameters override it; the default accepts them as given."""
+        return dict(params)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -109,6 +113,8 @@ class CrossEntropyCriterion(Criterion):
 @register_criterion("TaxonomyAwareLabelSmoothing")
 class TaxonomyAwareCriterion(Criterion):
     """Targets are rows of the smoothing matrix S (see ``taxonomy_smoothing_matrix``); soft targets become t · S."""
+
+    needs_distance = True
 
     @staticmethod
     def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
