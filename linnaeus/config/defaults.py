@@ -5,12 +5,13 @@ This is the reference the user guide points to. Sections mirror the YAML: ``EXPE
 keys, so a typo fails with the nearest valid key (see ``linnaeus.config.loader``). ``MODEL.CLASSIFICATION.HEADS``
 and ``DATA.META.COMPONENTS`` are open maps: their keys are task keys and component names chosen by the user.
 
-Keys accepted only for compatibility with configs written for the prior Polli Linnaeus trainer are marked
-"no-op" below; they are read, validated and ignored.
+Keys of configs written for the prior Polli Linnaeus trainer are not fields here: ``linnaeus.config.compat`` maps
+them onto these keys, or accepts them with one warning line each.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -26,7 +27,7 @@ LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 class Node(BaseModel):
     """A config section: strict keys, assignment validated, attribute access (``cfg.DATA.BATCH_SIZE``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 class Interval(Node):
@@ -84,6 +85,10 @@ class ExperimentConfig(Node):
         default_factory=list,
         description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
     )
+
+    def run_folder(self) -> Path:
+        """OUTPUT_DIR/PROJECT/GROUP/NAME: where the run writes (also what '{output_dir}' in paths stands for)."""
+        return Path(self.OUTPUT_DIR) / self.PROJECT / self.GROUP / self.NAME
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL
@@ -195,11 +200,6 @@ class ModelConfig(Node):
     CONV_STAGES: ConvStages = Field(default_factory=ConvStages)
     ATTENTION_STAGES: AttentionStages = Field(default_factory=AttentionStages)
     CLASSIFICATION: ClassificationConfig = Field(default_factory=ClassificationConfig)
-    # Accepted for compatibility, derived or ignored here:
-    EXTRA_TOKEN_NUM: int | None = Field(None, description="no-op: 1 + number of metadata components, derived")
-    META_DIMS: list[int] | None = Field(None, description="no-op: derived from DATA.META.COMPONENTS")
-    USE_FLASH_ATTN: bool | None = Field(None, description="no-op: SDPA picks the fastest kernel itself")
-    LABEL_SMOOTHING: float | None = Field(None, description="no-op: set per head in LOSS.PARAMS.label_smoothing")
 
 
 # --------------------------------------------------------------------------------------------------------- DATA
@@ -213,7 +213,7 @@ class MetaComponentConfig(Node):
     OOR_MASK: bool = Field(False, description="mask this component for rows with in_region == 0")
 
 
-def _default_components() -> dict[str, MetaComponentConfig]:
+def default_components() -> dict[str, MetaComponentConfig]:
     return {
         "TEMPORAL": MetaComponentConfig(SOURCE="temporal", DIM=2, IDX=0),
         "SPATIAL": MetaComponentConfig(SOURCE="spatial", DIM=3, IDX=1),
@@ -223,7 +223,7 @@ def _default_components() -> dict[str, MetaComponentConfig]:
 
 class MetaConfig(Node):
     ACTIVE: bool = True
-    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=_default_components)
+    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=default_components)
 
 
 class VerifyImagesConfig(Node):
@@ -234,10 +234,9 @@ class VerifyImagesConfig(Node):
     )
     MAX_MISSING_COUNT: int = Field(0, ge=0, description="see MAX_MISSING_RATIO; 0 and 0 tolerate none")
     NUM_WORKERS: int = Field(8, ge=1)
-    REPORT_PATH: str | None = Field(None, description="JSON report; default: the run folder")
-    # Compatibility:
-    CHUNK_SIZE: int | None = Field(None, description="no-op (images are checked by a thread pool)")
-    LOG_MISSING: bool | None = Field(None, description="no-op: problems always go to the JSON report and the log")
+    REPORT_PATH: str | None = Field(
+        None, description="JSON report; default: the run folder. '{output_dir}' is replaced by the run folder"
+    )
 
 
 class HybridConfig(Node):
@@ -290,9 +289,6 @@ class DataConfig(Node):
     META: MetaConfig = Field(default_factory=MetaConfig)
     SHARDS: ShardsConfig = Field(default_factory=ShardsConfig)
     DATASET: DatasetInfo = Field(default_factory=DatasetInfo)
-    USE_VECTORIZED_PROCESSOR: bool | None = Field(
-        None, description="no-op: the prior trainer's processor switch; labels are always read vectorised here"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------- AUG
@@ -341,9 +337,6 @@ class TrainConfig(Node):
         "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
     )
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
-    PHASE1_MASK_NULL_LOSS: bool | None = Field(
-        None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER
@@ -424,9 +417,18 @@ class MixAlgo(Node):
     ALPHA: float = Field(1.0, gt=0)
 
 
+class MixProbConfig(Ramp):
+    """Probability that a batch is mixed at all (then SWITCH_PROB picks Mixup or CutMix)."""
+
+    ENABLED: bool = False
+    START_PROB: float = Field(1.0, ge=0, le=1)
+    END_PROB: float = Field(0.2, ge=0, le=1)
+    END_FRACTION: float | None = Field(None, ge=0, le=1, description="default when neither END_* is set: 1.0")
+
+
 class MixConfig(Node):
     GROUP_LEVEL: str | None = Field(None, description="pairs share the taxon at this task key; default: coarsest")
-    PROB: Ramp = Field(default_factory=lambda: Ramp(ENABLED=False, START_PROB=1.0, END_PROB=0.2, END_FRACTION=1.0))
+    PROB: MixProbConfig = Field(default_factory=MixProbConfig)
     MIXUP: MixAlgo = Field(default_factory=MixAlgo)
     CUTMIX: MixAlgo = Field(default_factory=MixAlgo)
     SWITCH_PROB: float = Field(0.5, ge=0, le=1, description="CutMix instead of Mixup when both are enabled")
@@ -459,7 +461,7 @@ class ScheduleConfig(Node):
 
 
 class MiscConfig(Node):
-    SEED: int = 42
+    SEED: int = Field(42, ge=0, le=2**32 - 1, description="seeds Python, NumPy and torch (NumPy needs < 2**32)")
     DETERMINISTIC: bool = Field(False, description="torch deterministic algorithms (slower)")
 
 
@@ -467,6 +469,10 @@ class Config(Node):
     """The whole resolved configuration. Build one with ``linnaeus.config.load_config``."""
 
     BASE: list[str] = Field(default_factory=list, description="YAML files this one inherits from")
+    BASE_RESOLVED: list[str] = Field(
+        default_factory=list,
+        description="written by the loader: the file each BASE entry resolved to, in merge order (not followed)",
+    )
     EXPERIMENT: ExperimentConfig = Field(default_factory=ExperimentConfig)
     MODEL: ModelConfig = Field(default_factory=ModelConfig)
     DATA: DataConfig = Field(default_factory=DataConfig)

@@ -59,6 +59,7 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "EXPERIMENT.TRACKERS",
     "EXPERIMENT.OUTPUT_DIR",
     "MISC.DETERMINISTIC",
+    "BASE_RESOLVED",  # where the BASE files were found: informational, their content is in the keys above
 )
 
 
