@@ -109,6 +109,24 @@ def center_crop_box(width: int, height: int, img_size: int, val_crop_pct: float 
     return left, top, left + side, top + side
 
 
+def crop_box(
+    width: int,
+    height: int,
+    *,
+    img_size: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    rrc_scale: tuple[float, float] = (0.35, 1.0),
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    val_crop_pct: float = 0.875,
+) -> Box:
+    """The source box ``load_image`` takes from an oriented ``width`` x ``height`` image (the one geometry rule
+    shared by the CPU decode and the device decode in ``linnaeus.data.encoded``)."""
+    if train:
+        return random_resized_crop_box(width, height, rng or np.random.default_rng(), rrc_scale, rrc_ratio)
+    return center_crop_box(width, height, img_size, val_crop_pct)
+
+
 def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
     w, h = im.size
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -124,22 +142,31 @@ def load_image(
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     val_crop_pct: float = 0.875,
     draft: bool = True,
+    box: Box | None = None,
 ) -> np.ndarray:
     """Decode ``source`` (path or encoded bytes) to a uint8 (3, img_size, img_size) RGB array.
 
     ``train=True`` takes a random-resized-crop drawn from ``rng`` (a fresh unseeded generator when None);
     ``train=False`` the deterministic resize + centre crop. ``draft=False`` disables reduced-size JPEG
-    decoding (for checks and benchmarks). Raises ``ImageDecodeError`` naming the file on any failure.
+    decoding (for checks and benchmarks). ``box`` (oriented full-resolution pixels) replaces the drawn/centred crop
+    when given (the device decoder's CPU fallback passes the box its worker planned). Raises ``ImageDecodeError`` naming the file on any failure.
     """
     data, name = _read(source)
     try:
         im = Image.open(io.BytesIO(data))
         orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
         width, height = _oriented_size(im, orientation)
-        if train:
-            box = random_resized_crop_box(width, height, rng or np.random.default_rng(), rrc_scale, rrc_ratio)
-        else:
-            box = center_crop_box(width, height, img_size, val_crop_pct)
+        if box is None:
+            box = crop_box(
+                width,
+                height,
+                img_size=img_size,
+                train=train,
+                rng=rng,
+                rrc_scale=rrc_scale,
+                rrc_ratio=rrc_ratio,
+                val_crop_pct=val_crop_pct,
+            )
 
         scale = 1.0
         if draft and im.format == "JPEG":
