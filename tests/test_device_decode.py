@@ -244,7 +244,7 @@ def test_resolve_decode_mode_and_config_key(tiny_dataset):
     assert resolve_decode_mode("auto", cuda_available=True) == "device"
     assert resolve_decode_mode("auto", cuda_available=False) == "cpu"
     assert resolve_decode_mode("cpu", cuda_available=True) == "cpu"
-    with pytest.raises(ConfigError, match="DATA.DECODE"):
+    with pytest.raises(ConfigError, match=r"DATA\.DECODE"):
         resolve_decode_mode("gpu")
     assert tiny_dataset.config().DATA.DECODE == "auto"
     assert tiny_dataset.config("DATA.DECODE", "device").DATA.DECODE == "device"

@@ -21,7 +21,6 @@ device decoder rejects here, which are decoded by ``load_image`` with the planne
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any
 
