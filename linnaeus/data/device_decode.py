@@ -21,6 +21,7 @@ device decoder rejects here, which are decoded by ``load_image`` with the planne
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -68,17 +69,22 @@ def orient(image: Tensor, orientation: int) -> Tensor:
 
 def _resample_matrix(start: float, end: float, in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, int]:
     """Pillow's bilinear resample coefficients for source span [start, end) → out_size samples, as a dense
-    (out_size, n) float32 matrix over source pixels [first, first + n) (rows sum to 1); returns (matrix, first)."""
+    (out_size, n) float32 matrix over source pixels [first, first + n) (rows sum to 1); returns (matrix, first).
+
+    The window bounds are computed in Python from the box (the same float64 arithmetic), so building the matrix
+    never waits for the device.
+    """
     scale = (end - start) / out_size
     filter_scale = max(scale, 1.0)
     support = filter_scale  # the bilinear (triangle) kernel has support 1, stretched when downscaling
+    first = max(math.trunc(start + 0.5 * scale - support + 0.5), 0)
+    last = min(math.trunc(start + (out_size - 0.5) * scale + support + 0.5), in_size)
     centre = start + (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale
-    lo = torch.clamp(torch.trunc(centre - support + 0.5), min=0)
-    hi = torch.clamp(torch.trunc(centre + support + 0.5), max=in_size)
-    first, last = int(lo.min()), int(hi.max())
-    index = torch.arange(first, last, device=device, dtype=torch.float64)
-    weight = torch.clamp(1.0 - torch.abs((index[None, :] - centre[:, None] + 0.5) / filter_scale), min=0.0)
-    weight = weight * ((index[None, :] >= lo[:, None]) & (index[None, :] < hi[:, None]))
+    lo = torch.clamp(torch.trunc(centre - support + 0.5), min=0)[:, None]
+    hi = torch.clamp(torch.trunc(centre + support + 0.5), max=in_size)[:, None]
+    index = torch.arange(first, last, device=device, dtype=torch.float64)[None, :]
+    weight = torch.clamp(1.0 - torch.abs((index - centre[:, None] + 0.5) / filter_scale), min=0.0)
+    weight = weight * ((index >= lo) & (index < hi))
     weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return weight.float(), first
 
