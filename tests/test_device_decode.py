@@ -20,7 +20,7 @@ from PIL import Image
 
 from benchmarks.common import synth_images
 from linnaeus.data.dataset import PLACEHOLDER_VALUE, FileDataset
-from linnaeus.data.device_decode import DeviceDecoder, orient, resize_box, resolve_decode_mode
+from linnaeus.data.device_decode import DeviceDecoder, orient, resize_box, resize_boxes, resolve_decode_mode
 from linnaeus.data.encoded import encode_image, encoded_batch, is_encoded
 from linnaeus.data.images import _TRANSPOSE, load_image
 from linnaeus.data.loader import build_loader
@@ -250,3 +250,17 @@ def test_resolve_decode_mode_and_config_key(tiny_dataset):
     assert tiny_dataset.config("DATA.DECODE", "device").DATA.DECODE == "device"
     with pytest.raises(ConfigError, match="DECODE"):
         tiny_dataset.config("DATA.DECODE", "gpu")
+
+
+def test_batched_resize_matches_per_image_resize():
+    rng = np.random.default_rng(3)
+    images, boxes = [], []
+    for h, w in [(97, 131), (60, 45), (128, 128), (33, 200)]:
+        images.append(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)))
+        x0, y0 = rng.uniform(0, w / 3), rng.uniform(0, h / 3)
+        boxes.append((x0, y0, rng.uniform(x0 + 5, w), rng.uniform(y0 + 5, h)))
+    single = torch.stack([resize_box(im, box, 40) for im, box in zip(images, boxes, strict=True)])
+    for budget in (256 << 20, 1):  # one padded chunk, and one image per chunk
+        batched = resize_boxes(images, boxes, 40, budget_bytes=budget)
+        worst, mean = _errors(batched, single)
+        assert worst <= 1 and mean < 0.01, (budget, worst, mean)
