@@ -264,3 +264,20 @@ def test_batched_resize_matches_per_image_resize():
         batched = resize_boxes(images, boxes, 40, budget_bytes=budget)
         worst, mean = _errors(batched, single)
         assert worst <= 1 and mean < 0.01, (budget, worst, mean)
+
+
+def test_reader_helpers_build_either_batch_format(tmp_path):
+    from linnaeus.data.encoded import image_fields, read_image
+
+    paths = _write_photos(tmp_path / "img", count=3, size=(100, 80))
+    data = [Path(p).read_bytes() for p in paths]
+    common = dict(img_size=IMG, train=True, rrc_scale=(0.35, 1.0), rrc_ratio=(0.75, 4 / 3))
+    pixels = [read_image(d, decode="cpu", rng=_rng(1, 0, i), **common) for i, d in enumerate(data)]
+    encoded = [read_image(d, decode="device", rng=_rng(1, 0, i), **common) for i, d in enumerate(data)]
+    cpu = image_fields(pixels)
+    assert set(cpu) == {"image"} and cpu["image"].shape == (3, 3, IMG, IMG)
+    dev = image_fields(encoded)
+    assert is_encoded(dev) and dev["image_offsets"].tolist() == [0, *np.cumsum([len(d) for d in data]).tolist()]
+    assert _errors(DeviceDecoder().decode(dev, "cpu")["image"], cpu["image"])[0] <= 32
+    with pytest.raises(ValueError, match="decode must be"):
+        read_image(data[0], decode="gpu", rng=None, **common)

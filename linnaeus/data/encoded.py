@@ -132,6 +132,24 @@ def encoded_batch(items: Sequence[EncodedImage]) -> dict[str, Tensor]:
     }
 
 
+def read_image(source: str | bytes, *, decode: str, **kwargs: Any) -> np.ndarray | EncodedImage:
+    """What a worker produces for one image: ``load_image`` pixels (``decode="cpu"``) or ``encode_image``'s bytes +
+    crop plan (``"device"``); ``kwargs`` are theirs (img_size, train, rng, rrc_scale, rrc_ratio, val_crop_pct)."""
+    if decode == "device":
+        return encode_image(source, **kwargs)
+    if decode == "cpu":
+        return load_image(source, **kwargs)
+    raise ValueError(f"read_image: decode must be 'cpu' or 'device', got {decode!r}")
+
+
+def image_fields(items: Sequence[np.ndarray | EncodedImage]) -> dict[str, Tensor]:
+    """The image entries of a batch built from ``read_image`` results: ``{"image": uint8 (B, 3, S, S)}`` for pixels,
+    the encoded fields (module docstring) for encoded images. Readers that build batches themselves use this."""
+    if items and isinstance(items[0], EncodedImage):
+        return encoded_batch(items)  # type: ignore[arg-type]
+    return {"image": torch.from_numpy(np.stack(items))}  # type: ignore[arg-type]
+
+
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``default_collate``, except that samples carrying an ``encoded`` image are packed by ``encoded_batch``."""
     if not samples or "encoded" not in samples[0]:
