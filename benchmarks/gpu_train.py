@@ -101,7 +101,7 @@ def make_train_plan(smoke: bool) -> TrainPlan:
     if smoke:
         return TrainPlan(True, 3, 1, 1, {32: 8}, 1, {"jpeg500": 6, "jpeg1mp": 0}, 48, 240, _variants(True))
     workers = min(8, os.cpu_count() or 1)  # the target: <= 8 loader workers per GPU
-    steps, batch = 40, {224: 256, 384: 96}
+    steps, batch = 30, {224: 256, 384: 96}
     return TrainPlan(
         False, steps, 5, 2, batch, workers, {"jpeg500": 96, "jpeg1mp": 48}, steps * 256, 420, _variants(False)
     )
