@@ -274,8 +274,9 @@ class PreparedData:
             paths=self.image_paths(split) if with_paths else None,
         )
 
-    def dataset(self, split: str, train: bool):
-        """A ``FileDataset`` over this split (decode + crop in workers)."""
+    def dataset(self, split: str, train: bool, decode: str = "cpu"):
+        """A ``FileDataset`` over this split: decode + crop in workers, or (``decode="device"``) bytes + crop plan
+        for ``linnaeus.data.device_decode``."""
         from linnaeus.data.dataset import FileDataset
 
         cfg = self.cfg
@@ -288,6 +289,7 @@ class PreparedData:
             val_crop_pct=cfg.DATA.VAL_CROP_PCT,
             allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
             seed=cfg.MISC.SEED,
+            decode=decode,
         )
 
     def class_maps_json(self) -> dict[str, Any]:
