@@ -10,7 +10,7 @@ from linnaeus.losses.criteria import (
 )
 from linnaeus.losses.gradnorm import GradNorm
 from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
-from linnaeus.losses.task_loss import TaskLoss, build_task_loss
+from linnaeus.losses.task_loss import TaskLoss, build_task_loss, included_counts, step_denominators
 
 __all__ = [
     "Criterion",
@@ -20,7 +20,9 @@ __all__ = [
     "TaxonomyAwareCriterion",
     "build_task_loss",
     "class_weights",
+    "included_counts",
     "register_criterion",
     "soft_cross_entropy",
+    "step_denominators",
     "taxonomy_smoothing_matrix",
 ]
