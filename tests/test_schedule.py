@@ -43,7 +43,7 @@ def test_plan_positions_are_a_view_over_steps() -> None:
 
 def test_plan_refuses_accumulation_longer_than_an_epoch() -> None:
     cfg = load_config(None, ["TRAIN.ACCUMULATION_STEPS", "4"])
-    with pytest.raises(ConfigError, match="TRAIN.ACCUMULATION_STEPS: 4 micro-batches per optimizer step"):
+    with pytest.raises(ConfigError, match=r"TRAIN\.ACCUMULATION_STEPS: 4 micro-batches per optimizer step"):
         plan_steps(cfg, batches_per_epoch=3)
 
 

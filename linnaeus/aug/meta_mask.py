@@ -20,7 +20,9 @@ class MetaMasking:
         names = list(components)
         self.groups = [[names.index(n) for n in group if n in names] for group in whitelist]
         # column -> the component it belongs to, so a component mask expands to columns with one gather
-        self.column_component = torch.repeat_interleave(torch.arange(len(dims)), torch.as_tensor(list(dims)))
+        self.column_component = torch.repeat_interleave(
+            torch.arange(len(dims)), torch.as_tensor(list(dims), dtype=torch.long)
+        )
 
     def __call__(
         self, meta: Tensor, meta_valid: Tensor, *, p_all: float, p_partial: float, generator: torch.Generator
