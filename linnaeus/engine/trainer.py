@@ -337,20 +337,24 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(1)
         if self.meter.due(step):
-            row = self.meter.flush()
-            row |= {"lr": self.lr_schedule.lr(step - 1), "meta_mask_prob": self.ops.meta_mask_prob(step)}
-            if self.loss_fn.gradnorm is not None:
-                weights = self.loss_fn.task_weights.tolist()
-                row |= {f"{k}/weight": float(w) for k, w in zip(self.task_keys, weights, strict=True)}
-            self.tracking.log("train", step, row)
-            if self.progress is not None:
-                self.progress.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_sec']:.0f}")
+            self._log_train(step, self.meter.flush())
         with self.meter.paused():  # validation and checkpoints are not training throughput
             self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
             stop = self.preemption.agreed(step)
             if stop or self.checkpointer.due(step):
                 self.checkpointer.save(step, self.validator.metrics_at(step))
         return stop
+
+    def _log_train(self, step: int, row: dict[str, float]) -> None:
+        row |= {"lr": self.lr_schedule.lr(step - 1), "meta_mask_prob": self.ops.meta_mask_prob(step)}
+        if self.loss_fn.gradnorm is not None:
+            weights = self.loss_fn.task_weights.tolist()
+            row |= {f"{k}/weight": float(w) for k, w in zip(self.task_keys, weights, strict=True)}
+        self.tracking.log("train", step, row)
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_sec']:.0f}", lr=f"{row['lr']:.2e}"
+            )
 
     def _begin(self) -> None:
         log.info("%s", self._summary())
