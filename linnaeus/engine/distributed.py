@@ -67,7 +67,6 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
 class DistInfo:
     world_size: int
     rank: int
-    local_rank: int
     zero_stage: int  # 0 = not DeepSpeed
     precision: str
     precision_source: str
@@ -77,6 +76,14 @@ class DistInfo:
     @property
     def uses_deepspeed(self) -> bool:
         return self.zero_stage > 0
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to: DeepSpeed's engine runs in bf16/fp16 without autocast; otherwise fp32
+        (accelerate's autocast handles mixed precision)."""
+        if self.uses_deepspeed and self.precision in ("bf16", "fp16"):
+            return torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.float32
 
 
 def build_accelerator(cfg: Config, micro_batch_size: int):
@@ -123,7 +130,6 @@ def build_accelerator(cfg: Config, micro_batch_size: int):
     info = DistInfo(
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
-        local_rank=accelerator.local_process_index,
         zero_stage=zero_stage,
         precision=precision,
         precision_source=source,
