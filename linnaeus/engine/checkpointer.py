@@ -4,6 +4,7 @@ metric bests, and the final export. File layout and retention are ``CheckpointMa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +61,8 @@ class Checkpointer:
         self.components: dict[str, Stateful] = {}
         self.bests: list[dict[str, Any]] = []
         self.last_saved_step = -1
+        self.save_seconds = 0.0  # wall time spent saving and exporting (for the end-of-run report)
+        self.export_seconds = 0.0
 
     def register(self, name: str, component: Stateful) -> None:
         """Save ``component.state_dict()`` with every checkpoint and hand the saved state back on resume."""
@@ -101,6 +104,24 @@ class Checkpointer:
                 )
             return path
         return self.manager.latest() if t.AUTO_RESUME else None
+
+    def finished_step(self, export_dir: Path) -> int | None:
+        """The step of a run that has nothing left to do, or None: the checkpoint a resume would continue from is at
+        (or past) the plan's last step and ``export_dir/final.safetensors`` holds that step's weights. Decided on the
+        main process and broadcast (it decides whether any collective runs)."""
+        from accelerate.utils import broadcast_object_list
+
+        box: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            path = self._candidate()
+            final = export_dir / "final.safetensors"
+            if path is not None and final.is_file():
+                saved = read_state(path)
+                step, _ = resume_step(saved, self.plan, self.zero_stage)
+                if step >= self.plan.total_steps and _exported_step(final) == str(saved["step"]):
+                    box = [step]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def load_weights(self, model: nn.Module, point: ResumePoint) -> None:
         """Before ``accelerator.prepare``, for a resume onto another layout: the consolidated fp32 weights."""
@@ -146,6 +167,7 @@ class Checkpointer:
     def save(self, step: int, val_metrics: dict[str, float]) -> Path:
         """Collective. ``val_metrics``: a validation of exactly this step's weights (empty if none), which alone
         may rank this checkpoint among the bests."""
+        start = time.perf_counter()
         if self.manager.best_metric in val_metrics:
             self.bests = self.manager.update_bests(self.bests, step, val_metrics)
         state: dict[str, Any] = {
@@ -155,18 +177,22 @@ class Checkpointer:
             "world_size": self.plan.world_size,
             "zero_stage": self.zero_stage,
             "best_checkpoints": self.bests,
+            # The plan's length when saved: a resume with more epochs can say that the schedule was stretched.
+            "total_steps": self.plan.total_steps,
         }
         for component in self.components.values():
             state |= component.state_dict()
         path = self.manager.save(self.accelerator, step, state)
         self.last_saved_step = step
         log.info("checkpoint saved: %s", path)
+        self.save_seconds += time.perf_counter() - start
         return path
 
     def export(self, out_dir: Path, step: int) -> None:
         """Consolidated fp32 weights of the final and best checkpoints (main process; reads files only)."""
         if not self.accelerator.is_main_process:
             return
+        start = time.perf_counter()
         latest = self.manager.latest()
         meta = {"model": self.cfg.MODEL.NAME, "step": str(step)}
         if latest is not None:
@@ -177,3 +203,15 @@ class Checkpointer:
                 self.manager.root / best["dir"], out_dir / "best.safetensors", {**meta, "step": str(best["step"])}
             )
         log.info("exported weights to %s", out_dir)
+        self.export_seconds += time.perf_counter() - start
+
+
+def _exported_step(path: Path) -> str | None:
+    """The ``step`` recorded in an exported safetensors file's metadata (header only; no tensors read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("step")
+    except (OSError, SafetensorError):  # a torn or foreign file: not a finished export; the run exports again
+        return None

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,9 +87,10 @@ class DistInfo:
         return torch.float32
 
 
-def build_accelerator(cfg: Config, micro_batch_size: int):
+def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[str, Any] | None = None):
     """Create the Accelerator. DeepSpeed's "auto" entries are filled from the experiment config here, so batch size,
-    accumulation and clipping have one source of truth (the experiment YAML)."""
+    accumulation and clipping have one source of truth (the experiment YAML). ``tracker_kwargs``:
+    ``TrackerPlan.accelerator_kwargs()`` (engine/trackers.py)."""
     prepare_environment()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
@@ -114,7 +116,7 @@ def build_accelerator(cfg: Config, micro_batch_size: int):
         # Our loaders are built per rank by our own sampler; the scheduler is stepped by us, once per optimizer step.
         dataloader_config=DataLoaderConfiguration(split_batches=False, dispatch_batches=False),
         step_scheduler_with_optimizer=False,
-        log_with="wandb" if cfg.EXPERIMENT.WANDB.ENABLED else None,
+        **(tracker_kwargs or {}),
     )
     zero_stage = 0
     plugin = accelerator.state.deepspeed_plugin

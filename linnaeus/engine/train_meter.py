@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,11 @@ class TrainMeter:
         self.sums = torch.zeros(1 + len(self.task_keys), device=device)
         self.micro_batches = 0
         self.window_start = clock()
+        self.window_wait = 0.0  # seconds of this window spent waiting for batches
+        self.started: float | None = None  # first restart(): training began
+        self.paused_total = 0.0
+        self.wait_total = 0.0
+        self.micro_batches_total = 0
         self.missing_images = 0  # run total over all processes, as of the last fold
         self.missing_local = 0  # this process, since the last fold
 
@@ -56,6 +61,21 @@ class TrainMeter:
     def add(self, loss: torch.Tensor, per_task: dict[str, torch.Tensor]) -> None:
         self.sums += torch.stack([loss.detach(), *(per_task[k].detach() for k in self.task_keys)]).float()
         self.micro_batches += 1
+        self.micro_batches_total += 1
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, measuring how long each ``next`` waits (data loading the step could not hide)."""
+        it = iter(batches)
+        while True:
+            start = self.clock()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            waited = self.clock() - start
+            self.window_wait += waited
+            self.wait_total += waited
+            yield item
 
     # ------------------------------------------------------------------------------------------- window
     def due(self, step: int) -> bool:
@@ -66,6 +86,9 @@ class TrainMeter:
         self.sums.zero_()
         self.micro_batches = 0
         self.window_start = self.clock()
+        self.window_wait = 0.0
+        if self.started is None:
+            self.started = self.window_start
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -74,10 +97,31 @@ class TrainMeter:
         try:
             yield
         finally:
-            self.window_start += self.clock() - start
+            paused = self.clock() - start
+            self.window_start += paused
+            self.paused_total += paused
+
+    # ------------------------------------------------------------------------------------------- run totals
+    @property
+    def train_seconds(self) -> float:
+        """Training time of this process so far (data waits included, pauses not)."""
+        return 0.0 if self.started is None else max(self.clock() - self.started - self.paused_total, 0.0)
+
+    @property
+    def mean_images_per_sec(self) -> float | None:
+        seconds = self.train_seconds
+        if not self.micro_batches_total or seconds <= 0:
+            return None
+        return self.micro_batches_total * self.plan.micro_batch * self.plan.world_size / seconds
+
+    @property
+    def data_wait_share(self) -> float | None:
+        seconds = self.train_seconds
+        return min(self.wait_total / seconds, 1.0) if seconds > 0 else None
 
     def flush(self) -> dict[str, float]:
-        """Collective. The window's row (``loss``, ``images_per_sec``, ``<rank>/loss``), then a fresh window.
+        """Collective. The window's row (``loss``, ``images_per_sec``, ``data_wait_share``, ``<rank>/loss``), then a
+        fresh window.
 
         Each micro-batch loss is a share of its step's loss (see ``TaskLoss.task_losses`` with step denominators):
         summed over a step's micro-batches and processes it is accumulation × world size × the step loss."""
@@ -92,6 +136,7 @@ class TrainMeter:
         row = {
             "loss": values[0] / shares,
             "images_per_sec": self.micro_batches * self.plan.micro_batch * self.plan.world_size / elapsed,
+            "data_wait_share": min(self.window_wait / elapsed, 1.0),
         }
         row |= {f"{k}/loss": v / shares for k, v in zip(self.task_keys, values[1:-1], strict=True)}
         self.restart()

@@ -8,6 +8,7 @@ in its own module; this file builds and wires them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,8 @@ from linnaeus.config import Config, save_config
 from linnaeus.engine.checkpointer import Checkpointer
 from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
-from linnaeus.engine.run_dir import run_path, setup_logging
+from linnaeus.engine.progress import Progress, announce
+from linnaeus.engine.run_dir import FILE_ONLY_ATTR, attach_run_logs, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, plan_steps, scaled_base_lr
 from linnaeus.engine.tracking import Tracking
 from linnaeus.engine.train_meter import TrainMeter
@@ -76,6 +78,8 @@ class Trainer:
         self.cfg = cfg
         self.run = run_path(cfg)
         self.step = 0  # optimizer steps taken
+        self.started = time.perf_counter()
+        self.finished_step: int | None = None  # set when a rerun finds nothing left to do
 
     @property
     def task_keys(self) -> list[str]:
@@ -85,12 +89,14 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         prepare_environment()
-        self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE)
+        from linnaeus.engine.trackers import plan_trackers
+
+        trackers = plan_trackers(cfg, self.run).accelerator_kwargs()
+        self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE, trackers)
         acc = self.accelerator
-        if acc.is_main_process:
-            self.run.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        setup_logging(self.run, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
+        # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
+        # start leaves no folder behind (what was logged before is written to train.log then).
+        setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
         _seed_everything(cfg.MISC.SEED, cfg.MISC.DETERMINISTIC)
         if not torch.cuda.is_available():
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
@@ -100,13 +106,21 @@ class Trainer:
 
         # A resumed run reads the split it saved (a changed labels file is then an error, not a silent new split);
         # image verification runs once, on the main process.
+        if cfg.DATA.HYBRID.VERIFY_IMAGES.ENABLED and acc.is_main_process:
+            announce("verifying every image file (DATA.HYBRID.VERIFY_IMAGES)", "one pass over the image folder")
         self.data = prepare_data(cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process)
+        if acc.is_main_process:
+            self.run.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        attach_run_logs(self.run, acc.process_index, acc.is_main_process)
         if acc.is_main_process:
             save_config(cfg, self.run / "config.yaml")
             self.data.save(self.run)
         self._build_data()
         self._build_components()
-        self._build_model_and_optimizer()
+        self.finished_step = self.checkpointer.finished_step(self.run / "export")
+        if self.finished_step is None:
+            self._build_model_and_optimizer()
 
     def _build_data(self) -> None:
         from linnaeus.data.loader import build_loader
@@ -176,6 +190,7 @@ class Trainer:
         self.checkpointer.prepare_folder()
         self.checkpointer.register("meter", self.meter)
         self.checkpointer.register("tracking", self.tracking)
+        self.checkpointer.register("validation", self.validator)
 
     def _build_model_and_optimizer(self) -> None:
         from linnaeus.losses import build_task_loss
@@ -208,6 +223,7 @@ class Trainer:
         if cfg.MODEL.COMPILE:
             # dynamic=False: inductor's dynamic-shape path crashes on this model (a second input shape, e.g. the
             # validation batch, would otherwise switch it on); each new shape compiles once instead.
+            announce("torch.compile: the first training and validation steps compile the model", "about 1-3 min")
             model = torch.compile(model, dynamic=False)
         if cfg.LOSS.GRADNORM.ENABLED and self.dist.zero_stage == 3:
             raise ConfigError(
@@ -230,7 +246,10 @@ class Trainer:
         meta = zip(self.data.meta_components, self.data.meta_dims, strict=True)
         rows = [
             ("run folder", str(self.run)),
-            ("world size", f"{d.world_size} processes ({d.distributed_type}, {d.num_machines} machine(s))"),
+            (
+                "world size",
+                f"{d.world_size} process{'es' if d.world_size != 1 else ''} ({d.distributed_type}, {d.num_machines} machine(s))",
+            ),
             ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
             ("precision", f"{d.precision} (from {d.precision_source})"),
             (
@@ -323,8 +342,16 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- loop
     def fit(self) -> int:
         """Train to the plan's last step: 0 when done, ``PREEMPTED_EXIT_CODE`` after a preemption checkpoint."""
+        if self.finished_step is not None:
+            log.info(
+                "already complete: step %d of %d; nothing to do (run folder %s)",
+                self.finished_step,
+                self.plan.total_steps,
+                self.run,
+            )
+            return 0
         self._begin()
-        windows = accumulation_windows(self.train_batches, self.plan, start_step=self.step)
+        windows = self.meter.timed(accumulation_windows(self.train_batches, self.plan, start_step=self.step))
         while self.step < self.plan.total_steps:
             self.train_step(next(windows))
             if self.after_step():
@@ -334,10 +361,9 @@ class Trainer:
     def after_step(self) -> bool:
         """The components that act after an optimizer step, each on its own cadence. True: stop (preempted)."""
         step = self.step
-        if self.progress is not None:
-            self.progress.update(1)
         if self.meter.due(step):
             self._log_train(step, self.meter.flush())
+        self.progress.update(step, **self.last_train)
         with self.meter.paused():  # validation and checkpoints are not training throughput
             self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
             stop = self.preemption.agreed(step)
@@ -351,28 +377,23 @@ class Trainer:
             weights = self.loss_fn.task_weights.tolist()
             row |= {f"{k}/weight": float(w) for k, w in zip(self.task_keys, weights, strict=True)}
         self.tracking.log("train", step, row)
-        if self.progress is not None:
-            self.progress.set_postfix(
-                loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_sec']:.0f}", lr=f"{row['lr']:.2e}"
-            )
+        self.last_train = {"loss": row["loss"], "img_s": row["images_per_sec"], "lr": row["lr"]}
 
     def _begin(self) -> None:
         log.info("%s", self._summary())
         self.tracking.start()
         acc = self.accelerator
         self.preemption = Preemption(acc.device, reduce_max=lambda t: acc.reduce(t, "max"))
-        self.progress = None
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            total = self.plan.total_steps
-            self.progress = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        total = self.plan.total_steps
+        every = max(self.cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS, total // 20)  # ~20 progress lines a run
+        self.progress = Progress(total=total, initial=self.step, is_main=acc.is_main_process, every_steps=every)
+        self.last_train: dict[str, float] = {}
+        self.setup_seconds = time.perf_counter() - self.started
         self.model.train()
         self.meter.restart()
 
     def _stop_preempted(self) -> int:
-        if self.progress is not None:
-            self.progress.close()
+        self.progress.close()
         log.warning(
             "received %s: checkpoint saved at step %d; exiting with code %d so the job can be resumed by rerunning "
             "the same command",
@@ -384,8 +405,7 @@ class Trainer:
         return PREEMPTED_EXIT_CODE
 
     def _finish(self) -> int:
-        if self.progress is not None:
-            self.progress.close()
+        self.progress.close()
         if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: decides a collective
             self.checkpointer.save(self.step, self.validator.metrics_at(self.step))
         self.checkpointer.export(self.run / "export", self.step)
@@ -397,10 +417,33 @@ class Trainer:
                 "%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)",
                 self.meter.missing_images,
             )
+        if self.accelerator.is_main_process:
+            self._report()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        log.info("training finished at step %d; run folder %s", self.step, self.run)
         return 0
+
+    def _report(self) -> None:
+        """The end-of-run report (report.json, report.html, plots/), its summary in the log, and the W&B summary."""
+        from linnaeus.engine.report import Timings, summary_values, write_report
+
+        meter, ckpt = self.meter, self.checkpointer
+        phases = {
+            "setup": self.setup_seconds,
+            "train": meter.train_seconds,
+            "validation": self.validator.seconds,
+            "checkpoint": ckpt.save_seconds,
+            "export": ckpt.export_seconds,
+        }
+        timings = Timings(
+            total_seconds=time.perf_counter() - self.started,
+            phase_seconds=phases,
+            mean_images_per_sec=meter.mean_images_per_sec,
+            data_wait_share=meter.data_wait_share,
+        )
+        summary = write_report(self.run, timings)
+        log.info("training finished at step %d\n%s", self.step, summary)
+        self.tracking.summarize(summary_values(self.run))
 
 
 def train(cfg: Config) -> int:
@@ -413,11 +456,11 @@ def train(cfg: Config) -> int:
         from linnaeus.data.loader import unwrap_worker_error
 
         clean = unwrap_worker_error(err)
-        if log.handlers:
-            log.error("%s", clean)
+        if log.handlers:  # the run's log files keep it; the console shows only the CLI's `error:` line
+            log.error("%s", clean, extra={FILE_ONLY_ATTR: True})
         raise clean from None
     except Exception:
         # Log the traceback into the run's log files before the process dies, on whichever rank failed.
-        if log.handlers:
-            log.exception("training failed")
+        if log.handlers:  # the console gets Python's own traceback
+            log.exception("training failed", extra={FILE_ONLY_ATTR: True})
         raise

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from linnaeus.engine.metrics import ValidationMeter, format_table
+from linnaeus.engine.metrics import ValidationMeter
+from linnaeus.engine.report import format_table_with_history, update_bests
 from linnaeus.engine.schedule import StepPlan, fires
 from linnaeus.engine.windows import to_device
 
@@ -23,7 +25,11 @@ LogFn = Callable[[str, dict[str, float]], None]
 class Validator:
     """Runs ``val`` every ``every`` steps and ``val_mask_meta`` (every metadata component zeroed) every
     ``masked_every`` steps, and remembers the last ``val`` metrics with their step, so a checkpoint is ranked only by
-    a validation of exactly its weights."""
+    a validation of exactly its weights.
+
+    Per phase it keeps the previous evaluation and the best value so far of every metric, so each table shows the
+    change and the best; both travel in checkpoints (``state_dict``), so they survive a resume. ``seconds`` is the
+    wall time spent validating (for the end-of-run report)."""
 
     def __init__(
         self,
@@ -49,6 +55,9 @@ class Validator:
         self.reduce_sum = reduce_sum
         self.last: dict[str, float] = {}  # flat "val/<key>" metrics of the last normal validation
         self.last_step = -1
+        self.previous: dict[str, dict[str, float]] = {}  # phase -> metrics of its last evaluation
+        self.bests: dict[str, dict[str, float]] = {}  # phase -> best value so far per metric
+        self.seconds = 0.0
 
     def metrics_at(self, step: int) -> dict[str, float]:
         """The last validation's metrics if it validated exactly the weights of ``step``, else empty."""
@@ -62,14 +71,26 @@ class Validator:
             return
         normal = normal or not self.last  # the masked pass alone never leaves the run without a normal one
         phases = {name: mask for name, mask, on in (("val", False, normal), ("val_mask_meta", True, masked)) if on}
+        start = time.perf_counter()
         results = self.evaluate(model, phases)
+        self.seconds += time.perf_counter() - start
         for phase, metrics in results.items():
             log_metrics(phase, metrics)
-            log.info(format_table(TITLES.get(phase, phase), step, metrics, self.task_keys))
+            previous, best = self.previous.get(phase), self.bests.get(phase, {})
+            log.info(format_table_with_history(TITLES.get(phase, phase), step, metrics, self.task_keys, previous, best))
+            self.previous[phase] = dict(metrics)
+            self.bests[phase] = update_bests(best, metrics)
         if normal:
             self.last = {f"val/{k}": v for k, v in results["val"].items()}
             self.last |= {f"val_mask_meta/{k}": v for k, v in results.get("val_mask_meta", {}).items()}
             self.last_step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validation_previous": self.previous, "validation_bests": self.bests}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous = {p: dict(m) for p, m in (state.get("validation_previous") or {}).items()}
+        self.bests = {p: dict(m) for p, m in (state.get("validation_bests") or {}).items()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, phases: dict[str, bool]) -> dict[str, dict[str, float]]:
