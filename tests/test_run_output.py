@@ -145,3 +145,63 @@ def test_wrong_images_dir_fails_with_one_line_before_the_model_and_leaves_no_run
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert said == [f"error: DATA.HYBRID.IMAGES_DIR: {tmp_path / 'no_such_folder'} is not a directory"]
     assert not (tmp_path / "linnaeus_demo").exists()
+
+
+class Sampler:
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class Guess(torch.nn.Module):
+    """A 'model' whose logits are set by the test: the validation tables' numbers are then known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = torch.zeros(4, 3)
+
+    def forward(self, images: torch.Tensor, meta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"a": self.logits.clone()}
+
+
+def test_validation_tables_show_change_and_best_and_keep_them_across_a_resume() -> None:
+    import io
+    import logging
+
+    from linnaeus.engine.validation import Validator
+
+    batch = {
+        "image": torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        "meta": torch.zeros(4, 0),
+        "targets": {"a": torch.tensor([0, 1, 2, 0])},
+        "is_pad": torch.zeros(4, dtype=torch.bool),
+    }
+    plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=4, accumulation=1, world_size=1)
+
+    def validator() -> Validator:
+        return Validator(
+            [batch], Sampler(), ["a"], mean=(0.5,) * 3, std=(0.5,) * 3, device=torch.device("cpu"),
+            dtype=torch.float32, plan=plan, every=1, masked_every=None,
+        )  # fmt: skip
+
+    model, logged = Guess(), []
+    first = validator()
+    model.logits = torch.eye(3)[[0, 1, 2, 1]] * 5  # 3 of 4 right
+    first.maybe_run(1, model, lambda phase, m: logged.append(m))
+    resumed = validator()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as trainer_state.json carries it
+    model.logits = torch.eye(3)[[0, 2, 2, 1]] * 5  # 2 of 4 right
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logger = logging.getLogger("linnaeus")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        resumed.maybe_run(2, model, lambda phase, m: logged.append(m))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [m["a/top1"] for m in logged] == [0.75, 0.5]
+    row = next(line for line in text.getvalue().splitlines() if line.startswith("a "))
+    top1, change, best = row.split()[1:4]
+    assert (top1, change, best) == ("0.500", "-0.250", "0.750")
