@@ -244,12 +244,10 @@ class Trainer:
         cfg, d, p = self.cfg, self.dist, self.plan
         params = sum(q.numel() for q in self.accelerator.unwrap_model(self.model).parameters()) / 1e6
         meta = zip(self.data.meta_components, self.data.meta_dims, strict=True)
+        processes = "process" if d.world_size == 1 else "processes"
         rows = [
             ("run folder", str(self.run)),
-            (
-                "world size",
-                f"{d.world_size} process{'es' if d.world_size != 1 else ''} ({d.distributed_type}, {d.num_machines} machine(s))",
-            ),
+            ("world size", f"{d.world_size} {processes} ({d.distributed_type}, {d.num_machines} machine(s))"),
             ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
             ("precision", f"{d.precision} (from {d.precision_source})"),
             (
