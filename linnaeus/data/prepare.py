@@ -31,6 +31,7 @@ from linnaeus.data.paths import (  # IMAGE_SUFFIXES, image_path, label_paths: al
     IMAGE_SUFFIXES,
     IMAGES_DIR_UNSET,
     image_path,
+    images_dir_problem,
     label_paths,
     resolve_image_paths,
     resolve_path,
@@ -397,6 +398,9 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         fingerprint=fingerprint,
     )
     if cfg.DATA.HYBRID.IMAGES_DIR:  # identifiers that leave the image folder are refused now, on every process
+        problem = images_dir_problem(cfg)  # the same rule as `linnaeus check`: before any model is built
+        if problem:
+            raise ConfigError(problem)
         for name in ("train", "val"):
             data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES

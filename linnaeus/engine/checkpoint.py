@@ -132,9 +132,15 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     Reads files only: no process group, no DeepSpeed engine."""
     ds_dir = ckpt / "pytorch_model"
     if ds_dir.is_dir():
+        import contextlib
+        import io
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+        # zero_to_fp32 narrates each step with print() and a tqdm bar (carriage returns in log files, lines on
+        # predict's stdout); the weights are the result, and a failure raises with its own message.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
     elif (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -155,4 +161,7 @@ def export_weights(ckpt: Path, out_file: Path, metadata: dict[str, str] | None =
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     save_file(sd, str(tmp), metadata=metadata or {})
     tmp.replace(out_file)
+    from linnaeus.utils.io import make_readable
+
+    make_readable(out_file)  # safetensors writes 0600; exported weights are meant to be shared
     return out_file
