@@ -81,11 +81,17 @@ def test_endless_epochs_are_one_line(epochs: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
-def test_infinite_lr_stops_with_one_line_nonzero_exit_and_no_export(demo: Path, tmp_path: Path) -> None:
-    proc = launch(tiny_opts(demo, tmp_path, name="inf", LR_SCHEDULER__BASE_LR=".inf"), check=False)
-    assert proc.returncode == 3, proc.stderr[-3000:]
+@pytest.mark.parametrize("launcher", [None, "cpu_zero2"])
+def test_infinite_lr_stops_with_one_line_nonzero_exit_and_no_export(
+    demo: Path, tmp_path: Path, launcher: str | None
+) -> None:
+    proc = launch(tiny_opts(demo, tmp_path, name="inf", LR_SCHEDULER__BASE_LR=".inf"), launcher, check=False)
+    # Under DeepSpeed the engine steps inside backward, so the bad step is seen after it; both ranks stop together.
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    if launcher is None:
+        assert proc.returncode == 3 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    else:  # each rank says it once; the launcher's own exit code is its business
+        assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
     assert "training stopped at step" in errors[0] and "non-finite taxa_L10 loss" in errors[0]
     run = run_dir(tmp_path, "inf")
     assert not (run / "export").exists()
