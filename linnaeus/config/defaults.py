@@ -340,6 +340,10 @@ class TrainConfig(Node):
         description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
         "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
     )
+    NONFINITE: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient: stop the run there (exit 3), or skip that optimizer step"
+    )
+    NONFINITE_MAX_SKIPS: int = Field(10, ge=0, description="with NONFINITE skip: stop once more steps than this fail")
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
 
 

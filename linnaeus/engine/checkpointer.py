@@ -13,6 +13,7 @@ from torch import nn
 
 from linnaeus.config import Config
 from linnaeus.engine.checkpoint import CheckpointManager, consolidated_state_dict, export_weights, read_state
+from linnaeus.engine.config_change import schedule_change_line
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
 from linnaeus.errors import ConfigError
 
@@ -45,15 +46,32 @@ def resume_step(saved: dict[str, Any], plan: StepPlan, zero_stage: int) -> tuple
     return plan.step_for_samples(int(saved["samples_seen"])), False
 
 
+def checkpoint_manager(cfg: Config, root: Path) -> CheckpointManager:
+    c = cfg.SCHEDULE.CHECKPOINT
+    return CheckpointManager(
+        root, keep_last=c.KEEP_LAST_N, keep_best=c.KEEP_BEST_N, best_metric=c.BEST_METRIC, best_mode=c.BEST_MODE
+    )
+
+
+def resume_candidate(cfg: Config, root: Path) -> Path | None:
+    """The checkpoint this run continues from: TRAIN.RESUME_FROM, else the folder's latest when auto-resuming. Reads
+    files, so only the main process calls it and shares the answer."""
+    t = cfg.TRAIN
+    if t.RESUME_FROM:
+        path = Path(t.RESUME_FROM)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)")
+        return path
+    return checkpoint_manager(cfg, root).latest() if t.AUTO_RESUME else None
+
+
 class Checkpointer:
     """Every method that saves or restores is collective (each process calls it at the same step)."""
 
     def __init__(self, accelerator: Any, root: Path, cfg: Config, plan: StepPlan, zero_stage: int) -> None:
         c = cfg.SCHEDULE.CHECKPOINT
         self.accelerator = accelerator
-        self.manager = CheckpointManager(
-            root, keep_last=c.KEEP_LAST_N, keep_best=c.KEEP_BEST_N, best_metric=c.BEST_METRIC, best_mode=c.BEST_MODE
-        )
+        self.manager = checkpoint_manager(cfg, root)
         self.cfg = cfg
         self.plan = plan
         self.zero_stage = zero_stage
@@ -85,7 +103,7 @@ class Checkpointer:
 
         box: list[Any] = [None]
         if self.accelerator.is_main_process:
-            path = self._candidate()
+            path = resume_candidate(self.cfg, self.manager.root)
             box = [None if path is None else (str(path), read_state(path))]
         broadcast_object_list(box, from_process=0)
         if box[0] is None:
@@ -93,17 +111,6 @@ class Checkpointer:
         path, saved = Path(box[0][0]), box[0][1]
         step, exact = resume_step(saved, self.plan, self.zero_stage)
         return ResumePoint(path=path, saved=saved, step=step, exact=exact)
-
-    def _candidate(self) -> Path | None:
-        t = self.cfg.TRAIN
-        if t.RESUME_FROM:
-            path = Path(t.RESUME_FROM)
-            if not (path / "trainer_state.json").is_file():
-                raise ConfigError(
-                    f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)"
-                )
-            return path
-        return self.manager.latest() if t.AUTO_RESUME else None
 
     def finished_step(self, export_dir: Path) -> int | None:
         """The step of a run that has nothing left to do, or None: the checkpoint a resume would continue from is at
@@ -113,7 +120,7 @@ class Checkpointer:
 
         box: list[Any] = [None]
         if self.accelerator.is_main_process:
-            path = self._candidate()
+            path = resume_candidate(self.cfg, self.manager.root)
             final = export_dir / "final.safetensors"
             if path is not None and final.is_file():
                 saved = read_state(path)
@@ -157,6 +164,9 @@ class Checkpointer:
                 saved["samples_seen"],
                 point.step,
             )
+        stretched = schedule_change_line(saved.get("total_steps"), self.plan.total_steps)
+        if stretched:
+            log.info("%s", stretched)
         self.bests = list(saved.get("best_checkpoints", []))
         for component in self.components.values():
             component.load_state_dict(saved)
@@ -174,11 +184,11 @@ class Checkpointer:
             "step": step,
             "epoch": self.plan.epoch_of(step),
             "samples_seen": step * self.plan.global_batch,
+            # The plan's length when saved: a resume with more epochs can say that the schedule was stretched.
+            "total_steps": self.plan.total_steps,
             "world_size": self.plan.world_size,
             "zero_stage": self.zero_stage,
             "best_checkpoints": self.bests,
-            # The plan's length when saved: a resume with more epochs can say that the schedule was stretched.
-            "total_steps": self.plan.total_steps,
         }
         for component in self.components.values():
             state |= component.state_dict()

@@ -63,7 +63,7 @@ def plan_steps(cfg: Config, batches_per_epoch: int, world_size: int = 1) -> Step
             f"{batches_per_epoch} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
         )
     steps_per_epoch = batches_per_epoch // accum
-    total = cfg.TRAIN.MAX_STEPS or max(1, math.ceil(cfg.TRAIN.EPOCHS * steps_per_epoch))
+    total = cfg.TRAIN.MAX_STEPS or _epoch_steps(cfg.TRAIN.EPOCHS, steps_per_epoch)
     return StepPlan(
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
@@ -71,6 +71,19 @@ def plan_steps(cfg: Config, batches_per_epoch: int, world_size: int = 1) -> Step
         accumulation=accum,
         world_size=world_size,
     )
+
+
+MAX_PLAN_STEPS = 2**53  # far beyond any real run; past it step counts stop being exact as floats
+
+
+def _epoch_steps(epochs: float, steps_per_epoch: int) -> int:
+    steps = epochs * steps_per_epoch
+    if not math.isfinite(steps) or steps > MAX_PLAN_STEPS:
+        raise ConfigError(
+            f"TRAIN.EPOCHS: {epochs:g} epochs of {steps_per_epoch} optimizer steps is not a plan that can finish; "
+            f"expected at most {MAX_PLAN_STEPS // steps_per_epoch} epochs (or set TRAIN.MAX_STEPS)"
+        )
+    return max(1, math.ceil(steps))
 
 
 def interval_steps(interval: Interval, plan: StepPlan) -> int | None:

@@ -132,7 +132,8 @@ class TrainMeter:
         values = packed.tolist()
         self.missing_images += round(values[-1])
         self.missing_local = 0
-        shares = max(self.micro_batches, 1) * self.plan.world_size
+        # No micro-batch: every step of the window was skipped as non-finite; its loss is unknown, not 0.
+        shares = self.micro_batches * self.plan.world_size or float("nan")
         row = {
             "loss": values[0] / shares,
             "images_per_sec": self.micro_batches * self.plan.micro_batch * self.plan.world_size / elapsed,

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from linnaeus.config import Config, save_config
-from linnaeus.engine.checkpointer import Checkpointer
+from linnaeus.config import Config, config_to_dict, dump_config
+from linnaeus.engine.checkpointer import Checkpointer, resume_candidate
+from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, prepare_environment
+from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
 from linnaeus.engine.progress import Progress, announce
 from linnaeus.engine.run_dir import FILE_ONLY_ATTR, attach_run_logs, run_path, setup_logging
@@ -38,7 +40,7 @@ def _seed_everything(seed: int, deterministic: bool = False) -> None:
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # any int the config accepts; torch takes 64 bits
     if deterministic:
         # warn_only: a few kernels have no deterministic variant; say so instead of stopping the run.
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -98,6 +100,10 @@ class Trainer:
         # start leaves no folder behind (what was logged before is written to train.log then).
         setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
         _seed_everything(cfg.MISC.SEED, cfg.MISC.DETERMINISTIC)
+        # Before heavy work and before config.yaml is (re)written: a resume with a changed config is refused here.
+        allow = cfg.TRAIN.RESUME_CONFIG_CHANGE == "allow"
+        find = lambda: resume_candidate(cfg, self.run / "checkpoints")  # noqa: E731
+        record = agree_config_record(acc, self.run, config_to_dict(cfg), allow, find)
         if not torch.cuda.is_available():
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
             torch.set_flush_denormal(True)
@@ -114,7 +120,7 @@ class Trainer:
         acc.wait_for_everyone()
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)
         if acc.is_main_process:
-            save_config(cfg, self.run / "config.yaml")
+            write_config_record(record, self.run, dump_config(cfg))
             log.info("config: %s; BASE files: %s", self.run / "config.yaml", ", ".join(cfg.BASE_RESOLVED) or "none")
             self.data.save(self.run)
         self._build_data()
@@ -190,6 +196,17 @@ class Trainer:
         self.checkpointer = Checkpointer(acc, self.run / "checkpoints", cfg, self.plan, self.dist.zero_stage)
         self.checkpointer.prepare_folder()
         self.checkpointer.register("meter", self.meter)
+        d, t = self.dist, cfg.TRAIN
+        self.nonfinite = NonFiniteGuard(
+            self.task_keys,
+            acc.device,
+            t.NONFINITE,
+            t.NONFINITE_MAX_SKIPS,
+            reduce_max=lambda x: acc.reduce(x, "max"),
+            step_applied_in_backward=d.uses_deepspeed,
+            scaler_skips=d.precision == "fp16",
+        )
+        self.checkpointer.register("nonfinite", self.nonfinite)
         self.checkpointer.register("tracking", self.tracking)
         self.checkpointer.register("validation", self.validator)
 
@@ -283,17 +300,24 @@ class Trainer:
         lr = self.lr_schedule.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        gradnorm = self.loss_fn.gradnorm
+        gradnorm, losses, skip = self.loss_fn.gradnorm, [], False
         for i, m in enumerate(micro):
             with acc.accumulate(self.model):
                 total, per_task = self._forward_backward(
                     m, denominators, gradnorm_due=gradnorm is not None and i == 0 and gradnorm.due(step)
                 )
-                if acc.sync_gradients and not self.dist.uses_deepspeed and self.cfg.TRAIN.CLIP_GRAD > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.CLIP_GRAD)
+                self.nonfinite.add(total, per_task)
+                if acc.sync_gradients:
+                    d = self.dist
+                    norm = step_grad_norm(acc, self.model, self.cfg.TRAIN.CLIP_GRAD, d.uses_deepspeed, d.precision)
+                    if skip := self.nonfinite.check(step, norm):  # collective; raises when the run must stop
+                        self.optimizer.zero_grad(set_to_none=True)  # nothing left to apply
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.meter.add(total, per_task)
+            losses.append((total, per_task))
+        if not skip:  # a skipped step's losses would make the logged mean NaN
+            for total, per_task in losses:
+                self.meter.add(total, per_task)
         self.step += 1
 
     def _augment(self, batch: Batch, step: int, micro: int) -> MicroBatch:
