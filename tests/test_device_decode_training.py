@@ -1,8 +1,7 @@
 """The real job with ``DATA.DECODE device`` (torchvision's CPU decoder stands in for nvJPEG): it learns the demo
 like CPU decode does, and kill -9 + rerun is exact.
 
-Skipped until the training loop calls ``DeviceDecoder.decode`` (see docs/design.md, "Device decode"); the lead
-removes the skip when wiring it. The loop is expected to log ``decode_fallbacks`` with each train row.
+The loop logs ``decode_fallbacks`` (images the device decoder handed to the CPU decoder) with each train row.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from test_checkpoints import _latest, _signal_tree, _wait_for
 
 from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
 
-pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="needs the loop wiring")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

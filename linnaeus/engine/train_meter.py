@@ -50,6 +50,7 @@ class TrainMeter:
         self.micro_batches_total = 0
         self.missing_images = 0  # run total over all processes, as of the last fold
         self.missing_local = 0  # this process, since the last fold
+        self.decode_fallbacks_local = 0  # images this process's device decoder sent to the CPU decoder, run total
 
     # ------------------------------------------------------------------------------------------- per micro-batch
     def count_missing(self, batch: dict[str, Any]) -> None:
@@ -126,7 +127,8 @@ class TrainMeter:
         Each micro-batch loss is a share of its step's loss (see ``TaskLoss.task_losses`` with step denominators):
         summed over a step's micro-batches and processes it is accumulation × world size × the step loss."""
         elapsed = max(self.clock() - self.window_start, 1e-9)
-        packed = torch.cat([self.sums.double(), self.sums.new_tensor([float(self.missing_local)], dtype=torch.float64)])
+        counters = [float(self.decode_fallbacks_local), float(self.missing_local)]
+        packed = torch.cat([self.sums.double(), self.sums.new_tensor(counters, dtype=torch.float64)])
         if self.reduce_sum is not None:
             packed = self.reduce_sum(packed)
         values = packed.tolist()
@@ -138,8 +140,9 @@ class TrainMeter:
             "loss": values[0] / shares,
             "images_per_sec": self.micro_batches * self.plan.micro_batch * self.plan.world_size / elapsed,
             "data_wait_share": min(self.window_wait / elapsed, 1.0),
+            "decode_fallbacks": round(values[-2]),  # all processes, since the run (re)started
         }
-        row |= {f"{k}/loss": v / shares for k, v in zip(self.task_keys, values[1:-1], strict=True)}
+        row |= {f"{k}/loss": v / shares for k, v in zip(self.task_keys, values[1:-2], strict=True)}
         self.restart()
         return row
 

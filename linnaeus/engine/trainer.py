@@ -130,10 +130,14 @@ class Trainer:
             self._build_model_and_optimizer()
 
     def _build_data(self) -> None:
+        from linnaeus.data.device_decode import DeviceDecoder, resolve_decode_mode
         from linnaeus.data.loader import build_loader
         from linnaeus.data.stream import build_train_batches
 
         cfg, d = self.cfg, self.dist
+        # DATA.DECODE device: workers ship JPEG bytes + crop plans; the batch is decoded on the training device.
+        decode = resolve_decode_mode(cfg.DATA.DECODE)
+        self.decoder = DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES)
         n_train = len(self.data.view("train").rows)
         if n_train < d.world_size * cfg.DATA.BATCH_SIZE:
             raise ConfigError(
@@ -144,11 +148,11 @@ class Trainer:
         # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with a
         # fixed number of batches per rank. Validation stays on files so its metrics are exact.
         self.train_batches = build_train_batches(
-            cfg, self.data, world_size=d.world_size, rank=d.rank, pin_memory=pin_memory
+            cfg, self.data, world_size=d.world_size, rank=d.rank, pin_memory=pin_memory, decode=decode
         )
         self.plan = plan_steps(cfg, self.train_batches.batches_per_epoch, world_size=d.world_size)
         val_loader, val_sampler = build_loader(
-            self.data.dataset("val", train=False),
+            self.data.dataset("val", train=False, decode=decode),  # validation decodes like training
             batch_size=cfg.DATA.BATCH_SIZE_VAL,
             shuffle=False,
             drop_last=False,
@@ -173,6 +177,7 @@ class Trainer:
             every=self.ops.val_every,
             masked_every=self.ops.val_mask_meta_every,
             reduce_sum=lambda t: self.accelerator.reduce(t, "sum"),
+            decode=self.decoder.decode,
         )
 
     def _build_components(self) -> None:
@@ -321,7 +326,9 @@ class Trainer:
         self.step += 1
 
     def _augment(self, batch: Batch, step: int, micro: int) -> MicroBatch:
+        batch = self.decoder.decode(batch, self.accelerator.device)  # no-op for batches decoded in workers
         self.meter.count_missing(batch)
+        self.meter.decode_fallbacks_local = self.decoder.fallbacks
         batch = to_device(batch, self.accelerator.device)
         ops, gen = self.ops, self.generator
         # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.

@@ -45,8 +45,10 @@ class Validator:
         every: int | None,
         masked_every: int | None,
         reduce_sum: Reduce | None = None,
+        decode: Callable[[dict[str, Any], torch.device], dict[str, Any]] | None = None,
     ) -> None:
         self.loader, self.sampler = loader, sampler
+        self.decode = decode  # DATA.DECODE device: turns encoded batches into images on the device
         self.task_keys = list(task_keys)
         self.mean, self.std = mean, std
         self.device, self.dtype = device, dtype
@@ -103,6 +105,8 @@ class Validator:
         meters = {name: ValidationMeter(self.task_keys, self.device) for name in phases}
         self.sampler.set_epoch(0)
         for batch in self.loader:
+            if self.decode is not None:
+                batch = self.decode(batch, self.device)
             batch = to_device(batch, self.device)
             images = eval_transform(batch["image"], self.mean, self.std).to(self.dtype)
             meta = batch["meta"]
