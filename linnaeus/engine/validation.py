@@ -15,7 +15,7 @@ from linnaeus.engine.windows import to_device
 
 log = logging.getLogger("linnaeus")
 
-TITLES = {"val": "validation", "val_mask_meta": "validation, metadata masked"}
+TITLES = {"val": "validation", "val_mask_meta": "validation, metadata masked", "val_ema": "validation, EMA weights"}
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 LogFn = Callable[[str, dict[str, float]], None]
 
@@ -23,7 +23,8 @@ LogFn = Callable[[str, dict[str, float]], None]
 class Validator:
     """Runs ``val`` every ``every`` steps and ``val_mask_meta`` (every metadata component zeroed) every
     ``masked_every`` steps, and remembers the last ``val`` metrics with their step, so a checkpoint is ranked only by
-    a validation of exactly its weights."""
+    a validation of exactly its weights. With ``ema`` set (an eval-mode module, e.g. ``EmaComponent.module``), every
+    ``val`` pass also runs it as the phase ``val_ema`` on the same batches."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Validator:
         self.reduce_sum = reduce_sum
         self.last: dict[str, float] = {}  # flat "val/<key>" metrics of the last normal validation
         self.last_step = -1
+        self.ema: nn.Module | None = None
 
     def metrics_at(self, step: int) -> dict[str, float]:
         """The last validation's metrics if it validated exactly the weights of ``step``, else empty."""
@@ -62,31 +64,40 @@ class Validator:
             return
         normal = normal or not self.last  # the masked pass alone never leaves the run without a normal one
         phases = {name: mask for name, mask, on in (("val", False, normal), ("val_mask_meta", True, masked)) if on}
-        results = self.evaluate(model, phases)
+        if normal and self.ema is not None:
+            phases["val_ema"] = False
+        results = self.evaluate(model, phases, {"val_ema": self.ema} if self.ema is not None else None)
         for phase, metrics in results.items():
             log_metrics(phase, metrics)
             log.info(format_table(TITLES.get(phase, phase), step, metrics, self.task_keys))
         if normal:
             self.last = {f"val/{k}": v for k, v in results["val"].items()}
-            self.last |= {f"val_mask_meta/{k}": v for k, v in results.get("val_mask_meta", {}).items()}
+            for phase in ("val_mask_meta", "val_ema"):
+                self.last |= {f"{phase}/{k}": v for k, v in results.get(phase, {}).items()}
             self.last_step = step
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, phases: dict[str, bool]) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self, model: nn.Module, phases: dict[str, bool], others: dict[str, nn.Module] | None = None
+    ) -> dict[str, dict[str, float]]:
         """One pass over the validation set: each batch is decoded and moved once, then run once per phase
-        (phase name -> whether every metadata component is masked). Collective."""
+        (phase name -> whether every metadata component is masked). ``others``: phases that run another module
+        (already in eval mode, in its own parameters' dtype) instead of ``model``. Collective."""
         from linnaeus.aug import eval_transform
 
         was_training = model.training
         model.eval()
         meters = {name: ValidationMeter(self.task_keys, self.device) for name in phases}
+        runs = {name: (others or {}).get(name, model) for name in phases}
+        dtypes = {name: self.dtype if m is model else next(m.parameters()).dtype for name, m in runs.items()}
         self.sampler.set_epoch(0)
         for batch in self.loader:
             batch = to_device(batch, self.device)
-            images = eval_transform(batch["image"], self.mean, self.std).to(self.dtype)
+            images = eval_transform(batch["image"], self.mean, self.std)
             meta = batch["meta"]
             for name, masked in phases.items():
-                meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(self.dtype)
-                meters[name].update(model(images, meta_in), batch["targets"], batch["is_pad"])
+                dtype = dtypes[name]
+                meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(dtype)
+                meters[name].update(runs[name](images.to(dtype), meta_in), batch["targets"], batch["is_pad"])
         model.train(was_training)
         return {name: m.compute(self.reduce_sum) for name, m in meters.items()}
