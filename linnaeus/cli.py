@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a self-contained inference bundle from a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--which", default="best", help="best | final | step_N (default best, falling back to final)")
+    p.add_argument(
+        "--which",
+        default="best",
+        help="best | final | ema | step_N (default best, falling back to final; ema: TRAIN.EMA weights)",
+    )
     p.add_argument(
         "--assume-encodings",
         action="store_true",

@@ -282,3 +282,20 @@ def test_frozen_vit_example_config_is_the_dinov3_recipe():
         keys = list(cfg.DATA.TASK_KEYS_H5)
         hierarchy = {(p, c): torch.ones(3, 3) for p, c in zip(keys[1:], keys[:-1], strict=True)}
         build_model(cfg.MODEL, keys, dict.fromkeys(keys, 3), [2, 3, 10], hierarchy)
+
+
+def test_ema_ranking_and_export_need_ema_weights(ds, tmp_path):
+    from linnaeus.engine.checkpointer import Checkpointer
+    from linnaeus.inference.bundle import resolve_weights
+
+    cfg = ds.config(*TIMM_TINY, "SCHEDULE.CHECKPOINT.BEST_METRIC", "val_ema/taxa_L10/top1")
+    with pytest.raises(ConfigError, match=r"BEST_METRIC: 'val_ema/taxa_L10/top1' ranks the EMA weights"):
+        Checkpointer(None, tmp_path / "ckpt", cfg, StepPlan(steps_per_epoch=10, total_steps=100), 0)
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, run / "export" / "final.safetensors", metadata={"step": "5"})
+    with pytest.raises(ConfigError, match=r"--which ema: .* has no EMA weights"):
+        resolve_weights(run, "ema")
+    save_file({"w": torch.ones(2)}, run / "export" / "ema.safetensors", metadata={"step": "5", "weights": "ema"})
+    sd, info = resolve_weights(run, "ema")
+    assert torch.equal(sd["w"], torch.ones(2)) and (info["which"], info["step"]) == ("ema", 5)

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,11 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------ writing
-    def save(self, accelerator, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank must call this (DeepSpeed's save has barriers)."""
+    def save(
+        self, accelerator, step: int, trainer_state: dict[str, Any], write_files: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Collective: every rank must call this (DeepSpeed's save has barriers). ``write_files(folder)``: extra files
+        (identical on every rank, e.g. the EMA weights), written by the main process before the folder is complete."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
         if accelerator.is_main_process:
@@ -79,6 +83,8 @@ class CheckpointManager:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if write_files is not None:
+                write_files(tmp)
             atomic_write_json(tmp / STATE_FILE, trainer_state)
             if final.exists():
                 shutil.rmtree(final)

@@ -4,6 +4,7 @@ metric bests, and the final export. File layout and retention are ``CheckpointMa
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,14 @@ from typing import Any, Protocol
 from torch import nn
 
 from linnaeus.config import Config
-from linnaeus.engine.checkpoint import CheckpointManager, consolidated_state_dict, export_weights, read_state
+from linnaeus.engine.checkpoint import (
+    CheckpointManager,
+    consolidated_state_dict,
+    export_weights,
+    read_state,
+    step_dir_name,
+)
+from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.config_change import schedule_change_line
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
 from linnaeus.errors import ConfigError
@@ -29,12 +37,21 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class FileState(Protocol):
+    """A component whose state is a file in the checkpoint folder (the same on every rank, e.g. the EMA weights)."""
+
+    def save(self, path: str | os.PathLike) -> Any: ...
+
+    def load(self, path: str | os.PathLike) -> None: ...
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     path: Path
     saved: dict[str, Any]  # trainer_state.json, as the main process read it
     step: int  # the optimizer step of this run's plan to continue from
-    exact: bool  # same process count and ZeRO stage: optimizer, RNG and data position are restored too
+    exact: bool  # same process count, ZeRO stage and trainable parameters: optimizer and RNG are restored too
+    relayout: str | None = None  # set when a same-layout checkpoint still cannot restore its optimizer: why
 
 
 def resume_step(saved: dict[str, Any], plan: StepPlan, zero_stage: int) -> tuple[int, bool]:
@@ -76,7 +93,12 @@ class Checkpointer:
         self.plan = plan
         self.zero_stage = zero_stage
         self.every = interval_steps(c.INTERVAL, plan)
+        if ranks_ema(c.BEST_METRIC) and not cfg.TRAIN.EMA.ENABLED:
+            raise ConfigError(
+                f"SCHEDULE.CHECKPOINT.BEST_METRIC: '{c.BEST_METRIC}' ranks the EMA weights; set TRAIN.EMA.ENABLED: true"
+            )
         self.components: dict[str, Stateful] = {}
+        self.files: dict[str, FileState] = {}
         self.bests: list[dict[str, Any]] = []
         self.last_saved_step = -1
         self.save_seconds = 0.0  # wall time spent saving and exporting (for the end-of-run report)
@@ -85,6 +107,10 @@ class Checkpointer:
     def register(self, name: str, component: Stateful) -> None:
         """Save ``component.state_dict()`` with every checkpoint and hand the saved state back on resume."""
         self.components[name] = component
+
+    def register_file(self, filename: str, component: FileState) -> None:
+        """Save ``component`` as ``<checkpoint>/<filename>`` (main process) and load it from there on resume."""
+        self.files[filename] = component
 
     def due(self, step: int) -> bool:
         return fires(self.every, step, self.plan)
@@ -130,6 +156,15 @@ class Checkpointer:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def point_at(self, step: int) -> ResumePoint:
+        """The checkpoint this run just saved at ``step``, as a resume point (collective, like ``find_resume``)."""
+        from accelerate.utils import broadcast_object_list
+
+        path = self.manager.root / step_dir_name(step)
+        box: list[Any] = [read_state(path) if self.accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        return ResumePoint(path=path, saved=box[0], step=step, exact=True)
+
     def load_weights(self, model: nn.Module, point: ResumePoint) -> None:
         """Before ``accelerator.prepare``, for a resume onto another layout: the consolidated fp32 weights."""
         missing, unexpected = model.load_state_dict(consolidated_state_dict(point.path), strict=False)
@@ -149,6 +184,13 @@ class Checkpointer:
                 "resumed from step %d (%s): weights, optimizer, RNG, schedules and data position",
                 point.step,
                 point.path,
+            )
+        elif point.relayout is not None:
+            log.info(
+                "continuing from step %d (%s) with another %s: weights restored, optimizer state restarted",
+                point.step,
+                point.path,
+                point.relayout,
             )
         else:
             log.warning(
@@ -170,6 +212,8 @@ class Checkpointer:
         self.bests = list(saved.get("best_checkpoints", []))
         for component in self.components.values():
             component.load_state_dict(saved)
+        for filename, component in self.files.items():
+            component.load(point.path / filename)
         self.last_saved_step = point.step
         return point.step
 
@@ -189,17 +233,24 @@ class Checkpointer:
             "world_size": self.plan.world_size,
             "zero_stage": self.zero_stage,
             "best_checkpoints": self.bests,
+            "best_metric": self.manager.best_metric,
         }
         for component in self.components.values():
             state |= component.state_dict()
-        path = self.manager.save(self.accelerator, step, state)
+        path = self.manager.save(self.accelerator, step, state, self._write_files)
         self.last_saved_step = step
         log.info("checkpoint saved: %s", path)
         self.save_seconds += time.perf_counter() - start
         return path
 
+    def _write_files(self, folder: Path) -> None:
+        for filename, component in self.files.items():
+            component.save(folder / filename)
+
     def export(self, out_dir: Path, step: int) -> None:
-        """Consolidated fp32 weights of the final and best checkpoints (main process; reads files only)."""
+        """Consolidated fp32 weights of the final and best checkpoints, and the final EMA weights as
+        ``ema.safetensors`` (main process; reads files only). Ranked by a ``val_ema/`` metric, ``best`` is the best
+        checkpoint's EMA weights: the weights that metric measured."""
         if not self.accelerator.is_main_process:
             return
         start = time.perf_counter()
@@ -207,11 +258,15 @@ class Checkpointer:
         meta = {"model": self.cfg.MODEL.NAME, "step": str(step)}
         if latest is not None:
             export_weights(latest, out_dir / "final.safetensors", meta)
+            if (latest / EMA_FILE).is_file():
+                copy_weights(latest / EMA_FILE, out_dir / EMA_FILE, {**meta, "weights": "ema"})
         best = self.bests[0] if self.bests else None
         if best and (self.manager.root / best["dir"]).is_dir():
-            export_weights(
-                self.manager.root / best["dir"], out_dir / "best.safetensors", {**meta, "step": str(best["step"])}
-            )
+            best_dir, best_meta = self.manager.root / best["dir"], {**meta, "step": str(best["step"])}
+            if ranks_ema(self.manager.best_metric):
+                copy_weights(best_dir / EMA_FILE, out_dir / "best.safetensors", {**best_meta, "weights": "ema"})
+            else:
+                export_weights(best_dir, out_dir / "best.safetensors", best_meta)
         log.info("exported weights to %s", out_dir)
         self.export_seconds += time.perf_counter() - start
 
@@ -225,3 +280,22 @@ def _exported_step(path: Path) -> str | None:
             return (fh.metadata() or {}).get("step")
     except (OSError, SafetensorError):  # a torn or foreign file: not a finished export; the run exports again
         return None
+
+
+EMA_PHASE = "val_ema"
+
+
+def ranks_ema(best_metric: str) -> bool:
+    """Is ``best`` chosen by a metric of the EMA weights (``val_ema/...``)?"""
+    return best_metric.startswith(f"{EMA_PHASE}/")
+
+
+def copy_weights(src: Path, dst: Path, metadata: dict[str, str]) -> Path:
+    """A safetensors file rewritten with ``metadata`` (temp + rename)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(load_file(str(src)), str(tmp), metadata=metadata)
+    tmp.replace(dst)
+    return dst

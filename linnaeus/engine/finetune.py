@@ -1,14 +1,17 @@
-"""Fine-tuning controls the loop applies: optimizer groups (head LR, layer decay, frozen parameters left out) and
-when a frozen backbone is unfrozen (``MODEL.UNFREEZE_BACKBONE_AFTER``, resolved to an optimizer step)."""
+"""Fine-tuning controls the loop applies: optimizer groups (head LR, layer decay, frozen parameters left out), when a
+frozen backbone is unfrozen (``MODEL.UNFREEZE_BACKBONE_AFTER``, resolved to an optimizer step), and the frozen
+state a checkpoint was written with (so a resume knows whether the optimizer it saved still fits)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from linnaeus.config import Config
 from linnaeus.engine.schedule import StepPlan, interval_steps
 from linnaeus.errors import ConfigError
-from linnaeus.models.param_groups import param_groups
+from linnaeus.models.param_groups import param_groups, set_backbone_frozen
 
 
 def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -28,3 +31,36 @@ def unfreeze_step(cfg: Config, plan: StepPlan) -> int | None:
     if step is not None and not cfg.MODEL.FREEZE_BACKBONE:
         raise ConfigError("MODEL.UNFREEZE_BACKBONE_AFTER: set only together with MODEL.FREEZE_BACKBONE: true")
     return step
+
+
+class FreezeState:
+    """Whether the backbone is frozen at a given step, applied to a freshly built model; checkpointed as
+    ``backbone_frozen`` so a resume can tell whether the saved optimizer has the same parameters as the new one."""
+
+    def __init__(self, cfg: Config, plan: StepPlan) -> None:
+        self.initially_frozen = bool(cfg.MODEL.FREEZE_BACKBONE)
+        self.unfreeze_at = unfreeze_step(cfg, plan)
+        self.frozen = self.initially_frozen
+
+    def frozen_at(self, step: int) -> bool:
+        """Frozen while training step ``step + 1`` (i.e. after ``step`` optimizer steps)?"""
+        return self.initially_frozen and (self.unfreeze_at is None or step < self.unfreeze_at)
+
+    def apply(self, model: nn.Module, step: int) -> None:
+        """Set the model's backbone to its state after ``step`` steps (``build_model`` froze it if configured)."""
+        self.frozen = self.frozen_at(step)
+        if self.initially_frozen and not self.frozen:
+            set_backbone_frozen(model, False)
+
+    def due(self, step: int) -> bool:
+        return self.frozen and self.unfreeze_at is not None and step >= self.unfreeze_at
+
+    def same_optimizer_layout(self, saved: dict[str, Any]) -> bool:
+        """Did the checkpoint's optimizer cover the same parameters as this run's now does?"""
+        return bool(saved.get("backbone_frozen", self.initially_frozen)) == self.frozen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"backbone_frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # the frozen state follows from the step (``apply``); the saved value is read by same_optimizer_layout

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from linnaeus.config import Config, config_to_dict, dump_config
-from linnaeus.engine.checkpointer import Checkpointer, resume_candidate
+from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
@@ -82,6 +82,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.started = time.perf_counter()
         self.finished_step: int | None = None  # set when a rerun finds nothing left to do
+        self.ema: Any = None  # EmaComponent when TRAIN.EMA.ENABLED
 
     @property
     def task_keys(self) -> list[str]:
@@ -215,34 +216,56 @@ class Trainer:
         self.checkpointer.register("tracking", self.tracking)
         self.checkpointer.register("validation", self.validator)
 
-    def _build_model_and_optimizer(self) -> None:
-        from linnaeus.losses import build_task_loss
-        from linnaeus.models import build_model, param_groups
+    def _build_model_and_optimizer(self, resume: ResumePoint | None = None) -> None:
+        """Model, optimizer and loss, prepared; resumed from ``resume`` (default: the checkpointer's choice). Also
+        called at ``MODEL.UNFREEZE_BACKBONE_AFTER`` with the checkpoint just saved there (see ``_unfreeze``)."""
+        import dataclasses
+
+        from linnaeus.engine.ema import EMA_FILE, EmaComponent
+        from linnaeus.engine.finetune import FreezeState, optimizer_groups
+        from linnaeus.losses import build_task_loss, needs_distance_matrices
+        from linnaeus.models import build_model
 
         cfg = self.cfg
+        resume = resume or self.checkpointer.find_resume()
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
-        model = build_model(cfg.MODEL, self.task_keys, self.data.num_classes, self.data.meta_dims, hierarchy)
-        needs_distance = any(
-            h.LOSS.TYPE == "TaxonomyAwareLabelSmoothing" for h in cfg.MODEL.CLASSIFICATION.HEADS.values()
+        model = build_model(
+            cfg.MODEL,
+            self.task_keys,
+            self.data.num_classes,
+            self.data.meta_dims,
+            hierarchy,
+            class_maps=self.data.class_maps,
+            load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
         )
+        self.freeze = FreezeState(cfg, self.plan)
+        self.freeze.apply(model, resume.step if resume is not None else 0)
+        if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):
+            # The checkpoint's optimizer covers other parameters (saved before the unfreeze step): weights only.
+            resume = dataclasses.replace(
+                resume, exact=False, relayout="set of trainable parameters (backbone unfrozen)"
+            )
         loss_fn = build_task_loss(
             cfg,
             self.task_keys,
             self.data.num_classes,
-            self.data.distance_matrices() if needs_distance else None,
+            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
             self.data.class_counts("train"),
         )
         base_lr = self.lr_schedule.base_lr
-        groups = [
-            g for g in param_groups(model, cfg.OPTIMIZER.WEIGHT_DECAY, cfg.OPTIMIZER.HEAD_LR_MULTIPLIER) if g["params"]
-        ]
+        groups = optimizer_groups(model, cfg)
         for g in groups:
             g["lr"] = base_lr * g.get("lr_scale", 1.0)
         b1, b2 = cfg.OPTIMIZER.BETAS
         optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(b1, b2), eps=cfg.OPTIMIZER.EPS)
-        resume = self.checkpointer.find_resume()
         if resume is not None and not resume.exact:
             self.checkpointer.load_weights(model, resume)
+        if self.ema is None and cfg.TRAIN.EMA.ENABLED:  # plain module, whole parameters: before prepare
+            self.ema = EmaComponent.maybe_create(cfg, model, device=self.accelerator.device)
+            if self.ema is not None:
+                self.checkpointer.register_file(EMA_FILE, self.ema)
+                self.validator.ema = self.ema.module
+        self.checkpointer.register("freeze", self.freeze)
         if cfg.MODEL.COMPILE:
             # dynamic=False: inductor's dynamic-shape path crashes on this model (a second input shape, e.g. the
             # validation batch, would otherwise switch it on); each new shape compiles once instead.
@@ -394,12 +417,28 @@ class Trainer:
         if self.meter.due(step):
             self._log_train(step, self.meter.flush())
         self.progress.update(step, **self.last_train)
+        if self.ema is not None:
+            self.ema.update(self.model, step)
         with self.meter.paused():  # validation and checkpoints are not training throughput
             self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
             stop = self.preemption.agreed(step)
             if stop or self.checkpointer.due(step):
                 self.checkpointer.save(step, self.validator.metrics_at(step))
+            if not stop and self.freeze.due(step):
+                self._unfreeze(step)
         return stop
+
+    def _unfreeze(self, step: int) -> None:
+        """``MODEL.UNFREEZE_BACKBONE_AFTER``: DDP registers only the parameters that require grad when it wraps the
+        model and DeepSpeed cannot add parameters to its optimizer, so the run checkpoints here and rebuilds model
+        and optimizer from that checkpoint with the backbone trainable (as a resume from it would). Collective."""
+        if self.checkpointer.last_saved_step != step:
+            self.checkpointer.save(step, self.validator.metrics_at(step))
+        self.model = self.optimizer = None
+        self.accelerator.free_memory()
+        self._build_model_and_optimizer(self.checkpointer.point_at(step))
+        self.model.train()
+        log.info("backbone unfrozen after step %d: model and optimizer rebuilt with every parameter trainable", step)
 
     def _log_train(self, step: int, row: dict[str, float]) -> None:
         row |= {"lr": self.lr_schedule.lr(step - 1), "meta_mask_prob": self.ops.meta_mask_prob(step)}

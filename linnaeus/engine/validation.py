@@ -17,7 +17,7 @@ from linnaeus.engine.windows import to_device
 
 log = logging.getLogger("linnaeus")
 
-TITLES = {"val": "validation", "val_mask_meta": "validation, metadata masked"}
+TITLES = {"val": "validation", "val_mask_meta": "validation, metadata masked", "val_ema": "validation, EMA weights"}
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 LogFn = Callable[[str, dict[str, float]], None]
 
@@ -29,7 +29,8 @@ class Validator:
 
     Per phase it keeps the previous evaluation and the best value so far of every metric, so each table shows the
     change and the best; both travel in checkpoints (``state_dict``), so they survive a resume. ``seconds`` is the
-    wall time spent validating (for the end-of-run report)."""
+    wall time spent validating (for the end-of-run report). With ``ema`` set (an eval-mode module, e.g.
+    ``EmaComponent.module``), every ``val`` pass also runs it as the phase ``val_ema`` on the same batches."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class Validator:
         self.previous: dict[str, dict[str, float]] = {}  # phase -> metrics of its last evaluation
         self.bests: dict[str, dict[str, float]] = {}  # phase -> best value so far per metric
         self.seconds = 0.0
+        self.ema: nn.Module | None = None
 
     def metrics_at(self, step: int) -> dict[str, float]:
         """The last validation's metrics if it validated exactly the weights of ``step``, else empty."""
@@ -73,8 +75,10 @@ class Validator:
             return
         normal = normal or not self.last  # the masked pass alone never leaves the run without a normal one
         phases = {name: mask for name, mask, on in (("val", False, normal), ("val_mask_meta", True, masked)) if on}
+        if normal and self.ema is not None:
+            phases["val_ema"] = False
         start = time.perf_counter()
-        results = self.evaluate(model, phases)
+        results = self.evaluate(model, phases, {"val_ema": self.ema} if self.ema is not None else None)
         self.seconds += time.perf_counter() - start
         for phase, metrics in results.items():
             log_metrics(phase, metrics)
@@ -84,7 +88,8 @@ class Validator:
             self.bests[phase] = update_bests(best, metrics)
         if normal:
             self.last = {f"val/{k}": v for k, v in results["val"].items()}
-            self.last |= {f"val_mask_meta/{k}": v for k, v in results.get("val_mask_meta", {}).items()}
+            for phase in ("val_mask_meta", "val_ema"):
+                self.last |= {f"{phase}/{k}": v for k, v in results.get(phase, {}).items()}
             self.last_step = step
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,23 +100,29 @@ class Validator:
         self.bests = {p: dict(m) for p, m in (state.get("validation_bests") or {}).items()}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, phases: dict[str, bool]) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self, model: nn.Module, phases: dict[str, bool], others: dict[str, nn.Module] | None = None
+    ) -> dict[str, dict[str, float]]:
         """One pass over the validation set: each batch is decoded and moved once, then run once per phase
-        (phase name -> whether every metadata component is masked). Collective."""
+        (phase name -> whether every metadata component is masked). ``others``: phases that run another module
+        (already in eval mode, in its own parameters' dtype) instead of ``model``. Collective."""
         from linnaeus.aug import eval_transform
 
         was_training = model.training
         model.eval()
         meters = {name: ValidationMeter(self.task_keys, self.device) for name in phases}
+        runs = {name: (others or {}).get(name, model) for name in phases}
+        dtypes = {name: self.dtype if m is model else next(m.parameters()).dtype for name, m in runs.items()}
         self.sampler.set_epoch(0)
         for batch in self.loader:
             if self.decode is not None:
                 batch = self.decode(batch, self.device)
             batch = to_device(batch, self.device)
-            images = eval_transform(batch["image"], self.mean, self.std).to(self.dtype)
+            images = eval_transform(batch["image"], self.mean, self.std)
             meta = batch["meta"]
             for name, masked in phases.items():
-                meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(self.dtype)
-                meters[name].update(model(images, meta_in), batch["targets"], batch["is_pad"])
+                dtype = dtypes[name]
+                meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(dtype)
+                meters[name].update(runs[name](images.to(dtype), meta_in), batch["targets"], batch["is_pad"])
         model.train(was_training)
         return {name: m.compute(self.reduce_sum) for name, m in meters.items()}

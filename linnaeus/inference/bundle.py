@@ -33,6 +33,7 @@ import torch
 from linnaeus.config import Config, dump_config, load_config
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
 from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
+from linnaeus.engine.ema import EMA_FILE
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.metadata import COLUMNS_ASSUMED, MetaComponent, resolve_components
 from linnaeus.utils.io import atomic_write_json, make_readable
@@ -331,6 +332,12 @@ def _from_export(path: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[
     }
 
 
+def _from_ema_file(path: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's EMA weights (its step from the folder)."""
+    sd, info = _from_export(path, which)
+    return sd, {**info, "step": _checkpoint_step(path.parent)}
+
+
 def _latest_checkpoint(run: Path) -> Path | None:
     from linnaeus.engine.checkpoint import CheckpointManager
 
@@ -341,9 +348,10 @@ def _latest_checkpoint(run: Path) -> Path | None:
 
 
 def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """fp32 weights of ``which`` (best | final | step_N) from a run folder, and where they came from.
+    """fp32 weights of ``which`` (best | final | ema | step_N) from a run folder, and where they came from.
 
-    best: export/best.safetensors, else the best checkpoint named by trainer_state.json, else final.
+    best: export/best.safetensors, else the best checkpoint named by trainer_state.json (its EMA weights when the run
+    ranked by a ``val_ema/`` metric), else final. ema: the EMA weights (``TRAIN.EMA``), as final.
     final: export/final.safetensors unless the latest checkpoint is newer (a resumed run that did not finish),
     else the latest checkpoint. step_N: that checkpoint folder, consolidated from its shards.
     """
@@ -354,8 +362,11 @@ def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Ten
             return _from_export(export / "best.safetensors", "best")
         latest = _latest_checkpoint(run)
         if latest is not None:
-            bests = json.loads((latest / "trainer_state.json").read_text()).get("best_checkpoints", [])
+            state = json.loads((latest / "trainer_state.json").read_text())
+            bests = state.get("best_checkpoints", [])
             if bests and (ckpts / bests[0]["dir"]).is_dir():
+                if str(state.get("best_metric", "")).startswith("val_ema/"):
+                    return _from_ema_file(ckpts / bests[0]["dir"] / EMA_FILE, "best")
                 return _from_checkpoint(ckpts / bests[0]["dir"], "best")
         log.info("%s: no best weights recorded; using the final weights", run)
         return resolve_weights(run, "final")
@@ -373,9 +384,20 @@ def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Ten
         if latest is not None:
             return _from_checkpoint(latest, "final")
         raise ConfigError(f"--run {run}: no weights (no export/final.safetensors and no checkpoints/latest)")
+    if which == "ema":
+        latest = _latest_checkpoint(run)
+        exported = export / EMA_FILE
+        if exported.is_file():
+            sd, info = _from_export(exported, "ema")
+            latest_step = _checkpoint_step(latest) if latest is not None else None
+            if latest is None or info["step"] is None or latest_step is None or latest_step <= info["step"]:
+                return sd, info
+        if latest is not None and (latest / EMA_FILE).is_file():
+            return _from_ema_file(latest / EMA_FILE, "ema")
+        raise ConfigError(f"--which ema: {run} has no EMA weights (it was trained without TRAIN.EMA.ENABLED)")
     m = _STEP.match(which)
     if not m:
-        raise ConfigError(f"--which {which!r}: expected best, final or step_N (e.g. step_1200)")
+        raise ConfigError(f"--which {which!r}: expected best, final, ema or step_N (e.g. step_1200)")
     ckpt = ckpts / which
     if not (ckpt / "trainer_state.json").is_file():
         have = sorted(
