@@ -20,8 +20,8 @@ from linnaeus.engine.checkpoint import (
     read_state,
     step_dir_name,
 )
-from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.config_change import schedule_change_line
+from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
 from linnaeus.errors import ConfigError
 
