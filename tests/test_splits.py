@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import write_labels_h5, write_tiny_dataset
 
-from linnaeus.data.prepare import image_path, prepare_data
+from linnaeus.data.paths import image_path
+from linnaeus.data.prepare import prepare_data
 from linnaeus.data.splits import Split, random_split
 from linnaeus.errors import DataError
 

@@ -11,9 +11,16 @@ Keys accepted only for compatibility with configs written for the prior Polli Li
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from linnaeus.registry import HEADS, LOSSES, MODELS
+
+# Names of registered parts; checked against ``linnaeus.registry`` so a new model/head/loss needs no schema edit.
+ModelName = Annotated[str, AfterValidator(MODELS.validator())]
+HeadName = Annotated[str, AfterValidator(HEADS.validator())]
+LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 
 
 class Node(BaseModel):
@@ -73,22 +80,28 @@ class ExperimentConfig(Node):
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
+    TRACKERS: list[str] = Field(
+        default_factory=list,
+        description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL
 class HeadLossConfig(Node):
-    TYPE: Literal["CrossEntropyLoss", "TaxonomyAwareLabelSmoothing"] = "CrossEntropyLoss"
+    TYPE: LossName = Field("CrossEntropyLoss", description="a registered loss: linnaeus.losses.list_criteria()")
     PARAMS: dict[str, Any] = Field(
         default_factory=dict,
-        description="CrossEntropyLoss: {label_smoothing}; TaxonomyAwareLabelSmoothing: {alpha, beta}",
+        description="checked by the loss; built in: CrossEntropyLoss {label_smoothing}, "
+        "TaxonomyAwareLabelSmoothing {alpha, beta}",
     )
     WEIGHT: float = Field(1.0, ge=0, description="static weight of this rank's loss in the total")
 
 
 class HeadConfig(Node):
-    TYPE: Literal["LinearHead", "HierarchicalSoftmaxHead", "ConditionalClassifier"] = "LinearHead"
+    TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
     USE_BIAS: bool = True
+    PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
     LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
@@ -111,6 +124,12 @@ class RopeStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
     ROPE_THETA: float = 10000.0
     ROPE_MIXED: bool = Field(True, description="learnable mixed 2-D frequencies (False: fixed axial)")
+    LAYER_SCALE_INIT_VALUE: float | None = Field(
+        None,
+        gt=0,
+        description="LayerScale on attention/MLP branches (DeiT-LS); None: none. Set it to receive "
+        "a RoPE-ViT-LS checkpoint's gamma_1/gamma_2 (stitched pretrained source)",
+    )
 
 
 class ConvStages(Node):
@@ -132,10 +151,21 @@ class AttentionStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
 
 
+class TimmModelConfig(Node):
+    """``MODEL.TYPE: timm``: any timm image model as the backbone (built with random weights; see PRETRAINED)."""
+
+    NAME: str | None = Field(None, description="a timm model name, e.g. vit_base_patch16_dinov3")
+    KWARGS: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+    GLOBAL_POOL: str | None = Field(None, description="timm global_pool ('token', 'avg', ...); None: the model's")
+    META_FUSION: Literal["add", "concat"] = Field(
+        "add", description="how the metadata embedding joins the pooled image feature (docs/design.md)"
+    )
+
+
 class ModelConfig(Node):
-    TYPE: Literal["mFormerV1", "mFormerV0"] = "mFormerV1"
+    TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
     NAME: str = "mFormerV1_sm"
-    IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
+    IMG_SIZE: int = Field(384, ge=32, description="must equal DATA.IMG_SIZE; mFormerV0/V1 need a multiple of 32")
     IN_CHANS: int = 3
     DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
     DROP_RATE: float = Field(0.0, ge=0, lt=1)
@@ -143,7 +173,23 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
-    PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
+    )
+    # Start from pretrained weights (local files only; `linnaeus check` prints what each file gives).
+    PRETRAINED: str | None = Field(
+        None, description="weights file (.safetensors/.pth/.bin) or Linnaeus bundle folder to start from"
+    )
+    PRETRAINED_SOURCE: Literal["linnaeus", "timm", "metaformer", "stitched_convnext_ropevit"] | None = Field(
+        None, description="layout of PRETRAINED; None: 'timm' for MODEL.TYPE timm, else 'linnaeus'"
+    )
+    PRETRAINED_CONVNEXT: str | None = Field(None, description="stitched_convnext_ropevit: ConvNeXt weights file")
+    PRETRAINED_ROPEVIT: str | None = Field(None, description="stitched_convnext_ropevit: RoPE-Mixed ViT weights file")
+    FREEZE_BACKBONE: bool = Field(False, description="backbone gets no gradients and no optimizer state")
+    UNFREEZE_BACKBONE_AFTER: Interval = Field(
+        default_factory=Interval, description="with FREEZE_BACKBONE: unfreeze once, after this many steps/epochs"
+    )
+    TIMM: TimmModelConfig = Field(default_factory=TimmModelConfig)
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
     CONV_STAGES: ConvStages = Field(default_factory=ConvStages)
@@ -195,8 +241,9 @@ class VerifyImagesConfig(Node):
 
 
 class HybridConfig(Node):
-    USE_HYBRID: bool = True
+    USE_HYBRID: bool = Field(True, description="images are files under IMAGES_DIR; False (images in HDF5) is refused")
     IMAGES_DIR: str = ""
+    ALLOW_SYMLINKS_OUTSIDE: bool = Field(False, description="follow symbolic links that lead out of IMAGES_DIR")
     FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
     ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
     VERIFY_IMAGES: VerifyImagesConfig = Field(default_factory=VerifyImagesConfig)
@@ -214,12 +261,15 @@ class ShardsConfig(Node):
     ENABLED: bool = False
     DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
+    VERIFY: Literal["none", "open", "full"] = Field(
+        "full", description="shard checks: open = size at each open; full = also sha256, once per shard per run"
+    )
 
 
 class DatasetInfo(Node):
     NAME: str = ""
     VERSION: str = ""
-    CLADE: str = ""
+    CLADE: str = Field("", description="descriptive; recorded in bundle.json with NAME and VERSION")
 
 
 class DataConfig(Node):
@@ -263,10 +313,20 @@ class AugConfig(Node):
 
 
 # -------------------------------------------------------------------------------------------------------- TRAIN
+class EmaConfig(Node):
+    """Exponential moving average of the weights (timm ModelEmaV3), validated as its own phase ``val_ema``."""
+
+    ENABLED: bool = False
+    DECAY: float = Field(0.9998, gt=0, lt=1)
+    WARMUP: bool = Field(True, description="decay ramps up as 1 - (1 + step/gamma)^-power early in training")
+
+
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
-    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    BATCH_SIZE: int | None = Field(
+        None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
+    )
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
         None,
         description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",
@@ -275,6 +335,12 @@ class TrainConfig(Node):
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
+    RESUME_CONFIG_CHANGE: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
+        "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
+    )
+    EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
     PHASE1_MASK_NULL_LOSS: bool | None = Field(
         None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
     )
@@ -287,6 +353,9 @@ class OptimizerConfig(Node):
     BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     EPS: float = 1e-8
     HEAD_LR_MULTIPLIER: float = Field(1.0, gt=0, description="LR multiplier for classification heads")
+    LAYER_DECAY: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay: layer i of L gets LAYER_DECAY^(L+1-i) (timm layer ids)"
+    )
 
 
 class LRSchedulerConfig(Node):

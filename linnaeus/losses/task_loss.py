@@ -200,6 +200,15 @@ def _head_loss(cfg: Config, key: str) -> HeadLossConfig:
     return heads[key].LOSS if key in heads else HeadLossConfig()
 
 
+def needs_distance_matrices(cfg: Config) -> bool:
+    """Whether a configured criterion needs the taxonomy distance matrices (costly to compute, so only then)."""
+    heads = cfg.MODEL.CLASSIFICATION.HEADS
+    return any(
+        get_criterion_class(h.LOSS.TYPE, f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS.TYPE").needs_distance
+        for key, h in heads.items()
+    )
+
+
 def _distance(key: str, distance_matrices: dict[str, np.ndarray] | None, k: int) -> np.ndarray | None:
     if not distance_matrices or key not in distance_matrices:
         return None

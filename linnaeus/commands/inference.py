@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,9 +50,12 @@ def predict_stream(
     batch_size: int = 32,
     consistent: bool = True,
     progress: bool = True,
+    fmt: str = "json",
 ) -> int:
-    """Predict ``images`` in batches, writing one JSON line per image to ``out`` as each batch finishes."""
+    """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes."""
     from tqdm.auto import tqdm
+
+    from linnaeus.inference.table import format_result
 
     done = 0
     with tqdm(
@@ -63,7 +68,10 @@ def predict_stream(
                 chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk]
             )
             for result in results:
-                out.write(result.to_json() + "\n")
+                if fmt == "table":
+                    bar.write(format_result(json.loads(result.to_json())) + "\n", file=out)
+                else:
+                    out.write(result.to_json() + "\n")
             out.flush()
             done += len(chunk)
             bar.update(len(chunk))
@@ -77,12 +85,15 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    start = time.monotonic()
     images = collect_images(args.images)
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
-    predictor = (
-        Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
-    )
+    # stdout holds only results: DeepSpeed prints while a run's checkpoint is consolidated, so loading talks to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        predictor = (
+            Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
+        )
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
     predict_stream(
@@ -93,14 +104,18 @@ def run_predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         batch_size=args.batch_size,
         consistent=not args.raw,
+        progress=sys.stderr.isatty(),  # a bar in a log file is only carriage returns
+        fmt=getattr(args, "format", "json"),
     )
+    if not sys.stderr.isatty():
+        print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from linnaeus.inference.bundle import INFO, export_bundle
 
-    path = export_bundle(args.run, args.out, args.which)
+    path = export_bundle(args.run, args.out, args.which, assume_encodings=args.assume_encodings)
     info = json.loads((path / INFO).read_text())
     print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
     return 0
