@@ -297,3 +297,12 @@ def tiny_dataset(tmp_path: Path) -> TinyDataset:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset (``linnaeus demo-data`` at 30 images per species), written once per session."""
     return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/integration is marked ``integration``: ``pytest tests/unit`` (or ``-m "not
+    integration"``) is the fast in-process suite; the default command runs both."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)

@@ -16,7 +16,7 @@ from benchmarks import common
 from benchmarks.__main__ import _collect_ratios
 from benchmarks.__main__ import main as suite_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ timing helpers

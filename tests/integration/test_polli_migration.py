@@ -23,7 +23,7 @@ from linnaeus.errors import DataError
 
 from launch_utils import PY, env, metrics
 
-POLLI = Path(__file__).parent / "fixtures/polli"
+POLLI = Path(__file__).resolve().parents[1] / "fixtures/polli"
 ARCHS = ["mFormerV1_sm", "mFormerV1_md", "mFormerV1_lg", "mFormerV1_xl", "mFormerV0_sm", "mFormerV0_md", "mFormerV0_lg"]
 ORDER_ID = 5000  # one order above both families of the tiny dataset
 SMALL = [  # hardware, not meaning: 32 px, small batches, no worker processes

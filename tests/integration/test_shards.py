@@ -35,7 +35,7 @@ from linnaeus.errors import DataError
 
 from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPS = 4  # samples per shard: many small shards from a small dataset
 
 

@@ -21,7 +21,7 @@ from linnaeus.errors import ConfigError, DataError
 
 import launch_utils
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def check(capsys, ds, *extra: str, opts: tuple[str, ...] = ()) -> tuple[int, str, list[str]]:

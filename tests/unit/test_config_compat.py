@@ -20,7 +20,7 @@ from linnaeus.config.defaults import Ramp
 from linnaeus.config.loader import problems_of, schema_kind
 from linnaeus.errors import ConfigError
 
-POLLI = Path(__file__).parent / "fixtures/polli"
+POLLI = Path(__file__).resolve().parents[1] / "fixtures/polli"
 V1 = ["mFormerV1_sm", "mFormerV1_md", "mFormerV1_lg", "mFormerV1_xl"]
 V0 = ["mFormerV0_sm", "mFormerV0_md", "mFormerV0_lg"]
 

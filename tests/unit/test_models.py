@@ -18,7 +18,7 @@ from linnaeus.models import build_model, model_size, param_groups
 from linnaeus.models.attention import Attention
 from linnaeus.models.position import RelativePositionBias, Rope2d, rotate_pairs
 
-ARCHS = Path(__file__).resolve().parents[1] / "configs" / "model" / "archs"
+ARCHS = Path(__file__).resolve().parents[2] / "configs" / "model" / "archs"
 ARCH_FILES = sorted(ARCHS.glob("*/*.yaml"))
 TASKS = ["taxa_L10", "taxa_L20"]
 NUM_CLASSES = {"taxa_L10": 7, "taxa_L20": 3}

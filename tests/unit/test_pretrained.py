@@ -19,7 +19,7 @@ from linnaeus.models import build_model
 from linnaeus.models.pretrained import read_weights
 from linnaeus.models.pretrained.report import group_of
 
-ARCHS = Path(__file__).resolve().parents[1] / "configs" / "model" / "archs"
+ARCHS = Path(__file__).resolve().parents[2] / "configs" / "model" / "archs"
 V1_SM = ARCHS / "mFormerV1" / "mFormerV1_sm.yaml"
 TASKS = ["taxa_L10", "taxa_L20"]
 NUM_CLASSES = {"taxa_L10": 5, "taxa_L20": 3}
