@@ -22,10 +22,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from linnaeus.config import load_config
-    from linnaeus.engine.trainer import train
+    from linnaeus.engine.trainer import PREEMPTED_EXIT_CODE, train
+    from linnaeus.launch import note_preempted
 
     cfg = load_config(args.cfg, args.opts)
-    return train(cfg)
+    code = train(cfg)
+    if code == PREEMPTED_EXIT_CODE:
+        note_preempted()  # so `linnaeus launch` can report 75 where torch elastic would say "failed"
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,6 +113,12 @@ class CheckpointManager:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint about to be resumed. DeepSpeed and accelerate unpickle the folder's files
+    with ``weights_only=False`` on resume, so every pickle in it is first scanned (not loaded) for names outside the
+    few these libraries write; a tampered folder is refused with one line before anything loads it."""
+    from linnaeus.engine.safe_files import verify_checkpoint_files
+
+    verify_checkpoint_files(ckpt)
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
@@ -129,12 +135,12 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint folder, whatever wrote it (DDP or ZeRO-1/2/3, any world size).
-    Reads files only: no process group, no DeepSpeed engine."""
+    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed."""
     ds_dir = ckpt / "pytorch_model"
     if ds_dir.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from linnaeus.engine.zero_consolidate import zero_state_dict
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+        sd = zero_state_dict(ds_dir)
     elif (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
