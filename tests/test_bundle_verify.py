@@ -45,7 +45,7 @@ def test_tampered_weights_are_refused_by_sha256(copy: Path, capsys) -> None:
     name = next(iter(weights))
     weights[name] = weights[name] + 1.0
     save_file(weights, str(copy / "weights.safetensors"))
-    with pytest.raises(DataError, match="does not match bundle.json's weights_sha256"):
+    with pytest.raises(DataError, match=r"does not match bundle.json's weights_sha256"):
         Bundle.load(copy)
     assert main(["predict", "--bundle", str(copy), str(write_jpeg(copy.parent / "x.jpg")), "--device", "cpu"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -64,7 +64,7 @@ def test_changed_metadata_width_is_refused(copy: Path) -> None:
         comp["dim"] = comp["dim"] + 1
 
     _json(copy / "preprocessing.json", widen)
-    with pytest.raises(DataError, match="metadata widths .* differ from bundle.json"):
+    with pytest.raises(DataError, match=r"metadata widths .* differ from bundle.json"):
         Bundle.load(copy)
 
 
