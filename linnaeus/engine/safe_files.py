@@ -65,9 +65,9 @@ def safe_load(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
-        raise DataError(
-            f"{path}: refused to load ({_first_reason(err)}); checkpoint files must hold plain tensor data"
-        ) from None
+        culprit = _disallowed_names(path)
+        reason = f"it would call {culprit[0]}" if culprit else _first_reason(err)
+        raise DataError(f"{path}: refused to load ({reason}); checkpoint files must hold plain tensor data") from None
 
 
 def _first_reason(err: BaseException) -> str:
@@ -78,6 +78,16 @@ def _first_reason(err: BaseException) -> str:
         return f"it would call {name}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0][:200] if lines else type(err).__name__
+
+
+def _disallowed_names(path: Path) -> list[str]:
+    """Functions/classes a pickle names beyond torch's defaults and our list (read from its opcodes, not run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return []
+    allowed = set(DEEPSPEED_NAMES) | set(NUMPY_NAMES)
+    return [n for n in names if n not in allowed]
 
 
 def verify_checkpoint_files(folder: Path) -> None:

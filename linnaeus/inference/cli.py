@@ -48,9 +48,19 @@ def predict_stream(
     batch_size: int = 32,
     consistent: bool = True,
     progress: bool = True,
+    failed: list[str] | None = None,
 ) -> int:
-    """Predict ``images`` in batches, writing one JSON line per image to ``out`` as each batch finishes."""
+    """Predict ``images`` in batches, writing one JSON line per image to ``out`` as each batch finishes.
+
+    An image that cannot be decoded gets one ``error:`` line on stderr (its path is appended to ``failed``) and the
+    rest of its batch is still predicted. Returns the number of images predicted."""
     from tqdm.auto import tqdm
+
+    from linnaeus.data.images import ImageDecodeError
+
+    def run(chunk: list[Path]) -> list[Any]:
+        meta = None if metadata is None else [metadata] * len(chunk)
+        return predictor.predict(chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk])
 
     done = 0
     with tqdm(
@@ -58,14 +68,22 @@ def predict_stream(
     ) as bar:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
-            meta = None if metadata is None else [metadata] * len(chunk)
-            results = predictor.predict(
-                chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk]
-            )
+            try:
+                results = run(chunk)
+            except ImageDecodeError:
+                # Rare: redo this batch one image at a time so only the unreadable ones are left out.
+                results = []
+                for image in chunk:
+                    try:
+                        results += run([image])
+                    except ImageDecodeError as err:
+                        bar.write(f"error: {err}", file=sys.stderr)
+                        if failed is not None:
+                            failed.append(str(image))
             for result in results:
                 out.write(result.to_json() + "\n")
             out.flush()
-            done += len(chunk)
+            done += len(results)
             bar.update(len(chunk))
     return done
 
@@ -85,6 +103,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
+    failed: list[str] = []
     predict_stream(
         predictor,
         images,
@@ -93,8 +112,9 @@ def run_predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         batch_size=args.batch_size,
         consistent=not args.raw,
+        failed=failed,
     )
-    return 0
+    return 1 if failed else 0  # each unreadable image already has its error line
 
 
 def run_export(args: argparse.Namespace) -> int:
