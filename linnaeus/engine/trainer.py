@@ -19,7 +19,7 @@ from linnaeus.config import Config, save_config
 from linnaeus.engine.checkpoint import CheckpointManager, consolidated_state_dict, export_weights, read_state
 from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.metrics import ValidationMeter, format_table
-from linnaeus.engine.run_dir import MetricsWriter, run_path, setup_logging
+from linnaeus.engine.run_dir import MetricsWriter, RunLock, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, plan_steps
 from linnaeus.errors import ConfigError, LinnaeusError
 
@@ -104,6 +104,7 @@ class Trainer:
         self.is_main = acc.is_main_process
         if self.is_main:
             self.run.mkdir(parents=True, exist_ok=True)
+            RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit
         acc.wait_for_everyone()
         setup_logging(self.run, acc.process_index, self.is_main, cfg.EXPERIMENT.LOG_LEVEL)
         self.metrics_out = MetricsWriter(self.run / "metrics.jsonl", enabled=self.is_main)
