@@ -300,6 +300,13 @@ class PreparedData:
         """A ``FileDataset`` over this split (decode + crop in workers)."""
         from linnaeus.data.dataset import FileDataset
 
+        if len(self.view(split).rows) == 0:
+            n_train, n_val = len(self.train.rows), len(self.val.rows)
+            raise DataError(
+                f"the {'training' if split == 'train' else 'validation'} split is empty ({n_train} train / {n_val} "
+                f"val rows); DATA.H5.TRAIN_VAL_SPLIT_RATIO {self.cfg.DATA.H5.TRAIN_VAL_SPLIT_RATIO} (or the labels' "
+                "own split) must leave at least one row in each"
+            )
         a = self.arrays(split)
         cfg = self.cfg
         return FileDataset(

@@ -308,6 +308,10 @@ class TaxonomyTree:
             doc = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{where}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise DataError(
+                f'{where}: nested too deeply to parse; expected {{"nodes": [...], "edges": [...]}}'
+            ) from None
         if (
             not isinstance(doc, dict)
             or not isinstance(doc.get("nodes"), list)
