@@ -394,14 +394,14 @@ def write_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int) -> l
 def file_dataset(paths: list[str], img_size: int, train: bool = True):
     """Our FileDataset over plain files with synthetic labels (no labels.h5 needed for a throughput check)."""
     from linnaeus.data.dataset import FileDataset
+    from linnaeus.data.samples import SampleTable
 
     n = len(paths)
     rng = np.random.default_rng(0)
     targets = {k: rng.integers(0, c, n) for k, c in NUM_CLASSES.items()}
     meta = rng.standard_normal((n, sum(META_DIMS))).astype(np.float32)
-    return FileDataset(
-        paths, np.arange(n), targets, meta, np.ones((n, len(META_DIMS)), bool), img_size=img_size, train=train
-    )
+    table = SampleTable(np.arange(n), targets, meta, np.ones((n, len(META_DIMS)), bool), paths)
+    return FileDataset(table, img_size=img_size, train=train)
 
 
 def plan_loader(ds, plan: Plan):

@@ -4,11 +4,13 @@ Data: the demo labels.h5 (12 species, 3 ranks, metadata) with its drawings repla
 (iNat/ImageNet size), in a temporary folder. Interleaved repeats (A B A B ...) of:
 
 1. ``write``: ``write_shards`` (1 and 2 processes: read, decode-check, tar, sha256) against copying the same image
-   bytes file by file (read + write), seconds per image.
+   bytes file by file (read + write), seconds per image; and ``parts``: one ``linnaeus shard`` process against two
+   ``--part I/2`` processes started together plus ``--merge`` (what ``shard.sh`` does across nodes), with the
+   100 M images / 50 nodes estimate derived from the one-process rate.
 2. ``read raw``: every training sample's bytes, from shards (``iter_shard``) against opening each file, on a warm
    page cache and with a simulated ``LATENCY_MS`` per file open (as on NFS/Lustre/object stores, where opening a
    file costs a round trip). Shards pay the latency once per shard, files once per image. Target: >= 3x there.
-3. ``loader``: one training epoch of batches, ``build_shard_train_loader`` against the file loader
+3. ``loader``: one training epoch of batches, ``build_shard_batches`` against the file loader
    (``FileDataset`` + ``build_loader``), 0 workers, same decode code, warm and with the same latency.
 
 Prints per-variant medians and ratios of medians (read the ratios: absolute numbers drift on a shared machine).
@@ -22,6 +24,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +36,14 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one process = one DataLoader worker
 
 from benchmarks.common import (
+    DEMO_CFG,
     SIZE_500PX,
     Comparison,
     Target,
     format_comparison,
     interleave,
     machine_info,
+    median,
     set_threads,
     speedup,
     write_bench_dataset,
@@ -45,6 +51,8 @@ from benchmarks.common import (
 
 LATENCY_MS = 3.0
 BATCH = 32
+# The cluster estimate: 100 M images over 50 nodes of CORES_PER_NODE cores, one writer process per core.
+EST_IMAGES, EST_NODES, CORES_PER_NODE = 100_000_000, 50, 32
 
 
 @contextmanager
@@ -105,7 +113,7 @@ def per_image(fn: Callable[[], Any], n: int) -> Callable[[], float]:
 def bench(quick: bool, workdir: Path) -> list[Comparison]:
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
-    from linnaeus.data.shards import ShardOptions, build_shard_train_loader, write_shards
+    from linnaeus.data.shards import ShardOptions, build_shard_batches, write_shards
 
     set_threads(1)
     n_images, reps, sps = (240, 3, 32) if quick else (960, 5, 64)
@@ -162,6 +170,8 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
         )
     )
 
+    comps.append(bench_parts(data, workdir, n_all, sps, reps))
+
     # 2. raw reads, and 3. loader epochs
     write_shards(cfg, shard_dir, ShardOptions(samples_per_shard=sps, workers=1, progress=False))
     manifest = json.loads((shard_dir / "manifest.json").read_text())
@@ -171,9 +181,8 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
     file_loader, sampler = build_loader(
         prepared.dataset("train", train=True), batch_size=BATCH, num_workers=0, shuffle=True, seed=0
     )
-    shard_loader, n_batches, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0
-    )
+    shard_stream = build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0)
+    n_batches = shard_stream.batches_per_epoch
     n_loaded = n_batches * BATCH
 
     def epoch(loader: Any, set_fn: Callable[[int], None]) -> Callable[[], None]:
@@ -211,7 +220,7 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
             loads = interleave(
                 {
                     "files": per_image(epoch(file_loader, sampler.set_epoch), n_loaded),
-                    "shards": per_image(epoch(shard_loader, set_epoch), n_loaded),
+                    "shards": per_image(epoch(shard_stream, shard_stream.set_epoch), n_loaded),
                 },
                 reps=reps,
             )
@@ -226,6 +235,52 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
             )
         )
     return comps
+
+
+def bench_parts(data: Any, workdir: Path, n_all: int, sps: int, reps: int) -> Comparison:
+    """One ``linnaeus shard`` process against two ``--part`` processes at once plus ``--merge`` (whole commands,
+    start-up included), one writer process each."""
+    opts = data.opts()
+
+    def command(out: Path, *extra: str) -> list[str]:
+        cmd = [sys.executable, "-m", "linnaeus", "shard", "--cfg", str(DEMO_CFG), "--out", str(out)]
+        return [*cmd, "--samples-per-shard", str(sps), "--workers", "1", *extra, "--opts", *opts]
+
+    def run_parts(n: int) -> Callable[[], None]:
+        def run() -> None:
+            out = workdir / f"parts{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            extra = [[f"--part={i}/{n}"] for i in range(n)] if n > 1 else [[]]
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+            procs = [subprocess.Popen(command(out, *e), **quiet) for e in extra]
+            errors = [p.communicate()[1] for p in procs]
+            if n > 1 and all(p.returncode == 0 for p in procs):
+                merge = subprocess.run(command(out, "--merge"), **quiet)
+                procs, errors = [merge], [merge.stderr]
+            if any(p.returncode != 0 for p in procs):
+                raise RuntimeError(f"linnaeus shard with {n} parts failed: {errors[-1][-2000:]}")
+
+        return run
+
+    samples = interleave({"parts1": per_image(run_parts(1), n_all), "parts2": per_image(run_parts(2), n_all)}, reps)
+    one = median(samples["parts1"])
+    hours = EST_IMAGES * one / (EST_NODES * CORES_PER_NODE) / 3600
+    return Comparison(
+        "parts: one `linnaeus shard` process vs two `--part I/2` processes + `--merge`",
+        "s/img",
+        samples,
+        ratios={"parts: 1 part time / 2 parts time": speedup(samples["parts2"], samples["parts1"])},
+        facts={
+            "images": n_all,
+            "cores": os.cpu_count(),
+            f"est_hours_{EST_IMAGES // 10**6}M_images_{EST_NODES}x{CORES_PER_NODE}_cores": round(hours, 2),
+        },
+        notes=[
+            "whole commands, start-up (imports, reading labels.h5) and the merge included",
+            "the estimate scales the one-process rate linearly to one writer per core, without storage limits; "
+            "images here are ~500 px passed through (no --max-side re-encode)",
+        ],
+    )
 
 
 @contextmanager

@@ -67,16 +67,24 @@ class MinimalLoop:
 
 
 class InterleavedBatches:
-    """Stands in for the trainer's DataLoader: cycles through ``batches``, runs ``baseline(batch)`` before handing
-    each batch to the trainer, and times both sides."""
+    """Stands in for the trainer's ``BatchStream``: cycles through ``batches``, runs ``baseline(batch)`` before
+    handing each batch to the trainer, and times both sides."""
 
-    def __init__(self, batches: list[dict[str, Any]], baseline: Callable[[dict[str, Any]], Any]) -> None:
+    skipped_samples = 0
+
+    def __init__(
+        self, batches: list[dict[str, Any]], baseline: Callable[[dict[str, Any]], Any], batches_per_epoch: int
+    ) -> None:
         self.batches = batches
+        self.batches_per_epoch = batches_per_epoch
         self.baseline = baseline
         self.cursor = 0
         self.handed_over_at: float | None = None
         self.ours: list[float] = []
         self.minimal: list[float] = []
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        pass
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -134,12 +142,13 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
     with _quiet_trainer():
         trainer = Trainer(cfg)
         trainer.setup()  # a plain process: accelerate's single-process mode, no process group
-        trainer.train_sampler.set_epoch(0)
-        batches = list(itertools.islice(iter(trainer.train_loader), min(steps + 1, len(trainer.train_loader))))
+        stream = trainer.train_batches
+        stream.set_epoch(0)
+        batches = list(itertools.islice(iter(stream), min(steps + 1, len(stream))))
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         baseline = MinimalLoop(copy.deepcopy(unwrapped), trainer.task_keys, trainer.base_lr, cfg.AUG.MEAN, cfg.AUG.STD)
-        stand_in = InterleavedBatches(batches, baseline.step)
-        trainer.train_loader = stand_in
+        stand_in = InterleavedBatches(batches, baseline.step, stream.batches_per_epoch)
+        trainer.train_batches = stand_in
         trainer.fit()
     skip = min(WARMUP_STEPS, max(0, len(stand_in.ours) - 1))
     samples = {"ours": stand_in.ours[skip:], "minimal": stand_in.minimal[skip : len(stand_in.ours)]}

@@ -1,6 +1,7 @@
 """The ``linnaeus`` console script: parses arguments, then calls one function per command.
 
-Each command's work lives in its own module; this file only knows their names and arguments, and turns a
+Each command's work lives in its own module under ``linnaeus.commands``; this file only knows their names and
+arguments, imports the chosen handler (so ``linnaeus --help`` stays fast), and turns a
 ``LinnaeusError`` into one line on stderr and a non-zero exit code.
 """
 
@@ -15,13 +16,14 @@ from linnaeus.errors import LinnaeusError
 
 # command -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
-    "train": "linnaeus.train:run_from_args",
-    "shard": "linnaeus.data.shards.cli:run",
-    "check": "linnaeus.check_command:run",
-    "predict": "linnaeus.inference.cli:run_predict",
-    "export": "linnaeus.inference.cli:run_export",
-    "demo-data": "linnaeus.data.demo:run",
-    "bench": "linnaeus.bench:run",
+    "train": "linnaeus.commands.train:run",
+    "shard": "linnaeus.commands.shard:run",
+    "check": "linnaeus.commands.check:run",
+    "predict": "linnaeus.commands.inference:run_predict",
+    "export": "linnaeus.commands.inference:run_export",
+    "demo-data": "linnaeus.commands.demo_data:run",
+    "bench": "linnaeus.commands.bench:run",
+    "plot": "linnaeus.commands.plot:run",
 }
 
 
@@ -36,11 +38,23 @@ def add_cfg_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("linnaeus")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        from linnaeus import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linnaeus",
         description="Hierarchical taxonomic image classification: train, shard, check, predict, export.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model (same as `python -m linnaeus.train`)")
@@ -69,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: CPU count, max 8)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
     p.add_argument("--splits", default="train,val", help="which splits to write (default train,val)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--part", default=None, metavar="I/N", help="write only part I of N (parallel jobs); no manifest")
+    mode.add_argument("--merge", action="store_true", help="after all --part jobs: verify them, write the manifest")
 
     p = sub.add_parser("check", help="validate config, labels.h5, taxonomy and images; print a report")
     add_cfg_arguments(p)
@@ -85,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")
     p.add_argument("--elevation", type=float, default=None, help="elevation in metres")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="candidates listed per rank, highest score first (default 5)")
+    p.add_argument(
+        "--format",
+        choices=["json", "table"],
+        default="json",
+        help="json: one polli-typus JSON line per image (default); table: a readable block per image",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="per-rank top-k without hierarchy-consistent decoding")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -94,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--which", default="best", help="best | final | step_N (default best, falling back to final)")
+    p.add_argument(
+        "--assume-encodings",
+        action="store_true",
+        help="export even when a metadata component's columns are unknown (no COLUMNS, no column_names): use the "
+        "built-in encoding, warn, and record the assumption in bundle.json",
+    )
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset (images, labels.h5, taxonomy.json)")
     p.add_argument("--out", required=True, help="output folder")
@@ -104,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cfg_arguments(p)
     p.add_argument("--batches", type=int, default=50, help="batches to time")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: DATA.NUM_WORKERS)")
+    p.add_argument("--json", action="store_true", help="print the raw numbers as JSON instead of the summary")
+
+    p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
+    p.add_argument("--run", required=True, help="run folder")
     return parser
 
 
@@ -120,15 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
-    target = HANDLERS[args.command]
-    try:
-        handler = _resolve(target)
-    except ModuleNotFoundError as err:
-        # Only a missing *command module* means "not built"; a missing dependency is a real error.
-        if not (err.name and target.split(":")[0].startswith(err.name)):
-            raise
-        print(f"linnaeus {args.command}: not built yet in this version", file=sys.stderr)
-        return 2
+    from linnaeus.utils import quiet
+
+    quiet.install()
+    if args.command in ("train", "predict", "export"):  # the commands that may import DeepSpeed
+        quiet.settle_deepspeed_accelerator()
+    handler = _resolve(HANDLERS[args.command])
     try:
         return int(handler(args) or 0)
     except LinnaeusError as err:

@@ -50,6 +50,10 @@ def _exit_codes(err: BaseException) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from linnaeus.utils import quiet
+
+    quiet.install()
+    quiet.settle_deepspeed_accelerator()  # accelerate's DeepSpeed launcher imports deepspeed in this process
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))

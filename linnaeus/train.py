@@ -1,4 +1,8 @@
-"""``python -m linnaeus.train --cfg EXP.yaml [--opts KEY VALUE ...]``: the main job, under any launcher."""
+"""``python -m linnaeus.train --cfg EXP.yaml [--opts KEY VALUE ...]``: the main job, under any launcher.
+
+A thin entry point for launchers that take a module (``accelerate launch -m``); the work is in
+``linnaeus.commands.train``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from linnaeus.commands.train import run
 from linnaeus.errors import LinnaeusError
 
 
@@ -20,22 +25,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    from linnaeus.config import load_config
-    from linnaeus.engine.trainer import PREEMPTED_EXIT_CODE, train
-    from linnaeus.launch import note_preempted
-
-    cfg = load_config(args.cfg, args.opts)
-    code = train(cfg)
-    if code == PREEMPTED_EXIT_CODE:
-        note_preempted()  # so `linnaeus launch` can report 75 where torch elastic would say "failed"
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from linnaeus.utils import quiet
+
+    quiet.install()
     try:
-        return run_from_args(args)
+        return run(args)
     except LinnaeusError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

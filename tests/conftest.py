@@ -1,5 +1,8 @@
 """Shared test fixtures: a tiny but complete dataset (labels.h5 + JPEGs + taxonomy.json + experiment YAML).
 
+The ``demo`` fixture is the synthetic demo dataset (30 images per species), written once per test session and
+shared by every module that trains on it.
+
 Use the ``tiny_dataset`` fixture (written under ``tmp_path``) or call :func:`write_tiny_dataset` for variants::
 
     def test_something(tiny_dataset):
@@ -36,6 +39,8 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+
+from launch_utils import ensure_demo
 
 TAXA_NODES: list[dict[str, Any]] = [
     {"id": 1000, "rank": "family", "name": "Apidae"},
@@ -286,3 +291,9 @@ def write_tiny_dataset(
 def tiny_dataset(tmp_path: Path) -> TinyDataset:
     """A fresh tiny dataset in this test's tmp_path (24 rows, 24 JPEGs of 40×40 px, taxonomy.json, exp.yaml)."""
     return write_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dataset (``linnaeus demo-data`` at 30 images per species), written once per session."""
+    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)

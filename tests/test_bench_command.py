@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, tiny_opts
+from launch_utils import DEMO_CFG, ROOT, env, tiny_opts
 
 
-def test_bench_reports_loader_throughput_and_wait_share(tmp_path_factory) -> None:
-    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+def test_bench_reports_loader_throughput_and_wait_share(demo: Path, tmp_path_factory) -> None:
     out = tmp_path_factory.mktemp("bench")
     linnaeus = str(Path(sys.executable).with_name("linnaeus"))
     proc = subprocess.run(
@@ -24,6 +23,7 @@ def test_bench_reports_loader_throughput_and_wait_share(tmp_path_factory) -> Non
             "4",
             "--workers",
             "1",
+            "--json",
             "--opts",
             *tiny_opts(demo, out),
         ],
@@ -39,3 +39,25 @@ def test_bench_reports_loader_throughput_and_wait_share(tmp_path_factory) -> Non
     assert report["workers"] == 1 and report["batch_size"] == 16
     assert 0.0 <= report["data_wait_share"] <= 1.0
     assert report["train_steps_timed"] == 3
+    assert "bench: timing the loader, 4 batches of 16 with 1 workers" in proc.stderr
+    assert "timing 4 training steps" in proc.stderr
+
+
+def test_bench_summary_reads_as_text() -> None:
+    from linnaeus.commands.bench import summary
+
+    report = {
+        "device": "cpu",
+        "workers": 2,
+        "batch_size": 16,
+        "img_size": 32,
+        "loader_images_per_sec": 512.25,
+        "loader_images_per_sec_per_worker": 256.1,
+        "train_steps_timed": 9,
+        "data_wait_share": 0.35,
+    }
+    text = summary(report)
+    assert "loader            512.2 img/s (256.1 per worker)" in text
+    assert "data wait         35.0% of step time over 9 training steps" in text
+    assert "raise DATA.NUM_WORKERS" in text
+    assert "keeps up" in summary({**report, "data_wait_share": 0.05})

@@ -1,8 +1,10 @@
-"""`linnaeus check` end to end (in-process through the CLI, plus one real subprocess) and image verification."""
+"""`linnaeus check` end to end (in-process through the CLI, plus one real subprocess), image verification, and the
+data rules that check lists and training (and `linnaeus shard`) raise."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import TEMPORAL_COLUMNS, write_labels_h5
+from conftest import TEMPORAL_COLUMNS, write_jpeg, write_labels_h5
 
 from linnaeus.cli import main
-from linnaeus.data.check import scan_images
 from linnaeus.data.prepare import prepare_data
-from linnaeus.errors import DataError
+from linnaeus.data.verify_images import scan_images
+from linnaeus.errors import ConfigError, DataError
+
+import launch_utils
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,3 +247,130 @@ def test_real_subprocess(tiny_dataset):
         f"error: {tiny_dataset.labels_path}: dataset 'taxa_L10' (listed in DATA.TASK_KEYS_H5) is missing;"
         " taxa datasets present: ['taxa_L20', 'taxa_L30']"
     ]
+
+
+# --------------------------------------------------------------- identifiers stay inside DATA.HYBRID.IMAGES_DIR
+ESCAPES = {1: "../../../../etc/passwd", 4: "/etc/hostname", 10: "../outside.jpg"}
+
+
+def with_identifiers(ds, replace: dict[int, str]) -> None:
+    ids = list(ds.identifiers)
+    for row, ident in replace.items():
+        ids[row] = ident
+    rewrite(ds, img_identifiers=ids)
+
+
+def escape_lines(ds) -> list[str]:
+    """What every command says about ESCAPES, in row order."""
+    return [
+        f"{ds.labels_path} row 1: img_identifiers entry '../../../../etc/passwd' leads outside"
+        " DATA.HYBRID.IMAGES_DIR through '..'",
+        f"{ds.labels_path} row 4: img_identifiers entry '/etc/hostname' is an absolute path; identifiers must be"
+        " relative to DATA.HYBRID.IMAGES_DIR",
+        f"{ds.labels_path} row 10: img_identifiers entry '../outside.jpg' leads outside DATA.HYBRID.IMAGES_DIR"
+        " through '..'",
+    ]
+
+
+def test_check_refuses_identifiers_outside_the_image_folder(capsys, tiny_dataset):
+    write_jpeg(tiny_dataset.root / "outside.jpg")  # readable, so only the rule keeps it out
+    with_identifiers(tiny_dataset, ESCAPES)
+    rc, out, errors = check(capsys, tiny_dataset, "--json")
+    report = json.loads(out)
+    assert rc == 2 and errors == [f"error: {line}" for line in escape_lines(tiny_dataset)]
+    assert report["images"]["checked"] == 21 and report["images"]["missing"] == 0  # the refused ones are not opened
+    rc, _, no_images = check(capsys, tiny_dataset, "--no-images")  # the rule holds without the image check too
+    assert rc == 2 and no_images == errors
+
+
+def test_prepare_refuses_identifiers_outside_the_image_folder(tiny_dataset):
+    with_identifiers(tiny_dataset, ESCAPES)
+    with pytest.raises(DataError) as err:
+        prepare_data(tiny_dataset.config())
+    split_rows = prepare_data(tiny_dataset.config("DATA.HYBRID.IMAGES_DIR", '""')).train.rows
+    first = min(r for r in ESCAPES if r in split_rows)  # train rows are checked first
+    line = next(x for x in escape_lines(tiny_dataset) if f" row {first}:" in x)
+    assert str(err.value).startswith(line) and "more problems; `linnaeus check` lists them all" in str(err.value)
+
+
+def test_train_and_shard_refuse_identifiers_outside_the_image_folder(capsys, tiny_dataset, tmp_path):
+    with_identifiers(tiny_dataset, {10: "../outside.jpg"})
+    write_jpeg(tiny_dataset.root / "outside.jpg")
+    line = escape_lines(tiny_dataset)[2]
+    out = tmp_path / "shards"
+    assert main(["shard", "--cfg", str(tiny_dataset.config_path), "--out", str(out), "--samples-per-shard", "4"]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n" and not list(out.glob("**/*.tar"))
+    train = [sys.executable, "-m", "linnaeus.train", "--cfg", str(tiny_dataset.config_path)]
+    proc = subprocess.run(train, capture_output=True, text=True, timeout=300, cwd=REPO, env=launch_utils.env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert not list((tiny_dataset.root / "outputs").glob("**/checkpoints/*"))
+
+
+def test_symbolic_links_out_of_the_image_folder(capsys, tiny_dataset):
+    root, images = tiny_dataset.root, tiny_dataset.images_dir
+    write_jpeg(root / "outside.jpg")
+    write_jpeg(root / "elsewhere" / "x.jpg")
+    (images / "link.jpg").symlink_to(root / "outside.jpg")  # a file link leading out
+    (images / "sub").symlink_to(root / "elsewhere", target_is_directory=True)  # a folder link leading out
+    (images / "inner.jpg").symlink_to(tiny_dataset.image_file(0))  # a link that stays inside: fine
+    with_identifiers(tiny_dataset, {2: "link.jpg", 3: "sub/x.jpg", 5: "inner.jpg", 6: "sub/../outside.jpg"})
+    rc, _, errors = check(capsys, tiny_dataset)
+    assert rc == 2 and len(errors) == 3, errors
+    refused = {e.split(": img_identifiers entry ")[1].split(" ")[0]: e for e in errors}
+    # '..' after a folder link: inside by its text, outside in fact.
+    assert set(refused) == {"'link.jpg'", "'sub/x.jpg'", "'sub/../outside.jpg'"}
+    line = refused["'link.jpg'"]
+    assert f"row 2: img_identifiers entry 'link.jpg' leads through a symbolic link to {root / 'outside.jpg'}" in line
+    assert "outside DATA.HYBRID.IMAGES_DIR" in line and "DATA.HYBRID.ALLOW_SYMLINKS_OUTSIDE True" in line
+    rc, _, errors = check(capsys, tiny_dataset, opts=("DATA.HYBRID.ALLOW_SYMLINKS_OUTSIDE", "true"))
+    assert rc == 0 and errors == []
+    with pytest.raises(DataError, match=r"row \d+: img_identifiers entry '(link|sub/x)\.jpg' leads through a symbolic"):
+        prepare_data(tiny_dataset.config())
+
+
+# ------------------------------------------------------------------------------- other rules: check and train
+def test_encoded_metadata_out_of_range(capsys, tiny_dataset):
+    spatial = tiny_dataset_spatial(tiny_dataset)
+    spatial[4] = [1e30, 0.0, 0.0]
+    spatial[9, 2] = -3.0
+    rewrite(tiny_dataset, spatial=spatial)
+    rc, _, errors = check(capsys, tiny_dataset, "--no-images")
+    expected = (
+        f"{tiny_dataset.labels_path}: dataset 'spatial' row 4 holds 1e+30, outside [-1, 1], the range of its encoding"
+        " (2 rows like this; DATA.META.COMPONENTS.SPATIAL)"
+    )
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: {expected}")
+    with pytest.raises(DataError, match=r"dataset 'spatial' row 4 holds 1e\+30"):
+        prepare_data(tiny_dataset.config())
+    # A row with NaN is missing (zeroed and flagged), not out of range.
+    spatial[4], spatial[9] = np.nan, 0.5
+    rewrite(tiny_dataset, spatial=spatial)
+    assert check(capsys, tiny_dataset, "--no-images")[0] == 0
+
+
+def tiny_dataset_spatial(ds) -> np.ndarray:
+    with h5py.File(ds.labels_path) as f:
+        return f["spatial"][()]
+
+
+def test_images_inside_hdf5_are_refused(capsys, tiny_dataset):
+    rc, _, errors = check(capsys, tiny_dataset, opts=("DATA.HYBRID.USE_HYBRID", "false"))
+    assert rc == 2 and errors == [
+        "error: DATA.HYBRID.USE_HYBRID: False means images stored inside the HDF5 file, which Linnaeus does not read;"
+        " keep it True and set DATA.HYBRID.IMAGES_DIR to the folder of image files"
+    ]
+    with pytest.raises(ConfigError, match=r"DATA\.HYBRID\.USE_HYBRID: False means images stored inside the HDF5"):
+        prepare_data(tiny_dataset.config("DATA.HYBRID.USE_HYBRID", "false"))
+
+
+def test_empty_splits(capsys, tiny_dataset):
+    ratio = ("DATA.H5.TRAIN_VAL_SPLIT_RATIO", "1.0")
+    rc, _, errors = check(capsys, tiny_dataset, "--no-images", opts=ratio)
+    expected = "the validation split is empty (DATA.H5.TRAIN_VAL_SPLIT_RATIO 1.0 leaves no rows for it)"
+    assert rc == 2 and len(errors) == 1 and expected in errors[0]
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_data(tiny_dataset.config(*ratio))
+    rewrite(tiny_dataset, in_region=np.zeros(24, np.uint8))
+    with pytest.raises(DataError, match=r"the training split is empty: no labels\.h5 rows are left"):
+        prepare_data(tiny_dataset.config("DATA.IN_REGION_ONLY", "true"))

@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
+from launch_utils import final_weights, launch, metrics, run_dir, spawn, tiny_opts
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:

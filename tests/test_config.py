@@ -1,4 +1,4 @@
-"""Config loading: every shipped YAML, the seed's example, BASE chains, --opts, aliases and one-line errors."""
+"""Config loading: every shipped YAML, the user guide's example, BASE chains, --opts, aliases and one-line errors."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) 
     assert load_config(dumped) == cfg
 
 
-def test_seed_example_as_written_in_the_guide(tmp_path: Path) -> None:
+def test_user_guide_example_as_written(tmp_path: Path) -> None:
     """The guide's YAML block, only its paths changed, loads with the meaning the guide gives its keys."""
     guide = Path(ROOT.parent / "shared/seed/training_custom_model_example.md")
     if not guide.is_file():

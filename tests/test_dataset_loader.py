@@ -11,6 +11,7 @@ from PIL import Image
 
 from linnaeus.data.dataset import PLACEHOLDER_VALUE, FileDataset
 from linnaeus.data.loader import EpochSampler, build_loader, loader_num_batches, unwrap_worker_error
+from linnaeus.data.samples import SampleTable
 from linnaeus.errors import DataError
 
 N = 10
@@ -31,9 +32,8 @@ def make_dataset(tmp_path: Path, *, train: bool = True, allow_missing: bool = Fa
     targets = {"taxa_L10": np.arange(N) % 3 - 1, "taxa_L20": np.arange(N) % 2}
     meta = np.arange(N * 5, dtype=np.float32).reshape(N, 5)
     meta_valid = np.stack([np.arange(N) % 2 == 0, np.ones(N, bool)], axis=1)
-    return FileDataset(
-        paths, rows, targets, meta, meta_valid, img_size=IMG, train=train, allow_missing=allow_missing, seed=3
-    )
+    table = SampleTable(rows, targets, meta, meta_valid, paths)
+    return FileDataset(table, img_size=IMG, train=train, allow_missing=allow_missing, seed=3)
 
 
 def test_sample_contents_and_types(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -131,7 +133,7 @@ def test_child_loss_trains_parent_head_through_refinement():
     assert clf.heads["taxa_L30"].fc.weight.grad is None  # L20 is a LinearHead: the chain stops there
 
 
-def test_orphan_child_gets_no_prior():
+def test_orphan_child_gets_the_uniform_share_of_its_missing_parent():
     h = one_hot_matrix(SPECIES_PARENT, 3)
     h[:, 5] = 0  # species 5's genus is unknown
     cfgs = {k: HeadConfig(TYPE="HierarchicalSoftmaxHead" if k == "taxa_L10" else "LinearHead") for k in TASKS}
@@ -139,8 +141,31 @@ def test_orphan_child_gets_no_prior():
     feature = torch.randn(2, 4)
     with torch.no_grad():
         out, base = clf(feature)["taxa_L10"], clf.heads["taxa_L10"](feature)
-    torch.testing.assert_close(out[:, 5], base[:, 5])
-    assert (out[:, :5] < base[:, :5]).all()  # log(p_parent) < 0 for the others
+        genus = clf(feature)["taxa_L20"].softmax(dim=-1)
+    torch.testing.assert_close(out[:, 5], base[:, 5] - math.log(3))  # log(1/K_genus)
+    parent_prob = genus[:, torch.tensor(SPECIES_PARENT[:5])]
+    torch.testing.assert_close(out[:, :5], base[:, :5] + torch.log(parent_prob + 1e-10))
+
+
+@pytest.mark.parametrize("head_type", ["HierarchicalSoftmaxHead", "ConditionalClassifier"])
+def test_orphan_is_on_its_siblings_scale_under_uninformative_logits(head_type):
+    # 200 genera x 5 species, plus one species whose genus is absent (all-zero column): with no prior the orphan got
+    # p = 0.167 against 0.00083 for every regular species (fair: 1/1001).
+    genera, per_genus = 200, 5
+    parents = [g for g in range(genera) for _ in range(per_genus)]
+    h = torch.cat([one_hot_matrix(parents, genera), torch.zeros(genera, 1)], dim=1)
+    keys = ["taxa_L20", "taxa_L10"]
+    cfgs = {"taxa_L20": HeadConfig(), "taxa_L10": HeadConfig(TYPE=head_type)}
+    clf = HierarchicalClassifier(4, keys, {"taxa_L20": genera, "taxa_L10": h.shape[1]}, cfgs, {tuple(keys): h})
+    for head in clf.heads.values():
+        torch.nn.init.zeros_(head.fc.weight)
+    with torch.no_grad():
+        p = clf.eval()(torch.randn(3, 4))["taxa_L10"].softmax(dim=-1)
+    orphan, regular = p[:, -1], p[:, :-1]
+    assert torch.allclose(regular, regular[:, :1].expand_as(regular))
+    ratio = orphan / regular[:, 0]
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio
+    torch.testing.assert_close(orphan, torch.full_like(orphan, 1 / 1001))
 
 
 def test_missing_hierarchy_names_the_head():

@@ -23,7 +23,6 @@ from linnaeus.aug import eval_transform
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root, save_config
 from linnaeus.data import encoders
-from linnaeus.data.demo import write_demo_dataset
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
 from linnaeus.errors import ConfigError, DataError
@@ -33,6 +32,8 @@ from linnaeus.inference.evaluate import evaluate_bundle
 from linnaeus.inference.predictor import Predictor
 from linnaeus.inference.typus_output import ResultBuilder, taxonomy_context
 from linnaeus.models import build_model
+
+from launch_utils import ensure_demo
 
 TINY_MODEL = [
     "MODEL.IMG_SIZE", "32",
@@ -70,6 +71,10 @@ def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_tiny")
     ds = write_tiny_dataset(root / "data", per_species=3)
+    # The file says how spatial and elevation were encoded, so export reads the encodings instead of assuming them.
+    with h5py.File(ds.labels_path, "r+") as f:
+        for source in ("spatial", "elevation_broadrange_2"):
+            f[source].attrs["column_names"] = list(encoders.COLUMN_NAMES[source])
     cfg = ds.config(*TINY_MODEL, *HEADS)
     data, model = fake_run(cfg, root / "run")
     return {"root": root, "ds": ds, "cfg": cfg, "data": data, "model": model, "run": root / "run"}
@@ -88,8 +93,7 @@ def tiny_predictor(tiny_bundle):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_demo")
-    demo = root / "demo"
-    write_demo_dataset(demo, seed=0, per_species=4)
+    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=4)
     opts = [
         "DATA.H5.LABELS_PATH", str(demo / "labels.h5"),
         "DATA.HYBRID.IMAGES_DIR", str(demo / "images"),
@@ -179,6 +183,52 @@ def test_export_consolidates_checkpoints_when_no_export_exists(tiny_run, tmp_pat
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
 
 
+def test_export_refuses_assumed_metadata_encodings_unless_told(
+    tiny_run, tiny_bundle: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    labels = tmp_path / "labels.h5"
+    shutil.copy(tiny_run["ds"].labels_path, labels)
+    with h5py.File(labels, "r+") as f:  # training read these columns from nowhere the bundle can see
+        for source in ("spatial", "elevation_broadrange_2"):
+            del f[source].attrs["column_names"]
+    cfg = load_config(run / "config.yaml", ["DATA.H5.LABELS_PATH", str(labels)])
+    save_config(cfg, run / "config.yaml")
+    out = tmp_path / "bundle"
+    with pytest.raises(ConfigError) as err:
+        export_bundle(run, out)
+    message = str(err.value)
+    assert "\n" not in message and "--assume-encodings" in message
+    assert "DATA.META.COMPONENTS.SPATIAL.COLUMNS, DATA.META.COMPONENTS.ELEVATION.COLUMNS: not set" in message
+    assert "TEMPORAL" not in message  # its COLUMNS are in the config
+    assert not out.exists()
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 2
+    assert "error: DATA.META.COMPONENTS.SPATIAL.COLUMNS" in capsys.readouterr().err and not out.exists()
+    # The labels file unreachable at export time is the same guess.
+    labels.unlink()
+    with pytest.raises(ConfigError, match="--assume-encodings"):
+        export_bundle(run, out)
+
+    with caplog.at_level("WARNING", logger="linnaeus"):
+        assert main(["export", "--run", str(run), "--out", str(out), "--assume-encodings"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "ASSUMING" in r.getMessage()]
+    assert len(warned) == 2 and "SPATIAL" in warned[0] and "ELEVATION" in warned[1]
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["assumed_metadata_encodings"] == {
+        "SPATIAL": {"source": "spatial", "columns": list(encoders.SPATIAL_COLUMNS)},
+        "ELEVATION": {
+            "source": "elevation_broadrange_2",
+            "columns": list(encoders.COLUMN_NAMES["elevation_broadrange_2"]),
+        },
+    }
+    comps = json.loads((out / "preprocessing.json").read_text())["metadata"]["components"]
+    assert [c["columns_from"] for c in comps] == ["config COLUMNS", *["built-in default (assumed, not read)"] * 2]
+    # An honest export records nothing of the kind.
+    honest = json.loads((tiny_bundle / "bundle.json").read_text())
+    assert "assumed_metadata_encodings" not in honest
+
+
 # ------------------------------------------------------------------------------------------------------ predict
 def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle: Path, capsys) -> None:
     images = tiny_run["ds"].images_dir
@@ -202,12 +252,16 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
             assert len([c for c in rank.candidates if isinstance(c, TaxonCandidate)]) == min(
                 3, {30: 2, 20: 3, 10: 7}[rank.rank_level]
             )
-            first = rank.candidates[0]
+            # Taxa are listed by score (issue #16); the decision is in the outcome and always among them.
+            scores = [c.score for c in rank.candidates if isinstance(c, TaxonCandidate)]
+            assert scores == sorted(scores, reverse=True)
             if outcome.decision == "commit":
-                assert first.taxon_id == outcome.resolved_to.match.taxon_id
-                assert first.taxon_snapshot.scientific_name == tree.name_of(first.taxon_id)
+                chosen = next(
+                    c for c in rank.candidates if getattr(c, "taxon_id", None) == outcome.resolved_to.match.taxon_id
+                )
+                assert chosen.taxon_snapshot.scientific_name == tree.name_of(chosen.taxon_id)
             else:  # only the skip-level species 17 (no genus) leaves a rank without a class
-                assert isinstance(first, RankNullCandidate) and rank.rank_level == 20
+                assert isinstance(rank.candidates[0], RankNullCandidate) and rank.rank_level == 20
         assert result.provenance.requested_top_k == 3 and result.provenance.producer == "linnaeus"
     assert seen_paths == {str(p) for p in images.glob("*.jpg")}
 
@@ -230,7 +284,7 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
 
 def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
-    from linnaeus.inference.cli import collect_images, predict_stream
+    from linnaeus.commands.inference import collect_images, predict_stream
 
     sizes = []
     hook = tiny_predictor.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
@@ -325,7 +379,7 @@ def test_validation_and_prediction_feed_the_model_identical_tensors(demo_run) ->
     assert val_images.shape == (len(val), 3, 32, 32)
     assert torch.equal(seen[0][0], val_images)
     assert torch.equal(seen[0][1], val_meta)
-    assert (~data.arrays("val", with_paths=False)["meta_valid"]).any()  # the split includes missing metadata
+    assert (~data.samples("val", with_paths=False).meta_valid).any()  # the split includes missing metadata
 
 
 def test_evaluate_bundle_reproduces_validation_top1(demo_run) -> None:
@@ -467,3 +521,104 @@ def test_decoding_matches_brute_force_over_chains() -> None:
         assert all(d.ranks[r].candidates[0][0] == best[r] for r in range(3) if best[r] >= 0)
     total, mean = chain_scores([lp[k] for k in h.keys], torch.as_tensor(h.chains))
     assert total.shape == mean.shape == (64, len(h.chains))
+
+
+# ------------------------------------------------------------------------------------------- refined heads
+REFINED = {"taxa_L20": "HierarchicalSoftmaxHead", "taxa_L10": "ConditionalClassifier"}
+
+
+def brute_force_chain(lp: dict[str, torch.Tensor], b: int, h: Hierarchy, head_types: dict[str, str]) -> list[int]:
+    """The best chain by the corrected score, written out: a rank's probability counts unless the chain's class at
+    the next finer rank comes from a refined head (it already contains it); chains compared by the mean."""
+    best, best_score = None, -math.inf
+    for chain in h.chains.tolist():
+        terms = []
+        for r, (key, c) in enumerate(zip(h.keys, chain, strict=True)):
+            finer_refined = (
+                r + 1 < len(chain) and chain[r + 1] >= 0 and head_types.get(h.keys[r + 1]) in set(REFINED.values())
+            )
+            if c >= 0 and not finer_refined:
+                terms.append(float(lp[key][b, c]))
+        score = sum(terms) / len(terms)
+        if score > best_score:
+            best, best_score = chain, score
+    return best
+
+
+@pytest.mark.parametrize(
+    "head_types",
+    [REFINED, {"taxa_L10": "HierarchicalSoftmaxHead"}, {"taxa_L20": "ConditionalClassifier"}],
+    ids=["all-refined", "species-refined", "genus-refined"],
+)
+def test_refined_decoding_matches_brute_force_over_chains(head_types) -> None:
+    maps, tree = toy_taxonomy()
+    h = Hierarchy.build(maps, tree, head_types)
+    assert h.refined == (False, "taxa_L20" in head_types, "taxa_L10" in head_types)
+    gen = torch.Generator().manual_seed(1)
+    lp = {k: torch.log_softmax(3 * torch.randn(200, len(m), generator=gen), dim=1) for k, m in maps.items()}
+    for b, d in enumerate(decode(lp, h, top_k=5)):
+        best = brute_force_chain(lp, b, h, head_types)
+        assert [(-1 if c is None else c) for c in d.chosen().values()] == best
+        assert all(d.ranks[r].candidates[0][0] == best[r] for r in range(3) if best[r] >= 0)
+
+
+def complete_tree(families: int = 3, genera: int = 3, species: int = 4) -> tuple[dict[str, ClassMap], TaxonomyTree]:
+    nodes, edges, ids = [], [], {"taxa_L30": [], "taxa_L20": [], "taxa_L10": []}
+    for f in range(families):
+        fid = 1 + f
+        nodes.append({"id": fid, "rank": "family", "name": f"F{f}"})
+        ids["taxa_L30"].append(fid)
+        for g in range(genera):
+            gid = 100 + 10 * f + g
+            nodes.append({"id": gid, "rank": "genus", "name": f"G{gid}"})
+            edges.append({"source": fid, "target": gid})
+            ids["taxa_L20"].append(gid)
+            for s in range(species):
+                sid = 10000 + 100 * gid + s
+                nodes.append({"id": sid, "rank": "species", "name": f"S{sid}"})
+                edges.append({"source": gid, "target": sid})
+                ids["taxa_L10"].append(sid)
+    tree = TaxonomyTree.from_dict({"nodes": nodes, "edges": edges})
+    return {k: ClassMap.from_ids(k, [np.array(v)], tree) for k, v in ids.items()}, tree
+
+
+@pytest.mark.parametrize("species_head", ["HierarchicalSoftmaxHead", "ConditionalClassifier"])
+def test_refined_decoding_equals_the_refined_argmax_when_it_is_consistent(species_head) -> None:
+    from linnaeus.config.defaults import HeadConfig
+    from linnaeus.inference.bundle import hierarchy_matrices
+    from linnaeus.models import HierarchicalClassifier
+
+    maps, tree = complete_tree()
+    keys = list(maps)
+    head_types = {"taxa_L30": "LinearHead", "taxa_L20": "HierarchicalSoftmaxHead", "taxa_L10": species_head}
+    torch.manual_seed(0)
+    clf = HierarchicalClassifier(
+        8,
+        keys,
+        {k: len(m) for k, m in maps.items()},
+        {k: HeadConfig(TYPE=t) for k, t in head_types.items()},
+        hierarchy_matrices(keys, maps, tree),
+    ).eval()
+    with torch.no_grad():
+        for head in clf.heads.values():
+            head.fc.weight.mul_(60.0)
+        lp = {k: torch.log_softmax(v, dim=1) for k, v in clf(torch.randn(2000, 8)).items()}
+    h = Hierarchy.build(maps, tree, head_types)
+    argmax = torch.stack([lp[k].argmax(dim=1) for k in h.keys], dim=1)
+    decoded = decode(lp, h, top_k=3)
+    for b, d in enumerate(decoded):
+        chosen = list(d.chosen().values())
+        # The refined species argmax always heads a consistent chain here (every species has one), and with the
+        # finest refined probability as the score it is exactly the decoded chain.
+        assert chosen == h.paths[2][int(argmax[b, 2])].tolist()
+        assert d.chain_probability == pytest.approx(float(lp["taxa_L10"][b, chosen[2]].exp()), rel=1e-5)
+        if h.is_consistent(argmax[b].tolist()):
+            assert chosen == argmax[b].tolist()
+    # The product of every rank's softmax (the old score) counts genus and family twice and moves away from it.
+    product = decode(lp, Hierarchy.build(maps, tree), top_k=1)
+    moved = sum(p.ranks[2].chosen != int(argmax[b, 2]) for b, p in enumerate(product))
+    assert moved > 0.02 * len(product), moved
+    builder = ResultBuilder(maps, tree, taxonomy_context(maps, tree, "toy", "1"), {"producer": "test"})
+    result = ClassificationResult.model_validate_json(builder.build(decoded[0], "x.jpg", 3).to_json())
+    (policy,) = result.provenance.decision_policies
+    assert policy.parameters["chain_score"] == h.chain_score_rule != product[0].chain_score

@@ -301,3 +301,26 @@ def test_num_classes_checked_or_inferred(tiny_dataset):
     cfg = tiny_dataset.config("DATA.NUM_CLASSES_PER_LEVEL", "{taxa_L20: 4}")
     with pytest.raises(ConfigError, match=r"DATA.NUM_CLASSES_PER_LEVEL.taxa_L20 is 4 but .* has 3 distinct"):
         prepare_data(cfg)
+
+
+def test_encoded_range_is_checked_only_where_an_encoder_defines_it(tmp_path):
+    path = write_labels_h5(
+        tmp_path / "labels.h5",
+        {
+            "img_identifiers": ["a", "b", "c"],
+            "taxa_L10": np.array([1, 2, 3], np.uint32),
+            "temporal": np.array([[0.5, 0.8], [1.0001, -1.0], [np.nan, 7.0]], np.float32),  # float noise and a NaN
+            "custom": np.array([[1e30], [2.0], [-5.0]], np.float32),  # no encoder here: its range is the user's
+        },
+    )
+    custom = ComponentSpec("CUSTOM", "custom", (), 1, 1)
+    store, problems = inspect_labels(path, ["taxa_L10"], [TEMPORAL, custom])
+    assert problems == [] and store.meta_missing[2, 0] and store.meta[0, 2] == np.float32(1e30)
+    with h5py.File(path, "a") as f:
+        f["temporal"][1] = [1.5, 0.0]
+    with pytest.raises(DataError) as err:
+        LabelStore.load(path, ["taxa_L10"], [TEMPORAL, custom])
+    assert str(err.value) == (
+        f"{path}: dataset 'temporal' row 1 holds 1.5, outside [-1, 1], the range of its encoding (1 rows like this;"
+        " DATA.META.COMPONENTS.TEMPORAL); fix the file, or write NaN to mark a row missing"
+    )

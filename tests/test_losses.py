@@ -236,3 +236,134 @@ def test_task_loss_uses_gradnorm_weights():
     targets = {"taxa_L10": torch.tensor([0, 1, 2]), "taxa_L20": torch.tensor([0, 1, 1])}
     total, per = loss(logits, targets)
     torch.testing.assert_close(total, 1.2 * per["taxa_L10"] + 0.8 * per["taxa_L20"])
+
+
+# ------------------------------------------------------------------------------------------- step normalisation
+# 8 samples. Species: the first 4 (one micro-batch) have 1 label, the last 4 have 4. Genus: the first 4 have none.
+SPECIES_Y = torch.tensor([2, -1, -1, -1, 0, 1, 3, 4])
+GENUS_Y = torch.tensor([-1, -1, -1, -1, 0, -1, 2, 1])
+STEP_KEYS = ["taxa_L10", "taxa_L20"]
+
+
+def _step_setup(null_keep_prob: float):
+    """A real backbone + heads + TaskLoss (class weighting on, training mode), and the step's inclusion masks."""
+    from linnaeus.models import HierarchicalClassifier
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU())
+    hierarchy = {("taxa_L20", "taxa_L10"): torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1.0]])}
+    heads = {"taxa_L10": HeadConfig(TYPE="HierarchicalSoftmaxHead"), "taxa_L20": HeadConfig()}
+    clf = HierarchicalClassifier(16, STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, heads, hierarchy)
+    model = torch.nn.Sequential(backbone, clf)
+    cfg = config(CLASS_WEIGHTING=ClassWeightingConfig(TYPE="capping", CAP=20.0))
+    counts = {"taxa_L10": np.array([30, 10, 5, 5, 1]), "taxa_L20": np.array([40, 10, 1])}
+    loss = build_task_loss(cfg, STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, counts).train()
+    x = torch.randn(8, 6)
+    targets = {"taxa_L10": SPECIES_Y, "taxa_L20": GENUS_Y}
+    included = loss.inclusion(targets, None, null_keep_prob, torch.Generator().manual_seed(5))
+    return model, loss, x, targets, included
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _step_gradient(model, loss, x, targets, included, processes: int, micro_batches: int, denominators=True):
+    """The optimizer step's gradient as accelerate + DDP produce it: per process, each micro-batch's loss / k is
+    backpropagated and accumulated; the processes' gradients are then averaged. The denominators come from the
+    included counts summed over every micro-batch of every process (what the loop all-reduces once per step)."""
+    from linnaeus.losses import included_counts, step_denominators
+
+    slices = torch.arange(8).chunk(processes * micro_batches)
+    total = sum(included_counts({k: v[s] for k, v in included.items()}, STEP_KEYS) for s in slices)
+    den = step_denominators(total, STEP_KEYS, micro_batches, processes) if denominators else None
+    per_process = []
+    for p in range(processes):
+        model.zero_grad(set_to_none=True)
+        for s in slices[p * micro_batches : (p + 1) * micro_batches]:
+            sub = {k: v[s] for k, v in targets.items()}
+            inc = {k: v[s] for k, v in included.items()}
+            losses = loss.task_losses(model(x[s]), sub, included=inc, denominators=den)
+            assert all(torch.isfinite(v) for v in losses.values())
+            (loss.combine(losses) / micro_batches).backward()
+        per_process.append(_grads(model))
+    return [torch.stack(g).mean(dim=0) for g in zip(*per_process, strict=True)]
+
+
+@pytest.mark.parametrize("null_keep_prob", [0.0, 0.5])
+@pytest.mark.parametrize(("processes", "micro_batches"), [(1, 2), (2, 1), (2, 2)])
+def test_step_gradient_is_the_mean_over_all_included_samples(null_keep_prob, processes, micro_batches):
+    model, loss, x, targets, included = _step_setup(null_keep_prob)
+    model.zero_grad(set_to_none=True)
+    loss.combine(loss.task_losses(model(x), targets, included=included)).backward()  # one batch of 8
+    reference = _grads(model)
+    split = _step_gradient(model, loss, x, targets, included, processes, micro_batches)
+    for a, b in zip(split, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # The per-micro-batch mean (the old normalisation) is far off with these partial labels.
+    old = _step_gradient(model, loss, x, targets, included, processes, micro_batches, denominators=False)
+    rel = (
+        torch.cat([(a - b).flatten() for a, b in zip(old, reference, strict=True)]).norm()
+        / torch.cat([b.flatten() for b in reference]).norm()
+    )
+    assert rel > 0.1
+
+
+def test_micro_batch_without_labels_at_a_rank_contributes_exactly_zero():
+    from linnaeus.losses import step_denominators
+
+    model, loss, x, targets, included = _step_setup(0.0)
+    first = {k: v[:4] for k, v in targets.items()}
+    inc = {k: v[:4] for k, v in included.items()}
+    assert not bool(inc["taxa_L20"].any())
+    den = step_denominators(torch.tensor([5.0, 3.0]), STEP_KEYS, 2, 1)
+    logits = {k: v.detach().requires_grad_() for k, v in model(x[:4]).items()}
+    losses = loss.task_losses(logits, first, included=inc, denominators=den)
+    assert losses["taxa_L20"].item() == 0.0
+    losses["taxa_L20"].backward()
+    assert torch.equal(logits["taxa_L20"].grad, torch.zeros(4, 3))
+    # A rank with no label in the whole step: count 0 is clamped, the loss is 0, not NaN.
+    den = step_denominators(torch.tensor([5.0, 0.0]), STEP_KEYS, 2, 2)
+    assert float(den["taxa_L20"]) > 0
+    assert loss.task_losses(logits, first, included=inc, denominators=den)["taxa_L20"].item() == 0.0
+
+
+def test_inclusion_draws_once_and_task_losses_reuses_it():
+    loss = build_task_loss(config(), STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, None)
+    targets = {"taxa_L10": SPECIES_Y, "taxa_L20": GENUS_Y}
+    logits = {"taxa_L10": torch.randn(8, 5), "taxa_L20": torch.randn(8, 3)}
+    inc = loss.inclusion(targets, None, 0.5, torch.Generator().manual_seed(1))
+    assert all(bool((inc[k] | (targets[k] < 0)).all()) and bool(inc[k][targets[k] >= 0].all()) for k in STEP_KEYS)
+    # Same generator state, same draw: task_losses without `included` draws exactly what inclusion drew.
+    drawn = loss.task_losses(logits, targets, None, 0.5, torch.Generator().manual_seed(1))
+    reused = loss.task_losses(logits, targets, included=inc)
+    for k in STEP_KEYS:
+        torch.testing.assert_close(drawn[k], reused[k])
+    gen = torch.Generator().manual_seed(1)
+    before = gen.get_state()
+    loss.task_losses(logits, targets, None, 0.5, gen, included=inc)
+    assert torch.equal(gen.get_state(), before)  # no new draw when the mask is given
+    assert loss.inclusion(targets, None, 1.0)["taxa_L20"].all()
+    assert torch.equal(loss.inclusion(targets)["taxa_L20"], GENUS_Y >= 0)
+
+
+def test_cross_process_mean_of_step_normalised_losses_is_the_step_loss():
+    """What GradNorm's cross-process mean (its ``reduce``) sees with the step's denominators: the whole step's
+    per-rank loss (per-process means would weigh a process with 1 label like one with 4)."""
+    from linnaeus.losses import included_counts, step_denominators
+
+    _, loss, _, targets, included = _step_setup(0.0)
+    logits = {"taxa_L10": torch.randn(8, 5), "taxa_L20": torch.randn(8, 3)}
+    full = loss.task_losses(logits, targets, included=included)
+    den = step_denominators(included_counts(included, STEP_KEYS), STEP_KEYS, 1, 2)
+    halves = [
+        loss.task_losses(
+            {k: v[s] for k, v in logits.items()},
+            {k: v[s] for k, v in targets.items()},
+            included={k: v[s] for k, v in included.items()},
+            denominators=den,
+        )
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    for k in STEP_KEYS:
+        torch.testing.assert_close((halves[0][k] + halves[1][k]) / 2, full[k])

@@ -52,12 +52,35 @@ def _latest_step(run: Path) -> int | None:
     return int(p.read_text().strip().split("_")[1]) if p.is_file() else None
 
 
-@pytest.mark.parametrize("target", ["group", "everything"])
+STEPS = 40
+COMMON = dict(TRAIN__MAX_STEPS=STEPS, DATA__NUM_WORKERS=1, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
+
+
+@pytest.fixture(scope="module")
+def straight(demo: Path, tmp_path_factory) -> dict:
+    """The same job run without interruption."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = _run(_linnaeus_launch(tiny_opts(demo, out, name="straight", **COMMON), "cpu_zero2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return final_weights(run_dir(out, "straight"))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("target", ["group", "everything", "ranks"])
 def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
-    demo: Path, tmp_path: Path, target: str
+    demo: Path, tmp_path: Path, straight: dict, target: str
 ) -> None:
-    steps = 40
-    common = dict(TRAIN__MAX_STEPS=steps, DATA__NUM_WORKERS=1, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
+    steps, common = STEPS, COMMON
     run = run_dir(tmp_path, "pre")
     proc = subprocess.Popen(
         _linnaeus_launch(tiny_opts(demo, tmp_path, name="pre", **common), "cpu_zero2"),
@@ -76,6 +99,11 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
     if target == "group":
         # What a person's Ctrl-C or `kill -TERM -PGID` reaches: the launcher (ranks run in their own sessions).
         os.killpg(proc.pid, signal.SIGTERM)
+    elif target == "ranks":
+        ranks = [c for c in _children(proc.pid) if b"linnaeus.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(ranks) == 2
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
     else:
         # What SLURM does: every process of the job, the ranks' DataLoader workers included.
         workers = _descendants(proc.pid)
@@ -98,9 +126,7 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from step {stopped}" in (run / "logs" / "train.log").read_text()
 
-    straight = _run(_linnaeus_launch(tiny_opts(demo, tmp_path, name="straight", **common), "cpu_zero2"))
-    assert straight.returncode == 0, straight.stderr[-4000:]
-    a, b = final_weights(run), final_weights(run_dir(tmp_path, "straight"))
+    a, b = final_weights(run), straight
     worst = max(float((a[k] - b[k]).abs().max()) for k in b)
     assert worst < 1e-5, worst
 

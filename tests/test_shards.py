@@ -28,10 +28,12 @@ from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import load_image
 from linnaeus.data.loader import build_loader
 from linnaeus.data.prepare import prepare_data
-from linnaeus.data.shards import ShardOptions, build_shard_train_loader, shard_report, write_shards
+from linnaeus.data.shards import ShardOptions, build_shard_batches, shard_report, write_shards
 from linnaeus.data.shards.reader import ShardTrainDataset, iter_shard
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
 from linnaeus.errors import DataError
+
+from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
 
 REPO = Path(__file__).resolve().parents[1]
 SPS = 4  # samples per shard: many small shards from a small dataset
@@ -136,7 +138,7 @@ def test_interrupted_shard_run_resumes_to_identical_shards(sharded, tmp_path):
         assert sha256(out / name) == sha256(ref / name)
     # A rerun on a complete folder keeps everything (checksums verified) and rewrites nothing.
     again = write_shards(load_config(ds.config_path), out, ShardOptions(samples_per_shard=SPS, progress=False))
-    assert again["_kept"] == manifest["num_shards"]
+    assert again["_counts"]["kept"] == manifest["num_shards"]
 
 
 def test_missing_image_strict_fails_and_allowed_is_skipped(tmp_path):
@@ -170,41 +172,42 @@ def test_max_side_reencodes_large_images(tmp_path):
 def test_changed_labels_fail_with_reshard_message(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2)
     out = tmp_path / "out"
-    assert main(["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", "4"]) == 0
+    argv = ["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", "4"]
+    assert main([*argv, "--workers", "1", "--opts", "DATA.NUM_WORKERS", "0"]) == 0
     cfg = shard_cfg(ds, out)
     assert shard_report(cfg)["ok"] and shard_report(cfg, prepare_data(cfg))["split_match"] is True
     with h5py.File(ds.labels_path, "a") as f:
         f["metadata"].attrs["note"] = "relabelled"  # any byte change is a new fingerprint
     prepared = prepare_data(cfg)
     with pytest.raises(DataError) as err:
-        build_shard_train_loader(cfg, prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
+        build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
     msg = str(err.value)
     assert str(ds.labels_path) in msg and "changed" in msg and "\n" not in msg
-    assert f"linnaeus shard --cfg {ds.config_path} --out {out}" in msg
+    # The hint repeats the original command, --opts included (but not --workers, which does not change shards).
+    assert f"`linnaeus {' '.join(argv[:-2])} --samples-per-shard 4 --opts DATA.NUM_WORKERS 0`" in msg
     report = shard_report(cfg)
     assert not report["ok"] and report["fingerprint_match"] is False and "changed" in report["errors"][0]
 
 
 def _epoch(cfg, prepared, *, world, rank, bs, workers, epoch=0):
-    loader, n, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers
-    )
-    set_epoch(epoch)
-    batches = list(loader)
-    assert len(batches) == n == len(loader)
+    stream = build_shard_batches(cfg, prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers)
+    n = stream.batches_per_epoch
+    stream.set_epoch(epoch)
+    batches = list(stream)
+    assert len(batches) == n == len(stream)
     return batches, n
 
 
 def _check_against_file_rows(batches, prepared):
-    a = prepared.arrays("train", with_paths=False)
-    where = {int(r): i for i, r in enumerate(a["rows"])}
+    a = prepared.samples("train", with_paths=False)
+    where = {int(r): i for i, r in enumerate(a.rows)}
     for b in batches:
         for j, row in enumerate(b["row"].tolist()):
             i = where[row]  # KeyError: not a training row
             for k, t in b["targets"].items():
-                assert int(t[j]) == int(a["targets"][k][i])
-            assert torch.equal(b["meta"][j], torch.from_numpy(a["meta"][i]))
-            assert torch.equal(b["meta_valid"][j], torch.from_numpy(a["meta_valid"][i]))
+                assert int(t[j]) == int(a.targets[k][i])
+            assert torch.equal(b["meta"][j], torch.from_numpy(a.meta[i]))
+            assert torch.equal(b["meta_valid"][j], torch.from_numpy(a.meta_valid[i]))
     return [r for b in batches for r in b["row"].tolist()]
 
 
@@ -246,23 +249,22 @@ def test_loader_epoch_matches_file_training_rows(sharded):
 
 def test_resume_offset_and_few_shards_still_give_exact_counts(sharded):
     _, _out, cfg, prepared, _ = sharded
-    loader, n, set_epoch = build_shard_train_loader(
-        cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2
-    )
-    set_epoch(2, start_batch=2)
-    assert len(loader) == n - 2 and len(list(loader)) == n - 2
+    stream = build_shard_batches(cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2)
+    n = stream.batches_per_epoch
+    stream.set_epoch(2, start_batch=2)
+    assert len(stream) == n - 2 and len(list(stream)) == n - 2
 
 
 def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     _, out, _cfg, prepared, m = sharded
-    a = prepared.arrays("train", with_paths=False)
+    a = prepared.samples("train", with_paths=False)
     good = [str(out / s["name"]) for s in m["splits"]["train"]["shards"]]
     bad = tmp_path / "bad.tar"
     val_row = int(prepared.val.rows[0])
     with tarfile.open(bad, "w") as tar:
         for name, data in [
             ("0000000001.jpg", b"not a jpeg"),
-            ("0000000001.json", json.dumps({"row": int(a["rows"][1])}).encode()),
+            ("0000000001.json", json.dumps({"row": int(a.rows[1])}).encode()),
             (f"{val_row:010d}.jpg", Path(good[0]).read_bytes()[:10]),
             (f"{val_row:010d}.json", json.dumps({"row": val_row}).encode()),
         ]:
@@ -276,10 +278,7 @@ def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     ds = ShardTrainDataset(
         shards,
         [2, 4] + [s["samples"] for s in m["splits"]["train"]["shards"][:3]],
-        a["rows"],
-        a["targets"],
-        a["meta"],
-        a["meta_valid"],
+        a,
         batch_size=4,
         batches_per_epoch=6,
         img_size=64,
@@ -288,7 +287,7 @@ def test_corrupt_members_are_skipped_and_counted(sharded, tmp_path):
     for epoch in range(2):
         ds.set_epoch(epoch)
         rows = [r for b in ds for r in b["row"].tolist()]
-        assert len(rows) == 24 and set(rows) <= set(a["rows"].tolist())
+        assert len(rows) == 24 and set(rows) <= set(a.rows.tolist())
     assert ds.skipped_count >= 6  # per epoch: two bad samples + the truncated tar
 
 
@@ -300,7 +299,7 @@ def test_cli_rejects_unknown_split(sharded, capsys):
 
 
 def test_cli_does_not_import_torch():
-    code = "import sys, linnaeus.data.shards.cli; print('torch' in sys.modules)"
+    code = "import sys, linnaeus.commands.shard; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False", "the writer should start fast and fork-safe without torch"
 
@@ -363,18 +362,17 @@ import json, sys
 import torch, torch.distributed as dist
 from linnaeus.config import load_config
 from linnaeus.data.prepare import prepare_data
-from linnaeus.data.shards import build_shard_train_loader
+from linnaeus.data.shards import build_shard_batches
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
-loader, n, set_epoch = build_shard_train_loader(
-    cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
-)
+stream = build_shard_batches(cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1)
+n = stream.batches_per_epoch
 rows = []
 for epoch in range(2):
-    set_epoch(epoch)
-    for batch in loader:
+    stream.set_epoch(epoch)
+    for batch in stream:
         step = torch.ones(1)
         dist.all_reduce(step)  # one collective per batch: a rank with fewer batches would hang here
         rows += batch["row"].tolist()
@@ -404,3 +402,186 @@ def test_two_process_launch_steps_together(sharded, tmp_path):
     assert results[0]["n"] == results[1]["n"] == n
     assert all(len(r["rows"]) == 2 * n * 4 for r in results)
     assert set(results[0]["rows"]) | set(results[1]["rows"]) <= set(prepared.train.rows.tolist())
+
+
+def _shard_cmd(ds, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "linnaeus", "shard", "--cfg", str(ds.config_path), "--out", str(out), *extra]
+
+
+def test_parallel_parts_and_merge_equal_one_run(sharded, tmp_path):
+    ds, ref, _, _, m = sharded
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            _shard_cmd(ds, out, "--samples-per-shard", str(SPS), "--workers", "1", "--part", f"{i}/2"),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "--merge" in outs[0][0] and not (out / "manifest.json").exists()
+    progress = sorted(p.name for p in out.glob(".progress*"))
+    assert progress == [".progress.part-0-of-2.jsonl", ".progress.part-1-of-2.jsonl"]
+    argv = ["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", str(SPS)]
+    # A merge before all parts are done names what is missing and writes nothing.
+    part1 = out / progress[1]
+    saved = part1.read_text()
+    part1.write_text("")
+    assert main([*argv, "--merge"]) == 2
+    assert not (out / "manifest.json").exists()
+    part1.write_text(saved)
+    assert main([*argv, "--merge"]) == 0
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # progress logs gone
+    for name in (p.name for p in ref.glob("*.tar")):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    merged = json.loads((out / "manifest.json").read_text())
+    assert merged["command"] == f"linnaeus {' '.join(argv)}"
+    assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in m.items() if k != "command"}
+
+
+def test_part_argument_is_checked(sharded, capsys):
+    ds, out, *_ = sharded
+    assert main(["shard", "--cfg", str(ds.config_path), "--out", str(out), "--part", "2/2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --part") and "0 <= I < N" in err
+
+
+def test_changed_source_image_is_reported_and_rewritten(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "data", per_species=2)
+    out = tmp_path / "out"
+    assert main(["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", str(SPS)]) == 0
+    cfg = shard_cfg(ds, out)
+    before = shard_report(cfg)
+    assert before["ok"] and before["stale_shards"] == 0, before["errors"]
+    prepared = prepare_data(cfg)
+    row = int(prepared.train.rows[0])
+    image = ds.image_file(row)
+    Image.new("RGB", (32, 32), (250, 10, 10)).save(image, format="JPEG")
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    report = shard_report(cfg)
+    assert not report["ok"] and report["stale_shards"] == 1
+    assert "source images changed" in report["errors"][0] and "linnaeus shard --cfg" in report["errors"][0]
+    stale = report["errors"][0].split()[1].rstrip(":")
+    m = write_shards(load_config(ds.config_path), out, ShardOptions(samples_per_shard=SPS, progress=False))
+    assert m["_counts"]["stale"] == m["_counts"]["written"] == 1
+    members = {json.loads(p["json"])["row"]: p["jpg"] for _, p in iter_shard(stale, pytest.fail)}
+    assert members[row] == image.read_bytes()
+    assert shard_report(cfg)["ok"] and shard_report(cfg)["stale_shards"] == 0
+
+
+def test_flipped_byte_in_a_shard_is_caught_with_verify_full(sharded, tmp_path):
+    ds, ref, _, prepared, m = sharded
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    bad = m["splits"]["train"]["shards"][0]
+    with open(out / bad["name"], "r+b") as fh:
+        fh.seek(512 + 200)  # inside the first image's bytes: tar headers stay valid
+        byte = fh.read(1)
+        fh.seek(512 + 200)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    bad_rows = {json.loads(p["json"])["row"] for _, p in iter_shard(str(ref / bad["name"]), pytest.fail)}
+
+    def epoch(verify: str) -> tuple[set[int], int]:
+        cfg = shard_cfg(ds, out, "DATA.SHARDS.VERIFY", verify)
+        stream = build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=4, seed=5, num_workers=0)
+        rows = set()
+        for e in range(2):
+            stream.set_epoch(e)
+            rows |= {r for b in stream for r in b["row"].tolist()}
+        return rows, stream.skipped_samples
+
+    rows, skipped = epoch("full")
+    assert skipped >= bad["samples"] and not rows & bad_rows
+    assert shard_report(shard_cfg(ds, out), verify_checksums=True)["splits"]["train"]["bad_files"] == [bad["name"]]
+    rows, skipped = epoch("open")  # same size: only the sha256 sees it
+    assert skipped <= 1 and rows & bad_rows
+
+
+@pytest.mark.parametrize("world,rank,workers", [(1, 0, 0), (1, 0, 2), (2, 1, 2)])
+def test_resume_mid_epoch_continues_with_the_next_samples(sharded, world, rank, workers):
+    _ds, _out, cfg, prepared, _ = sharded
+    stream = build_shard_batches(cfg, prepared, world_size=world, rank=rank, batch_size=4, seed=3, num_workers=workers)
+    stream.set_epoch(1)
+    full = list(stream)
+    assert len(full) == stream.batches_per_epoch >= 5
+    for k in (1, 4):
+        stream.set_epoch(1, start_batch=k)
+        rest = list(stream)
+        assert len(rest) == len(full) - k
+        for a, b in zip(rest, full[k:], strict=True):
+            assert a["row"].tolist() == b["row"].tolist()
+            assert torch.equal(a["image"], b["image"])
+
+
+def test_shard_sh_outside_slurm_prints_usage_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for args in ([], ["cfg.yaml", str(tmp_path / "out")]):
+        proc = subprocess.run(["bash", str(REPO / "shard.sh"), *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2 and "usage: sbatch --array=0-(N-1) shard.sh CONFIG.yaml OUT" in proc.stderr
+    assert "not inside a SLURM job" in proc.stderr and not (tmp_path / "out").exists()
+    # Inside an array task it runs this task's part (a stand-in `linnaeus` shows the command line).
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "linnaeus").write_text('#!/bin/sh\necho "linnaeus $*"\n')
+    (fake / "linnaeus").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "5"}
+    slurm |= {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4", "PATH": f"{fake}:{env['PATH']}"}
+    slurm["LINNAEUS_VENV"] = str(tmp_path / "no-venv")  # the checkout's .venv would put the real linnaeus first
+    args = ["c.yaml", "out", "--samples-per-shard", "8", "--opts", "DATA.IMG_SIZE", "64"]
+    proc = subprocess.run(["bash", str(REPO / "shard.sh"), *args], capture_output=True, text=True, env={**env, **slurm})
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "linnaeus shard --cfg c.yaml --out out --part 3/5 --samples-per-shard 8 --opts DATA.IMG_SIZE 64" in proc.stdout
+    )
+
+
+def _latest(run: Path) -> str | None:
+    p = run / "checkpoints" / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_shard_fed_run_then_rerun_matches_an_uninterrupted_run(tmp_path_factory, tmp_path):
+    demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+    shards = tmp_path / "shards"
+    common = dict(
+        TRAIN__MAX_STEPS=12,
+        SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 3}",
+        SCHEDULE__CHECKPOINT__KEEP_LAST_N=10,
+        DATA__SHARDS__ENABLED=True,
+        DATA__SHARDS__DIR=str(shards),
+        DATA__SHARDS__SHUFFLE_BUFFER=16,
+    )
+    opts = tiny_opts(demo, tmp_path / "a", name="straight", **common)
+    cmd = [sys.executable, "-m", "linnaeus", "shard", "--cfg", str(REPO / "configs/experiments/demo.yaml")]
+    cmd += ["--out", str(shards), "--samples-per-shard", "24", "--workers", "1", "--opts", *opts]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+    launch(opts)
+    straight = final_weights(run_dir(tmp_path / "a", "straight"))
+
+    opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
+    run = run_dir(tmp_path / "b", "killed")
+    proc = spawn(opts)
+    deadline = time.monotonic() + 300
+    while _latest(run) != "step_3" and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert 12 not in {r["step"] for r in metrics(run, "train")}, "finished before the kill; the test proves nothing"
+    launch(opts)
+    log = (run / "logs" / "train.log").read_text()
+    resumed_at = [s for s in range(3, 12, 3) if f"resumed from step {s}" in log]
+    assert resumed_at, log[-2000:]
+    batches = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"] // 16
+    assert resumed_at[0] % batches != 0, "the resume must land mid-epoch to test the shard stream position"
+    resumed = final_weights(run)
+    worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
+    assert worst < 1e-5, worst

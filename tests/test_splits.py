@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import write_labels_h5, write_tiny_dataset
 
-from linnaeus.data.prepare import image_path, prepare_data
+from linnaeus.data.paths import image_path
+from linnaeus.data.prepare import prepare_data
 from linnaeus.data.splits import Split, random_split
 from linnaeus.errors import DataError
 
@@ -62,18 +63,18 @@ def test_saved_split_rows_must_pass_filters(tiny_dataset, tmp_path):
 
 def test_arrays_targets_and_counts(tiny_dataset):
     data = prepare_data(tiny_dataset.config())
-    a = data.arrays("train")
-    n = len(a["rows"])
-    assert a["meta"].shape == (n, 15) and a["meta"].dtype == np.float32
-    assert a["meta_valid"].shape == (n, 3) and a["meta_valid"].dtype == bool
-    assert set(a["targets"]) == {"taxa_L10", "taxa_L20", "taxa_L30"}
-    for key, t in a["targets"].items():
+    a = data.samples("train")
+    n = len(a.rows)
+    assert a.meta.shape == (n, 15) and a.meta.dtype == np.float32
+    assert a.meta_valid.shape == (n, 3) and a.meta_valid.dtype == bool
+    assert set(a.targets) == {"taxa_L10", "taxa_L20", "taxa_L30"}
+    for key, t in a.targets.items():
         assert t.dtype == np.int64
-        ids = tiny_dataset.taxa[key][a["rows"]]
+        ids = tiny_dataset.taxa[key][a.rows]
         assert ((t == -1) == (ids == 0)).all()
         np.testing.assert_array_equal(data.class_maps[key].taxon_ids[t[t >= 0]], ids[ids != 0])
     counts = data.class_counts("train")
-    assert counts["taxa_L30"].sum() == n and counts["taxa_L10"].sum() == int((a["targets"]["taxa_L10"] >= 0).sum())
+    assert counts["taxa_L30"].sum() == n and counts["taxa_L10"].sum() == int((a.targets["taxa_L10"] >= 0).sum())
     total = counts["taxa_L10"] + data.class_counts("val")["taxa_L10"]
     assert total.tolist() == [3] * 7
     assert data.meta_components == ["TEMPORAL", "SPATIAL", "ELEVATION"] and data.meta_dims == [2, 3, 10]
@@ -118,7 +119,7 @@ def test_presplit_files_share_class_maps(tmp_path):
     assert prepared.num_classes["taxa_L10"] == 7  # the union of both files
     assert prepared.class_counts("train")["taxa_L10"][5] == 0 and prepared.class_counts("val")["taxa_L10"][5] == 3
     assert prepared.stats["classes_without_train_rows"]["taxa_L10"] == 1
-    assert prepared.arrays("val")["targets"]["taxa_L10"].tolist() == [5, 5, 5]
+    assert prepared.samples("val").targets["taxa_L10"].tolist() == [5, 5, 5]
 
 
 def test_save_writes_run_artifacts(tiny_dataset, tmp_path):

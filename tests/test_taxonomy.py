@@ -179,7 +179,7 @@ def test_inconsistent_labels_fail_preparation(tiny_dataset):
     msg = str(err.value)
     # Reported against the genus (the first rank pair checked) and counted once more against the species.
     assert f"{tiny_dataset.labels_path} row 6: taxa_L30 id 1001 is not an ancestor of taxa_L20 id 101" in msg
-    assert "(its taxa_L30 ancestor is 1000) (+1 more;" in msg
+    assert "(its taxa_L30 ancestor is 1000) (+1 more problems;" in msg
     # rank missing in the row (genus 0 for species 17) is fine; the wrong rank for an id is not:
     with h5py.File(tiny_dataset.labels_path, "a") as f:
         f["taxa_L30"][6] = 1000

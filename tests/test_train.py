@@ -13,14 +13,9 @@ import pytest
 import torch
 
 from launch_utils import ACCELERATE as ACCELERATE_BIN
-from launch_utils import ROOT, ensure_demo, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
+from launch_utils import ROOT, env, final_weights, launch, metrics, run_dir, tiny_opts, train_cmd
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
 
 
 def _losses(run: Path) -> list[float]:

@@ -20,8 +20,6 @@ def check_consistency(cfg: Config, prov: Provenance) -> None:
     if data.IMG_SIZE != model.IMG_SIZE:
         key = "DATA.IMG_SIZE" if prov.origin("DATA.IMG_SIZE") != "defaults" else "MODEL.IMG_SIZE"
         _fail(key, prov, f"DATA.IMG_SIZE ({data.IMG_SIZE}) must equal MODEL.IMG_SIZE ({model.IMG_SIZE})")
-    if model.IMG_SIZE % 32:
-        _fail("MODEL.IMG_SIZE", prov, f"expected a multiple of 32 (the model's stride), got {model.IMG_SIZE}")
 
     heads = model.CLASSIFICATION.HEADS
     keys = data.TASK_KEYS_H5
@@ -88,20 +86,3 @@ def check_consistency(cfg: Config, prov: Provenance) -> None:
                 )
     if len(cfg.OPTIMIZER.BETAS) != 2:
         _fail("OPTIMIZER.BETAS", prov, f"expected two values [beta1, beta2], got {cfg.OPTIMIZER.BETAS}")
-    if model.TYPE == "mFormerV1":
-        rs, cs = model.ROPE_STAGES, model.CONVNEXT_STAGES
-        if len(cs.DIMS) != 4 or len(cs.DEPTHS) < 2:
-            _fail(
-                "MODEL.CONVNEXT_STAGES.DIMS",
-                prov,
-                f"expected 4 stage widths and >= 2 depths, got {cs.DIMS}/{cs.DEPTHS}",
-            )
-        if list(rs.DIMS) != list(cs.DIMS[2:4]):
-            _fail(
-                "MODEL.ROPE_STAGES.DIMS",
-                prov,
-                f"must equal MODEL.CONVNEXT_STAGES.DIMS[2:4] {cs.DIMS[2:4]}, got {rs.DIMS}",
-            )
-        for d, h in zip(rs.DIMS, rs.NUM_HEADS, strict=False):
-            if d % h:
-                _fail("MODEL.ROPE_STAGES.NUM_HEADS", prov, f"width {d} is not divisible by {h} heads")

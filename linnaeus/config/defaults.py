@@ -11,9 +11,16 @@ Keys accepted only for compatibility with configs written for the prior Polli Li
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from linnaeus.registry import HEADS, LOSSES, MODELS
+
+# Names of registered parts; checked against ``linnaeus.registry`` so a new model/head/loss needs no schema edit.
+ModelName = Annotated[str, AfterValidator(MODELS.validator())]
+HeadName = Annotated[str, AfterValidator(HEADS.validator())]
+LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 
 
 class Node(BaseModel):
@@ -73,22 +80,28 @@ class ExperimentConfig(Node):
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
+    TRACKERS: list[str] = Field(
+        default_factory=list,
+        description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- MODEL
 class HeadLossConfig(Node):
-    TYPE: Literal["CrossEntropyLoss", "TaxonomyAwareLabelSmoothing"] = "CrossEntropyLoss"
+    TYPE: LossName = Field("CrossEntropyLoss", description="a registered loss: linnaeus.losses.list_criteria()")
     PARAMS: dict[str, Any] = Field(
         default_factory=dict,
-        description="CrossEntropyLoss: {label_smoothing}; TaxonomyAwareLabelSmoothing: {alpha, beta}",
+        description="checked by the loss; built in: CrossEntropyLoss {label_smoothing}, "
+        "TaxonomyAwareLabelSmoothing {alpha, beta}",
     )
     WEIGHT: float = Field(1.0, ge=0, description="static weight of this rank's loss in the total")
 
 
 class HeadConfig(Node):
-    TYPE: Literal["LinearHead", "HierarchicalSoftmaxHead", "ConditionalClassifier"] = "LinearHead"
+    TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
     USE_BIAS: bool = True
+    PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
     LOSS: HeadLossConfig = Field(default_factory=HeadLossConfig)
@@ -133,9 +146,9 @@ class AttentionStages(Node):
 
 
 class ModelConfig(Node):
-    TYPE: Literal["mFormerV1", "mFormerV0"] = "mFormerV1"
+    TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
     NAME: str = "mFormerV1_sm"
-    IMG_SIZE: int = Field(384, ge=32, description="multiple of 32; must equal DATA.IMG_SIZE")
+    IMG_SIZE: int = Field(384, ge=32, description="must equal DATA.IMG_SIZE; mFormerV0/V1 need a multiple of 32")
     IN_CHANS: int = 3
     DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
     DROP_RATE: float = Field(0.0, ge=0, lt=1)
@@ -143,6 +156,9 @@ class ModelConfig(Node):
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
     COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    PARAMS: dict[str, Any] = Field(
+        default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
+    )
     PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
@@ -195,8 +211,9 @@ class VerifyImagesConfig(Node):
 
 
 class HybridConfig(Node):
-    USE_HYBRID: bool = True
+    USE_HYBRID: bool = Field(True, description="images are files under IMAGES_DIR; False (images in HDF5) is refused")
     IMAGES_DIR: str = ""
+    ALLOW_SYMLINKS_OUTSIDE: bool = Field(False, description="follow symbolic links that lead out of IMAGES_DIR")
     FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
     ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
     VERIFY_IMAGES: VerifyImagesConfig = Field(default_factory=VerifyImagesConfig)
@@ -214,12 +231,15 @@ class ShardsConfig(Node):
     ENABLED: bool = False
     DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
+    VERIFY: Literal["none", "open", "full"] = Field(
+        "full", description="shard checks: open = size at each open; full = also sha256, once per shard per run"
+    )
 
 
 class DatasetInfo(Node):
     NAME: str = ""
     VERSION: str = ""
-    CLADE: str = ""
+    CLADE: str = Field("", description="descriptive; recorded in bundle.json with NAME and VERSION")
 
 
 class DataConfig(Node):
@@ -266,7 +286,9 @@ class AugConfig(Node):
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
-    BATCH_SIZE: int | None = Field(None, ge=1, description="alias of DATA.BATCH_SIZE (the seed's command line)")
+    BATCH_SIZE: int | None = Field(
+        None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
+    )
     AMP_OPT_LEVEL: Literal["O0", "O1", "O2", "O3"] | None = Field(
         None,
         description="O0 fp32; O1/O2/O3 the best half precision available (bf16 preferred); None: accelerate config",
@@ -275,6 +297,11 @@ class TrainConfig(Node):
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
     AUTO_RESUME: bool = True
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
+    RESUME_CONFIG_CHANGE: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
+        "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
+    )
     PHASE1_MASK_NULL_LOSS: bool | None = Field(
         None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
     )

@@ -20,9 +20,6 @@ from linnaeus.errors import ConfigError
 OPTS = "--opts"
 DEFAULTS = "defaults"
 
-# Sections whose keys are user-chosen names (task keys, component names) rather than schema fields.
-OPEN_MAPS = {("MODEL", "CLASSIFICATION", "HEADS"), ("DATA", "META", "COMPONENTS"), ("DATA", "NUM_CLASSES_PER_LEVEL")}
-
 
 def repo_root() -> Path:
     """The directory holding ``configs/``: the source checkout, or the current directory for an installed package."""
@@ -163,7 +160,7 @@ def _get_dotted(tree: dict, dotted: str) -> Any:
 
 
 def _apply_aliases(tree: dict, prov: Provenance) -> None:
-    """``TRAIN.BATCH_SIZE`` is the seed guide's name for the per-process batch size ``DATA.BATCH_SIZE``."""
+    """``TRAIN.BATCH_SIZE`` is the prior system's user-guide name for the per-process batch size ``DATA.BATCH_SIZE``."""
     alias = _get_dotted(tree, "TRAIN.BATCH_SIZE")
     if alias is not None:
         _set_dotted(tree, "DATA.BATCH_SIZE", alias)

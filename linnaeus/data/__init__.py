@@ -20,7 +20,7 @@ _EXPORTS = {
     "SplitView": "linnaeus.data.prepare",
     "prepare_data": "linnaeus.data.prepare",
     "build_report": "linnaeus.data.check",
-    "verify_images": "linnaeus.data.check",
+    "verify_images": "linnaeus.data.verify_images",
 }
 
 __all__ = sorted(_EXPORTS)

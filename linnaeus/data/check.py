@@ -1,165 +1,51 @@
-"""``linnaeus check``: validate config, labels.h5, taxonomy and images without training; and image verification.
+"""The data report behind ``linnaeus check``: every problem the data rules find, collected instead of raised.
 
-:func:`build_report` runs every stage it can and collects problems instead of stopping at the first: all schema
-problems of a labels file, every taxonomy conflict and inconsistency, every NUM_CLASSES mismatch, every missing or
-corrupt image. :func:`run` prints the report (a table, or JSON with ``--json``), then one ``error: ...`` line per
-problem on stderr, and exits 2 when there is any. Bad input never produces a traceback.
-
-Missing/corrupt images (here and in ``DATA.HYBRID.VERIFY_IMAGES``): without ``DATA.HYBRID.ALLOW_MISSING_IMAGES``
-any unreadable image is an error naming the file and its labels.h5 row. With it, unreadable images are counted
-and tolerated up to ``max(MAX_MISSING_COUNT, floor(MAX_MISSING_RATIO × images checked))``; a limit of 0 means
-none (it never means "unlimited"), so allowing some missing images takes both switches.
+:func:`build_report` runs every stage it can and lists all problems (one line each) rather than stopping at the
+first: every schema problem of a labels file, every taxonomy conflict and inconsistency, every NUM_CLASSES
+mismatch, every identifier that leaves the image folder, every missing or corrupt image. The rules themselves are
+the ones training raises (:mod:`linnaeus.data.rules` and the modules it names), so the two never disagree. This
+module prints nothing; the command (:mod:`linnaeus.commands.check`) prints the report and sets the exit code.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from linnaeus.data.labels import components_from_config, in_region_key, inspect_labels
+from linnaeus.data.paths import images_dir_problem, label_paths
 from linnaeus.data.prepare import (
     SplitView,
     build_class_maps,
     examine_taxonomy,
-    image_path,
-    label_paths,
     make_split,
-    num_classes_problems,
     per_store,
-    resolve_path,
+    split_image_paths,
     used_taxa,
+    where_rows,
 )
-from linnaeus.data.taxonomy import keys_coarse_to_fine, rank_name, rank_of_key
-from linnaeus.errors import DataError, LinnaeusError
-from linnaeus.utils.io import atomic_write_json
+from linnaeus.data.rules import (
+    configured_num_classes,
+    empty_rank_problems,
+    num_classes_problems,
+    split_problems,
+    storage_problems,
+    task_key_problems,
+)
+from linnaeus.data.taxonomy import rank_name
+from linnaeus.data.verify_images import verify_images
+from linnaeus.errors import LinnaeusError
 
 if TYPE_CHECKING:
-    import argparse
-
     from linnaeus.config import Config
-    from linnaeus.config.defaults import VerifyImagesConfig
 
-MAX_LISTED = 100  # image problems listed in a report printed by `linnaeus check` (all are counted)
+MAX_LISTED = 100  # image problems listed in a report (all are counted)
 
-
-# ----------------------------------------------------------------------------------------- extra sections
 # Sections the data package cannot compute itself (it must not import models or shards): the command layer passes
 # callables ``(cfg, num_classes) -> dict | None``; one raising LinnaeusError becomes one error line.
 ExtraSection = Callable[..., Any]
-
-
-# --------------------------------------------------------------------------------------------------- images
-def _probe(path: str, decode: bool) -> str | None:
-    """None when the image is fine, else a short description of the problem."""
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
-    if size == 0:
-        return "is empty (0 bytes)"
-    if not decode:
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still reads every entropy-coded block
-            im.load()
-    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        return f"cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
-
-
-def scan_images(paths: Sequence[str], *, decode: bool = False, workers: int = 8) -> list[tuple[int, str]]:
-    """(index, problem) for every unreadable path, in index order. Threads: stat/open/decode release the GIL."""
-    n = len(paths)
-    if not n:
-        return []
-    chunk = max(1, min(2048, math.ceil(n / (workers * 8))))
-
-    def work(start: int) -> list[tuple[int, str]]:
-        out = []
-        for i in range(start, min(n, start + chunk)):
-            problem = _probe(paths[i], decode)
-            if problem:
-                out.append((i, problem))
-        return out
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(work, range(0, n, chunk))
-        return [item for part in results for item in part]
-
-
-def verify_images(
-    paths: Sequence[str],
-    rows: np.ndarray,
-    identifiers: Sequence[str],
-    cfg_verify: VerifyImagesConfig,
-    report_path: Path | None,
-    *,
-    allow_missing: bool = False,
-    decode: bool | None = None,
-    raise_on_error: bool = True,
-) -> dict[str, Any]:
-    """Check that every image exists (and decodes, with DECODE); write a JSON report; enforce the limits.
-
-    Returns the report dict (``ok``, ``error``, counts, ``items`` = every problem with row/identifier/path).
-    With ``raise_on_error`` a failed check raises DataError with the report's one-line ``error``.
-    """
-    decode = cfg_verify.DECODE if decode is None else decode
-    n = len(paths)
-    found = scan_images(paths, decode=decode, workers=cfg_verify.NUM_WORKERS)
-    items = [
-        {"row": int(rows[i]), "identifier": str(identifiers[i]), "path": str(paths[i]), "problem": p} for i, p in found
-    ]
-    missing = sum(1 for _, p in found if p == "does not exist")
-    bad = len(found)
-    limit = max(cfg_verify.MAX_MISSING_COUNT, math.floor(cfg_verify.MAX_MISSING_RATIO * n + 1e-9))
-    error = None
-    if bad and not allow_missing:
-        first = items[0]
-        error = (
-            f"image {first['path']} (labels.h5 row {first['row']}) {first['problem']}; {bad} of {n} images are"
-            " missing or unreadable; fix them, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True and"
-            " DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT/MAX_MISSING_RATIO to replace and count them"
-        )
-    elif bad > limit:
-        first = items[0]
-        error = (
-            f"{bad} of {n} images are missing or unreadable (first: {first['path']}, labels.h5 row {first['row']},"
-            f" {first['problem']}), more than DATA.HYBRID.VERIFY_IMAGES allows: max(MAX_MISSING_COUNT"
-            f" {cfg_verify.MAX_MISSING_COUNT}, MAX_MISSING_RATIO {cfg_verify.MAX_MISSING_RATIO} x {n}) = {limit}"
-        )
-    report = {
-        "ok": error is None,
-        "error": error,
-        "checked": n,
-        "decoded": bool(decode),
-        "missing": missing,
-        "corrupt": bad - missing,
-        "unreadable_ratio": round(bad / n, 6) if n else 0.0,
-        "allow_missing": bool(allow_missing),
-        "limit": limit,
-        "report_path": str(report_path) if report_path else None,
-        "items": items,
-    }
-    if report_path is not None:
-        atomic_write_json(Path(report_path), report)
-    if error and report_path is not None:
-        report["error"] = error = f"{error} (full list: {report_path})"
-    if error and raise_on_error:
-        raise DataError(error)
-    return report
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -193,12 +79,12 @@ def build_report(
     }
     errors: list[str] = r["errors"]
     keys = list(cfg.DATA.TASK_KEYS_H5)
+    errors.extend(map(str, storage_problems(cfg) + task_key_problems(cfg)))
     try:
-        for key in keys:
-            rank_of_key(key)
         train_path, val_path = label_paths(cfg)
     except LinnaeusError as exc:
         errors.append(str(exc))
+    if errors:
         return _finish(r)
 
     comps = components_from_config(cfg)
@@ -227,8 +113,7 @@ def build_report(
         "ratio": split.ratio,
         "presplit": split.presplit,
     }
-    if not len(split.val_rows):
-        r["warnings"].append("the validation split is empty (DATA.H5.TRAIN_VAL_SPLIT_RATIO leaves no rows)")
+    errors.extend(map(str, split_problems(split)))
 
     tree = None
     try:
@@ -245,29 +130,23 @@ def build_report(
     except LinnaeusError as exc:
         errors.append(str(exc))
 
-    where = ", ".join(str(s.path) for s, _ in per_store(views))
+    where = where_rows(views)
     class_maps = build_class_maps(keys, used_taxa(views, keys), tree)
-    errors.extend(num_classes_problems(cfg, class_maps, where))
-    heads = cfg.MODEL.CLASSIFICATION.HEADS
-    per_level = cfg.DATA.NUM_CLASSES_PER_LEVEL or {}
+    errors.extend(map(str, num_classes_problems(cfg, class_maps, where) + empty_rank_problems(class_maps, where)))
     for key in keys:
         cmap = class_maps[key]
-        configured = (
-            heads[key].NUM_CLASSES if key in heads and heads[key].NUM_CLASSES is not None else per_level.get(key)
-        )
+        configured = configured_num_classes(cfg, key)
         idx = {v.name: cmap.index(v.store.taxa[key][v.rows]) for v in views}
         train_counts = np.bincount(idx["train"][idx["train"] >= 0], minlength=len(cmap))
         r["ranks"][key] = {
             "rank": rank_name(cmap.rank),
             "num_classes": len(cmap),
-            "configured": configured,
+            "configured": configured[0][1] if configured else None,
             "nulls": {name: int((i < 0).sum()) for name, i in idx.items()},
             "classes_without_train_rows": int((train_counts == 0).sum()),
             "min_train_count": int(train_counts.min()) if len(cmap) else 0,
             "max_train_count": int(train_counts.max()) if len(cmap) else 0,
         }
-        if not len(cmap):
-            errors.append(f"{where}: {key} has no non-null taxon ids in the rows in use; nothing to train at that rank")
 
     for store, rows in per_store(views):
         stats = store.statistics(rows)
@@ -279,8 +158,7 @@ def build_report(
                 " (they add no loss; DATA.REQUIRE_ALL_RANKS would drop them)"
             )
 
-    if check_images:
-        _check_images(cfg, views, decode, r)
+    _check_images(cfg, views, check_images, decode, r)
     for name, section in (extra or {}).items():
         try:
             r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()})
@@ -292,24 +170,27 @@ def build_report(
     return _finish(r)
 
 
-def _check_images(cfg: Config, views: list[SplitView], decode: bool, r: dict[str, Any]) -> None:
+def _check_images(cfg: Config, views: list[SplitView], verify: bool, decode: bool, r: dict[str, Any]) -> None:
+    """Identifiers that leave IMAGES_DIR (always, as training refuses them), then, with ``verify``, the images."""
     hybrid = cfg.DATA.HYBRID
-    if not hybrid.IMAGES_DIR:
-        if cfg.DATA.SHARDS.ENABLED:
+    problem = images_dir_problem(cfg)
+    if problem and verify:
+        if not hybrid.IMAGES_DIR and cfg.DATA.SHARDS.ENABLED:
             r["warnings"].append("images not checked: DATA.HYBRID.IMAGES_DIR is not set (training reads shards)")
         else:
-            r["errors"].append("DATA.HYBRID.IMAGES_DIR: not set; expected the folder holding the images")
-        return
-    images_dir = resolve_path(hybrid.IMAGES_DIR)
-    if not images_dir.is_dir():
-        r["errors"].append(f"DATA.HYBRID.IMAGES_DIR: {images_dir} is not a directory")
+            r["errors"].append(problem)
+    if not hybrid.IMAGES_DIR or (problem and verify):
         return
     paths, rows, ids = [], [], []
     for v in views:
-        vid = v.store.identifiers[v.rows]
-        paths += [image_path(str(images_dir), i, hybrid.FILE_EXTENSION) for i in vid]
-        rows.append(v.rows)
-        ids.append(vid)
+        split_paths, refused = split_image_paths(cfg, v)
+        r["errors"].extend(refused.values())
+        keep = np.setdiff1d(np.arange(len(v.rows)), np.fromiter(refused, np.int64))  # a refused path is never opened
+        paths += [split_paths[j] for j in keep]
+        rows.append(v.rows[keep])
+        ids.append(v.store.identifiers[v.rows[keep]])
+    if not verify:
+        return
     report = verify_images(
         paths,
         np.concatenate(rows),
@@ -336,98 +217,4 @@ def _finish(r: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-# ------------------------------------------------------------------------------------------------- printing
-def _table(rows: list[list[Any]], indent: str = "  ") -> list[str]:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-
-
-def format_report(r: dict[str, Any]) -> str:
-    c = r["config"]
-    lines = [f"config: OK — {c['model']}, image {c['img_size']} px, task keys {', '.join(c['task_keys'])}"]
-    for lab in r["labels"]:
-        lines.append(f"labels: {lab['path']}")
-        lines.append(f"  rows {lab['rows_total']}, kept {lab['rows_kept']}, fingerprint {lab['fingerprint'][:16]}")
-        for f in lab["filters"]:
-            lines.append(f"  filter {f['name']} ({f['key']}): dropped {f['dropped']}")
-        if lab["duplicates"]:
-            lines.append(f"  duplicate identifiers: {lab['duplicates']} rows")
-    if r["split"]:
-        s = r["split"]
-        how = "pre-split files" if s["presplit"] else f"seed {s['seed']}, ratio {s['ratio']}"
-        lines.append(f"split: train {s['train']}, val {s['val']} ({how})")
-    if r["ranks"]:
-        lines.append("ranks:")
-        order = keys_coarse_to_fine(r["ranks"]) if r["ranks"] else []
-        table = [["key", "rank", "classes", "config", "nulls train/val", "no train rows", "train count min/max"]]
-        for key in order:
-            k = r["ranks"][key]
-            table.append(
-                [
-                    key,
-                    k["rank"],
-                    k["num_classes"],
-                    "-" if k["configured"] is None else k["configured"],
-                    f"{k['nulls']['train']}/{k['nulls']['val']}",
-                    k["classes_without_train_rows"],
-                    f"{k['min_train_count']}/{k['max_train_count']}",
-                ]
-            )
-        lines += _table(table)
-    if r["metadata"]:
-        lines.append("metadata:")
-        table = [["component", "source", "from", "dim", "idx", "coverage", "missing", "oor masked"]]
-        for name, per_file in r["metadata"].items():
-            for m in per_file:
-                table.append(
-                    [
-                        name,
-                        m["source"],
-                        m["origin"],
-                        m["dim"],
-                        m["idx"],
-                        f"{100 * m['coverage']:.1f}%",
-                        m["missing"],
-                        m["oor_masked"],
-                    ]
-                )
-        lines += _table(table)
-    t = r["taxonomy"]
-    if t:
-        lines.append(
-            f"taxonomy: {t['source']}: {t['nodes']} taxa, {t['edges']} edges; {len(t['conflicts'])} conflicts,"
-            f" {sum(i['rows'] for i in t['inconsistencies'])} inconsistent rows"
-        )
-    im = r["images"]
-    if im:
-        how = "decoded" if im["decoded"] else "existence checked"
-        lines.append(f"images: {im['checked']} {how}; {im['missing']} missing, {im['corrupt']} corrupt")
-    if isinstance(r.get("model"), dict):
-        m = r["model"]
-        macs = ", ".join(f"{g:.2f} GMACs at {px}" for px, g in m["gmacs"].items())
-        lines.append(
-            f"model: {m['name']}: {m['params'] / 1e6:.2f} M parameters ({m['backbone_params'] / 1e6:.2f} M backbone"
-            f" incl. {m['meta_params'] / 1e6:.2f} M metadata embedders, {m['head_params'] / 1e6:.2f} M heads); {macs}"
-        )
-    if isinstance(r.get("shards"), dict):
-        lines.append(
-            "shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list))
-        )
-    for w in r["warnings"]:
-        lines.append(f"warning: {w}")
-    n = len(r["errors"])
-    lines.append("result: OK" if r["ok"] else f"result: {n} error{'s' if n > 1 else ''} (listed on stderr)")
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace, extra: dict[str, ExtraSection] | None = None) -> int:
-    """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
-    from linnaeus.config import load_config
-
-    cfg = load_config(args.cfg, args.opts)  # a ConfigError is printed as one line by the CLI
-    report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    sys.stdout.flush()
-    for line in report["errors"]:
-        print(f"error: {line}", file=sys.stderr)
-    return 0 if report["ok"] else DataError.exit_code
+__all__ = ["MAX_LISTED", "ExtraSection", "build_report"]

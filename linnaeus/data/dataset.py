@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.samples import SampleTable
 from linnaeus.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,11 @@ class _PathTable:
 
 
 class FileDataset(Dataset):
-    """Images from files, labels/metadata from arrays. ``len(paths)`` samples; all arrays are per sample.
-
-    ``rows`` (int64): the labels.h5 row of each sample (reported in errors and batches). ``targets``: task key
-    → int64 class index, -1 for null. ``meta`` float32 (N, D) packed by component IDX; ``meta_valid`` bool (N, C).
-    """
+    """Images from files, labels/metadata from a ``SampleTable`` (whose ``paths`` must be set); one sample per row."""
 
     def __init__(
         self,
-        paths: Sequence[str],
-        rows: np.ndarray,
-        targets: dict[str, np.ndarray],
-        meta: np.ndarray,
-        meta_valid: np.ndarray,
+        table: SampleTable,
         *,
         img_size: int,
         train: bool,
@@ -86,17 +79,13 @@ class FileDataset(Dataset):
         allow_missing: bool = False,
         seed: int = 0,
     ) -> None:
-        n = len(paths)
-        self._paths = _PathTable(paths)
-        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
-        self.targets = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in targets.items()}
-        self.meta = np.ascontiguousarray(meta, dtype=np.float32).reshape(n, -1)
-        self.meta_valid = np.ascontiguousarray(meta_valid, dtype=bool).reshape(n, -1)
-        for name, arr in [("rows", self.rows), ("meta", self.meta), ("meta_valid", self.meta_valid)] + [
-            (f"targets[{k}]", v) for k, v in self.targets.items()
-        ]:
-            if len(arr) != n:
-                raise ValueError(f"FileDataset: {name} has {len(arr)} entries for {n} paths")
+        if table.paths is None:
+            raise ValueError("FileDataset: the sample table has no image paths")
+        self._paths = _PathTable(table.paths)
+        self.rows = table.rows
+        self.targets = table.targets
+        self.meta = table.meta
+        self.meta_valid = table.meta_valid
         self.img_size = int(img_size)
         self.train = bool(train)
         self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))

@@ -1,4 +1,4 @@
-"""``linnaeus demo-data``: a small synthetic taxonomic dataset in the real labels.h5 schema.
+"""A small synthetic taxonomic dataset in the real labels.h5 schema (``linnaeus demo-data`` writes it).
 
 2 families ⊃ 4 genera ⊃ 12 species. Genus sets the SHAPE (circle, square, triangle, cross); species sets colour
 and texture; every image adds a random background, distractor blobs, noise and random position/scale/rotation.
@@ -12,7 +12,7 @@ labels.h5 holds ``img_identifiers``, ``taxa_L10/L20/L30`` (uint32; a few % null 
 family), ``raw_lat``, ``raw_lon``, ``raw_date_observed``, ``raw_elevation`` and the features ``temporal`` (N, 2),
 ``spatial`` (N, 3), ``elevation_broadrange_2`` (N, 10) computed from them by ``linnaeus.data.encoders`` (a few %
 missing: raw NaN/"" and all-zero features), plus ``in_region``, ``observer_id``, ``anomaly_score`` and a
-``metadata`` group with ``config_json``. ``taxonomy.json`` uses the seed's nodes/edges form.
+``metadata`` group with ``config_json``. ``taxonomy.json`` uses the nodes/edges form of the prior system's user guide.
 
 The output is byte-for-byte deterministic for a given (seed, per_species): fixed JPEG settings, fixed row order,
 no timestamps in HDF5 objects. Files are written to temporary names and renamed; labels.h5 comes last.
@@ -20,7 +20,6 @@ no timestamps in HDF5 objects. Files are written to temporary names and renamed;
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -313,7 +312,7 @@ def _write_labels(path: Path, rows: dict[str, np.ndarray], identifiers: list[str
 
 
 def taxonomy_json() -> dict[str, Any]:
-    """The demo taxonomy in the seed's form: nodes (id, rank, name) and parent → child edges."""
+    """The demo taxonomy in the user guide's nodes/edges form: nodes (id, rank, name) and parent → child edges."""
     nodes = [{"id": f.id, "rank": "family", "name": f.name} for f in FAMILIES]
     nodes += [{"id": g.id, "rank": "genus", "name": g.name} for g in GENERA]
     nodes += [{"id": s.id, "rank": "species", "name": s.name} for s in SPECIES]
@@ -384,13 +383,3 @@ def write_demo_dataset(out: Path, seed: int = 0, per_species: int = 200) -> dict
         "species_nulls": int((rows["taxa_L10"] == 0).sum()),
         "genus_nulls": int((rows["taxa_L20"] == 0).sum()),
     }
-
-
-def run(args: argparse.Namespace) -> int:
-    s = write_demo_dataset(Path(args.out), seed=args.seed, per_species=args.per_species)
-    print(
-        f"demo-data: {s['num_images']} images ({s['num_species']} species, {s['num_genera']} genera, "
-        f"{s['num_families']} families; {s['species_nulls']} rows without species, {s['genus_nulls']} without genus) "
-        f"-> {s['images_dir']}, {s['labels']}, {s['taxonomy']}"
-    )
-    return 0

@@ -48,6 +48,12 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+def encoded_bound(source: str) -> float | None:
+    """Largest absolute value the encoding of a labels.h5 dataset can hold (every column is a sin, a cos or a unit
+    vector component), or None for a source no encoder here produces."""
+    return 1.0 if source in COLUMN_NAMES or source.startswith("elevation") else None
+
+
 def _as_float(values: Any, name: str) -> np.ndarray:
     """1-D float64 array; None → NaN so that missing values flow through as NaN."""
     if isinstance(values, (list, tuple)) or (isinstance(values, np.ndarray) and values.dtype == object):

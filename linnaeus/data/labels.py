@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from linnaeus.data.encoders import encode_from_raw, encoded_bound
+from linnaeus.data.rules import raise_first
 from linnaeus.errors import DataError
 
 if TYPE_CHECKING:
@@ -142,13 +144,8 @@ class LabelStore:
 
         ``need_in_region`` names the config key that requires the ``in_region`` dataset (None: optional).
         """
-        problems: list[str] = []
-        store = _read(Path(path), list(task_keys), list(components or []), need_in_region, problems)
-        if problems:
-            more = (
-                f" (+{len(problems) - 1} more problems; `linnaeus check` lists them all)" if len(problems) > 1 else ""
-            )
-            raise DataError(problems[0] + more)
+        store, problems = inspect_labels(path, task_keys, list(components or []), need_in_region)
+        raise_first(problems)
         assert store is not None
         return store
 
@@ -398,7 +395,31 @@ def _read_component(
     arr = arr.reshape(-1, 1) if arr.ndim == 1 else arr
     if cols != list(range(width)):
         arr = arr[:, cols]
+    out_of_range = _out_of_range(path, spec, arr)
+    if out_of_range:
+        problems.append(out_of_range)
+        return None, "h5"
     return np.ascontiguousarray(arr, dtype=np.float32), "h5"
+
+
+def _out_of_range(path: Path, spec: ComponentSpec, arr: np.ndarray) -> str | None:
+    """A finite value beyond what the component's encoder can produce (one such row turns every weight NaN).
+
+    Rows with NaN/inf are missing, not out of range; sources without a known encoder are not bounded here.
+    """
+    bound = encoded_bound(spec.source)
+    if bound is None or not arr.size:
+        return None
+    with np.errstate(invalid="ignore"):
+        bad = np.isfinite(arr).all(axis=1) & (np.abs(arr) > bound * (1 + 1e-3)).any(axis=1)
+    if not bad.any():
+        return None
+    row = int(np.flatnonzero(bad)[0])
+    value = float(arr[row, int(np.argmax(np.abs(arr[row])))])
+    return (
+        f"{path}: dataset '{spec.source}' row {row} holds {value:g}, outside [-{bound:g}, {bound:g}], the range of"
+        f" its encoding ({int(bad.sum())} rows like this; {spec.key}); fix the file, or write NaN to mark a row missing"
+    )
 
 
 def _encode_raw(f: h5py.File, path: Path, spec: ComponentSpec, problems: list[str]) -> np.ndarray | None:
@@ -413,8 +434,6 @@ def _encode_raw(f: h5py.File, path: Path, spec: ComponentSpec, problems: list[st
             f"{spec.key}.SOURCE: dataset '{spec.source}' is not in {path}{hint} (datasets present: {present})"
         )
         return None
-    from linnaeus.data.encoders import encode_from_raw
-
     raw: dict[str, Any] = {}
     for name in needs:
         ds = _dataset(f, name)

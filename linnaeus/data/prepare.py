@@ -1,9 +1,11 @@
 """From a Config to everything the trainer needs about the data: ``prepare_data(cfg) -> PreparedData``.
 
 Steps, each failing with one line naming the file/key/row: resolve the labels path(s) → read and validate
-labels.h5 (LabelStore) → explicit filters (counted) → split (seeded, or reloaded from the run's split.npz) →
-taxonomy (taxonomy.json checked against the labels, or inferred with conflicts refused) → class maps over the
-rows in use (train ∪ val) → NUM_CLASSES checked or inferred → optional image verification → statistics.
+labels.h5 (LabelStore) → explicit filters (counted) → split (seeded, or reloaded from the run's split.npz; both
+splits non-empty) → taxonomy (taxonomy.json checked against the labels, or inferred with conflicts refused) →
+class maps over the rows in use (train ∪ val) → NUM_CLASSES checked or inferred → image paths (identifiers must
+stay inside IMAGES_DIR) → optional image verification → statistics. Every check is a rule from
+:mod:`linnaeus.data.rules` (or a module it names) raised with ``raise_first``; ``linnaeus check`` lists them all.
 
 Class maps are built from the rows that survive the filters, so no class gets an output slot only because of
 rows a filter removed. A class seen only in validation rows still gets one (its validation samples must be
@@ -17,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from linnaeus.data.labels import FilterReport, LabelStore, components_from_config, filters_from_config
+from linnaeus.data.paths import (  # IMAGE_SUFFIXES, image_path, label_paths: also importable from here
+    IMAGE_SUFFIXES,
+    IMAGES_DIR_UNSET,
+    image_path,
+    label_paths,
+    resolve_image_paths,
+    resolve_path,
+)
+from linnaeus.data.rules import (
+    empty_rank_problems,
+    num_classes_problems,
+    raise_first,
+    split_problems,
+    storage_problems,
+    task_key_problems,
+)
+from linnaeus.data.samples import SampleTable
 from linnaeus.data.splits import SPLIT_FILE, Split, check_saved, random_split
 from linnaeus.data.taxonomy import (
     ClassMap,
@@ -35,49 +53,15 @@ from linnaeus.data.taxonomy import (
     keys_coarse_to_fine,
     label_inconsistencies,
     rank_name,
-    rank_of_key,
 )
-from linnaeus.errors import ConfigError, DataError
+from linnaeus.data.verify_images import verify_images
+from linnaeus.errors import ConfigError
 from linnaeus.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
     from linnaeus.config import Config
 
 log = logging.getLogger(__name__)
-
-# Suffixes that mark an identifier as already carrying its file extension (FILE_EXTENSION is then not added).
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
-
-
-def resolve_path(value: str | os.PathLike) -> Path:
-    """Config paths: ``~`` expanded; relative paths are taken from the current working directory."""
-    path = Path(os.path.expanduser(str(value)))
-    return path if path.is_absolute() else Path.cwd() / path
-
-
-def label_paths(cfg: Config) -> tuple[Path, Path | None]:
-    """(labels path, None) for one file split by seed, or (train path, val path) for pre-split data."""
-    h5 = cfg.DATA.H5
-    if h5.TRAIN_LABELS_PATH and h5.VAL_LABELS_PATH:
-        if h5.LABELS_PATH:
-            raise ConfigError(
-                "DATA.H5.LABELS_PATH: set either LABELS_PATH (split by seed) or TRAIN_LABELS_PATH + VAL_LABELS_PATH"
-                " (pre-split), not both"
-            )
-        return resolve_path(h5.TRAIN_LABELS_PATH), resolve_path(h5.VAL_LABELS_PATH)
-    if h5.TRAIN_LABELS_PATH or h5.VAL_LABELS_PATH:
-        raise ConfigError("DATA.H5.VAL_LABELS_PATH: pre-split data needs both TRAIN_LABELS_PATH and VAL_LABELS_PATH")
-    if not h5.LABELS_PATH:
-        raise ConfigError("DATA.H5.LABELS_PATH: not set; expected the path of your labels.h5")
-    return resolve_path(h5.LABELS_PATH), None
-
-
-def image_path(images_dir: str, identifier: str, extension: str) -> str:
-    """IMAGES_DIR / identifier, + FILE_EXTENSION unless the identifier already ends in an image extension."""
-    suffix = os.path.splitext(identifier)[1].lower()
-    if extension and suffix not in IMAGE_SUFFIXES and suffix != extension.lower():
-        identifier += extension
-    return os.path.join(images_dir, identifier)
 
 
 @dataclass
@@ -95,8 +79,7 @@ class SplitView:
 # ---------------------------------------------------------------------------------------- reusable stages
 def load_stores(cfg: Config) -> tuple[LabelStore, LabelStore]:
     """(train store, val store); the same object when one file is split by seed."""
-    for key in cfg.DATA.TASK_KEYS_H5:
-        rank_of_key(key)  # a key that is not a polli-typus rank fails here, before any reading
+    raise_first(storage_problems(cfg) + task_key_problems(cfg))  # config rules first, before any reading
     train_path, val_path = label_paths(cfg)
     train = LabelStore.from_config(train_path, cfg)
     return train, (LabelStore.from_config(val_path, cfg) if val_path else train)
@@ -181,13 +164,8 @@ def examine_taxonomy(cfg: Config, views: list[SplitView]) -> TaxonomyFindings:
 
 def build_taxonomy(cfg: Config, views: list[SplitView]) -> TaxonomyTree:
     findings = examine_taxonomy(cfg, views)
-    lines = findings.lines()
-    if lines:
-        hint = (
-            "fix the labels or set DATA.TAXONOMY_PATH" if not cfg.DATA.TAXONOMY_PATH else "fix the labels or taxonomy"
-        )
-        more = f" (+{len(lines) - 1} more; `linnaeus check` lists them all)" if len(lines) > 1 else ""
-        raise DataError(f"{lines[0]}{more}; {hint}")
+    hint = "fix the labels or taxonomy" if cfg.DATA.TAXONOMY_PATH else "fix the labels or set DATA.TAXONOMY_PATH"
+    raise_first(findings.lines(), hint)
     assert findings.tree is not None
     return findings.tree
 
@@ -198,24 +176,24 @@ def build_class_maps(
     return {k: ClassMap.from_ids(k, [taxa[k]], tree) for k in task_keys}
 
 
-def num_classes_problems(cfg: Config, class_maps: dict[str, ClassMap], where: str) -> list[str]:
-    """Configured NUM_CLASSES / NUM_CLASSES_PER_LEVEL that disagree with the data (one line each)."""
-    problems = []
-    per_level = cfg.DATA.NUM_CLASSES_PER_LEVEL or {}
-    heads = cfg.MODEL.CLASSIFICATION.HEADS
-    for key, cmap in class_maps.items():
-        configured = []
-        if key in heads and heads[key].NUM_CLASSES is not None:
-            configured.append((f"MODEL.CLASSIFICATION.HEADS.{key}.NUM_CLASSES", heads[key].NUM_CLASSES))
-        if key in per_level:
-            configured.append((f"DATA.NUM_CLASSES_PER_LEVEL.{key}", per_level[key]))
-        for name, value in configured:
-            if value != len(cmap):
-                problems.append(
-                    f"{name} is {value} but {where} has {len(cmap)} distinct non-null {key} ids in the rows in use"
-                    " (after filters); set it to that number or leave it out to infer it"
-                )
-    return problems
+def where_rows(views: list[SplitView]) -> str:
+    """The labels file(s) the rows in use come from, for problem lines."""
+    return ", ".join(str(s.path) for s, _ in per_store(views))
+
+
+def split_image_paths(cfg: Config, view: SplitView) -> tuple[list[str], dict[int, str]]:
+    """(image paths, refused identifiers) of a split's rows; see :func:`linnaeus.data.paths.resolve_image_paths`."""
+    hybrid = cfg.DATA.HYBRID
+    if not hybrid.IMAGES_DIR:
+        raise ConfigError(IMAGES_DIR_UNSET)
+    return resolve_image_paths(
+        resolve_path(hybrid.IMAGES_DIR),
+        view.store.identifiers[view.rows],
+        view.rows,
+        hybrid.FILE_EXTENSION,
+        labels_path=view.store.path,
+        allow_symlinks_outside=hybrid.ALLOW_SYMLINKS_OUTSIDE,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- result
@@ -235,6 +213,7 @@ class PreparedData:
     stats: dict[str, Any]
     fingerprint: str
     image_report: dict[str, Any] | None = None
+    _image_paths: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def view(self, split: str) -> SplitView:
         if split not in ("train", "val"):
@@ -277,44 +256,31 @@ class PreparedData:
         return out
 
     def image_paths(self, split: str) -> list[str]:
-        hybrid = self.cfg.DATA.HYBRID
-        if not hybrid.IMAGES_DIR:
-            raise ConfigError("DATA.HYBRID.IMAGES_DIR: not set; expected the folder holding the images")
-        images_dir = str(resolve_path(hybrid.IMAGES_DIR))
-        v = self.view(split)
-        ids = v.store.identifiers[v.rows]
-        return [image_path(images_dir, i, hybrid.FILE_EXTENSION) for i in ids]
+        """Image file of every row of the split; refuses identifiers that leave DATA.HYBRID.IMAGES_DIR."""
+        if split not in self._image_paths:
+            paths, refused = split_image_paths(self.cfg, self.view(split))
+            raise_first(list(refused.values()))
+            self._image_paths[split] = paths
+        return list(self._image_paths[split])
 
-    def arrays(self, split: str, with_paths: bool = True) -> dict[str, Any]:
+    def samples(self, split: str, with_paths: bool = True) -> SampleTable:
         """Everything per sample of a split: rows, targets (-1 null), packed meta, meta_valid, image paths."""
         v = self.view(split)
-        return {
-            "rows": v.rows.astype(np.int64),
-            "targets": self.targets(split),
-            "meta": v.store.meta[v.rows].astype(np.float32, copy=False),
-            "meta_valid": v.store.meta_valid[v.rows],
-            "paths": self.image_paths(split) if with_paths else None,
-        }
+        return SampleTable(
+            rows=v.rows,
+            targets=self.targets(split),
+            meta=v.store.meta[v.rows],
+            meta_valid=v.store.meta_valid[v.rows],
+            paths=self.image_paths(split) if with_paths else None,
+        )
 
     def dataset(self, split: str, train: bool):
         """A ``FileDataset`` over this split (decode + crop in workers)."""
         from linnaeus.data.dataset import FileDataset
 
-        if len(self.view(split).rows) == 0:
-            n_train, n_val = len(self.train.rows), len(self.val.rows)
-            raise DataError(
-                f"the {'training' if split == 'train' else 'validation'} split is empty ({n_train} train / {n_val} "
-                f"val rows); DATA.H5.TRAIN_VAL_SPLIT_RATIO {self.cfg.DATA.H5.TRAIN_VAL_SPLIT_RATIO} (or the labels' "
-                "own split) must leave at least one row in each"
-            )
-        a = self.arrays(split)
         cfg = self.cfg
         return FileDataset(
-            a["paths"],
-            a["rows"],
-            a["targets"],
-            a["meta"],
-            a["meta_valid"],
+            self.samples(split),
             img_size=cfg.DATA.IMG_SIZE,
             train=train,
             rrc_scale=tuple(cfg.AUG.RRC_SCALE),
@@ -396,6 +362,7 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
     task_keys = list(cfg.DATA.TASK_KEYS_H5)
     train_store, val_store = load_stores(cfg)
     split, reports = make_split(cfg, train_store, val_store, split_file)
+    raise_first(split_problems(split))
     train = SplitView("train", train_store, split.train_rows)
     val = SplitView("val", val_store, split.val_rows)
     for store, _ in per_store([train, val]):
@@ -403,13 +370,8 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
             log.warning("%s", store.duplicates.line(store.path))
     tree = build_taxonomy(cfg, [train, val])
     class_maps = build_class_maps(task_keys, used_taxa([train, val], task_keys), tree)
-    where = ", ".join(str(s.path) for s, _ in per_store([train, val]))
-    problems = num_classes_problems(cfg, class_maps, where)
-    if problems:
-        raise ConfigError(problems[0])
-    for k, m in class_maps.items():
-        if not len(m):
-            raise DataError(f"{where}: {k} has no non-null taxon ids in the rows in use; nothing to train at that rank")
+    where = where_rows([train, val])
+    raise_first(num_classes_problems(cfg, class_maps, where) + empty_rank_problems(class_maps, where))
     fingerprint = split.fingerprint
     comps = components_from_config(cfg)
     filter_report = {
@@ -432,10 +394,11 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         stats=compute_stats(task_keys, class_maps, train, val, reports, fingerprint, tree),
         fingerprint=fingerprint,
     )
+    if cfg.DATA.HYBRID.IMAGES_DIR:  # identifiers that leave the image folder are refused now, on every process
+        for name in ("train", "val"):
+            data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES
     if check_images and verify.ENABLED:
-        from linnaeus.data.check import verify_images  # check.py imports this module; import late
-
         paths, rows, ids = [], [], []
         for name in ("train", "val"):
             v = data.view(name)
@@ -467,8 +430,9 @@ __all__ = [
     "label_paths",
     "load_stores",
     "make_split",
-    "num_classes_problems",
     "per_store",
     "prepare_data",
     "resolve_path",
+    "split_image_paths",
+    "where_rows",
 ]

@@ -368,7 +368,7 @@ class TaxonomyTree:
         """Build the tree from label co-occurrence; returns the conflicts instead of resolving them.
 
         ``taxa`` maps task keys to (N,) taxon ids of the rows in use. With conflicts, the returned tree keeps
-        no parent for a conflicted taxon; callers must not train with it (see :func:`infer_or_fail`).
+        no parent for a conflicted taxon; callers must not train with it (``prepare_data`` refuses to).
         """
         fine_to_coarse = list(reversed(keys_coarse_to_fine(taxa)))
         nodes: dict[int, TaxonNode] = {}
@@ -437,16 +437,6 @@ def _taxon_id(value: Any, where: str) -> int:
     if tid <= 0:
         raise DataError(f"{where}: taxon id {tid} must be positive (0 means null in taxa_LXX)")
     return tid
-
-
-def infer_or_fail(taxa: dict[str, np.ndarray], where: str) -> TaxonomyTree:
-    tree, conflicts = TaxonomyTree.infer(taxa, where)
-    if conflicts:
-        more = f" (+{len(conflicts) - 1} more conflicts; `linnaeus check` lists them)" if len(conflicts) > 1 else ""
-        raise DataError(
-            conflicts[0].line(where) + more + "; fix the labels or set DATA.TAXONOMY_PATH to a taxonomy.json"
-        )
-    return tree
 
 
 # ------------------------------------------------------------------------------------------ label checking

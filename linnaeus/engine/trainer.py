@@ -138,6 +138,7 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         from linnaeus.data.loader import build_loader
+        from linnaeus.data.stream import build_train_batches
 
         cfg, d = self.cfg, self.dist
         self.train_set = self.data.dataset("train", train=True)
@@ -155,37 +156,21 @@ class Trainer:
             pin_memory=cfg.DATA.PIN_MEMORY and torch.cuda.is_available(),
             prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
         )
-        if cfg.DATA.SHARDS.ENABLED:
-            # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with
-            # a fixed number of batches per rank. Validation stays on files so its metrics are exact.
-            from linnaeus.data.shards import build_shard_train_loader
-
-            self.train_loader, _, _ = build_shard_train_loader(
-                cfg,
-                self.data,
-                world_size=d.world_size,
-                rank=d.rank,
-                batch_size=cfg.DATA.BATCH_SIZE,
-                seed=cfg.MISC.SEED,
-                num_workers=cfg.DATA.NUM_WORKERS,
-                pin_memory=common["pin_memory"],
-                prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
-            )
-            self.train_sampler = self.train_loader.dataset  # set_epoch(epoch, start_batch=...)
-        else:
-            self.train_loader, self.train_sampler = build_loader(
-                self.train_set, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, pad=False, **common
-            )
+        # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with a
+        # fixed number of batches per rank. Validation stays on files so its metrics are exact.
+        self.train_batches = build_train_batches(
+            cfg, self.data, world_size=d.world_size, rank=d.rank, pin_memory=common["pin_memory"]
+        )
         self.val_loader, self.val_sampler = build_loader(
             self.val_set, batch_size=cfg.DATA.BATCH_SIZE_VAL, shuffle=False, drop_last=False, pad=True, **common
         )
         self.accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
-        if len(self.train_loader) < self.accum:
+        if self.train_batches.batches_per_epoch < self.accum:
             raise ConfigError(
                 f"TRAIN.ACCUMULATION_STEPS: {self.accum} micro-batches per optimizer step, but an epoch has only "
-                f"{len(self.train_loader)} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
+                f"{self.train_batches.batches_per_epoch} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
             )
-        self.plan: StepPlan = plan_steps(cfg, len(self.train_loader))
+        self.plan: StepPlan = plan_steps(cfg, self.train_batches.batches_per_epoch)
         # Whole accumulation windows only, so every optimizer step sees `accum` micro-batches on every rank.
         self.batches_per_epoch = self.plan.steps_per_epoch * self.accum
 
@@ -562,10 +547,10 @@ class Trainer:
 
             bar = tqdm(total=plan.total_steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True)
         while s.step < plan.total_steps:
-            self.train_sampler.set_epoch(s.epoch, start_batch=s.batch_in_epoch)
+            self.train_batches.set_epoch(s.epoch, start_batch=s.batch_in_epoch)
             micro = 0
             lr = self._set_lr()
-            for batch in self.train_loader:
+            for batch in self.train_batches:
                 if "image_ok" in batch:
                     missing_local += int((~batch["image_ok"].bool()).sum())
                 batch = _to_device(batch, acc.device)
@@ -650,7 +635,7 @@ class Trainer:
         if self.last_saved_step != s.step:  # in-memory, identical on every rank: this decides a collective
             self._save()
         self._export()
-        skipped = getattr(getattr(self.train_loader, "dataset", None), "skipped_count", 0)
+        skipped = self.train_batches.skipped_samples
         if skipped:
             log.warning("%d corrupt shard members were skipped during training", int(skipped))
         if s.missing_images:

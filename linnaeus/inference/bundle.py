@@ -34,8 +34,8 @@ from linnaeus.config import Config, dump_config, load_config
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
 from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
 from linnaeus.errors import ConfigError, DataError
-from linnaeus.inference.metadata import MetaComponent, resolve_components
-from linnaeus.utils.io import atomic_write_json
+from linnaeus.inference.metadata import COLUMNS_ASSUMED, MetaComponent, resolve_components
+from linnaeus.utils.io import atomic_write_json, make_readable
 
 log = logging.getLogger("linnaeus")
 
@@ -221,7 +221,11 @@ class Bundle:
             "task_keys_coarse_to_fine": keys_coarse_to_fine(cfg.DATA.TASK_KEYS_H5),
             "num_classes": {k: len(m) for k, m in class_maps.items()},
             "meta_dims": [c.dim for c in components],
-            "dataset": {"name": cfg.DATA.DATASET.NAME, "version": cfg.DATA.DATASET.VERSION},
+            "dataset": {
+                "name": cfg.DATA.DATASET.NAME,
+                "version": cfg.DATA.DATASET.VERSION,
+                "clade": cfg.DATA.DATASET.CLADE,
+            },
         }
         return cls(
             cfg=cfg,
@@ -286,6 +290,7 @@ class Bundle:
         try:
             meta = {"format": FORMAT, "which": str(self.info.get("which")), "step": str(self.info.get("step"))}
             save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / WEIGHTS), metadata=meta)
+            make_readable(tmp / WEIGHTS)  # safetensors writes 0600; a bundle is meant to be shared
             (tmp / CONFIG).write_text(dump_config(self.cfg))
             atomic_write_json(tmp / CLASS_MAPS, self.class_maps_doc)
             atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)
@@ -418,8 +423,42 @@ def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Ten
     return _from_checkpoint(ckpt, which)
 
 
-def export_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> Path:
-    """``linnaeus export``: build the bundle from a run folder, check the weights load into the model, write it."""
+def assumed_encodings(components: list[MetaComponent]) -> list[MetaComponent]:
+    """Encodable components whose columns are the encoders' defaults rather than the config's or the labels file's."""
+    return [c for c in components if c.encoder is not None and c.columns_from == COLUMNS_ASSUMED]
+
+
+def export_bundle(
+    run_dir: str | os.PathLike, out: str | os.PathLike, which: str = "best", *, assume_encodings: bool = False
+) -> Path:
+    """``linnaeus export``: build the bundle from a run folder, check the weights load into the model, write it.
+
+    A metadata component whose encoding could not be read (no ``COLUMNS`` in the config, no readable
+    ``column_names`` in the labels file) would be served with the built-in encoding, which may not be the one
+    training used: refused, unless ``assume_encodings``, which warns and records the assumption in bundle.json.
+    """
     bundle = Bundle.from_run(run_dir, which)
+    assumed = assumed_encodings(bundle.components)
+    if assumed:
+        keys = ", ".join(f"DATA.META.COMPONENTS.{c.name}.COLUMNS" for c in assumed)
+        if not assume_encodings:
+            raise ConfigError(
+                f"{keys}: not set, and the labels file has no readable 'column_names' for "
+                f"{', '.join(repr(c.source) for c in assumed)}, so the metadata encoding serving would use is a guess; "
+                "set COLUMNS to the columns training used, or pass --assume-encodings to export with the built-in "
+                "encoding"
+            )
+        for c in assumed:
+            log.warning(
+                "export: ASSUMING the built-in encoding for metadata component %s (labels.h5 '%s': %s); "
+                "predictions are wrong if training encoded it differently. Recorded in %s.",
+                c.name,
+                c.source,
+                ", ".join(c.columns),
+                INFO,
+            )
+        bundle.info["assumed_metadata_encodings"] = {
+            c.name: {"source": c.source, "columns": list(c.columns)} for c in assumed
+        }
     bundle.build_model()  # fail here, not at serving time, if weights and config disagree
     return bundle.save(out)

@@ -10,10 +10,21 @@ holds one class per rank. It holds none at a rank when the taxonomy has no taxon
 to its family: skip-level) or when that taxon has no class (no training rows), and none at the ranks finer
 than a class that has no finer classes (a genus seen only without species labels).
 
-Score. A complete chain scores the product of its per-rank softmax probabilities (summed in log space). Chains
-that miss ranks would win just by having fewer factors (each ≤ 1), so chains are compared by their *mean* log
-probability over the ranks they have: the same order as the product for complete chains, and for a partial chain
-the same as imputing each missing factor with the geometric mean of its present ones.
+Score. A chain scores the sum of the log-probabilities of its *factors*, compared by their mean. With LinearHead
+every class on the chain is a factor: the product of per-rank softmaxes. A refined head (HierarchicalSoftmaxHead,
+ConditionalClassifier) adds log p(parent) to its logits, so its softmax p̃(child) already contains the parent
+rank's (refined) probability, and multiplying p̃(parent) in again would count the coarse ranks twice (with random
+inputs the decoded species then often differs from the refined argmax although that argmax is a consistent
+chain). So a class whose next finer rank is refined and present on the chain is not a factor: it is inside its
+child's probability. A fully refined complete chain therefore scores p̃(finest class): the finest refined softmax
+*is* the model's distribution over complete chains (every finest class has exactly one chain), so this is the
+exact joint. (The product of "conditionals" p̃(child)/p̃(parent) telescopes to the same number, but its factors
+are not normalised conditionals: p̃(child)/p̃(parent) does not sum to 1 over the parent's children.) A rank whose
+parent class is missing on the chain (skip-level: the head gave it the orphan prior) absorbs nothing.
+
+Chains that miss ranks would win just by having fewer factors (each ≤ 1), so chains are compared by their *mean*
+log probability over their factors: the same order as the product for chains with equally many factors, and for
+a partial chain the same as imputing each missing factor with the geometric mean of its present ones.
 
 Top-k per rank (consistent mode). A class is ranked by the score of the best chain through it (a max-marginal):
 at the finest rank that is the joint score of the class's own chain; at a coarser rank, of its best descendant
@@ -42,9 +53,17 @@ class Hierarchy:
     # Per rank r: (K_r, R) int64, the class index at every rank on class c's own path; -1 where it has none.
     paths: tuple[np.ndarray, ...]
     chains: np.ndarray  # (L, R) int64: one row per chain, -1 where the chain has no class
+    # Per rank: its head adds the previous configured rank's log-probability to its logits (refined head).
+    refined: tuple[bool, ...] = ()
 
     @classmethod
-    def build(cls, class_maps: Mapping[str, ClassMap], tree: TaxonomyTree | None) -> Hierarchy:
+    def build(
+        cls,
+        class_maps: Mapping[str, ClassMap],
+        tree: TaxonomyTree | None,
+        head_types: Mapping[str, str] | None = None,
+    ) -> Hierarchy:
+        """``head_types``: task key → ``MODEL.CLASSIFICATION.HEADS.<key>.TYPE`` (missing: LinearHead)."""
         keys = keys_coarse_to_fine(class_maps)
         r_count = len(keys)
         paths = []
@@ -72,7 +91,12 @@ class Hierarchy:
             num_classes=tuple(len(class_maps[k]) for k in keys),
             paths=tuple(paths),
             chains=np.concatenate(chains, axis=0) if chains else np.zeros((0, 0), np.int64),
+            refined=refined_ranks(keys, head_types or {}),
         )
+
+    @property
+    def chain_score_rule(self) -> str:
+        return CHAIN_SCORE_REFINED if any(self.refined) else CHAIN_SCORE_PRODUCT
 
     def is_consistent(self, picks: Sequence[int | None]) -> bool:
         """True when the picked class per rank (coarse → fine; None = nothing) lie on one taxonomy path."""
@@ -84,6 +108,35 @@ class Hierarchy:
                 if self.paths[r][c, r2] != norm[r2]:
                     return False
         return True
+
+
+CHAIN_SCORE_PRODUCT = "mean_log_probability_over_ranks_present"
+CHAIN_SCORE_REFINED = "mean_log_probability_over_factors_finest_refined_rank_absorbs_its_parents"
+
+
+def refined_ranks(keys: Sequence[str], head_types: Mapping[str, str]) -> tuple[bool, ...]:
+    """Per rank (coarse → fine): whether the model refines its logits with the previous configured rank's, the
+    rule ``HierarchicalClassifier`` applies (a conditioning head type, and a coarser configured rank exists)."""
+    from linnaeus.models.heads import get_head_class  # importing heads registers the built-in head types
+
+    return tuple(
+        r > 0
+        and get_head_class(
+            head_types.get(key, "LinearHead"), f"MODEL.CLASSIFICATION.HEADS.{key}.TYPE"
+        ).conditions_on_parent
+        for r, key in enumerate(keys)
+    )
+
+
+def chain_factors(chains: torch.Tensor, refined: Sequence[bool] = ()) -> torch.Tensor:
+    """(L, R) bool: the ranks whose probability enters a chain's score (present, and not already inside the
+    refined probability of the chain's class at the next finer rank)."""
+    present = chains >= 0
+    absorbed = torch.zeros_like(present)
+    for r in range(chains.shape[1] - 1):
+        if r + 1 < len(refined) and refined[r + 1]:
+            absorbed[:, r] = present[:, r + 1]
+    return present & ~absorbed
 
 
 @dataclass
@@ -100,22 +153,25 @@ class RankDecision:
 @dataclass
 class Decoded:
     ranks: list[RankDecision]  # coarse → fine
-    chain_probability: float  # product of the probabilities of the chosen classes
+    chain_probability: float  # product of the chain's factors (raw: of the per-rank argmaxes' probabilities)
     consistent: bool  # the chosen classes form one taxonomy path
     mode: str  # "consistent" | "raw"
+    chain_score: str = CHAIN_SCORE_PRODUCT  # the rule the chain was scored by (see the module docstring)
 
     def chosen(self) -> dict[str, int | None]:
         return {d.key: d.chosen for d in self.ranks}
 
 
-def chain_scores(log_probs: Sequence[torch.Tensor], chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log probabilities, mean over present ranks) per image and chain: two (B, L) tensors."""
-    present = chains >= 0
+def chain_scores(
+    log_probs: Sequence[torch.Tensor], chains: torch.Tensor, refined: Sequence[bool] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the factors' log probabilities, their mean) per image and chain: two (B, L) tensors."""
+    factors = chain_factors(chains, refined)
     total = torch.zeros(log_probs[0].shape[0], chains.shape[0], dtype=torch.float64)
     for r, lp in enumerate(log_probs):
         gathered = lp.index_select(1, chains[:, r].clamp(min=0)).double()
-        total += torch.where(present[:, r], gathered, torch.zeros((), dtype=torch.float64))
-    return total, total / present.sum(dim=1).clamp(min=1)
+        total += torch.where(factors[:, r], gathered, torch.zeros((), dtype=torch.float64))
+    return total, total / factors.sum(dim=1).clamp(min=1)
 
 
 def decode(
@@ -130,7 +186,7 @@ def decode(
         return [_raw(b, lps, probs, argmax, hierarchy, top_k) for b in range(batch)]
 
     chains = torch.as_tensor(hierarchy.chains)
-    total, score = chain_scores(lps, chains)
+    total, score = chain_scores(lps, chains, hierarchy.refined)
     best = score.argmax(dim=1)  # (B,)
     ranked: list[torch.Tensor] = []
     for r, k_r in enumerate(hierarchy.num_classes):
@@ -158,7 +214,9 @@ def decode(
                     int(argmax[r][b]),
                 )
             )
-        out.append(Decoded(ranks, float(np.exp(float(total[b, best[b]]))), True, "consistent"))
+        out.append(
+            Decoded(ranks, float(np.exp(float(total[b, best[b]]))), True, "consistent", hierarchy.chain_score_rule)
+        )
     return out
 
 

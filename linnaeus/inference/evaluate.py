@@ -41,7 +41,7 @@ def evaluate_bundle(
     predictor = Predictor.from_bundle(bundle_dir, device)
     view = data.view(split)
     paths = data.image_paths(split)
-    meta = torch.from_numpy(np.ascontiguousarray(data.arrays(split, with_paths=False)["meta"], dtype=np.float32))
+    meta = torch.from_numpy(data.samples(split, with_paths=False).meta)
     keys = predictor.task_keys
     cmaps = predictor.bundle.class_maps
     targets = {k: cmaps[k].index(view.store.taxa[k][view.rows]) for k in keys}

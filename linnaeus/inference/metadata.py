@@ -64,6 +64,7 @@ class MetaComponent:
     encoder: str | None  # "spatial" | "temporal" | "elevation" | None
     fields: tuple[str, ...]  # canonical raw fields it is computed from
     note: str = ""
+    columns_from: str = ""  # COLUMNS_FROM_CONFIG | COLUMNS_FROM_LABELS | COLUMNS_ASSUMED ("" in older bundles)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,9 +88,15 @@ class MetaComponent:
                 encoder=None if d.get("encoder") is None else str(d["encoder"]),
                 fields=tuple(str(f) for f in d.get("fields", [])),
                 note=str(d.get("note", "")),
+                columns_from=str(d.get("columns_from", "")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{where}: metadata component {dict(d)!r} is malformed ({err!r})") from None
+
+
+COLUMNS_FROM_CONFIG = "config COLUMNS"
+COLUMNS_FROM_LABELS = "labels.h5 column_names"
+COLUMNS_ASSUMED = "built-in default (assumed, not read)"
 
 
 def encoder_kind(source: str) -> str | None:
@@ -135,18 +142,19 @@ def _default_columns(source: str, dim: int) -> tuple[str, ...] | None:
 
 def resolve_components(cfg: Config) -> list[MetaComponent]:
     """Enabled components in IDX order with their columns fixed: the config's COLUMNS, else the labels file's
-    ``column_names`` (when readable), else the encoders' defaults for that source. Components whose columns the
+    ``column_names`` (when readable), else the encoders' defaults for that source (recorded as assumed in
+    ``columns_from``: ``linnaeus export`` refuses those unless told to assume). Components whose columns the
     raw encoders cannot produce are kept (the model has slots for them) but marked not encodable."""
     from linnaeus.data.labels import components_from_config
 
     out = []
     for spec in components_from_config(cfg):
         kind = encoder_kind(spec.source)
-        columns = (
-            tuple(spec.columns)
-            or tuple(_labels_column_names(cfg, spec.source) or ())
-            or _default_columns(spec.source, spec.dim)
-        )
+        columns, columns_from = tuple(spec.columns), COLUMNS_FROM_CONFIG
+        if not columns:
+            columns, columns_from = tuple(_labels_column_names(cfg, spec.source) or ()), COLUMNS_FROM_LABELS
+        if not columns:
+            columns, columns_from = _default_columns(spec.source, spec.dim) or (), COLUMNS_ASSUMED
         note = ""
         if kind is None or not columns:
             kind, note = None, f"no raw encoder for labels.h5 dataset '{spec.source}'"
@@ -164,7 +172,9 @@ def resolve_components(cfg: Config) -> list[MetaComponent]:
                 note,
             )
         fields = tuple(f for f, _ in _RAW_FIELDS[kind]) if kind else ()
-        out.append(MetaComponent(spec.name, spec.idx, spec.source, spec.dim, tuple(columns or ()), kind, fields, note))
+        out.append(
+            MetaComponent(spec.name, spec.idx, spec.source, spec.dim, tuple(columns), kind, fields, note, columns_from)
+        )
     return out
 
 

@@ -65,8 +65,8 @@ class Predictor:
         self.model = bundle.build_model().to(self.device)
         self.task_keys = bundle.task_keys
         self.components = bundle.components
-        self.hierarchy = Hierarchy.build(bundle.class_maps, bundle.tree)
         heads = self.cfg.MODEL.CLASSIFICATION.HEADS
+        self.hierarchy = Hierarchy.build(bundle.class_maps, bundle.tree, {k: h.TYPE for k, h in heads.items()})
         routing = next((h for h in heads.values() if h.TYPE == "ConditionalClassifier"), None)
         info = bundle.info
         self.results = ResultBuilder(

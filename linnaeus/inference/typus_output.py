@@ -6,7 +6,8 @@ alias that converts into it), so one result per image is built here and validate
 - ``ranks``: one ``RankBelief`` per configured rank, coarse → fine, listing ``TaxonCandidate`` s with the taxon id,
   its rank, parent and ancestors by rank, a ``taxon_snapshot`` with the scientific name when the taxonomy has one,
   and ``score`` = that rank's softmax probability (``rank_softmax_probability``). The list order is the decoding's.
-- consistent mode: a ``hierarchy_repair`` decision policy and one ``DecisionOutcome`` per rank committing the
+- consistent mode: a ``hierarchy_repair`` decision policy (its ``parameters.chain_score`` names the chain-score rule:
+  the product of per-rank probabilities for LinearHeads, the finest refined probability for refined heads) and one ``DecisionOutcome`` per rank committing the
   reported chain's class (``commit_top_candidate`` when it is also the rank's own argmax, else
   ``commit_after_repair`` naming the argmax it overrode when listed). A rank where the chain has no class (skip-level
   link, or below a class without finer classes) abstains with ``abstain_unmapped_taxon`` on a ``RankNullCandidate``
@@ -55,15 +56,21 @@ from typus import (
 )
 
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, rank_name
-from linnaeus.inference.decoding import Decoded
+from linnaeus.inference.decoding import CHAIN_SCORE_PRODUCT, Decoded
 
 NULL_TAXON_ID = 0  # taxa_LXX's null
 POLICY_ID = "p0"
 POLICY_PARAMETERS: dict[str, Any] = {
     "algorithm": "best_consistent_chain",
-    "chain_score": "mean_log_probability_over_ranks_present",
+    "chain_score": CHAIN_SCORE_PRODUCT,
     "candidate_order": "best_chain_through_candidate",
 }
+
+
+def policy_parameters(decoded: Decoded) -> dict[str, Any]:
+    """The decision policy's parameters: the chain-score rule this result was decoded with (refined heads score a
+    chain by the finest refined probability rather than the product of every rank's softmax)."""
+    return {**POLICY_PARAMETERS, "chain_score": decoded.chain_score}
 
 
 @dataclass
@@ -135,7 +142,9 @@ class ResultBuilder:
                     )
                 )
             listed = set()
-            for index, prob in d.candidates:
+            # Taxa by score, highest first (the decision is in the outcomes); a rank-null decision, which has no
+            # score of its own, stays in front of them.
+            for index, prob in sorted(d.candidates, key=lambda c: -float(c[1])):
                 listed.add(index)
                 candidates.append(
                     TaxonCandidate(
@@ -150,7 +159,10 @@ class ResultBuilder:
         policies = (
             [
                 DecisionPolicy(
-                    id=POLICY_ID, kind=DecisionPolicyKind.HIERARCHY_REPAIR, parameters=POLICY_PARAMETERS, chain_order=0
+                    id=POLICY_ID,
+                    kind=DecisionPolicyKind.HIERARCHY_REPAIR,
+                    parameters=policy_parameters(decoded),
+                    chain_order=0,
                 )
             ]
             if consistent

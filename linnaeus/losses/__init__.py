@@ -5,12 +5,19 @@ from linnaeus.losses.criteria import (
     Criterion,
     CrossEntropyCriterion,
     TaxonomyAwareCriterion,
+    list_criteria,
     register_criterion,
     soft_cross_entropy,
 )
 from linnaeus.losses.gradnorm import GradNorm
 from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
-from linnaeus.losses.task_loss import TaskLoss, build_task_loss
+from linnaeus.losses.task_loss import (
+    TaskLoss,
+    build_task_loss,
+    included_counts,
+    needs_distance_matrices,
+    step_denominators,
+)
 
 __all__ = [
     "Criterion",
@@ -20,7 +27,11 @@ __all__ = [
     "TaxonomyAwareCriterion",
     "build_task_loss",
     "class_weights",
+    "included_counts",
+    "list_criteria",
+    "needs_distance_matrices",
     "register_criterion",
     "soft_cross_entropy",
+    "step_denominators",
     "taxonomy_smoothing_matrix",
 ]

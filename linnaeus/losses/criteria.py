@@ -7,7 +7,7 @@ exactly as the mixture of its smoothed components.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,24 +16,20 @@ from torch import nn
 
 from linnaeus.errors import ConfigError
 from linnaeus.losses.smoothing import taxonomy_smoothing_matrix
-
-_CRITERIA: dict[str, type[Criterion]] = {}
+from linnaeus.registry import LOSSES
 
 
 def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
     """Class decorator: make a criterion usable as ``HEADS.<task>.LOSS.TYPE: <name>``."""
-
-    def decorator(cls: type[Criterion]) -> type[Criterion]:
-        _CRITERIA[name] = cls
-        return cls
-
-    return decorator
+    return LOSSES.register(name)
 
 
 def get_criterion_class(name: str, key: str) -> type[Criterion]:
-    if name not in _CRITERIA:
-        raise ConfigError(f"{key}: unknown loss '{name}'; expected one of {sorted(_CRITERIA)}")
-    return _CRITERIA[name]
+    return LOSSES.get(name, key)
+
+
+def list_criteria() -> list[str]:
+    return LOSSES.names()
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,7 +51,13 @@ def _check_params(key: str, params: dict[str, Any], allowed: set[str]) -> None:
 
 
 class Criterion(nn.Module):
-    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``."""
+    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``.
+
+    Subclasses are built as ``cls(num_classes, params, key, distance)``; ``distance`` is the task's (K, K)
+    taxonomy distance matrix, computed only for criteria that set ``needs_distance``.
+    """
+
+    needs_distance: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -90,6 +92,8 @@ class CrossEntropyCriterion(Criterion):
 @register_criterion("TaxonomyAwareLabelSmoothing")
 class TaxonomyAwareCriterion(Criterion):
     """Targets are rows of the smoothing matrix S (see ``taxonomy_smoothing_matrix``); soft targets become t · S."""
+
+    needs_distance = True
 
     def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
         super().__init__(num_classes)

@@ -81,6 +81,15 @@ class GradNorm(nn.Module):
 
         ``reduce`` (e.g. a cross-process mean) is applied to the stacked losses and gradient norms, so every
         process computes the same weights.
+
+        Pass the very losses the backward uses (``TaskLoss.task_losses`` with the step's ``denominators``), so
+        GradNorm measures the normalisation the optimizer applies. With D_t = N_t / (k·W) (N_t: included samples
+        of rank t in the whole step, k micro-batches, W processes), one micro-batch's L_t = k·W · Σ_micro ℓ / N_t,
+        and its cross-process mean is Σ_{this micro-batch, all processes} ℓ / (N_t / k): the step's per-rank mean
+        loss estimated from one accumulation slice, and ∇L_t that slice's estimate of the step's per-rank gradient.
+        A process or micro-batch with few labels at a rank therefore weighs in proportionally, as in the
+        optimizer's gradient, instead of as much as a fully labelled one (which per-micro-batch means would do);
+        one with none gives L_t = 0 and G_t = 0, which leaves L_t(0) unset and moves no weight for that rank.
         """
         shared = [p for p in shared_params if p.requires_grad]
         norms = torch.stack([self._grad_norm(task_losses[k], shared) for k in self.task_keys])

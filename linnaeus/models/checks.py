@@ -28,3 +28,11 @@ def require_heads_divide(dims_key: str, dims: Sequence[int], heads: Sequence[int
                 f"{dims_key}: width {dim} with {h} heads; expected a width divisible by the head count with a "
                 f"head size divisible by {multiple}"
             )
+
+
+def require_stride_multiple(what: str, height: int, width: int, stride: int) -> None:
+    """Every downsampling halves the map exactly, so both sides must divide by the backbone's total stride."""
+    if height % stride or width % stride:
+        raise ConfigError(
+            f"{what}: {height}x{width}; expected height and width that are multiples of {stride} (the model's stride)"
+        )

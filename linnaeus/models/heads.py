@@ -8,11 +8,17 @@ with its parent's (already refined) logits:
 
 H is the (K_parent, K_child) 0/1 matrix for the adjacent configured ranks. Because the taxonomy is a tree, π · H
 just reads each child's parent probability, so it is computed as a gather (exact in any dtype, O(B·K_child)).
-Children whose parent is unknown (an all-zero column of H) get no prior rather than a fake −23.
+
+Orphans (children with no parent at the previous configured rank: an all-zero column of H, e.g. a species whose
+genus is null in every row, or a skip-level edge) get the prior log(1/K_parent): the mean of π over the parent
+classes, i.e. the parent probability of an average parent, which is exactly 1/K_parent for any π. It keeps an
+orphan on its siblings' scale (no prior, log 1 = 0, would hand it a head start of log K_parent over every
+regular child under uninformative logits). See docs/design.md, "Model and loss decisions".
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -134,6 +140,7 @@ class HierarchicalClassifier(nn.Module):
             cls = get_head_class(cfg.TYPE, f"MODEL.CLASSIFICATION.HEADS.{key}.TYPE")
             self.heads[key] = cls(in_dim, num_classes[key], cfg)
         self.parent_of: dict[str, str] = {}
+        self.orphan_prior: dict[str, float] = {}  # log(1 / K_parent) per refined child rank
         hierarchy = hierarchy or {}
         for parent, child in zip(self.order, self.order[1:], strict=False):
             if not self.heads[child].conditions_on_parent:
@@ -148,6 +155,7 @@ class HierarchicalClassifier(nn.Module):
             )
             self.register_buffer(f"parent_index_{child}", index, persistent=False)
             self.register_buffer(f"orphan_{child}", orphan, persistent=False)
+            self.orphan_prior[child] = -math.log(num_classes[parent])
             self.parent_of[child] = parent
 
     def forward(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,6 +166,6 @@ class HierarchicalClassifier(nn.Module):
             if parent is not None:
                 pi = self.heads[key].parent_distribution(refined[parent])
                 prior = torch.log(pi.index_select(1, getattr(self, f"parent_index_{key}")) + EPS)
-                logits = logits.float() + prior.masked_fill(getattr(self, f"orphan_{key}"), 0.0)
+                logits = logits.float() + prior.masked_fill(getattr(self, f"orphan_{key}"), self.orphan_prior[key])
             refined[key] = logits
         return {key: refined[key] for key in self.task_keys}

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from linnaeus.config.defaults import ModelConfig
-from linnaeus.errors import ConfigError
 from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_heads_divide, require_len, require_positive
 from linnaeus.models.conv import MBConv
+from linnaeus.models.hybrid import HybridBackbone
 from linnaeus.models.layers import LayerNorm2d, drop_path_rates
 from linnaeus.models.position import RelativePositionBias
 from linnaeus.models.registry import register_model
-from linnaeus.models.tokens import ClsAggregator, HybridBackbone, TokenStage
+from linnaeus.models.tokens import ClsAggregator, TokenStage
 
 
 def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> list[nn.Module]:
@@ -145,8 +145,7 @@ class MFormerV0(HybridBackbone):
         require_positive("MODEL.ATTENTION_STAGES.NUM_HEADS", attn.NUM_HEADS, 2)
         require_len("MODEL.ATTENTION_STAGES.MLP_RATIO", attn.MLP_RATIO, 2)
         require_heads_divide("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS[:2], attn.NUM_HEADS[:2], 1)
-        if cfg.IMG_SIZE % 32:
-            raise ConfigError(f"MODEL.IMG_SIZE: expected a multiple of 32 (the model's stride), got {cfg.IMG_SIZE}")
+        cls.check_img_size(cfg.IMG_SIZE)
         return cls(
             stem_dims=(conv.STEM_DIMS[0], conv.STEM_DIMS[1]),
             conv_dims=(conv.OUT_CHANNELS[0], conv.OUT_CHANNELS[1]),

@@ -13,10 +13,11 @@ from linnaeus.errors import ConfigError
 from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_heads_divide, require_len, require_positive
 from linnaeus.models.conv import ConvNeXtBlock, Downsample
+from linnaeus.models.hybrid import HybridBackbone
 from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
 from linnaeus.models.position import Rope2d
 from linnaeus.models.registry import register_model
-from linnaeus.models.tokens import ClsAggregator, HybridBackbone, TokenStage
+from linnaeus.models.tokens import ClsAggregator, TokenStage
 
 
 @register_model("mFormerV1")
@@ -87,6 +88,7 @@ class MFormerV1(HybridBackbone):
     @classmethod
     def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> MFormerV1:
         conv, rope = cfg.CONVNEXT_STAGES, cfg.ROPE_STAGES
+        cls.check_img_size(cfg.IMG_SIZE)
         require_positive("MODEL.CONVNEXT_STAGES.DEPTHS", conv.DEPTHS, 2, allow_zero=True)
         require_positive("MODEL.CONVNEXT_STAGES.DIMS", conv.DIMS, 4)
         require_positive("MODEL.ROPE_STAGES.DEPTHS", rope.DEPTHS, 2, allow_zero=True)

@@ -28,6 +28,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def make_readable(path: Path) -> None:
+    """Give a file written by a library that creates 0600 files (safetensors does) the permissions a plain open()
+    would: 0666 minus the umask, so a group can read exported weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

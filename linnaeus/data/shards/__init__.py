@@ -13,8 +13,9 @@ _EXPORTS = {
     "read_manifest": "linnaeus.data.shards.manifest",
     "ShardOptions": "linnaeus.data.shards.writer",
     "write_shards": "linnaeus.data.shards.writer",
+    "merge_parts": "linnaeus.data.shards.writer",
     "ShardTrainDataset": "linnaeus.data.shards.reader",
-    "build_shard_train_loader": "linnaeus.data.shards.reader",
+    "build_shard_batches": "linnaeus.data.shards.reader",
     "iter_shard": "linnaeus.data.shards.reader",
     "shard_report": "linnaeus.data.shards.report",
 }

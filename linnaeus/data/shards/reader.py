@@ -1,13 +1,25 @@
 """Training from shards: a per-process IterableDataset that yields ready batches in the file loader's format.
 
-Per epoch ``e`` (and resume offset ``k``), the shard list is permuted with ``(seed, e, k)`` identically on every
-process, then split by node (``rank::world``) and by DataLoader worker, so shard ownership rotates each epoch.
+Per epoch ``e``, the shard list is permuted with ``(seed, e)`` identically on every process, then split by node
+(``rank::world``) and by DataLoader worker, so shard ownership rotates each epoch.
 A worker reads its shards in that order through a sample shuffle buffer (raw bytes, ``DATA.SHARDS.SHUFFLE_BUFFER``
 per worker) and, when they run out before its quota, keeps drawing shards with replacement (weighted by sample
 count) from the whole list: the stream is *resampled*, so every process yields exactly
 ``batches_per_epoch = floor(train samples / (world * batch))`` batches whatever the shard sizes, and all ranks
 step together (no hang at epoch end, even with fewer shards than readers). A few samples repeat or sit out in an
 epoch; over epochs the rotation covers the data.
+
+Sample-exact resume: a process's batches are ``W`` interleaved streams (``W`` = DataLoader workers; batch ``g``
+of the epoch comes from stream ``g mod W``), each a pure function of (seed, epoch, rank, world size, stream, W).
+``set_epoch(e, start_batch=k)`` makes the worker that will produce batch ``k`` play stream ``k mod W`` (and so
+on round the workers), and each stream first fast-forwards past the batches it made before ``k`` without decoding
+their images, so the resumed epoch continues with exactly the samples an uninterrupted one would have used. (A
+member whose image fails to decode before ``k`` would shift its stream by one sample; verified shards have none,
+the writer rejects undecodable images.)
+
+Verification (``DATA.SHARDS.VERIFY``): ``open`` compares each shard's size with the manifest whenever it is
+opened; ``full`` (default) also hashes it (sha256) the first time this process reads it in the run, the verdict
+shared by all epochs and workers. A shard that fails is skipped whole and its samples counted as corrupt.
 
 Batches: built inside the worker (one IPC message per batch), with exactly the keys and dtypes of the file
 loader (``image`` uint8, ``meta``, ``meta_valid``, ``targets`` int64 with -1 null, ``row``, ``is_pad`` all False,
@@ -43,8 +55,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import ImageDecodeError, load_image
 from linnaeus.data.loader import ignore_stop_signals
+from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
+from linnaeus.data.stream import BatchStream
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -57,6 +71,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _WARN_FIRST = 5  # warn on each of the first few skips per process, then every _WARN_EVERY-th
 _WARN_EVERY = 1000
 _EPOCH_SALT = 0x5EED5  # keeps the shard permutation stream apart from other (seed, epoch) generators
+VERIFY_MODES = ("none", "open", "full")
 
 
 def open_shard(path: str) -> IO[bytes]:
@@ -90,11 +105,6 @@ def iter_shard(path: str, on_error: Callable[[str], None]) -> Iterator[tuple[str
         yield key, parts
 
 
-def worker_batch_count(remaining: int, worker: int, num_workers: int) -> int:
-    """Batches worker ``worker`` yields: DataLoader takes batch i from worker i % num_workers."""
-    return len(range(worker, remaining, num_workers))
-
-
 class ShardTrainDataset(IterableDataset):
     """Yields this process's training batches for the current epoch; see the module docstring."""
 
@@ -102,10 +112,7 @@ class ShardTrainDataset(IterableDataset):
         self,
         shards: list[str],
         shard_samples: list[int],
-        rows: np.ndarray,
-        targets: dict[str, np.ndarray],
-        meta: np.ndarray,
-        meta_valid: np.ndarray,
+        table: SampleTable,
         *,
         batch_size: int,
         batches_per_epoch: int,
@@ -117,18 +124,28 @@ class ShardTrainDataset(IterableDataset):
         rrc_scale: tuple[float, float] = (0.35, 1.0),
         rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         where: str = "",
+        verify: str = "none",
+        shard_bytes: list[int] | None = None,
+        shard_sha256: list[str] | None = None,
     ) -> None:
         if not shards:
             raise DataError(f"{where or 'shards'}: no training shard holds any sample; rerun `linnaeus shard`")
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardTrainDataset: rank {rank} is not in [0, {world_size})")
-        order = np.argsort(rows, kind="stable")
-        self.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64)[order])  # sorted: searchsorted lookup
-        self.targets = {k: np.ascontiguousarray(np.asarray(v, dtype=np.int64)[order]) for k, v in targets.items()}
-        n = len(self.rows)
-        self.meta = np.ascontiguousarray(np.asarray(meta, dtype=np.float32)[order]).reshape(n, -1)
-        self.meta_valid = np.ascontiguousarray(np.asarray(meta_valid, dtype=bool)[order]).reshape(n, -1)
+        table = table.sorted_by_row()  # searchsorted lookup by row
+        self.rows = table.rows
+        self.targets = table.targets
+        self.meta = table.meta
+        self.meta_valid = table.meta_valid
         self.shards = list(shards)
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"ShardTrainDataset: verify must be one of {VERIFY_MODES}, got {verify!r}")
+        if verify != "none" and (shard_bytes is None or (verify == "full" and shard_sha256 is None)):
+            raise ValueError(f"ShardTrainDataset: verify {verify!r} needs shard_bytes (and shard_sha256 for full)")
+        self.verify = verify
+        self.shard_bytes = list(shard_bytes or [])
+        self.shard_sha256 = list(shard_sha256 or [])
+        self.shard_samples = [int(c) for c in shard_samples]
         counts = np.asarray(shard_samples, dtype=np.float64)
         self.shard_weights = counts / counts.sum()
         self.total_samples = int(counts.sum())
@@ -147,13 +164,16 @@ class ShardTrainDataset(IterableDataset):
         # Workers are separate processes: a shared counter lets the trainer report skips from all of them. A
         # spawn-context lock is inherited by forked workers and may also be sent to spawn/forkserver ones (a
         # fork-context lock may not).
-        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+        ctx = multiprocessing.get_context("spawn")
+        self._skipped = ctx.Value("q", 0)
+        # Per shard: 0 not hashed yet, 1 sha256 matches, -1 it does not (VERIFY full hashes each shard once).
+        self._hashed = ctx.Array("b", len(self.shards))
         self._local_skips = 0
 
     # ----------------------------------------------------------------------------------------------- epoch
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch; a resume at batch ``start_batch`` yields the remaining batches from a stream
-        re-seeded with the offset (shard streams have no exact sample position to return to)."""
+        """Select the epoch; a resume at batch ``start_batch`` yields exactly the batches ``start_batch ...`` of
+        the uninterrupted epoch (see the module docstring)."""
         if not 0 <= int(start_batch) <= self.batches_per_epoch:
             raise ValueError(f"ShardTrainDataset: start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
         self.epoch = int(epoch)
@@ -167,17 +187,15 @@ class ShardTrainDataset(IterableDataset):
         """Corrupt samples skipped so far by this process and its workers (all epochs)."""
         return int(self._skipped.value)
 
-    def worker_shards(self, worker: int, num_workers: int) -> np.ndarray:
-        """This (rank, worker)'s shard indices for the current epoch, in reading order."""
-        perm = np.random.default_rng((self.seed % 2**63, self.epoch, self.start_batch, _EPOCH_SALT)).permutation(
-            len(self.shards)
-        )
-        return perm[self.rank :: self.world_size][worker::num_workers]
+    def worker_shards(self, stream: int, num_streams: int) -> np.ndarray:
+        """Stream ``stream``'s shard indices for the current epoch on this rank, in reading order."""
+        perm = np.random.default_rng((self.seed % 2**63, self.epoch, _EPOCH_SALT)).permutation(len(self.shards))
+        return perm[self.rank :: self.world_size][stream::num_streams]
 
     # ---------------------------------------------------------------------------------------------- stream
-    def _skip(self, what: str, reason: str) -> None:
+    def _skip(self, what: str, reason: str, count: int = 1) -> None:
         with self._skipped.get_lock():
-            self._skipped.value += 1
+            self._skipped.value += count
             total = self._skipped.value
         self._local_skips += 1
         if self._local_skips <= _WARN_FIRST or self._local_skips % _WARN_EVERY == 0:
@@ -193,7 +211,10 @@ class ShardTrainDataset(IterableDataset):
         for sid in self._shard_stream(worker, num_workers, rng):
             path = self.shards[sid]
             got = False
-            for key, parts in iter_shard(path, lambda reason: self._skip("the rest of a shard", reason)):
+            problem = self._shard_problem(sid)
+            if problem:
+                self._skip(f"all {self.shard_samples[sid]} samples of shard {path}", problem, self.shard_samples[sid])
+            for key, parts in () if problem else iter_shard(path, lambda r: self._skip("the rest of a shard", r)):
                 got = True
                 yield path, key, parts
             barren = 0 if got else barren + 1
@@ -202,6 +223,24 @@ class ShardTrainDataset(IterableDataset):
                     f"{self.where or 'shards'}: {barren} shards in a row held no readable sample; "
                     "the shards look corrupt, rerun `linnaeus shard`"
                 )
+
+    def _shard_problem(self, sid: int) -> str | None:
+        """Why shard ``sid`` must not be read under ``self.verify`` (one line), or None."""
+        if self.verify == "none":
+            return None
+        path = self.shards[sid]
+        try:
+            size = os.path.getsize(path)
+        except OSError as err:
+            return f"cannot be opened ({err.strerror or err})"
+        if size != self.shard_bytes[sid]:
+            return f"{size} bytes, {mf.MANIFEST_NAME} says {self.shard_bytes[sid]}; rerun `linnaeus shard`"
+        if self.verify == "full":
+            if self._hashed[sid] == 0:
+                self._hashed[sid] = 1 if mf.file_sha256(Path(path)) == self.shard_sha256[sid] else -1
+            if self._hashed[sid] < 0:
+                return f"sha256 differs from {mf.MANIFEST_NAME} (corrupt); rerun `linnaeus shard`"
+        return None
 
     def _shuffled(self, items: Iterator[Any], rng: np.random.Generator) -> Iterator[Any]:
         if self.shuffle_buffer <= 1:
@@ -218,8 +257,8 @@ class ShardTrainDataset(IterableDataset):
         rng.shuffle(buf)  # only reached if the stream ends (it is infinite in training)
         yield from buf
 
-    def _decode(self, path: str, key: str, parts: dict[str, bytes]) -> tuple[int, np.ndarray]:
-        """(position in the train arrays, image) or raise ValueError/ImageDecodeError with the reason."""
+    def _locate(self, parts: dict[str, bytes]) -> tuple[int, str]:
+        """(position in the train table, image extension) or raise ValueError with the reason; no image decode."""
         info = json.loads(parts["json"]) if "json" in parts else None
         if not isinstance(info, dict) or not isinstance(info.get("row"), int):
             raise ValueError("no json member with an integer 'row'")
@@ -230,15 +269,17 @@ class ShardTrainDataset(IterableDataset):
         ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if ext is None:
             raise ValueError(f"no image member (expected one of .{', .'.join(IMAGE_EXTS)})")
-        image = load_image(
-            parts[ext],
+        return pos, ext
+
+    def _decode(self, pos: int, data: bytes) -> np.ndarray:
+        return load_image(
+            data,
             img_size=self.img_size,
             train=True,
-            rng=sample_rng(self.seed, self.epoch, row),
+            rng=sample_rng(self.seed, self.epoch, int(self.rows[pos])),
             rrc_scale=self.rrc_scale,
             rrc_ratio=self.rrc_ratio,
         )
-        return pos, image
 
     def _batch(self, positions: list[int], images: list[np.ndarray]) -> dict[str, Any]:
         pos = np.asarray(positions, dtype=np.int64)
@@ -256,20 +297,30 @@ class ShardTrainDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        quota = worker_batch_count(len(self), worker, num_workers)
-        if quota == 0:
+        # DataLoader takes its j-th batch from worker j % W; after a resume at k that batch is batch k + j of the
+        # epoch, which belongs to stream (k + j) % W.
+        stream = (worker + self.start_batch) % num_workers
+        skip = len(range(stream, self.start_batch, num_workers))
+        quota = len(range(stream, self.batches_per_epoch, num_workers)) - skip
+        if quota <= 0:
             return
-        rng = np.random.default_rng((self.seed % 2**63, self.epoch, self.start_batch, self.rank, worker))
-        samples = self._shuffled(self._raw_samples(worker, num_workers, rng), rng)
+        key = (self.seed % 2**63, self.epoch, self.rank, self.world_size, stream, num_workers)
+        rng = np.random.default_rng(key)
+        samples = self._shuffled(self._raw_samples(stream, num_workers, rng), rng)
+        skip_samples = skip * self.batch_size
         positions: list[int] = []
         images: list[np.ndarray] = []
         failures = 0
         limit = max(1000, self.total_samples)  # a whole epoch's worth of failures in a row: not bad luck
-        for path, key, parts in samples:
+        for path, key_, parts in samples:
             try:
-                pos, image = self._decode(path, key, parts)
+                pos, ext = self._locate(parts)
+                if skip_samples:  # fast-forward: the batch was used before the resume; no image decode
+                    skip_samples -= 1
+                    continue
+                image = self._decode(pos, parts[ext])
             except (ValueError, ImageDecodeError) as err:
-                self._skip(f"sample {key} of {path}", getattr(err, "reason", str(err)))
+                self._skip(f"sample {key_} of {path}", getattr(err, "reason", str(err)))
                 failures += 1
                 if failures > limit:
                     raise DataError(
@@ -299,30 +350,31 @@ def shard_dir_of(cfg: Config) -> Path:
 
 def check_manifest(manifest: dict[str, Any], prepared: PreparedData, split: str, shard_dir: Path) -> dict[str, Any]:
     """The manifest's entry for ``split`` after the labels/split identity and the shard files are checked."""
-    hint = manifest.get("config") or "EXP.yaml"
-    rerun = f"rerun `linnaeus shard --cfg {hint} --out {shard_dir}`"
-    problem = mf.identity_problem(manifest, prepared, split, shard_dir)
-    if problem:
-        raise DataError(f"{problem}; {rerun}")
+    rerun = f"rerun `{mf.reshard_command(manifest, shard_dir)}`"
+    problems = mf.identity_problems(manifest, mf.split_identity(prepared), [split], shard_dir)
+    if problems:
+        raise DataError(f"{problems[0]}; {rerun}")
     entry = manifest["splits"].get(split)
     if not entry:
         raise DataError(f"{shard_dir / mf.MANIFEST_NAME}: has no {split} shards; {rerun} --splits {split}")
-    for shard in entry["shards"]:
-        path = shard_dir / shard["name"]
-        if not path.is_file():
-            raise DataError(f"shard {path}: listed in {mf.MANIFEST_NAME} but missing; {rerun}")
-        if path.stat().st_size != shard["bytes"]:
-            log.warning(
-                "shard %s: %d bytes, manifest says %d; its unreadable samples will be skipped (%s)",
-                path,
-                path.stat().st_size,
-                shard["bytes"],
-                rerun,
-            )
+    missing, damaged = mf.shard_file_problems(shard_dir, entry)
+    if missing:
+        raise DataError(
+            f"shard {shard_dir / missing[0]}: listed in {mf.MANIFEST_NAME} but missing (+{len(missing) - 1} more); "
+            f"{rerun}"
+        )
+    if damaged:
+        log.warning(
+            "shard %s (+%d more): size differs from %s; its unreadable samples will be skipped (%s)",
+            shard_dir / damaged[0],
+            len(damaged) - 1,
+            mf.MANIFEST_NAME,
+            rerun,
+        )
     return entry
 
 
-def build_shard_train_loader(
+def build_shard_batches(
     cfg: Config,
     prepared: PreparedData,
     *,
@@ -334,15 +386,10 @@ def build_shard_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context: Any = None,
-) -> tuple[DataLoader, int, Callable[..., None]]:
-    """(loader, batches_per_epoch, set_epoch) for training from ``DATA.SHARDS.DIR``.
-
-    Call ``set_epoch(epoch, start_batch=0)`` before iterating each epoch; the loader then yields exactly
-    ``batches_per_epoch - start_batch`` batches on every process. Do not pass the loader to ``accelerator.prepare``.
-    ``loader.dataset.skipped_count`` is the number of corrupt samples skipped so far (all workers).
-    """
+) -> BatchStream:
+    """The training ``BatchStream`` from ``DATA.SHARDS.DIR``; do not pass its loader to ``accelerator.prepare``."""
     shard_dir = shard_dir_of(cfg)
-    manifest = mf.read_manifest(shard_dir, cfg_hint="EXP.yaml")
+    manifest = mf.read_manifest(shard_dir)
     entry = check_manifest(manifest, prepared, "train", shard_dir)
     total = int(entry["num_samples"])
     per_step = world_size * batch_size
@@ -362,14 +409,10 @@ def build_shard_train_loader(
             len(used),
             readers,
         )
-    a = prepared.arrays("train", with_paths=False)
     dataset = ShardTrainDataset(
         [str(shard_dir / s["name"]) for s in used],
         [int(s["samples"]) for s in used],
-        a["rows"],
-        a["targets"],
-        a["meta"],
-        a["meta_valid"],
+        prepared.samples("train", with_paths=False),
         batch_size=batch_size,
         batches_per_epoch=batches,
         world_size=world_size,
@@ -380,6 +423,9 @@ def build_shard_train_loader(
         rrc_scale=tuple(cfg.AUG.RRC_SCALE),
         rrc_ratio=tuple(cfg.AUG.RRC_RATIO),
         where=str(shard_dir),
+        verify=cfg.DATA.SHARDS.VERIFY,
+        shard_bytes=[int(s["bytes"]) for s in used],
+        shard_sha256=[str(s["sha256"]) for s in used],
     )
     workers = int(num_workers)
     loader = DataLoader(
@@ -394,4 +440,4 @@ def build_shard_train_loader(
         worker_init_fn=ignore_stop_signals if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
-    return loader, batches, dataset.set_epoch
+    return BatchStream(loader, dataset, batches)

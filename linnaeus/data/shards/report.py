@@ -1,8 +1,9 @@
 """``shard_report(cfg)``: the shard folder's state for ``linnaeus check`` (never raises for bad shards).
 
-It lists the manifest, whether its labels fingerprint (and, given a ``PreparedData``, the split) matches the
-current labels, sample/shard/skip counts per split, and shard files that are missing or have the wrong size
-(optionally the wrong sha256). Problems go to ``errors``/``warnings`` as one line each, like the check report.
+It lists the manifest, whether its labels fingerprint (and the split) matches the current data, sample/shard/skip
+counts per split, shard files that are missing or have the wrong size (optionally the wrong sha256), and shards
+whose source images changed since they were written (stale). Problems go to ``errors``/``warnings`` as one line
+each, like the check report; the rules themselves live in ``manifest`` and ``writer``.
 """
 
 from __future__ import annotations
@@ -18,30 +19,20 @@ if TYPE_CHECKING:
     from linnaeus.data.prepare import PreparedData
 
 
-def _labels_now(cfg: Config) -> dict[str, tuple[str, str]]:
-    """split -> (labels path, sha256) without reading labels.h5 (fingerprint = sha256 of the file's bytes)."""
-    from linnaeus.data.labels import file_fingerprint
-    from linnaeus.data.prepare import label_paths
-
-    train, val = label_paths(cfg)
-    fp_train = file_fingerprint(train)
-    fp_val = file_fingerprint(val) if val else fp_train
-    return {"train": (str(train), fp_train), "val": (str(val or train), fp_val)}
-
-
 def shard_report(
     cfg: Config, prepared: PreparedData | None = None, *, verify_checksums: bool = False
 ) -> dict[str, Any]:
-    """State of ``DATA.SHARDS.DIR`` against the labels (and the split, when ``prepared`` is given)."""
+    """State of ``DATA.SHARDS.DIR`` against the labels, the split and the source images (``prepared`` is built
+    here when not given; if that fails only the labels fingerprint is compared)."""
     r: dict[str, Any] = {
         "enabled": bool(cfg.DATA.SHARDS.ENABLED),
         "dir": None,
         "manifest": None,
         "format_version": None,
         "tool_version": None,
-        "created": None,
         "fingerprint_match": None,
         "split_match": None,
+        "stale_shards": None,
         "splits": {},
         "errors": [],
         "warnings": [],
@@ -65,11 +56,12 @@ def shard_report(
     r["manifest"] = str(shard_dir / mf.MANIFEST_NAME)
     r["format_version"] = manifest.get("format_version")
     r["tool_version"] = manifest.get("tool", {}).get("version")
-    r["created"] = manifest.get("created")
-    hint = f"rerun `linnaeus shard --cfg {manifest.get('config') or 'EXP.yaml'} --out {shard_dir}`"
-    _check_identity(cfg, prepared, manifest, shard_dir, hint, r)
+    hint = f"rerun `{mf.reshard_command(manifest, shard_dir)}`"
+    prepared = _check_identity(cfg, prepared, manifest, shard_dir, hint, r)
     for split, entry in manifest["splits"].items():
         r["splits"][split] = _check_files(shard_dir, split, entry, verify_checksums, hint, r)
+    if prepared is not None and r["split_match"]:
+        _check_sources(cfg, prepared, manifest, shard_dir, hint, r)
     train = r["splits"].get("train")
     if train is None:
         r["errors" if cfg.DATA.SHARDS.ENABLED else "warnings"].append(
@@ -86,56 +78,64 @@ def shard_report(
 
 def _check_identity(
     cfg: Config, prepared: PreparedData | None, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
-) -> None:
-    source = manifest.get("source", {})
+) -> PreparedData | None:
+    """Fills fingerprint_match/split_match; returns the PreparedData it compared against, if any."""
     splits = [s for s in mf.SPLITS if s in manifest["splits"]]
-    if prepared is not None:
-        problems = [p for s in splits if (p := mf.identity_problem(manifest, prepared, s, shard_dir))]
-        fp_ok = all(
-            source.get("labels", {}).get(s, {}).get("fingerprint") == prepared.view(s).store.fingerprint for s in splits
-        )
-        r["fingerprint_match"] = fp_ok
-        r["split_match"] = not problems if fp_ok else None
-        r["errors"] += [f"{p}; {hint}" for p in problems]
-        return
+    if prepared is None:
+        from linnaeus.data.prepare import prepare_data
+
+        try:
+            prepared = prepare_data(cfg, check_images=False)
+        except (LinnaeusError, OSError) as err:
+            r["warnings"].append(f"split and source images not compared with the shards: {err}")
     try:
-        now = _labels_now(cfg)
+        now = mf.split_identity(prepared) if prepared is not None else mf.labels_identity(cfg)
     except (LinnaeusError, OSError) as err:
         r["warnings"].append(f"labels fingerprint not checked: {err}")
-        return
-    r["fingerprint_match"] = True
-    for s in splits:
-        path, fp = now[s]
-        old = str(source.get("labels", {}).get(s, {}).get("fingerprint") or "none")
-        if old != fp:
-            r["fingerprint_match"] = False
-            r["errors"].append(
-                f"{path} changed since the {s} shards in {shard_dir} were written (labels fingerprint {old[:12]}… in "
-                f"{mf.MANIFEST_NAME}, {fp[:12]}… now); {hint}"
-            )
+        return None
+    labels_only = {"labels": now["labels"]}
+    fp_problems = mf.identity_problems(manifest, labels_only, splits, shard_dir)
+    r["fingerprint_match"] = not fp_problems
+    problems = mf.identity_problems(manifest, now, splits, shard_dir) if prepared is not None else fp_problems
+    if prepared is not None and not fp_problems:
+        r["split_match"] = not problems
+    r["errors"] += [f"{p}; {hint}" for p in problems]
+    return prepared
 
 
 def _check_files(
     shard_dir: Path, split: str, entry: dict, verify: bool, hint: str, r: dict[str, Any]
 ) -> dict[str, Any]:
-    missing, wrong = [], []
-    for shard in entry.get("shards", []):
-        path = shard_dir / shard["name"]
-        if not path.is_file():
-            missing.append(shard["name"])
-        elif path.stat().st_size != shard["bytes"] or (verify and mf.file_sha256(path) != shard["sha256"]):
-            wrong.append(shard["name"])
+    missing, damaged = mf.shard_file_problems(shard_dir, entry, checksums=verify)
     if missing:
         r["errors"].append(f"shard {shard_dir / missing[0]}: missing (+{len(missing) - 1} more {split} shards); {hint}")
-    if wrong:
+    if damaged:
         what = "size or sha256" if verify else "size"
         r["errors"].append(
-            f"shard {shard_dir / wrong[0]}: {what} differs from {mf.MANIFEST_NAME} (+{len(wrong) - 1} more); {hint}"
+            f"shard {shard_dir / damaged[0]}: {what} differs from {mf.MANIFEST_NAME} (+{len(damaged) - 1} more); {hint}"
         )
     return {
         "samples": int(entry.get("num_samples", 0)),
         "shards": int(entry.get("num_shards", 0)),
         "skipped": int(entry.get("num_skipped", 0)),
         "missing_files": missing,
-        "bad_files": wrong,
+        "bad_files": damaged,
     }
+
+
+def _check_sources(
+    cfg: Config, prepared: PreparedData, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
+) -> None:
+    if not cfg.DATA.HYBRID.IMAGES_DIR:
+        r["warnings"].append("source images not compared with the shards: DATA.HYBRID.IMAGES_DIR is not set")
+        return
+    from linnaeus.data.shards.writer import stale_shards
+
+    stale = stale_shards(prepared, manifest, shard_dir)
+    r["stale_shards"] = sum(len(v) for v in stale.values())
+    for split, names in stale.items():
+        if names:
+            r["errors"].append(
+                f"shard {shard_dir / names[0]}: its source images changed since it was written (+{len(names) - 1} "
+                f"more stale {split} shards); {hint} to rewrite them"
+            )

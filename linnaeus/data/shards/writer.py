@@ -15,9 +15,17 @@ Why ``tarfile`` and not ``webdataset.TarWriter``: TarWriter stamps members with 
 two members per sample ourselves is a few lines and keeps every header byte under our control. The result is
 plain USTAR that ``webdataset.WebDataset`` and ``tar -tf`` read (the tests check both).
 
-Resumption: shards are written to ``.{name}.{pid}.tmp`` and renamed when complete, and each finished shard is
-appended to ``.progress.jsonl``. A rerun keeps a shard whose file hashes to the recorded sha256 *and* whose plan
-(rows, identifiers, options) is unchanged; anything else, including temp files of a killed run, is rewritten.
+Resumption and freshness: shards are written to ``.{name}.{pid}.tmp`` and renamed when complete, and each finished
+shard is appended to the progress log. A rerun keeps a shard whose file hashes to the recorded sha256, whose plan
+(rows, identifiers, options) is unchanged *and* whose source images still have the recorded size and mtime (a
+digest per shard, ``sources``); anything else, including temp files of a killed run, is rewritten, and the run
+says how many shards were rewritten because their sources changed. ``stale_shards`` is the same test for
+``linnaeus check``.
+
+Parts: ``--part I/N`` writes the plan's shards ``I, I+N, I+2N, ...`` (one list over train then val), each part
+into its own progress log, so N processes on any machines write exactly the shards one process would;
+``--merge`` checks that every planned shard has a record with the same plan and a file of the recorded size and
+writes the manifest. The plan needs no ``stat`` of the images: parts only stat their own shards' sources.
 
 Missing or corrupt images are found with the training decoder (``load_image``): strict by default (DataError
 naming the file, row and shard); with ``DATA.HYBRID.ALLOW_MISSING_IMAGES`` they are left out and counted.
@@ -25,7 +33,6 @@ naming the file, row and shard); with ``DATA.HYBRID.ALLOW_MISSING_IMAGES`` they 
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import io
 import json
@@ -221,8 +228,11 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     out_dir = Path(task.out_dir)
     final = out_dir / task.name
     prev = task.previous
-    if prev is not None and final.is_file() and mf.file_sha256(final) == prev["sha256"]:
-        return {**prev, "kept": True}
+    # Statted before reading: a source changed while it is being read is seen as changed by the next run.
+    sources = mf.sources_digest(mf.source_stats(task.paths))
+    stale = prev is not None and prev.get("sources") != sources
+    if prev is not None and not stale and final.is_file() and mf.file_sha256(final) == prev["sha256"]:
+        return {**prev, "kept": True, "stale": False}
     tmp = out_dir / f".{task.name}.{os.getpid()}.tmp"
     skipped: list[dict[str, Any]] = []
     samples = 0
@@ -260,7 +270,9 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "bytes": hashing.size,
         "samples": samples,
         "skipped": skipped,
+        "sources": sources,
         "kept": False,
+        "stale": stale,
     }
 
 
@@ -272,7 +284,9 @@ class ShardOptions:
     workers: int | None = None
     max_side: int | None = None
     splits: tuple[str, ...] = ("train", "val")
-    cfg_path: str | None = None  # recorded so error messages can repeat the exact command
+    cfg_path: str | None = None
+    command: str | None = None  # the original command, repeated by every "reshard" message
+    part: mf.Part | None = None  # write only this part of the plan; no manifest
     progress: bool = True
 
     def validate(self) -> None:
@@ -297,7 +311,7 @@ def _old_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _previous_records(old: dict[str, Any] | None, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """name -> record of shards an earlier run finished (complete manifest first, then the progress log)."""
+    """name -> record of shards an earlier run finished (complete manifest first, then the progress logs)."""
     records: dict[str, dict[str, Any]] = {}
     for split, entry in (old or {}).get("splits", {}).items():
         for rec in entry.get("shards", []):
@@ -308,29 +322,30 @@ def _previous_records(old: dict[str, Any] | None, out_dir: Path) -> dict[str, di
     return records
 
 
-def _retire_manifest(out_dir: Path, old: dict[str, Any] | None, tasks: list[ShardTask]) -> None:
-    """Remove manifest.json before changing any shard it lists, so a run killed half-way cannot leave a manifest
-    that describes other files (readers then stop with "manifest not found" until the rerun finishes). Its
-    still-valid records move to the progress log so that rerun keeps those shards."""
+def _retire_manifest(out_dir: Path, old: dict[str, Any] | None, tasks: list[ShardTask], part: mf.Part | None) -> None:
+    """Remove manifest.json before any shard may change (whether a source changed is only known when a writer
+    stats it), so a run killed half-way cannot leave a manifest that describes other files; readers then stop
+    with "manifest not found" until the rerun finishes. Its records with an unchanged plan move to the progress
+    log, so that rerun (or any part) keeps those shards."""
     if old is None:
         return
-    splits = {t.split for t in tasks}
-    listed = {s["name"] for split, e in old["splits"].items() if split in splits for s in e.get("shards", [])}
-    planned = {t.name: t for t in tasks}
-    if not any(name not in planned or planned[name].previous is None for name in listed):
-        return  # every listed shard is planned unchanged: at worst rewritten to the same bytes
     for t in tasks:
         if t.previous is not None:
-            mf.append_progress(out_dir, {k: v for k, v in t.previous.items() if k != "kept"})
+            mf.append_progress(out_dir, {k: v for k, v in t.previous.items() if k not in ("kept", "stale")}, part)
     (out_dir / mf.MANIFEST_NAME).unlink(missing_ok=True)
 
 
+def _remove_temp_files(out_dir: Path, names: Iterable[str]) -> None:
+    # Only the temp files of our own shards: parallel parts write theirs into the same folder.
+    for name in names:
+        for tmp in out_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def _clean_stale(out_dir: Path, split: str, planned: set[str]) -> None:
-    for tmp in out_dir.glob(f".{split}-*.tar.*.tmp"):
-        tmp.unlink(missing_ok=True)  # a killed writer's partial shard
     for old in out_dir.glob(f"{split}-*.tar"):
         if old.name not in planned:
-            old.unlink()  # left over from a run with another shard size; the manifest would not list it anyway
+            old.unlink(missing_ok=True)  # from a run with another shard size; no manifest would list it
 
 
 def _run_tasks(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
@@ -360,6 +375,7 @@ def _split_entry(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 "bytes": r["bytes"],
                 "sha256": r["sha256"],
                 "plan": r["plan"],
+                "sources": r.get("sources"),
                 "skipped": r.get("skipped", []),
             }
             for r in recs
@@ -367,80 +383,156 @@ def _split_entry(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
-    """Shard the run's split of ``cfg`` into ``out_dir``; return the manifest (also written as manifest.json)."""
-    from tqdm.auto import tqdm
+@dataclass
+class ShardPlan:
+    """Every shard of the requested splits, in plan order (train then val), with what an earlier run left."""
 
-    from linnaeus import __version__
+    prepared: PreparedData
+    tasks: list[ShardTask]
+    samples_per_shard: dict[str, int]
+    old: dict[str, Any] | None
+
+
+def plan_shards(cfg: Config, out: Path, opts: ShardOptions) -> ShardPlan:
     from linnaeus.data.prepare import prepare_data
 
-    opts = options or ShardOptions()
-    opts.validate()
     prepared = prepare_data(cfg, check_images=False)  # the images are checked here, shard by shard
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     old = _old_manifest(out)
     previous = _previous_records(old, out)
-
     tasks: list[ShardTask] = []
     per_split: dict[str, int] = {}
     for split in opts.splits:
-        paths = prepared.image_paths(split)
         sps = opts.samples_per_shard or estimate_samples_per_shard(
-            paths, opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB, opts.max_side
+            prepared.image_paths(split), opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB, opts.max_side
         )
         per_split[split] = sps
-        split_tasks = plan_split(prepared, split, out, samples_per_shard=sps, max_side=opts.max_side)
-        for t in split_tasks:
+        for t in plan_split(prepared, split, out, samples_per_shard=sps, max_side=opts.max_side):
             rec = previous.get(t.name)
             t.previous = rec if rec is not None and rec.get("plan") == t.plan else None
-        tasks += split_tasks
-    _retire_manifest(out, old, tasks)
+            tasks.append(t)
+    return ShardPlan(prepared, tasks, per_split, old)
+
+
+def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
+    """Shard the run's split of ``cfg`` into ``out_dir``; return the manifest (also written as manifest.json).
+
+    With ``options.part``, write only that part's shards and return a summary instead (no manifest)."""
+    from tqdm.auto import tqdm
+
+    opts = options or ShardOptions()
+    opts.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(cfg, out, opts)
+    part = opts.part
+    mine = plan.tasks if part is None else plan.tasks[part.index :: part.count]
+    _retire_manifest(out, plan.old, plan.tasks, part)
     for split in opts.splits:
-        _clean_stale(out, split, {t.name for t in tasks if t.split == split})
+        _clean_stale(out, split, {t.name for t in plan.tasks if t.split == split})
+    _remove_temp_files(out, [t.name for t in mine])
 
     workers = opts.workers or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
-    total = sum(len(t.rows) for t in tasks)
-    done: dict[str, list[dict[str, Any]]] = {s: [] for s in opts.splits}
-    kept = 0
+    done: list[dict[str, Any]] = []
     try:
-        with tqdm(total=total, desc="shard", unit="img", file=sys.stderr, disable=not opts.progress) as bar:
-            for rec in _run_tasks(tasks, workers):
-                if not rec["kept"]:
-                    mf.append_progress(out, {k: v for k, v in rec.items() if k != "kept"})
-                kept += bool(rec["kept"])
-                done[rec["split"]].append(rec)
+        desc = "shard" if part is None else f"shard part {part}"
+        with tqdm(
+            total=sum(len(t.rows) for t in mine), desc=desc, unit="img", file=sys.stderr, disable=not opts.progress
+        ) as bar:
+            for rec in _run_tasks(mine, workers):
+                # A part logs kept shards too: --merge needs a record of every shard, and the manifest that
+                # held the old record may be retired by another part meanwhile.
+                if not rec["kept"] or part is not None:
+                    mf.append_progress(out, {k: v for k, v in rec.items() if k not in ("kept", "stale")}, part)
+                done.append(rec)
                 bar.update(rec["samples"] + len(rec.get("skipped", [])))
     except BaseException:
-        # Workers terminated mid-shard cannot remove their temp files; finished shards stay for the rerun.
-        for split in opts.splits:
-            for tmp in out.glob(f".{split}-*.tar.*.tmp"):
-                tmp.unlink(missing_ok=True)
+        _remove_temp_files(out, [t.name for t in mine])  # workers terminated mid-shard cannot remove theirs
         raise
+    counts = {
+        "written": sum(not r["kept"] for r in done),
+        "kept": sum(bool(r["kept"]) for r in done),
+        "stale": sum(bool(r.get("stale")) for r in done),
+    }
+    log.info("wrote %d shards (%d kept, %d rewritten for changed sources) to %s", *counts.values(), out)
+    if part is not None:
+        return {"part": str(part), "shards": len(mine), "planned": len(plan.tasks), **counts}
+    manifest = _finish(out, plan, opts, done)
+    manifest["_counts"] = counts  # for the CLI summary only; not part of the file
+    return manifest
 
-    identity = mf.split_identity(prepared)
+
+def merge_parts(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
+    """Check that the parts wrote every planned shard (a record with the same plan and a file of the recorded size)
+    and write the manifest; DataError naming the first shard missing and how many."""
+    opts = options or ShardOptions()
+    opts.validate()
+    out = Path(out_dir)
+    plan = plan_shards(cfg, out, opts)
+    records, missing = [], []
+    for t in plan.tasks:
+        rec = t.previous
+        path = out / t.name
+        if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"]:
+            missing.append(t.name)
+        else:
+            records.append({**rec, "split": t.split})
+    if missing:
+        raise DataError(
+            f"{out / missing[0]}: no finished shard for this plan (+{len(missing) - 1} more of {len(plan.tasks)}); "
+            "a part has not finished or was run with other options; rerun the parts with the same command and "
+            "options, then --merge"
+        )
+    manifest = _finish(out, plan, opts, records)
+    manifest["_counts"] = {"written": 0, "kept": len(records), "stale": 0}
+    return manifest
+
+
+def _finish(out: Path, plan: ShardPlan, opts: ShardOptions, records: list[dict[str, Any]]) -> dict[str, Any]:
+    from linnaeus import __version__
+
+    identity = mf.split_identity(plan.prepared)
     manifest: dict[str, Any] = {
         "format_version": mf.FORMAT_VERSION,
         "tool": {"name": "linnaeus", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": opts.cfg_path,
+        "command": opts.command,
         "source": identity,
         "options": {
-            "samples_per_shard": per_split,
+            "samples_per_shard": plan.samples_per_shard,
             "shard_size_mb": None if opts.samples_per_shard else (opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB),
             "max_side": opts.max_side,
-            "order_seed": int(prepared.split.seed),
+            "order_seed": int(plan.prepared.split.seed),
         },
-        "splits": {s: _split_entry(done[s]) for s in opts.splits},
+        "splits": {s: _split_entry(r for r in records if r["split"] == s) for s in opts.splits},
     }
-    _keep_other_splits(out, old, manifest, identity)
+    _keep_other_splits(out, plan.old, manifest, identity)
     manifest["num_samples"] = sum(e["num_samples"] for e in manifest["splits"].values())
     manifest["num_shards"] = sum(e["num_shards"] for e in manifest["splits"].values())
     mf.write_manifest(out, manifest)
     mf.clear_progress(out)
-    log.info("wrote %d shards (%d kept from an earlier run) to %s", len(tasks) - kept, kept, out)
-    manifest["_kept"] = kept  # for the CLI summary only; not part of the file
     return manifest
+
+
+def stale_shards(prepared: PreparedData, manifest: dict[str, Any], shard_dir: Path) -> dict[str, list[str]]:
+    """split -> names of listed shards whose source images changed (size or mtime) since they were written."""
+    out: dict[str, list[str]] = {}
+    options = manifest.get("options", {})
+    for split, entry in manifest["splits"].items():
+        sps = options.get("samples_per_shard", {}).get(split)
+        if not sps:
+            continue
+        tasks = {
+            t.name: t
+            for t in plan_split(
+                prepared, split, shard_dir, samples_per_shard=int(sps), max_side=options.get("max_side")
+            )
+        }
+        out[split] = [
+            s["name"]
+            for s in entry.get("shards", [])
+            if s["name"] in tasks and s.get("sources") != mf.sources_digest(mf.source_stats(tasks[s["name"]].paths))
+        ]
+    return out
 
 
 def _keep_other_splits(out: Path, old: dict[str, Any] | None, manifest: dict[str, Any], identity: dict) -> None:

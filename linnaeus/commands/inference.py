@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,15 +50,17 @@ def predict_stream(
     batch_size: int = 32,
     consistent: bool = True,
     progress: bool = True,
+    fmt: str = "json",
     failed: list[str] | None = None,
 ) -> int:
-    """Predict ``images`` in batches, writing one JSON line per image to ``out`` as each batch finishes.
+    """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes.
 
     An image that cannot be decoded gets one ``error:`` line on stderr (its path is appended to ``failed``) and the
     rest of its batch is still predicted. Returns the number of images predicted."""
     from tqdm.auto import tqdm
 
     from linnaeus.data.images import ImageDecodeError
+    from linnaeus.inference.table import format_result
 
     def run(chunk: list[Path]) -> list[Any]:
         meta = None if metadata is None else [metadata] * len(chunk)
@@ -81,7 +85,10 @@ def predict_stream(
                         if failed is not None:
                             failed.append(str(image))
             for result in results:
-                out.write(result.to_json() + "\n")
+                if fmt == "table":
+                    bar.write(format_result(json.loads(result.to_json())) + "\n", file=out)
+                else:
+                    out.write(result.to_json() + "\n")
             out.flush()
             done += len(results)
             bar.update(len(chunk))
@@ -95,12 +102,15 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    start = time.monotonic()
     images = collect_images(args.images)
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
-    predictor = (
-        Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
-    )
+    # stdout holds only results: DeepSpeed prints while a run's checkpoint is consolidated, so loading talks to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        predictor = (
+            Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
+        )
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
     failed: list[str] = []
@@ -112,15 +122,19 @@ def run_predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         batch_size=args.batch_size,
         consistent=not args.raw,
+        progress=sys.stderr.isatty(),  # a bar in a log file is only carriage returns
+        fmt=getattr(args, "format", "json"),
         failed=failed,
     )
+    if not sys.stderr.isatty():
+        print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0  # each unreadable image already has its error line
 
 
 def run_export(args: argparse.Namespace) -> int:
     from linnaeus.inference.bundle import INFO, export_bundle
 
-    path = export_bundle(args.run, args.out, args.which)
+    path = export_bundle(args.run, args.out, args.which, assume_encodings=args.assume_encodings)
     info = json.loads((path / INFO).read_text())
     print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         pin_memory=torch.cuda.is_available(),
     )
     sampler.set_epoch(0)
+    _say(f"bench: timing the loader, {args.batches} batches of {cfg.DATA.BATCH_SIZE} with {workers} workers ...")
     seconds, images = _time_loader(loader, args.batches)
     loader_ips = images / max(seconds, 1e-9)
 
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
     model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    _say(
+        f"bench: loader {loader_ips:.1f} img/s; timing {args.batches} training steps of {cfg.MODEL.NAME} on {device} ..."
+    )
     sampler.set_epoch(1)
     wait = compute = 0.0
     steps = 0
@@ -93,5 +98,29 @@ def run(args: argparse.Namespace) -> int:
         "train_steps_timed": steps,
         "data_wait_share": round(wait / max(wait + compute, 1e-9), 4),
     }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2) if getattr(args, "json", False) else summary(report))
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def summary(report: dict) -> str:
+    """The readable form of the bench report (``--json`` prints the raw numbers)."""
+    wait = report["data_wait_share"]
+    verdict = (
+        "the model waits for data: raise DATA.NUM_WORKERS, use shards, or move data to faster storage"
+        if wait > 0.2
+        else "the input pipeline keeps up with the model"
+    )
+    return "\n".join(
+        [
+            f"input pipeline on {report['device']} ({report['workers']} workers, batch {report['batch_size']}, "
+            f"{report['img_size']} px)",
+            f"  loader            {report['loader_images_per_sec']:.1f} img/s "
+            f"({report['loader_images_per_sec_per_worker']:.1f} per worker)",
+            f"  data wait         {100 * wait:.1f}% of step time over {report['train_steps_timed']} training steps",
+            f"  verdict           {verdict}",
+        ]
+    )

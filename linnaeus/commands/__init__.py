@@ -1,0 +1,1 @@
+"""Command handlers: one module per ``linnaeus`` command (arguments in, printing and exit codes out)."""

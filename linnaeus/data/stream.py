@@ -1,0 +1,104 @@
+"""``BatchStream``: one process's training batches, epoch by epoch, whatever they are read from (files or shards).
+
+The trainer only ever sees this contract::
+
+    stream.set_epoch(epoch, start_batch=k)   # position: epoch e, after k batches already consumed (resume)
+    len(stream)                              # batches left in this epoch on this process
+    for batch in stream: ...                 # exactly len(stream) batches, the same count on every process
+    stream.batches_per_epoch                 # whole-epoch count (same on every process)
+    stream.skipped_samples                   # corrupt samples skipped so far by this process and its workers
+
+Batches are dicts in the format of docs/design.md ("Batches"). File-backed and shard-backed streams differ only in
+what moves them to an epoch position: an ``EpochSampler`` or a ``ShardTrainDataset``, both with
+``set_epoch(epoch, start_batch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch.utils.data import DataLoader
+
+from linnaeus.data.loader import build_loader, loader_num_batches
+
+if TYPE_CHECKING:
+    from linnaeus.config import Config
+    from linnaeus.data.prepare import PreparedData
+
+
+class EpochPosition(Protocol):
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+
+class BatchStream:
+    def __init__(self, loader: DataLoader, position: EpochPosition, batches_per_epoch: int) -> None:
+        self.loader = loader
+        self.position = position
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.position.set_epoch(epoch, start_batch=start_batch)
+        self.start_batch = int(start_batch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+    @property
+    def skipped_samples(self) -> int:
+        return int(getattr(self.position, "skipped_count", 0))
+
+
+def build_file_batches(
+    dataset: Any,
+    *,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    multiprocessing_context: Any = None,
+) -> BatchStream:
+    """Shuffled training batches over a map-style dataset; the tail that cannot fill every process is dropped."""
+    loader, sampler = build_loader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=True,
+        seed=seed,
+        num_replicas=world_size,
+        rank=rank,
+        drop_last=True,
+        pad=False,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        multiprocessing_context=multiprocessing_context,
+    )
+    batches = loader_num_batches(len(dataset), batch_size=batch_size, num_replicas=world_size, drop_last=True)
+    return BatchStream(loader, sampler, batches)
+
+
+def build_train_batches(
+    cfg: Config, data: PreparedData, *, world_size: int, rank: int, pin_memory: bool = False
+) -> BatchStream:
+    """The training stream ``cfg`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files."""
+    common: dict[str, Any] = dict(
+        world_size=world_size,
+        rank=rank,
+        batch_size=cfg.DATA.BATCH_SIZE,
+        seed=cfg.MISC.SEED,
+        num_workers=cfg.DATA.NUM_WORKERS,
+        pin_memory=pin_memory,
+        prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
+    )
+    if cfg.DATA.SHARDS.ENABLED:
+        from linnaeus.data.shards.reader import build_shard_batches
+
+        return build_shard_batches(cfg, data, **common)
+    return build_file_batches(data.dataset("train", train=True), **common)

@@ -1,0 +1,133 @@
+"""Image verification: does every image exist (and decode), within the limits the configuration allows?
+
+Missing/corrupt images (in ``linnaeus check`` and ``DATA.HYBRID.VERIFY_IMAGES``): without
+``DATA.HYBRID.ALLOW_MISSING_IMAGES`` any unreadable image is an error naming the file and its labels.h5 row. With
+it, unreadable images are counted and tolerated up to ``max(MAX_MISSING_COUNT, floor(MAX_MISSING_RATIO × images
+checked))``; a limit of 0 means none (it never means "unlimited"), so allowing some missing images takes both
+switches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from linnaeus.errors import DataError
+from linnaeus.utils.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from linnaeus.config.defaults import VerifyImagesConfig
+
+
+def _probe(path: str, decode: bool) -> str | None:
+    """None when the image is fine, else a short description of the problem."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if not decode:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still reads every entropy-coded block
+            im.load()
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan_images(paths: Sequence[str], *, decode: bool = False, workers: int = 8) -> list[tuple[int, str]]:
+    """(index, problem) for every unreadable path, in index order. Threads: stat/open/decode release the GIL."""
+    n = len(paths)
+    if not n:
+        return []
+    chunk = max(1, min(2048, math.ceil(n / (workers * 8))))
+
+    def work(start: int) -> list[tuple[int, str]]:
+        out = []
+        for i in range(start, min(n, start + chunk)):
+            problem = _probe(paths[i], decode)
+            if problem:
+                out.append((i, problem))
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(work, range(0, n, chunk))
+        return [item for part in results for item in part]
+
+
+def verify_images(
+    paths: Sequence[str],
+    rows: np.ndarray,
+    identifiers: Sequence[str],
+    cfg_verify: VerifyImagesConfig,
+    report_path: Path | None,
+    *,
+    allow_missing: bool = False,
+    decode: bool | None = None,
+    raise_on_error: bool = True,
+) -> dict[str, Any]:
+    """Check that every image exists (and decodes, with DECODE); write a JSON report; enforce the limits.
+
+    Returns the report dict (``ok``, ``error``, counts, ``items`` = every problem with row/identifier/path).
+    With ``raise_on_error`` a failed check raises DataError with the report's one-line ``error``.
+    """
+    decode = cfg_verify.DECODE if decode is None else decode
+    n = len(paths)
+    found = scan_images(paths, decode=decode, workers=cfg_verify.NUM_WORKERS)
+    items = [
+        {"row": int(rows[i]), "identifier": str(identifiers[i]), "path": str(paths[i]), "problem": p} for i, p in found
+    ]
+    missing = sum(1 for _, p in found if p == "does not exist")
+    bad = len(found)
+    limit = max(cfg_verify.MAX_MISSING_COUNT, math.floor(cfg_verify.MAX_MISSING_RATIO * n + 1e-9))
+    error = None
+    if bad and not allow_missing:
+        first = items[0]
+        error = (
+            f"image {first['path']} (labels.h5 row {first['row']}) {first['problem']}; {bad} of {n} images are"
+            " missing or unreadable; fix them, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True and"
+            " DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT/MAX_MISSING_RATIO to replace and count them"
+        )
+    elif bad > limit:
+        first = items[0]
+        error = (
+            f"{bad} of {n} images are missing or unreadable (first: {first['path']}, labels.h5 row {first['row']},"
+            f" {first['problem']}), more than DATA.HYBRID.VERIFY_IMAGES allows: max(MAX_MISSING_COUNT"
+            f" {cfg_verify.MAX_MISSING_COUNT}, MAX_MISSING_RATIO {cfg_verify.MAX_MISSING_RATIO} x {n}) = {limit}"
+        )
+    report = {
+        "ok": error is None,
+        "error": error,
+        "checked": n,
+        "decoded": bool(decode),
+        "missing": missing,
+        "corrupt": bad - missing,
+        "unreadable_ratio": round(bad / n, 6) if n else 0.0,
+        "allow_missing": bool(allow_missing),
+        "limit": limit,
+        "report_path": str(report_path) if report_path else None,
+        "items": items,
+    }
+    if report_path is not None:
+        atomic_write_json(Path(report_path), report)
+    if error and report_path is not None:
+        report["error"] = error = f"{error} (full list: {report_path})"
+    if error and raise_on_error:
+        raise DataError(error)
+    return report
+
+
+__all__ = ["scan_images", "verify_images"]

@@ -1,0 +1,144 @@
+"""Launch sanity, run first on every process before anything is built.
+
+An impossible launch (a GPU accelerate config on a machine without GPUs, more processes than devices) is reported
+once, by the first process of the machine, as one ``ConfigError`` line; the other processes exit quietly. Also settles the DeepSpeed config path (relative paths in the shipped accelerate configs) and announces
+DeepSpeed's one-time CPU op build.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+from linnaeus.errors import ConfigError
+
+DS_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+# DeepSpeed's CPU accelerator builds this shared-memory communication op with torch's C++ extension loader the
+# first time a multi-process job starts; later jobs load the cached library.
+DS_CPU_COMM_OP = "deepspeed_shm_comm"
+
+
+def _uses_deepspeed(environ: Mapping[str, str]) -> bool:
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def local_processes(environ: Mapping[str, str]) -> int:
+    return int(environ.get("LOCAL_WORLD_SIZE") or 1)
+
+
+def launch_problem(environ: Mapping[str, str], cuda_devices: int, cpu_count: int) -> str | None:
+    """Why this launch cannot work on this machine, or None. Pure: every process reaches the same answer."""
+    n = local_processes(environ)
+    if n <= 1:
+        return None
+    noun = "process" if n == 1 else "processes"
+    on_cpu = cuda_devices == 0 or environ.get("ACCELERATE_USE_CPU", "false").lower() == "true"
+    if on_cpu and n > cpu_count:
+        return (
+            f"accelerate launch started {n} {noun} on this machine, which has no usable GPU and {cpu_count} CPU "
+            f"core{'s' if cpu_count != 1 else ''}: the accelerate config is for GPUs or asks for more processes than "
+            f"cores; use accelerate_configs/cpu_zero2.yaml or cpu_ddp.yaml, or --num_processes {max(1, min(2, cpu_count))}"
+        )
+    if not on_cpu and n > cuda_devices:
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        return (
+            f"accelerate launch started {n} {noun} on this machine but only {cuda_devices} "
+            f"GPU{'s are' if cuda_devices != 1 else ' is'} visible{where}; set num_processes to {cuda_devices} "
+            f"(accelerate launch --num_processes {cuda_devices})"
+        )
+    return None
+
+
+def _first_local_process(environ: Mapping[str, str]) -> bool:
+    return int(environ.get("LOCAL_RANK") or 0) == 0
+
+
+def resolve_deepspeed_config(environ: MutableMapping[str, str], search: Path | None = None) -> Path | None:
+    """Make the DeepSpeed JSON path named by the accelerate config absolute, so a launch works from any folder.
+
+    accelerate passes ``deepspeed_config_file`` on verbatim and DeepSpeed reads it relative to the working
+    directory. A relative path that is not there is looked up next to the Linnaeus checkout (where the shipped
+    ``accelerate_configs/`` live); if found, the environment is updated before accelerate reads it."""
+    raw = environ.get(DS_CONFIG_ENV)
+    if not _uses_deepspeed(environ) or not raw or raw == "none":
+        return None
+    path = Path(raw)
+    if path.is_absolute() or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"accelerate config deepspeed_config_file: {raw} does not exist")
+        return path.resolve()
+    if search is None:
+        from linnaeus.config import repo_root
+
+        search = repo_root()
+    candidate = search / path
+    if not candidate.is_file():
+        raise ConfigError(
+            f"accelerate config deepspeed_config_file: {raw} not found in the working directory {Path.cwd()} nor in "
+            f"{search}; write an absolute path in the accelerate config"
+        )
+    environ[DS_CONFIG_ENV] = str(candidate.resolve())
+    return candidate.resolve()
+
+
+def deepspeed_op_build_dir(name: str = DS_CPU_COMM_OP) -> Path:
+    """Where torch's extension loader keeps a built op (TORCH_EXTENSIONS_DIR or its default root)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / name
+    if torch.version.hip is not None:
+        accel = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accel = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accel = "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{py}_{accel}" / name
+
+
+def deepspeed_cpu_op_missing(environ: Mapping[str, str], cuda_available: bool) -> bool:
+    """True when this launch will make DeepSpeed build its CPU communication op (multi-process, CPU, not cached)."""
+    if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
+        return False
+    return not (deepspeed_op_build_dir() / f"{DS_CPU_COMM_OP}.so").is_file()
+
+
+def check_launch(
+    environ: MutableMapping[str, str] | None = None,
+    cuda_devices: int | None = None,
+    cpu_count: int | None = None,
+) -> None:
+    """Call first in the training entry point, on every process, before the Accelerator or DeepSpeed exist.
+
+    Raises ConfigError on the machine's first process and SystemExit(0), printing nothing, on the others."""
+    environ = os.environ if environ is None else environ
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        problem = launch_problem(environ, cuda_devices, cpu_count)
+        if problem is not None:
+            raise ConfigError(problem)
+        resolve_deepspeed_config(environ)
+    except ConfigError:
+        if _first_local_process(environ):
+            raise
+        # Exit 0, quietly: the launcher fails the job on the first process's non-zero code anyway, and a worker that
+        # failed first would make torchrun kill the first process before its one line is printed (and list every
+        # killed worker in its failure report).
+        raise SystemExit(0) from None
+    if _first_local_process(environ) and deepspeed_cpu_op_missing(environ, cuda_devices > 0):
+        print(
+            f"linnaeus: building DeepSpeed's CPU communication op once (~3 min; cached in {deepspeed_op_build_dir()})",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,64 @@
+"""The shape mFormerV0 and V1 share: two conv stages, two token stages, CLS aggregation; and its input-size rule."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from linnaeus.models.checks import require_stride_multiple
+from linnaeus.models.meta import check_meta
+
+
+class HybridBackbone(nn.Module):
+    """What mFormerV0 and V1 share: two conv stages, then two token stages whose CLS outputs are aggregated.
+
+    Subclasses build ``stem``, ``conv_stages``, ``attn_stages``, ``aggregate`` and provide ``_to_stage3`` (conv map
+    after stage 2 → stage-3 input map) and ``_to_stage4`` (stage-3 patch map → stage-4 input map); V1 also
+    downsamples between its conv stages (``_between_conv_stages``).
+    """
+
+    meta_dims: list[int]
+    grad_checkpointing: bool = False
+    # Stem /4, then three 2x2 downsamplings (V1) or the equivalent strided conv/patch embeds (V0).
+    stride: ClassVar[int] = 32
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.attn_stages:
+            stage.grad_checkpointing = enable
+
+    def _conv_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def _between_conv_stages(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _to_stage3(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _to_stage4(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def check_img_size(cls, img_size: int) -> None:
+        """For ``from_config``: fail on ``MODEL.IMG_SIZE`` before anything is built."""
+        require_stride_multiple("MODEL.IMG_SIZE", img_size, img_size, cls.stride)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = image.shape
+        require_stride_multiple("model input image", h, w, self.stride)
+        meta = check_meta(meta, self.meta_dims, b, image)
+        x = self._between_conv_stages(self._conv_stage(self.conv_stages[0], self.stem(image)))
+        x = self._to_stage3(self._conv_stage(self.conv_stages[1], x))
+        grid3 = (x.shape[2], x.shape[3])
+        z3 = self.attn_stages[0](x, meta)
+        z4 = self.attn_stages[1](self._to_stage4(self.attn_stages[0].patches_to_map(z3, grid3)), meta)
+        return self.aggregate(z3[:, 0], z4[:, 0])

@@ -1,0 +1,34 @@
+"""The one place where third-party noise is settled: every filter here says why it cannot be fixed at the source.
+
+Call ``install()`` once, first thing, in every entry point that may import torch.distributed or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+_installed = False
+
+
+def install() -> None:
+    """Idempotent; cheap (does not import torch)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    # DeepSpeed's ZeRO gathers call torch.distributed.all_gather_into_tensor, which torch now marks deprecated; the
+    # call is inside DeepSpeed (deepspeed/comm/torch.py), so we cannot switch it to the new name ourselves.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+
+
+def settle_deepspeed_accelerator() -> None:
+    """Avoided at the source, not filtered: without CUDA, DeepSpeed auto-detects its accelerator and warns "Setting
+    accelerator to CPU..." on every import. Naming it before the first import makes the warning go away. Must run
+    before deepspeed is imported (train, export and ``predict --run`` all may import it)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -1,0 +1,98 @@
+"""Launch sanity before anything is built: one line from the first process, quiet exits elsewhere; the shipped
+DeepSpeed configs found from any working directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from linnaeus.engine.launch_checks import DS_CONFIG_ENV, check_launch, launch_problem, resolve_deepspeed_config
+from linnaeus.errors import ConfigError
+
+from launch_utils import ACCELERATE, DEMO_CFG, ROOT, ensure_demo, env, run_dir, tiny_opts
+
+
+def test_more_processes_than_cpu_cores_without_gpu_is_one_error_on_the_first_process() -> None:
+    environ = {"LOCAL_WORLD_SIZE": "8", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}
+    with pytest.raises(ConfigError, match=r"started 8 processes on this machine, which has no usable GPU and 2 CPU"):
+        check_launch(environ, cuda_devices=0, cpu_count=2)
+    with pytest.raises(SystemExit) as exit_info:
+        check_launch({**environ, "LOCAL_RANK": "3"}, cuda_devices=0, cpu_count=2)
+    assert exit_info.value.code == 0  # the launcher fails the job on the first process's code
+
+
+def test_more_processes_than_gpus() -> None:
+    msg = launch_problem({"LOCAL_WORLD_SIZE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}, cuda_devices=2, cpu_count=64)
+    assert msg is not None and "only 2 GPUs are visible (CUDA_VISIBLE_DEVICES=0,1)" in msg
+    assert launch_problem({"LOCAL_WORLD_SIZE": "2"}, cuda_devices=2, cpu_count=1) is None
+    assert launch_problem({"LOCAL_WORLD_SIZE": "2"}, cuda_devices=0, cpu_count=2) is None
+    assert launch_problem({}, cuda_devices=0, cpu_count=1) is None
+    # A CPU config on a GPU machine is limited by cores, not GPUs.
+    assert launch_problem({"LOCAL_WORLD_SIZE": "4", "ACCELERATE_USE_CPU": "true"}, cuda_devices=1, cpu_count=8) is None
+
+
+def test_relative_deepspeed_json_is_found_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    environ = {"ACCELERATE_USE_DEEPSPEED": "true", DS_CONFIG_ENV: "accelerate_configs/ds_cpu_zero2.json"}
+    found = resolve_deepspeed_config(environ)
+    assert found == (ROOT / "accelerate_configs" / "ds_cpu_zero2.json").resolve()
+    assert environ[DS_CONFIG_ENV] == str(found)
+    environ = {"ACCELERATE_USE_DEEPSPEED": "true", DS_CONFIG_ENV: "nowhere/ds.json"}
+    with pytest.raises(ConfigError, match=r"deepspeed_config_file: nowhere/ds.json not found in the working directory"):
+        resolve_deepspeed_config(environ)
+    assert resolve_deepspeed_config({DS_CONFIG_ENV: "nowhere/ds.json"}) is None  # not a DeepSpeed launch
+
+
+@pytest.mark.slow
+def test_gpu_config_on_a_cpu_machine_prints_one_line(tmp_path: Path) -> None:
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/zero2.yaml"),
+        "-m",
+        "linnaeus.train",
+        "--cfg",
+        str(DEMO_CFG),
+        "--opts",
+        "EXPERIMENT.OUTPUT_DIR",
+        str(tmp_path),
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "started 8 processes on this machine, which has no usable GPU" in errors[0]
+    assert "building DeepSpeed" not in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written before the launch is known to work"
+    assert time.monotonic() - start < 240
+
+
+@pytest.mark.slow
+def test_shipped_deepspeed_config_works_from_another_folder(tmp_path: Path) -> None:
+    demo = ensure_demo(tmp_path.parent, per_species=8)
+    elsewhere = tmp_path / "my_project"
+    elsewhere.mkdir()
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/cpu_zero2.yaml"),
+        "-m",
+        "linnaeus.train",
+        "--cfg",
+        str(DEMO_CFG),
+        "--opts",
+        *tiny_opts(demo, tmp_path / "out", TRAIN__MAX_STEPS=2),
+    ]
+    proc = subprocess.run(cmd, cwd=elsewhere, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "JSONDecodeError" not in proc.stderr
+    run = run_dir(tmp_path / "out")
+    assert (run / "export" / "final.safetensors").is_file()
+    assert re.search(r"ZeRO stage\s+2\b", (run / "logs" / "train.log").read_text())
