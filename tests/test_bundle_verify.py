@@ -22,7 +22,7 @@ def bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify")
     ds = write_tiny_dataset(root / "data", per_species=3)
     fake_run(ds.config(*TINY_MODEL, *HEADS), root / "run")
-    return export_bundle(root / "run", root / "bundle")
+    return export_bundle(root / "run", root / "bundle", assume_encodings=True)
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def test_predict_outputs_the_good_images_of_a_batch_with_a_bad_one(tmp_path: Pat
 
     ds = write_tiny_dataset(tmp_path / "data", per_species=2)
     fake_run(ds.config(*TINY_MODEL, *HEADS), tmp_path / "run")
-    bundle = export_bundle(tmp_path / "run", tmp_path / "bundle")
+    bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", assume_encodings=True)
     folder = tmp_path / "imgs"
     folder.mkdir()
     good = sorted(p for p in Path(ds.images_dir).rglob("*.jpg"))[:4]
