@@ -75,7 +75,9 @@ def test_other_host_lock_is_stale_only_when_its_heartbeat_is_old(tmp_path: Path,
 
 def test_heartbeat_is_refreshed(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(RunLock, "HEARTBEAT_S", 0.05)
+    (tmp_path / ".config.yaml.x1y2.tmp").write_text("left by a kill during an atomic write")
     lock = RunLock.acquire(tmp_path)
+    assert not (tmp_path / ".config.yaml.x1y2.tmp").exists()
     first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
     time.sleep(0.3)
     assert json.loads((tmp_path / "run.lock").read_text())["heartbeat"] > first

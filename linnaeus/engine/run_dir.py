@@ -101,6 +101,9 @@ class RunLock:
         else:
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
+        # The folder is ours now: temporary files of atomic writes a kill interrupted belong to nobody.
+        for stale in Path(run).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         lock = cls(path, record)
         lock._thread.start()
         atexit.register(lock.release)
