@@ -24,6 +24,7 @@ HANDLERS: dict[str, str] = {
     "demo-data": "linnaeus.commands.demo_data:run",
     "bench": "linnaeus.commands.bench:run",
     "plot": "linnaeus.commands.plot:run",
+    "config": "linnaeus.commands.config:run",
 }
 
 
@@ -137,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
     p.add_argument("--run", required=True, help="run folder")
+
+    p = sub.add_parser("config", help="render, validate, explain or migrate a config (Polli Linnaeus configs too)")
+    cs = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    q = cs.add_parser("render", help="the resolved config, each value with the file it came from")
+    add_cfg_arguments(q)
+    q.add_argument("--json", action="store_true", help="{key: {value, source}} as JSON")
+    q = cs.add_parser("validate", help="list every config problem at once (and the compatibility warnings)")
+    add_cfg_arguments(q)
+    q.add_argument("--json", action="store_true", help="print {ok, errors, warnings} as JSON")
+    q = cs.add_parser("explain", help="what a key means, its default, and where it is set")
+    q.add_argument("key", help="dotted key, e.g. DATA.BATCH_SIZE (Polli Linnaeus keys too)")
+    add_cfg_arguments(q, required=False)
+    q = cs.add_parser("migrate", help="rewrite a (Polli Linnaeus) config in our keys, one comment per change")
+    q.add_argument("file", help="the YAML to migrate (its BASE files are inlined)")
+    q.add_argument("--out", default=None, help="output file (default: FILE with .migrated.yaml)")
     return parser
 
 

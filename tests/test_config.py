@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from linnaeus.config import dump_config, load_config, repo_root
+from linnaeus.config import dump_config, load_config, load_config_with_provenance, repo_root
 from linnaeus.errors import ConfigError
 
 ROOT = repo_root()
@@ -127,12 +127,12 @@ def test_base_cycle_and_missing_base_are_reported(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
 
 
-def test_compat_no_op_keys_are_accepted() -> None:
-    cfg = load_config(
-        None,
-        ["DATA.USE_VECTORIZED_PROCESSOR", "True", "MODEL.EXTRA_TOKEN_NUM", "4", "MODEL.USE_FLASH_ATTN", "True"],
-    )
-    assert cfg.DATA.USE_VECTORIZED_PROCESSOR is True
+def test_compat_no_op_keys_are_accepted_with_one_warning_each() -> None:
+    opts = ["DATA.USE_VECTORIZED_PROCESSOR", "True", "MODEL.EXTRA_TOKEN_NUM", "4", "MODEL.USE_FLASH_ATTN", "True"]
+    cfg, prov = load_config_with_provenance(None, opts)
+    assert cfg == load_config(None)  # no meaning here
+    assert [w.split(" ")[0] for w in prov.warnings] == opts[::2]
+    assert all("(from --opts): ignored: " in w for w in prov.warnings)
 
 
 def test_dump_is_plain_yaml_without_base() -> None:
@@ -146,9 +146,9 @@ def test_cli_lists_every_subcommand() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "linnaeus", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench", "config"):
         assert name in out
-    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench"):
+    for name in ("train", "shard", "check", "predict", "export", "demo-data", "bench", "config"):
         sub = subprocess.run(
             [sys.executable, "-m", "linnaeus", name, "--help"], capture_output=True, text=True, cwd=ROOT
         )

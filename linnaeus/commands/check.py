@@ -13,7 +13,7 @@ from typing import Any
 
 from linnaeus.config import Config
 from linnaeus.data.taxonomy import keys_coarse_to_fine
-from linnaeus.errors import DataError
+from linnaeus.errors import ConfigError, DataError
 
 SIZE_RESOLUTIONS = (224, 384)
 
@@ -55,6 +55,36 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
         "head_params": head_params,
         "gmacs": {str(px): round(s["gmacs"], 3) for px, s in sorted(sizes.items())},
     }
+
+
+def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+    """Each head's loss, with its PARAMS validated by the same code training uses."""
+    from linnaeus.losses.task_loss import loss_config_problems
+
+    heads = cfg.MODEL.CLASSIFICATION.HEADS
+    types = {k: heads[k].LOSS.TYPE if k in heads else "CrossEntropyLoss" for k in cfg.DATA.TASK_KEYS_H5}
+    return {"types": types, "errors": loss_config_problems(cfg)}
+
+
+def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+    """What each MODEL.PRETRAINED* file gives the model, per group, with every skipped tensor and its reason.
+
+    The model is built for real on the CPU (the weights must be read to be checked). Head rows of a previous
+    Linnaeus model are matched by taxon id at training start; here they are reported as skipped.
+    """
+    from linnaeus.models.pretrained import pretrained_source
+
+    if pretrained_source(cfg.MODEL) is None:
+        return None
+    from linnaeus.data.labels import components_from_config
+    from linnaeus.models import build_model, coarse_to_fine
+
+    keys = list(cfg.DATA.TASK_KEYS_H5)
+    order = coarse_to_fine(keys)
+    shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
+    meta_dims = [c.dim for c in components_from_config(cfg)]
+    report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes).pretrained_report
+    return {**report.to_json(), "lines": report.lines()}
 
 
 def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
@@ -138,6 +168,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"model: {m['name']}: {m['params'] / 1e6:.2f} M parameters ({m['backbone_params'] / 1e6:.2f} M backbone"
             f" incl. {m['meta_params'] / 1e6:.2f} M metadata embedders, {m['head_params'] / 1e6:.2f} M heads); {macs}"
         )
+    if isinstance(r.get("pretrained"), dict):
+        lines.extend(r["pretrained"]["lines"])
     if isinstance(r.get("shards"), dict):
         lines.append(
             "shards: " + ", ".join(f"{k} {v}" for k, v in r["shards"].items() if not isinstance(v, dict | list))
@@ -151,12 +183,25 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
-    from linnaeus.config import load_config
+    from linnaeus.config import load_config_with_provenance
+    from linnaeus.config.loader import problems_of
     from linnaeus.data.check import build_report
 
-    cfg = load_config(args.cfg, args.opts)  # a ConfigError is printed as one line by the CLI
-    extra = {"model": model_section, "shards": shards_section}
+    try:
+        cfg, prov = load_config_with_provenance(args.cfg, args.opts)
+    except ConfigError as err:
+        if not args.json:
+            raise  # printed as one line by the CLI
+        print(json.dumps({"ok": False, "errors": problems_of(err), "warnings": []}, indent=2))
+        return err.exit_code
+    extra = {
+        "losses": losses_section,
+        "model": model_section,
+        "pretrained": pretrained_section,
+        "shards": shards_section,
+    }
     report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
+    report["warnings"][:0] = prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()
     for line in report["errors"]:

@@ -1,4 +1,5 @@
-"""Cross-key rules the schema cannot express per field. Each failure is one line naming the key and its file."""
+"""Cross-key rules the schema cannot express per field. Each problem is one line naming the key and its file;
+all of them are collected, so `linnaeus config validate` can list every problem at once."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ if TYPE_CHECKING:
     from linnaeus.config.loader import Provenance
 
 
-def _fail(key: str, prov: Provenance, message: str) -> None:
-    raise ConfigError(f"{key} (from {prov.origin(key)}): {message}")
-
-
 def check_consistency(cfg: Config, prov: Provenance) -> None:
+    """Raise a ConfigError for the first cross-key problem (see ``consistency_problems``)."""
+    problems = consistency_problems(cfg, prov)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def consistency_problems(cfg: Config, prov: Provenance) -> list[str]:
+    problems: list[str] = []
+
+    def _fail(key: str, prov: Provenance, message: str) -> None:
+        problems.append(f"{key} (from {prov.origin(key)}): {message}")
+
     data, model = cfg.DATA, cfg.MODEL
     if data.IMG_SIZE != model.IMG_SIZE:
         key = "DATA.IMG_SIZE" if prov.origin("DATA.IMG_SIZE") != "defaults" else "MODEL.IMG_SIZE"
@@ -86,3 +95,4 @@ def check_consistency(cfg: Config, prov: Provenance) -> None:
                 )
     if len(cfg.OPTIMIZER.BETAS) != 2:
         _fail("OPTIMIZER.BETAS", prov, f"expected two values [beta1, beta2], got {cfg.OPTIMIZER.BETAS}")
+    return problems

@@ -5,12 +5,13 @@ This is the reference the user guide points to. Sections mirror the YAML: ``EXPE
 keys, so a typo fails with the nearest valid key (see ``linnaeus.config.loader``). ``MODEL.CLASSIFICATION.HEADS``
 and ``DATA.META.COMPONENTS`` are open maps: their keys are task keys and component names chosen by the user.
 
-Keys accepted only for compatibility with configs written for the prior Polli Linnaeus trainer are marked
-"no-op" below; they are read, validated and ignored.
+Keys of configs written for the prior Polli Linnaeus trainer are not fields here: ``linnaeus.config.compat`` maps
+them onto these keys, or accepts them with one warning line each.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -26,7 +27,7 @@ LossName = Annotated[str, AfterValidator(LOSSES.validator())]
 class Node(BaseModel):
     """A config section: strict keys, assignment validated, attribute access (``cfg.DATA.BATCH_SIZE``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 class Interval(Node):
@@ -85,6 +86,10 @@ class ExperimentConfig(Node):
         description="accelerate trackers: wandb, tensorboard, csv, ... (WANDB.ENABLED True adds wandb)",
     )
 
+    def run_folder(self) -> Path:
+        """OUTPUT_DIR/PROJECT/GROUP/NAME: where the run writes (also what '{output_dir}' in paths stands for)."""
+        return Path(self.OUTPUT_DIR) / self.PROJECT / self.GROUP / self.NAME
+
 
 # -------------------------------------------------------------------------------------------------------- MODEL
 class HeadLossConfig(Node):
@@ -124,6 +129,12 @@ class RopeStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
     ROPE_THETA: float = 10000.0
     ROPE_MIXED: bool = Field(True, description="learnable mixed 2-D frequencies (False: fixed axial)")
+    LAYER_SCALE_INIT_VALUE: float | None = Field(
+        None,
+        gt=0,
+        description="LayerScale on attention/MLP branches (DeiT-LS); None: none. Set it to receive "
+        "a RoPE-ViT-LS checkpoint's gamma_1/gamma_2 (stitched pretrained source)",
+    )
 
 
 class ConvStages(Node):
@@ -145,6 +156,17 @@ class AttentionStages(Node):
     MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
 
 
+class TimmModelConfig(Node):
+    """``MODEL.TYPE: timm``: any timm image model as the backbone (built with random weights; see PRETRAINED)."""
+
+    NAME: str | None = Field(None, description="a timm model name, e.g. vit_base_patch16_dinov3")
+    KWARGS: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+    GLOBAL_POOL: str | None = Field(None, description="timm global_pool ('token', 'avg', ...); None: the model's")
+    META_FUSION: Literal["add", "concat"] = Field(
+        "add", description="how the metadata embedding joins the pooled image feature (docs/design.md)"
+    )
+
+
 class ModelConfig(Node):
     TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
     NAME: str = "mFormerV1_sm"
@@ -159,17 +181,25 @@ class ModelConfig(Node):
     PARAMS: dict[str, Any] = Field(
         default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
     )
-    PRETRAINED: str | None = Field(None, description="safetensors weights to start from (non-matching keys reported)")
+    # Start from pretrained weights (local files only; `linnaeus check` prints what each file gives).
+    PRETRAINED: str | None = Field(
+        None, description="weights file (.safetensors/.pth/.bin) or Linnaeus bundle folder to start from"
+    )
+    PRETRAINED_SOURCE: Literal["linnaeus", "timm", "metaformer", "stitched_convnext_ropevit"] | None = Field(
+        None, description="layout of PRETRAINED; None: 'timm' for MODEL.TYPE timm, else 'linnaeus'"
+    )
+    PRETRAINED_CONVNEXT: str | None = Field(None, description="stitched_convnext_ropevit: ConvNeXt weights file")
+    PRETRAINED_ROPEVIT: str | None = Field(None, description="stitched_convnext_ropevit: RoPE-Mixed ViT weights file")
+    FREEZE_BACKBONE: bool = Field(False, description="backbone gets no gradients and no optimizer state")
+    UNFREEZE_BACKBONE_AFTER: Interval = Field(
+        default_factory=Interval, description="with FREEZE_BACKBONE: unfreeze once, after this many steps/epochs"
+    )
+    TIMM: TimmModelConfig = Field(default_factory=TimmModelConfig)
     CONVNEXT_STAGES: ConvNeXtStages = Field(default_factory=ConvNeXtStages)
     ROPE_STAGES: RopeStages = Field(default_factory=RopeStages)
     CONV_STAGES: ConvStages = Field(default_factory=ConvStages)
     ATTENTION_STAGES: AttentionStages = Field(default_factory=AttentionStages)
     CLASSIFICATION: ClassificationConfig = Field(default_factory=ClassificationConfig)
-    # Accepted for compatibility, derived or ignored here:
-    EXTRA_TOKEN_NUM: int | None = Field(None, description="no-op: 1 + number of metadata components, derived")
-    META_DIMS: list[int] | None = Field(None, description="no-op: derived from DATA.META.COMPONENTS")
-    USE_FLASH_ATTN: bool | None = Field(None, description="no-op: SDPA picks the fastest kernel itself")
-    LABEL_SMOOTHING: float | None = Field(None, description="no-op: set per head in LOSS.PARAMS.label_smoothing")
 
 
 # --------------------------------------------------------------------------------------------------------- DATA
@@ -183,7 +213,7 @@ class MetaComponentConfig(Node):
     OOR_MASK: bool = Field(False, description="mask this component for rows with in_region == 0")
 
 
-def _default_components() -> dict[str, MetaComponentConfig]:
+def default_components() -> dict[str, MetaComponentConfig]:
     return {
         "TEMPORAL": MetaComponentConfig(SOURCE="temporal", DIM=2, IDX=0),
         "SPATIAL": MetaComponentConfig(SOURCE="spatial", DIM=3, IDX=1),
@@ -193,7 +223,7 @@ def _default_components() -> dict[str, MetaComponentConfig]:
 
 class MetaConfig(Node):
     ACTIVE: bool = True
-    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=_default_components)
+    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=default_components)
 
 
 class VerifyImagesConfig(Node):
@@ -204,10 +234,9 @@ class VerifyImagesConfig(Node):
     )
     MAX_MISSING_COUNT: int = Field(0, ge=0, description="see MAX_MISSING_RATIO; 0 and 0 tolerate none")
     NUM_WORKERS: int = Field(8, ge=1)
-    REPORT_PATH: str | None = Field(None, description="JSON report; default: the run folder")
-    # Compatibility:
-    CHUNK_SIZE: int | None = Field(None, description="no-op (images are checked by a thread pool)")
-    LOG_MISSING: bool | None = Field(None, description="no-op: problems always go to the JSON report and the log")
+    REPORT_PATH: str | None = Field(
+        None, description="JSON report; default: the run folder. '{output_dir}' is replaced by the run folder"
+    )
 
 
 class HybridConfig(Node):
@@ -260,9 +289,6 @@ class DataConfig(Node):
     META: MetaConfig = Field(default_factory=MetaConfig)
     SHARDS: ShardsConfig = Field(default_factory=ShardsConfig)
     DATASET: DatasetInfo = Field(default_factory=DatasetInfo)
-    USE_VECTORIZED_PROCESSOR: bool | None = Field(
-        None, description="no-op: the prior trainer's processor switch; labels are always read vectorised here"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------- AUG
@@ -283,6 +309,14 @@ class AugConfig(Node):
 
 
 # -------------------------------------------------------------------------------------------------------- TRAIN
+class EmaConfig(Node):
+    """Exponential moving average of the weights (timm ModelEmaV3), validated as its own phase ``val_ema``."""
+
+    ENABLED: bool = False
+    DECAY: float = Field(0.9998, gt=0, lt=1)
+    WARMUP: bool = Field(True, description="decay ramps up as 1 - (1 + step/gamma)^-power early in training")
+
+
 class TrainConfig(Node):
     EPOCHS: float = Field(50, gt=0)
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
@@ -302,9 +336,7 @@ class TrainConfig(Node):
         description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
         "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
     )
-    PHASE1_MASK_NULL_LOSS: bool | None = Field(
-        None, description="no-op: null labels are always masked unless SCHEDULE.NULL_MASKING.ENABLED"
-    )
+    EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
 
 
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER
@@ -314,6 +346,9 @@ class OptimizerConfig(Node):
     BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     EPS: float = 1e-8
     HEAD_LR_MULTIPLIER: float = Field(1.0, gt=0, description="LR multiplier for classification heads")
+    LAYER_DECAY: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay: layer i of L gets LAYER_DECAY^(L+1-i) (timm layer ids)"
+    )
 
 
 class LRSchedulerConfig(Node):
@@ -382,9 +417,18 @@ class MixAlgo(Node):
     ALPHA: float = Field(1.0, gt=0)
 
 
+class MixProbConfig(Ramp):
+    """Probability that a batch is mixed at all (then SWITCH_PROB picks Mixup or CutMix)."""
+
+    ENABLED: bool = False
+    START_PROB: float = Field(1.0, ge=0, le=1)
+    END_PROB: float = Field(0.2, ge=0, le=1)
+    END_FRACTION: float | None = Field(None, ge=0, le=1, description="default when neither END_* is set: 1.0")
+
+
 class MixConfig(Node):
     GROUP_LEVEL: str | None = Field(None, description="pairs share the taxon at this task key; default: coarsest")
-    PROB: Ramp = Field(default_factory=lambda: Ramp(ENABLED=False, START_PROB=1.0, END_PROB=0.2, END_FRACTION=1.0))
+    PROB: MixProbConfig = Field(default_factory=MixProbConfig)
     MIXUP: MixAlgo = Field(default_factory=MixAlgo)
     CUTMIX: MixAlgo = Field(default_factory=MixAlgo)
     SWITCH_PROB: float = Field(0.5, ge=0, le=1, description="CutMix instead of Mixup when both are enabled")
@@ -417,7 +461,7 @@ class ScheduleConfig(Node):
 
 
 class MiscConfig(Node):
-    SEED: int = 42
+    SEED: int = Field(42, ge=0, le=2**32 - 1, description="seeds Python, NumPy and torch (NumPy needs < 2**32)")
     DETERMINISTIC: bool = Field(False, description="torch deterministic algorithms (slower)")
 
 
@@ -425,6 +469,10 @@ class Config(Node):
     """The whole resolved configuration. Build one with ``linnaeus.config.load_config``."""
 
     BASE: list[str] = Field(default_factory=list, description="YAML files this one inherits from")
+    BASE_RESOLVED: list[str] = Field(
+        default_factory=list,
+        description="written by the loader: the file each BASE entry resolved to, in merge order (not followed)",
+    )
     EXPERIMENT: ExperimentConfig = Field(default_factory=ExperimentConfig)
     MODEL: ModelConfig = Field(default_factory=ModelConfig)
     DATA: DataConfig = Field(default_factory=DataConfig)

@@ -205,6 +205,11 @@ def _check_images(cfg: Config, views: list[SplitView], verify: bool, decode: boo
     r["images"] = report
     if report["error"]:
         r["errors"].append(report["error"])
+    elif report["excluded_rows"]:
+        r["warnings"].append(
+            f"{report['excluded_rows']} rows with missing or corrupt images will be left out of training"
+            " (within DATA.HYBRID.VERIFY_IMAGES' MAX_MISSING_COUNT/MAX_MISSING_RATIO)"
+        )
     elif report["missing"] or report["corrupt"]:
         r["warnings"].append(
             f"{report['missing']} missing and {report['corrupt']} corrupt images will be replaced and counted"

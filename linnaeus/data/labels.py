@@ -377,7 +377,8 @@ def _read_component(
         names = _column_names(ds)
         if names is None:
             problems.append(
-                f"{where}: {spec.key}.COLUMNS {list(spec.columns)} needs a 'column_names' attribute on the dataset"
+                f"{where}: {spec.key}.COLUMNS {list(spec.columns)} needs a 'column_names' attribute on the dataset,"
+                f" which it does not have; set {spec.key}.COLUMNS: [] to take the dataset's {width} columns as they are"
             )
             return None, "h5"
         unknown = [c for c in spec.columns if c not in names]

@@ -398,14 +398,16 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         for name in ("train", "val"):
             data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES
-    if check_images and verify.ENABLED:
+    # Leaving rows out must happen on every process (each builds its own dataset), not only on the checking one.
+    excludes = not cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES and (verify.MAX_MISSING_COUNT or verify.MAX_MISSING_RATIO)
+    if verify.ENABLED and (check_images or excludes):
         paths, rows, ids = [], [], []
         for name in ("train", "val"):
             v = data.view(name)
             paths += data.image_paths(name)
             rows.append(v.rows)
             ids.append(v.store.identifiers[v.rows])
-        report_path = resolve_path(verify.REPORT_PATH) if verify.REPORT_PATH else None
+        report_path = report_path_of(cfg) if check_images else None
         data.image_report = verify_images(
             paths,
             np.concatenate(rows),
@@ -415,7 +417,25 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
             allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
         )
         data.stats["images"] = {k: v for k, v in data.image_report.items() if k != "items"}
+        if data.image_report["excluded_rows"]:
+            bad = {item["path"] for item in data.image_report["items"]}
+            for name in ("train", "val"):
+                keep = np.array([p not in bad for p in data.image_paths(name)], dtype=bool)
+                view = data.view(name)
+                setattr(data, name, SplitView(name, view.store, view.rows[keep]))
+            log.warning(
+                "%d rows with missing or corrupt images left out (DATA.HYBRID.VERIFY_IMAGES limits)",
+                data.image_report["excluded_rows"],
+            )
     return data
+
+
+def report_path_of(cfg: Config) -> Path | None:
+    """DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH with '{output_dir}' replaced by the run folder (None: unset)."""
+    value = cfg.DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH
+    if not value:
+        return None
+    return resolve_path(value.replace("{output_dir}", str(cfg.EXPERIMENT.run_folder())))
 
 
 __all__ = [

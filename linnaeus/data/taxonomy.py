@@ -18,6 +18,7 @@ Decisions:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable
@@ -161,6 +162,47 @@ class Inconsistency:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "key": self.key, "row": self.row, "rows": self.rows, "message": self.message}
+
+
+POLLI_CLASS_MAP = "class_to_idx.json"
+
+
+def _polli_tree_to_doc(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A Polli Linnaeus ``TaxonomyTree.save()`` file (class indices per task key) as our nodes/edges document.
+
+    Its indices become taxon ids through the same run's ``class_to_idx.json`` ({task: {taxon_id | "null": idx}}),
+    which must lie beside it (both are in that run's ``assets/``). Each task's parent is the next task key.
+    """
+    where = f"taxonomy file {path} (Polli Linnaeus TaxonomyTree format)"
+    map_path = path.with_name(POLLI_CLASS_MAP)
+    if not map_path.is_file():
+        raise DataError(f"{where}: holds class indices only; put the same run's {POLLI_CLASS_MAP} beside it")
+    try:
+        class_to_idx = json.loads(map_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{map_path}: not valid JSON ({exc})") from None
+    task_keys = doc.get("task_keys")
+    raw = doc.get("hierarchy_map_raw")
+    if not isinstance(task_keys, list) or not isinstance(raw, dict) or not isinstance(class_to_idx, dict):
+        raise DataError(f"{where}: expected 'task_keys' and 'hierarchy_map_raw', and a {{task: {{id: idx}}}} map")
+    ids: dict[str, dict[int, int]] = {}
+    for task in task_keys:
+        entries = class_to_idx.get(task)
+        if not isinstance(entries, dict):
+            raise DataError(f"{map_path}: no class map for task '{task}'")
+        ids[task] = {int(i): int(t) for t, i in entries.items() if t != "null" and int(t) != 0}
+    nodes: dict[int, dict[str, int]] = {}
+    for task in task_keys:
+        for t in sorted(ids[task].values()):
+            nodes.setdefault(t, {"id": t, "rank": int(rank_of_key(task))})
+    edges = []
+    for child_task, parent_task in itertools.pairwise(task_keys):
+        for child_idx, parent_idx in (raw.get(child_task) or {}).items():
+            child = ids[child_task].get(int(child_idx))
+            parent = ids[parent_task].get(int(parent_idx))
+            if child is not None and parent is not None:
+                edges.append({"source": parent, "target": child})
+    return {"nodes": list(nodes.values()), "edges": edges}
 
 
 class TaxonomyTree:
@@ -312,6 +354,8 @@ class TaxonomyTree:
             raise DataError(
                 f'{where}: nested too deeply to parse; expected {{"nodes": [...], "edges": [...]}}'
             ) from None
+        if isinstance(doc, dict) and "__taxonomy_tree_version__" in doc:
+            return cls.from_dict(_polli_tree_to_doc(doc, path), where, source=str(path))
         if (
             not isinstance(doc, dict)
             or not isinstance(doc.get("nodes"), list)

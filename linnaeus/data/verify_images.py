@@ -1,10 +1,10 @@
 """Image verification: does every image exist (and decode), within the limits the configuration allows?
 
 Missing/corrupt images (in ``linnaeus check`` and ``DATA.HYBRID.VERIFY_IMAGES``): without
-``DATA.HYBRID.ALLOW_MISSING_IMAGES`` any unreadable image is an error naming the file and its labels.h5 row. With
-it, unreadable images are counted and tolerated up to ``max(MAX_MISSING_COUNT, floor(MAX_MISSING_RATIO × images
-checked))``; a limit of 0 means none (it never means "unlimited"), so allowing some missing images takes both
-switches.
+``DATA.HYBRID.ALLOW_MISSING_IMAGES`` any unreadable image is an error naming the file and its labels.h5 row, unless
+it is within the limit ``max(MAX_MISSING_COUNT, floor(MAX_MISSING_RATIO × images checked))``: then its row is left
+out of training (the prior system's behaviour). With ``ALLOW_MISSING_IMAGES`` unreadable images up to that limit are
+kept, replaced and counted. A limit of 0 means none (it never means "unlimited").
 """
 
 from __future__ import annotations
@@ -94,12 +94,16 @@ def verify_images(
     bad = len(found)
     limit = max(cfg_verify.MAX_MISSING_COUNT, math.floor(cfg_verify.MAX_MISSING_RATIO * n + 1e-9))
     error = None
-    if bad and not allow_missing:
+    excluded: list[dict[str, Any]] = []
+    if bad and not allow_missing and bad <= limit:
+        excluded = items  # within VERIFY_IMAGES' limits: these rows are left out of training (as Polli Linnaeus did)
+    elif bad and not allow_missing:
         first = items[0]
         error = (
             f"image {first['path']} (labels.h5 row {first['row']}) {first['problem']}; {bad} of {n} images are"
             " missing or unreadable; fix them, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True and"
-            " DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT/MAX_MISSING_RATIO to replace and count them"
+            " DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT/MAX_MISSING_RATIO to replace and count them (or set only"
+            " the limits to leave those rows out)"
         )
     elif bad > limit:
         first = items[0]
@@ -118,6 +122,7 @@ def verify_images(
         "unreadable_ratio": round(bad / n, 6) if n else 0.0,
         "allow_missing": bool(allow_missing),
         "limit": limit,
+        "excluded_rows": len(excluded),
         "report_path": str(report_path) if report_path else None,
         "items": items,
     }

@@ -45,6 +45,10 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "DATA.H5.VAL_LABELS_PATH",
     "DATA.TAXONOMY_PATH",
     "MODEL.COMPILE",
+    "MODEL.PRETRAINED",  # the starting weights only matter on a fresh start; a resume continues its checkpoint
+    "MODEL.PRETRAINED_SOURCE",
+    "MODEL.PRETRAINED_CONVNEXT",
+    "MODEL.PRETRAINED_ROPEVIT",
     "SCHEDULE.VALIDATION",
     "SCHEDULE.CHECKPOINT",
     "SCHEDULE.METRICS",
@@ -55,6 +59,7 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "EXPERIMENT.TRACKERS",
     "EXPERIMENT.OUTPUT_DIR",
     "MISC.DETERMINISTIC",
+    "BASE_RESOLVED",  # where the BASE files were found: informational, their content is in the keys above
 )
 
 

@@ -21,8 +21,7 @@ log = logging.getLogger("linnaeus")
 
 
 def run_path(cfg: Config) -> Path:
-    e = cfg.EXPERIMENT
-    return Path(e.OUTPUT_DIR) / e.PROJECT / e.GROUP / e.NAME
+    return cfg.EXPERIMENT.run_folder()
 
 
 def setup_logging(run: Path, rank: int, is_main: bool, level: str) -> None:

@@ -127,11 +127,12 @@ class Trainer:
         from linnaeus.data.prepare import prepare_data
 
         # A resumed run reads the split it saved (a changed labels file is then an error, not a silent new split);
-        # image verification runs once, on the main process.
+        # image verification runs on the main process (on every process when its limits leave rows out).
         self.data = prepare_data(cfg, split_file=self.run / "split.npz", check_images=self.is_main)
         self.task_keys = list(self.data.task_keys)
         if self.is_main:
             save_config(cfg, self.run / "config.yaml")
+            log.info("config: %s; BASE files: %s", self.run / "config.yaml", ", ".join(cfg.BASE_RESOLVED) or "none")
             self.data.save(self.run)
         self._build_loaders()
         self._build_model_and_optimizer()

@@ -178,7 +178,9 @@ class Bundle:
         from linnaeus.models import build_model
 
         hierarchy = hierarchy_matrices(self.task_keys, self.class_maps, self.tree)
-        model = build_model(self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy)
+        model = build_model(
+            self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy, load_pretrained=False
+        )
         where = self.path or self.info.get("source", "the run")
         expected = model.state_dict()
         for name, tensor in self.state_dict.items():

@@ -47,17 +47,34 @@ def _number(key: str, params: dict[str, Any], name: str, default: float, low: fl
 def _check_params(key: str, params: dict[str, Any], allowed: set[str]) -> None:
     for name in params:
         if name not in allowed:
-            raise ConfigError(f"{key}.{name}: unknown parameter; expected one of {sorted(allowed)}")
+            hint = ""
+            if name == "label_smoothing" and "alpha" in allowed:
+                hint = " (TaxonomyAwareLabelSmoothing's smoothing strength is 'alpha')"
+            raise ConfigError(f"{key}.{name}: unknown parameter{hint}; expected one of {sorted(allowed)}")
+
+
+def validate_loss_params(loss_type: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+    """The one validation of ``HEADS.<task>.LOSS`` that training and `linnaeus check` share (ConfigError if bad).
+
+    ``key`` is the head's LOSS prefix, e.g. ``MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS``.
+    """
+    return get_criterion_class(loss_type, f"{key}.TYPE").parse_params(params, f"{key}.PARAMS")
 
 
 class Criterion(nn.Module):
-    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``.
+    """Base: ``hard(y) / soft(t) -> target distribution (B, K)``; ``parse_params`` validates ``LOSS.PARAMS``.
 
     Subclasses are built as ``cls(num_classes, params, key, distance)``; ``distance`` is the task's (K, K)
     taxonomy distance matrix, computed only for criteria that set ``needs_distance``.
     """
 
     needs_distance: ClassVar[bool] = False
+
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, Any]:
+        """Validate ``LOSS.PARAMS`` (ConfigError naming ``key.<param>``); `linnaeus check` and training both call
+        it. Criteria with parameters override it; the default accepts them as given."""
+        return dict(params)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -77,10 +94,14 @@ class CrossEntropyCriterion(Criterion):
     (So the true class keeps 1 − ε + ε/K; the prior system's ε/(K − 1) variant is not used.)
     """
 
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
+        _check_params(key, params, {"label_smoothing"})
+        return {"label_smoothing": _number(key, params, "label_smoothing", 0.0, 0.0, 1.0)}
+
     def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
         super().__init__(num_classes)
-        _check_params(key, params, {"label_smoothing"})
-        self.eps = _number(key, params, "label_smoothing", 0.0, 0.0, 1.0)
+        self.eps = self.parse_params(params, key)["label_smoothing"]
 
     def hard(self, y: torch.Tensor) -> torch.Tensor:
         return self.soft(F.one_hot(y, self.num_classes).float())
@@ -95,11 +116,18 @@ class TaxonomyAwareCriterion(Criterion):
 
     needs_distance = True
 
+    @staticmethod
+    def parse_params(params: dict[str, Any], key: str) -> dict[str, float]:
+        _check_params(key, params, {"alpha", "beta"})
+        return {
+            "alpha": _number(key, params, "alpha", 0.1, 0.0, 1.0),
+            "beta": _number(key, params, "beta", 1.0, 0.0, float("inf")),
+        }
+
     def __init__(self, num_classes: int, params: dict[str, Any], key: str, distance: np.ndarray | None = None) -> None:
         super().__init__(num_classes)
-        _check_params(key, params, {"alpha", "beta"})
-        self.alpha = _number(key, params, "alpha", 0.1, 0.0, 1.0)
-        self.beta = _number(key, params, "beta", 1.0, 0.0, float("inf"))
+        parsed = self.parse_params(params, key)
+        self.alpha, self.beta = parsed["alpha"], parsed["beta"]
         if distance is None:
             head = key.removesuffix(".LOSS.PARAMS")
             raise ConfigError(

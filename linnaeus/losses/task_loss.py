@@ -11,7 +11,7 @@ from torch import nn
 from linnaeus.config.defaults import Config, HeadLossConfig
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.losses.class_weights import class_weights
-from linnaeus.losses.criteria import Criterion, get_criterion_class, soft_cross_entropy
+from linnaeus.losses.criteria import Criterion, get_criterion_class, soft_cross_entropy, validate_loss_params
 from linnaeus.losses.gradnorm import GradNorm
 
 
@@ -198,6 +198,18 @@ class TaskLoss(nn.Module):
 def _head_loss(cfg: Config, key: str) -> HeadLossConfig:
     heads = cfg.MODEL.CLASSIFICATION.HEADS
     return heads[key].LOSS if key in heads else HeadLossConfig()
+
+
+def loss_config_problems(cfg: Config) -> list[str]:
+    """Every head's LOSS TYPE/PARAMS problem, validated exactly as ``build_task_loss`` does (for `linnaeus check`)."""
+    problems = []
+    for key in cfg.DATA.TASK_KEYS_H5:
+        loss_cfg = _head_loss(cfg, key)
+        try:
+            validate_loss_params(loss_cfg.TYPE, dict(loss_cfg.PARAMS), f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS")
+        except ConfigError as err:
+            problems.append(str(err))
+    return problems
 
 
 def needs_distance_matrices(cfg: Config) -> bool:

@@ -1,4 +1,4 @@
-"""Models: mFormerV1 / mFormerV0 backbones, metadata tokens, hierarchical heads, builder, size report."""
+"""Models: mFormerV1 / mFormerV0 / timm backbones, metadata tokens, hierarchical heads, builder, size report."""
 
 from linnaeus.models.builder import LinnaeusModel, build_backbone, build_model
 from linnaeus.models.heads import (
@@ -14,6 +14,7 @@ from linnaeus.models.mformer_v1 import MFormerV1
 from linnaeus.models.param_groups import param_groups, unwrap
 from linnaeus.models.registry import list_heads, list_models, register_head, register_model
 from linnaeus.models.size import model_size
+from linnaeus.models.timm_backbone import TimmBackbone
 
 __all__ = [
     "ConditionalClassifier",
@@ -23,6 +24,7 @@ __all__ = [
     "LinnaeusModel",
     "MFormerV0",
     "MFormerV1",
+    "TimmBackbone",
     "build_backbone",
     "build_model",
     "coarse_to_fine",

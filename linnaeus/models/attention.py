@@ -48,7 +48,7 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """x + DropPath(γ₁·Attn(LN(x))), then x + DropPath(γ₂·MLP(LN(x))); γ (LayerScale) only with ``layer_scale_init``."""
 
     def __init__(
         self,
@@ -60,8 +60,13 @@ class TransformerBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
+        self.layer_scale_init = layer_scale_init
+        # Named as in DeiT-LS / timm's Eva so RoPE-ViT checkpoints find their LayerScale here.
+        self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init else None
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, position, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
@@ -69,5 +74,7 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_extra: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), grid, num_extra))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = self.attn(self.norm1(x), grid, num_extra)
+        x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)

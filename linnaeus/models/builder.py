@@ -7,10 +7,14 @@ from torch import nn
 
 # Imported for their registration side effect.
 import linnaeus.models.mformer_v0
-import linnaeus.models.mformer_v1  # noqa: F401
+import linnaeus.models.mformer_v1
+import linnaeus.models.timm_backbone  # noqa: F401
 from linnaeus.config.defaults import HeadConfig, ModelConfig
+from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
 from linnaeus.models.heads import HierarchicalClassifier, rank_level
+from linnaeus.models.param_groups import set_backbone_frozen
+from linnaeus.models.pretrained import LoadReport, apply_pretrained, require_pretrained_files
 from linnaeus.models.registry import get_model_class
 
 
@@ -23,6 +27,8 @@ class LinnaeusModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # What MODEL.PRETRAINED gave this model (None: nothing loaded); the trainer logs it at start.
+        self.pretrained_report: LoadReport | None = None
 
     @property
     def task_keys(self) -> list[str]:
@@ -94,17 +100,28 @@ def build_model(
     num_classes: dict[str, int],
     meta_dims: list[int],
     hierarchy: dict[tuple[str, str], torch.Tensor] | None = None,
+    *,
+    class_maps: dict[str, ClassMap] | None = None,
+    load_pretrained: bool = True,
 ) -> LinnaeusModel:
-    """The model for ``MODEL.TYPE`` with heads for ``task_keys``.
+    """The model for ``MODEL.TYPE`` with heads for ``task_keys``, started from ``MODEL.PRETRAINED*`` if set.
 
     ``meta_dims``: the enabled metadata components' DIMs in IDX order ([] = no metadata tokens). ``hierarchy``:
     (parent_key, child_key) → (K_parent, K_child) 0/1 matrix for adjacent configured ranks; required by
-    HierarchicalSoftmaxHead / ConditionalClassifier heads.
+    HierarchicalSoftmaxHead / ConditionalClassifier heads. ``class_maps``: this run's classes per task key, used
+    to remap a previous Linnaeus model's head rows by taxon id. ``load_pretrained=False``: skip the pretrained
+    files (inference rebuilds, whose weights come from a bundle). ``MODEL.FREEZE_BACKBONE`` is applied here.
     """
     head_cfgs = resolve_head_configs(model_cfg, task_keys, num_classes)
+    if load_pretrained:
+        require_pretrained_files(model_cfg)
     backbone = build_backbone(model_cfg, meta_dims)
     head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_cfgs, hierarchy)
     model = LinnaeusModel(backbone, head)
     if model_cfg.GRADIENT_CHECKPOINTING:
         model.set_grad_checkpointing(True)
+    if load_pretrained:
+        model.pretrained_report = apply_pretrained(model, model_cfg, class_maps)
+    if model_cfg.FREEZE_BACKBONE:
+        set_backbone_frozen(model, True)
     return model

@@ -30,6 +30,40 @@ class HybridBackbone(nn.Module):
         for stage in self.attn_stages:
             stage.grad_checkpointing = enable
 
+    def is_image_parameter(self, name: str) -> bool:
+        """True for image-path parameters (what FREEZE_BACKBONE freezes); metadata embedders stay trainable."""
+        return ".meta_tokens." not in name
+
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """(parameter name → layer id, number of layers) for layer-wise LR decay, ConvNeXt/BEiT style.
+
+        Stem = 0, then one id per block in forward order (conv blocks, then attention blocks); a downsampler or
+        patch embedding joins the first block after it, a stage's CLS/metadata tokens its first block, a stage's
+        final norm its last block; the CLS aggregation gets the last id (like the heads).
+        """
+        prefixes: list[str] = ["stem."]
+        joins: dict[str, int] = {}
+        for s, stage in enumerate(self.conv_stages):
+            if s > 0:
+                joins[f"downsamples.{s - 1}."] = len(prefixes)
+            prefixes += [f"conv_stages.{s}.{b}." for b in range(len(stage))]
+        for s, stage in enumerate(self.attn_stages):
+            first = len(prefixes)
+            joins[f"downsamples.{s + len(self.conv_stages) - 1}."] = first
+            joins[f"patch_embeds.{s}."] = first
+            joins[f"attn_stages.{s}.cls_token"] = first
+            joins[f"attn_stages.{s}.meta_tokens."] = first
+            prefixes += [f"attn_stages.{s}.blocks.{b}." for b in range(len(stage.blocks))]
+            joins[f"attn_stages.{s}.norm."] = len(prefixes) - 1
+        num_layers = len(prefixes) + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            layer = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+            if layer is None:
+                layer = next((i for p, i in joins.items() if name.startswith(p)), num_layers - 1)
+            ids[name] = layer
+        return ids, num_layers
+
     def _conv_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         for block in stage:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

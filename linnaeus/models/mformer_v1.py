@@ -38,6 +38,7 @@ class MFormerV1(HybridBackbone):
         rope_theta: float = 10000.0,
         rope_mixed: bool = True,
         layer_scale_init: float = 1e-6,
+        attn_layer_scale_init: float | None = None,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -67,6 +68,7 @@ class MFormerV1(HybridBackbone):
                     drop=drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=p,
+                    layer_scale_init=attn_layer_scale_init,
                 )
                 for p in dpr[2 + stage]
             ]
@@ -83,6 +85,9 @@ class MFormerV1(HybridBackbone):
         for module in self.modules():
             if isinstance(module, ConvNeXtBlock) and module.gamma is not None:
                 nn.init.constant_(module.gamma, module.layer_scale_init)
+            if isinstance(module, TransformerBlock) and module.gamma_1 is not None:
+                nn.init.constant_(module.gamma_1, module.layer_scale_init)
+                nn.init.constant_(module.gamma_2, module.layer_scale_init)
         self.aggregate.reset_mix()
 
     @classmethod
@@ -114,6 +119,7 @@ class MFormerV1(HybridBackbone):
             rope_theta=rope.ROPE_THETA,
             rope_mixed=rope.ROPE_MIXED,
             layer_scale_init=conv.LAYER_SCALE_INIT_VALUE,
+            attn_layer_scale_init=rope.LAYER_SCALE_INIT_VALUE,
             drop_path_rate=cfg.DROP_PATH_RATE,
             drop_rate=cfg.DROP_RATE,
             attn_drop_rate=cfg.ATTN_DROP_RATE,
@@ -122,7 +128,11 @@ class MFormerV1(HybridBackbone):
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names (relative to this module) that must not be decayed besides norms and biases."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", ".freqs", ".gamma"))}
+        return {
+            n
+            for n, _ in self.named_parameters()
+            if n.endswith(("cls_token", ".freqs", ".gamma", ".gamma_1", ".gamma_2"))
+        }
 
     def _between_conv_stages(self, x: torch.Tensor) -> torch.Tensor:
         return self.downsamples[0](x)
