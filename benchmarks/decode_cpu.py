@@ -34,7 +34,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from linnaeus.data.images import RESAMPLE, load_image
+from linnaeus.data.images import RESAMPLE, _fast_scaled_decode, load_image
 
 SETS = {"1MP": (1152, 864), "500px": (500, 375)}
 
@@ -54,6 +54,7 @@ def tight_decode_resize(path: str, size: int, crop_pct: float, draft: bool = Tru
     target_short = size / crop_pct
     if draft and 2 * target_short <= short:
         im.draft("RGB", (math.ceil(w * target_short / short), math.ceil(h * target_short / short)))
+        _fast_scaled_decode(im)  # the same libjpeg settings load_image uses for a scaled decode
     im = im.convert("RGB")
     s = w / im.size[0]
     side = short * crop_pct

@@ -146,7 +146,9 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
         stream.set_epoch(0)
         batches = list(itertools.islice(iter(stream), min(steps + 1, len(stream))))
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        baseline = MinimalLoop(copy.deepcopy(unwrapped), trainer.task_keys, trainer.base_lr, cfg.AUG.MEAN, cfg.AUG.STD)
+        baseline = MinimalLoop(
+            copy.deepcopy(unwrapped), trainer.task_keys, trainer.lr_schedule.base_lr, cfg.AUG.MEAN, cfg.AUG.STD
+        )
         stand_in = InterleavedBatches(batches, baseline.step, stream.batches_per_epoch)
         trainer.train_batches = stand_in
         trainer.fit()

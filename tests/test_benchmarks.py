@@ -143,11 +143,11 @@ def test_trainer_and_minimal_loop_see_identical_batches(tmp_path: Path, monkeypa
     def checksum(batch) -> int:
         return int(batch["image"].to(torch.int64).sum()) * 1_000_003 + int(batch["targets"]["taxa_L10"].sum())
 
-    real_step = Trainer._train_step
+    real_step = Trainer.train_step
 
-    def recording_step(self, batch, *args, **kwargs):
-        seen["ours"].append(checksum(batch))
-        return real_step(self, batch, *args, **kwargs)
+    def recording_step(self, window):
+        seen["ours"].extend(checksum(batch) for batch in window)
+        return real_step(self, window)
 
     real_minimal = trainer_overhead.MinimalLoop.step
 
@@ -155,7 +155,7 @@ def test_trainer_and_minimal_loop_see_identical_batches(tmp_path: Path, monkeypa
         seen["minimal"].append(checksum(batch))
         return real_minimal(self, batch)
 
-    monkeypatch.setattr(Trainer, "_train_step", recording_step)
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
     monkeypatch.setattr(trainer_overhead.MinimalLoop, "step", recording_minimal)
     comp = trainer_overhead.measure(
         ds, tmp_path / "out", steps=5, DATA__IMG_SIZE=32, MODEL__IMG_SIZE=32, DATA__BATCH_SIZE=8

@@ -221,3 +221,45 @@ def test_exported_bundle_reproduces_the_run_validation(demo: Path, tmp_path: Pat
     mine = evaluate_bundle(bundle, load_config(run / "config.yaml"))
     for key in ("taxa_L10", "taxa_L20", "taxa_L30"):
         assert mine[f"{key}/top1"] == pytest.approx(reported[f"{key}/top1"], abs=1e-9), key
+
+
+def test_every_checkpoint_holds_the_exact_unreadable_image_count(demo: Path, tmp_path: Path) -> None:
+    """Counts join the checkpoint at every save, not only on logging steps."""
+    import json
+
+    import numpy as np
+
+    from linnaeus.config import load_config
+    from linnaeus.data.loader import EpochSampler
+    from linnaeus.data.prepare import prepare_data
+
+    from launch_utils import DEMO_CFG
+
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(demo), str(data)], check=True)
+    opts = tiny_opts(
+        data,
+        tmp_path,
+        name="missing",
+        TRAIN__MAX_STEPS=5,
+        DATA__HYBRID__ALLOW_MISSING_IMAGES=True,
+        DATA__HYBRID__VERIFY_IMAGES__MAX_MISSING_RATIO=0.5,
+        SCHEDULE__METRICS__LOG_INTERVAL_STEPS=1000,  # only the last step logs
+        SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 2}",
+        SCHEDULE__CHECKPOINT__KEEP_LAST_N=5,
+    )
+    cfg = load_config(DEMO_CFG, opts)
+    paths = prepare_data(cfg).image_paths("train")
+    gone = np.zeros(len(paths), dtype=bool)
+    gone[::7] = True
+    for i in np.flatnonzero(gone):
+        Path(paths[i]).unlink()
+    launch(opts)
+    sampler = EpochSampler(len(paths), seed=cfg.MISC.SEED, batch_size=cfg.DATA.BATCH_SIZE)
+    sampler.set_epoch(0)
+    order = sampler.epoch_keys()[0]
+    run = run_dir(tmp_path, "missing")
+    for step in (2, 4, 5):
+        state = json.loads((run / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+        expected = int(gone[order[: step * cfg.DATA.BATCH_SIZE]].sum())
+        assert state["missing_images"] == expected > 0, step

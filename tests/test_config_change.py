@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from linnaeus.config import config_to_dict, load_config
-from linnaeus.engine.config_change import check_resume_config, config_changes, schedule_change_line
+from linnaeus.engine.config_change import (
+    ConfigRecord,
+    check_resume_config,
+    config_changes,
+    plan_config_record,
+    schedule_change_line,
+    write_config_record,
+)
 from linnaeus.errors import ConfigError
 
 
@@ -58,3 +65,39 @@ def test_schedule_stretch_line():
     assert schedule_change_line(None, 10) is None and schedule_change_line(10, 10) is None
     assert "stretched from 10 to 16 steps" in schedule_change_line(10, 16)
     assert "shortened from 16 to 10 steps" in schedule_change_line(16, 10)
+
+
+def _folder(tmp_path: Path, *opts: str) -> tuple[Path, Path]:
+    from linnaeus.config import dump_config
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_4"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(load_config(None, list(opts))))
+    return run, ckpt
+
+
+def test_record_fresh_start_writes_and_same_config_leaves_the_file_alone(tmp_path: Path) -> None:
+    run, ckpt = _folder(tmp_path)
+    assert plan_config_record(run, None, _cfg("TRAIN.EPOCHS", "9"), allow=False) == ConfigRecord([], write=True)
+    assert plan_config_record(run, ckpt, _cfg(), allow=False) == ConfigRecord([], write=False)
+
+
+def test_record_keeps_the_old_config_under_a_free_name(tmp_path: Path) -> None:
+    run, ckpt = _folder(tmp_path)
+    old = (run / "config.yaml").read_text()
+    (run / "config.step_4.yaml").write_text("an earlier resume from the same step")
+    record = plan_config_record(run, ckpt, _cfg("TRAIN.EPOCHS", "9"), allow=False)
+    assert record.keep_old_as == "config.step_4.1.yaml" and any("TRAIN.EPOCHS" in line for line in record.lines)
+    write_config_record(record, run, "new: 1\n")
+    assert (run / "config.step_4.1.yaml").read_text() == old and (run / "config.yaml").read_text() == "new: 1\n"
+
+
+def test_record_compares_with_the_checkpoints_own_run_folder(tmp_path: Path) -> None:
+    source, ckpt = _folder(tmp_path, "LR_SCHEDULER.BASE_LR", "0.25")
+    fresh = tmp_path / "another_run"  # TRAIN.RESUME_FROM a checkpoint of another folder
+    with pytest.raises(ConfigError, match=r"LR_SCHEDULER\.BASE_LR: 0\.25 -> 0\.0001: differs from .*/run/config\.yaml"):
+        plan_config_record(fresh, ckpt, _cfg(), allow=False)
+    record = plan_config_record(fresh, ckpt, _cfg(), allow=True)
+    assert record.write and record.keep_old_as is None and "allowed by" in record.lines[0]
+    assert str(source / "config.yaml") in record.lines[0]

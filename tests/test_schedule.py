@@ -8,16 +8,52 @@ import pytest
 
 from linnaeus.config import load_config
 from linnaeus.config.defaults import Interval
-from linnaeus.engine.schedule import LRSchedule, OpsSchedule, StepPlan, fires, interval_steps, plan_steps
+from linnaeus.engine.schedule import (
+    LRSchedule,
+    OpsSchedule,
+    StepPlan,
+    fires,
+    interval_steps,
+    plan_steps,
+    scaled_base_lr,
+)
+from linnaeus.errors import ConfigError
 
 PLAN = StepPlan(steps_per_epoch=10, total_steps=100)
 
 
 def test_plan_counts_optimizer_steps() -> None:
-    cfg = load_config(None, ["TRAIN.EPOCHS", "3", "TRAIN.ACCUMULATION_STEPS", "2"])
-    assert plan_steps(cfg, batches_per_epoch=21) == StepPlan(steps_per_epoch=10, total_steps=30)
+    cfg = load_config(None, ["TRAIN.EPOCHS", "3", "TRAIN.ACCUMULATION_STEPS", "2", "DATA.BATCH_SIZE", "4"])
+    plan = plan_steps(cfg, batches_per_epoch=21, world_size=3)
+    assert plan == StepPlan(steps_per_epoch=10, total_steps=30, micro_batch=4, accumulation=2, world_size=3)
+    assert plan.global_batch == 24
+    assert plan.batches_per_epoch == 20  # whole windows only: the 21st batch is never taken
     cfg = load_config(None, ["TRAIN.MAX_STEPS", "7"])
     assert plan_steps(cfg, batches_per_epoch=21).total_steps == 7
+
+
+def test_plan_positions_are_a_view_over_steps() -> None:
+    plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=4, accumulation=3, world_size=2)
+    assert plan.position(0) == (0, 0)
+    assert plan.position(7) == (0, 21)  # 7 windows of 3 micro-batches into epoch 0
+    assert plan.position(10) == (1, 0)  # an epoch's last step ends it: the next starts fresh
+    assert plan.position(25) == (2, 15)
+    assert plan.step_for_samples(7 * plan.global_batch + 5) == 7
+
+
+def test_plan_refuses_accumulation_longer_than_an_epoch() -> None:
+    cfg = load_config(None, ["TRAIN.ACCUMULATION_STEPS", "4"])
+    with pytest.raises(ConfigError, match=r"TRAIN\.ACCUMULATION_STEPS: 4 micro-batches per optimizer step"):
+        plan_steps(cfg, batches_per_epoch=3)
+
+
+def test_lr_scales_with_the_global_batch() -> None:
+    cfg = load_config(
+        None,
+        ["LR_SCHEDULER.SCALE_WITH_BATCH", "True", "LR_SCHEDULER.BASE_LR", "1e-3", "LR_SCHEDULER.REFERENCE_BS", "512"],
+    )
+    plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=64, accumulation=2, world_size=8)
+    assert scaled_base_lr(cfg, plan) == pytest.approx(2e-3)
 
 
 def test_warmup_then_cosine_to_min_lr() -> None:

@@ -294,3 +294,45 @@ def test_all_ops_schedules_together(demo: Path, tmp_path: Path) -> None:
     log = (run / "logs" / "train.log").read_text()
     assert "mix p" in log and "1.00 -> 0.50" in log
     assert "null loss keep p" in log and "0.00 -> 1.00" in log
+
+
+def _partially_labelled_dataset(root: Path) -> Path:
+    """The tiny dataset with about half of its rows labelled only at the family: micro-batches and processes then
+    hold very different numbers of labels at species and genus."""
+    import h5py
+    from conftest import write_tiny_dataset
+
+    ds = write_tiny_dataset(root, per_species=6)
+    with h5py.File(ds.labels_path, "r+") as f:
+        species, genus = f["taxa_L10"][:], f["taxa_L20"][:]
+        family_only = np.arange(len(species)) % 5 < 2
+        species[family_only], genus[family_only] = 0, 0
+        f["taxa_L10"][:], f["taxa_L20"][:] = species, genus
+    return root
+
+
+def test_step_loss_is_the_mean_over_labelled_samples_whatever_the_layout(tmp_path: Path) -> None:
+    """With partial labels, 2 micro-batches x 4 and 2 processes x 4 (DDP and ZeRO-2) take the same optimizer steps
+    as one batch of 8: each rank's loss is normalised by its labelled count over the whole step."""
+    data = _partially_labelled_dataset(tmp_path / "partial")
+    common = dict(
+        TRAIN__MAX_STEPS=3,
+        AUG__HFLIP_PROB=0.0,
+        AUG__COLOR_JITTER=0.0,
+        AUG__RANDOM_ERASE__PROB=0.0,
+        SCHEDULE__META_MASKING__ENABLED=False,
+        LR_SCHEDULER__WARMUP_FRACTION=0.0,
+        OPTIMIZER__EPS=1e-3,  # see test_gradient_accumulation_equals_the_larger_batch
+        DATA__BATCH_SIZE_VAL=8,
+    )
+    launch(tiny_opts(data, tmp_path, name="one", DATA__BATCH_SIZE=8, **common))
+    launch(tiny_opts(data, tmp_path, name="accum", DATA__BATCH_SIZE=4, TRAIN__ACCUMULATION_STEPS=2, **common))
+    launch(tiny_opts(data, tmp_path, name="ddp", DATA__BATCH_SIZE=4, **common), "cpu_ddp")
+    launch(tiny_opts(data, tmp_path, name="zero2", DATA__BATCH_SIZE=4, **common), "cpu_zero2")
+    one = final_weights(run_dir(tmp_path, "one"))
+    for name in ("accum", "ddp", "zero2"):
+        other = final_weights(run_dir(tmp_path, name))
+        assert other.keys() == one.keys()
+        worst = max(float((other[k] - one[k]).abs().max()) for k in one)
+        assert worst < 1e-5, (name, worst)
+        np.testing.assert_allclose(_losses(run_dir(tmp_path, name)), _losses(run_dir(tmp_path, "one")), rtol=1e-4)

@@ -279,6 +279,10 @@ class DataConfig(Node):
     NUM_WORKERS: int = Field(4, ge=0)
     PIN_MEMORY: bool = True
     PREFETCH_FACTOR: int = Field(2, ge=1)
+    DECODE: Literal["auto", "cpu", "device"] = Field(
+        "auto",
+        description="JPEG decode in loader workers (cpu) or batched on the training device; auto: device on CUDA",
+    )
     TASK_KEYS_H5: list[str] = Field(default_factory=lambda: ["taxa_L10", "taxa_L20"], min_length=1)
     NUM_CLASSES_PER_LEVEL: dict[str, int] | None = Field(None, description="checked against labels.h5 when set")
     TAXONOMY_PATH: str | None = Field(None, description="taxonomy.json; inferred from labels.h5 when unset")
@@ -336,6 +340,10 @@ class TrainConfig(Node):
         description="resuming with a config that changes what the weights mean (model, data, losses, optimizer, "
         "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
     )
+    NONFINITE: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient: stop the run there (exit 3), or skip that optimizer step"
+    )
+    NONFINITE_MAX_SKIPS: int = Field(10, ge=0, description="with NONFINITE skip: stop once more steps than this fail")
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
 
 

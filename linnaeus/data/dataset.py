@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from linnaeus.data.encoded import EncodedImage, encode_image
 from linnaeus.data.images import ImageDecodeError, load_image
 from linnaeus.data.samples import SampleTable
 from linnaeus.errors import DataError
@@ -78,6 +79,7 @@ class FileDataset(Dataset):
         val_crop_pct: float = 0.875,
         allow_missing: bool = False,
         seed: int = 0,
+        decode: str = "cpu",
     ) -> None:
         if table.paths is None:
             raise ValueError("FileDataset: the sample table has no image paths")
@@ -93,6 +95,9 @@ class FileDataset(Dataset):
         self.val_crop_pct = float(val_crop_pct)
         self.allow_missing = bool(allow_missing)
         self.seed = int(seed)
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"FileDataset: decode must be 'cpu' or 'device', got {decode!r}")
+        self.decode = decode
         self.missing_count = 0
 
     def __len__(self) -> int:
@@ -103,10 +108,19 @@ class FileDataset(Dataset):
 
     def load(self, index: int, epoch: int = 0) -> tuple[np.ndarray, bool]:
         """Decode sample ``index`` for ``epoch`` → (uint8 CHW image, image_ok)."""
+        image, ok = self._load(index, epoch, load_image)
+        return image, ok
+
+    def load_encoded(self, index: int, epoch: int = 0) -> tuple[EncodedImage, bool]:
+        """Sample ``index`` for ``epoch`` as bytes + planned crop for the device decoder → (encoded, image_ok)."""
+        item, ok = self._load(index, epoch, encode_image)
+        return (item if ok else EncodedImage.decoded(item)), ok
+
+    def _load(self, index: int, epoch: int, reader: Any) -> tuple[Any, bool]:
         path = self._paths[index]
         rng = sample_rng(self.seed, epoch, index) if self.train else None
         try:
-            image = load_image(
+            item = reader(
                 path,
                 img_size=self.img_size,
                 train=self.train,
@@ -115,7 +129,7 @@ class FileDataset(Dataset):
                 rrc_ratio=self.rrc_ratio,
                 val_crop_pct=self.val_crop_pct,
             )
-            return image, True
+            return item, True
         except ImageDecodeError as err:
             row = int(self.rows[index])
             if not self.allow_missing:
@@ -132,9 +146,14 @@ class FileDataset(Dataset):
         index, epoch, is_pad = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(f"FileDataset index {index} out of range for {len(self)} samples")
-        image, ok = self.load(index, epoch)
+        if self.decode == "device":
+            encoded, ok = self.load_encoded(index, epoch)
+            picture: dict[str, Any] = {"encoded": encoded}
+        else:
+            image, ok = self.load(index, epoch)
+            picture = {"image": torch.from_numpy(image)}
         return {
-            "image": torch.from_numpy(image),
+            **picture,
             "meta": torch.from_numpy(self.meta[index].copy()),
             "meta_valid": torch.from_numpy(self.meta_valid[index].copy()),
             "targets": {k: torch.tensor(v[index], dtype=torch.int64) for k, v in self.targets.items()},

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data._utils.collate import default_collate
 
+from linnaeus.data.encoded import collate_samples
 from linnaeus.errors import LinnaeusError
 
 Key = tuple[int, int, bool]
@@ -189,7 +189,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=default_collate,
+        collate_fn=collate_samples,
         pin_memory=pin_memory,
         drop_last=drop_last,
         prefetch_factor=prefetch_factor if workers > 0 else None,

@@ -31,6 +31,7 @@ from linnaeus.data.paths import (  # IMAGE_SUFFIXES, image_path, label_paths: al
     IMAGE_SUFFIXES,
     IMAGES_DIR_UNSET,
     image_path,
+    images_dir_problem,
     label_paths,
     resolve_image_paths,
     resolve_path,
@@ -274,8 +275,9 @@ class PreparedData:
             paths=self.image_paths(split) if with_paths else None,
         )
 
-    def dataset(self, split: str, train: bool):
-        """A ``FileDataset`` over this split (decode + crop in workers)."""
+    def dataset(self, split: str, train: bool, decode: str = "cpu"):
+        """A ``FileDataset`` over this split: decode + crop in workers, or (``decode="device"``) bytes + crop plan
+        for ``linnaeus.data.device_decode``."""
         from linnaeus.data.dataset import FileDataset
 
         cfg = self.cfg
@@ -288,6 +290,7 @@ class PreparedData:
             val_crop_pct=cfg.DATA.VAL_CROP_PCT,
             allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
             seed=cfg.MISC.SEED,
+            decode=decode,
         )
 
     def class_maps_json(self) -> dict[str, Any]:
@@ -395,6 +398,9 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         fingerprint=fingerprint,
     )
     if cfg.DATA.HYBRID.IMAGES_DIR:  # identifiers that leave the image folder are refused now, on every process
+        problem = images_dir_problem(cfg)  # the same rule as `linnaeus check`: before any model is built
+        if problem:
+            raise ConfigError(problem)
         for name in ("train", "val"):
             data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES

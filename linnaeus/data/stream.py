@@ -85,9 +85,12 @@ def build_file_batches(
 
 
 def build_train_batches(
-    cfg: Config, data: PreparedData, *, world_size: int, rank: int, pin_memory: bool = False
+    cfg: Config, data: PreparedData, *, world_size: int, rank: int, pin_memory: bool = False, decode: str = "cpu"
 ) -> BatchStream:
-    """The training stream ``cfg`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files."""
+    """The training stream ``cfg`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files.
+
+    ``decode="device"``: file batches carry encoded images for ``linnaeus.data.device_decode`` (shards still
+    decode in their workers until their reader builds batches with ``encoded_batch``)."""
     common: dict[str, Any] = dict(
         world_size=world_size,
         rank=rank,
@@ -101,4 +104,4 @@ def build_train_batches(
         from linnaeus.data.shards.reader import build_shard_batches
 
         return build_shard_batches(cfg, data, **common)
-    return build_file_batches(data.dataset("train", train=True), **common)
+    return build_file_batches(data.dataset("train", train=True, decode=decode), **common)

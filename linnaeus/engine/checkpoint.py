@@ -203,4 +203,7 @@ def export_weights(ckpt: Path, out_file: Path, metadata: dict[str, str] | None =
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     save_file(sd, str(tmp), metadata=metadata or {})
     tmp.replace(out_file)
+    from linnaeus.utils.io import make_readable
+
+    make_readable(out_file)  # safetensors writes 0600; exported weights are meant to be shared
     return out_file

@@ -10,7 +10,9 @@ Every difference is listed either way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import yaml
 
 from linnaeus.errors import ConfigError
+
+log = logging.getLogger("linnaeus")
 
 # Dotted prefixes of keys that may differ on resume without changing what the weights are. Anything else that
 # differs is a change of the experiment itself.
@@ -30,6 +34,7 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "TRAIN.BATCH_SIZE",  # alias of DATA.BATCH_SIZE: the split of the global batch (see the plan check below)
     "TRAIN.ACCUMULATION_STEPS",
     "TRAIN.NONFINITE",
+    "TRAIN.NONFINITE_MAX_SKIPS",
     "DATA.BATCH_SIZE",
     "DATA.BATCH_SIZE_VAL",
     "DATA.NUM_WORKERS",
@@ -143,3 +148,68 @@ def schedule_change_line(saved_total_steps: int | None, total_steps: int) -> str
         f"resume: the schedule was {verb} from {saved_total_steps} to {total_steps} steps (LR and ramps follow the "
         "new length from here on)"
     )
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """What a starting run does with its folder's ``config.yaml``: log ``lines``; write the current config when
+    ``write``, first keeping the old one as ``keep_old_as`` (the folder then still describes its whole history)."""
+
+    lines: list[str]
+    write: bool
+    keep_old_as: str | None = None
+
+
+def plan_config_record(run: Path, checkpoint: Path | None, current: Mapping[str, Any], allow: bool) -> ConfigRecord:
+    """Main process, before heavy work. A fresh start writes its config; a resume compares the current config with
+    the one its checkpoint was trained with (the checkpoint's own run folder's ``config.yaml``) and refuses a change
+    of meaning unless allowed (ConfigError, one line)."""
+    own = run / "config.yaml"
+    if checkpoint is None:
+        return ConfigRecord([], write=True)
+    source = checkpoint.parent.parent / "config.yaml"
+    source = source if source.is_file() else own
+    if not source.is_file():
+        return ConfigRecord([f"resume: no config.yaml beside {checkpoint}; the config cannot be compared"], True)
+    lines = check_resume_config(read_saved_config(source), current, allow, source)
+    if not own.is_file():
+        return ConfigRecord(lines, write=True)
+    if not lines:
+        return ConfigRecord([], write=False)
+    keep, n = f"config.{checkpoint.name}.yaml", 1
+    while (run / keep).exists():
+        keep, n = f"config.{checkpoint.name}.{n}.yaml", n + 1
+    lines.append(f"resume: the config used up to {checkpoint.name} is kept as {run / keep}")
+    return ConfigRecord(lines, write=True, keep_old_as=keep)
+
+
+def write_config_record(record: ConfigRecord, run: Path, text: str) -> None:
+    """Main process: apply ``record`` (``text``: the current config as YAML)."""
+    from linnaeus.utils.io import atomic_write_text
+
+    if not record.write:
+        return
+    if record.keep_old_as:
+        os.replace(run / "config.yaml", run / record.keep_old_as)
+    atomic_write_text(run / "config.yaml", text)
+
+
+def agree_config_record(
+    accelerator: Any, run: Path, current: Mapping[str, Any], allow: bool, find_checkpoint: Callable[[], Path | None]
+) -> ConfigRecord:
+    """Collective: the main process reads the files and decides, every process logs nothing twice and refuses or
+    continues with it (a refusal is raised on every rank, so none waits in a later collective)."""
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [plan_config_record(run, find_checkpoint(), current, allow)]
+        except ConfigError as err:
+            box = [str(err)]
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], str):
+        raise ConfigError(box[0])
+    for line in box[0].lines:
+        log.log(logging.WARNING if "allowed by" in line else logging.INFO, "%s", line)
+    return box[0]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,7 +68,6 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
 class DistInfo:
     world_size: int
     rank: int
-    local_rank: int
     zero_stage: int  # 0 = not DeepSpeed
     precision: str
     precision_source: str
@@ -78,10 +78,19 @@ class DistInfo:
     def uses_deepspeed(self) -> bool:
         return self.zero_stage > 0
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to: DeepSpeed's engine runs in bf16/fp16 without autocast; otherwise fp32
+        (accelerate's autocast handles mixed precision)."""
+        if self.uses_deepspeed and self.precision in ("bf16", "fp16"):
+            return torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.float32
 
-def build_accelerator(cfg: Config, micro_batch_size: int):
+
+def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[str, Any] | None = None):
     """Create the Accelerator. DeepSpeed's "auto" entries are filled from the experiment config here, so batch size,
-    accumulation and clipping have one source of truth (the experiment YAML)."""
+    accumulation and clipping have one source of truth (the experiment YAML). ``tracker_kwargs``:
+    ``TrackerPlan.accelerator_kwargs()`` (engine/trackers.py)."""
     prepare_environment()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
@@ -107,7 +116,7 @@ def build_accelerator(cfg: Config, micro_batch_size: int):
         # Our loaders are built per rank by our own sampler; the scheduler is stepped by us, once per optimizer step.
         dataloader_config=DataLoaderConfiguration(split_batches=False, dispatch_batches=False),
         step_scheduler_with_optimizer=False,
-        log_with="wandb" if cfg.EXPERIMENT.WANDB.ENABLED else None,
+        **(tracker_kwargs or {}),
     )
     zero_stage = 0
     plugin = accelerator.state.deepspeed_plugin
@@ -123,7 +132,6 @@ def build_accelerator(cfg: Config, micro_batch_size: int):
     info = DistInfo(
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
-        local_rank=accelerator.local_process_index,
         zero_stage=zero_stage,
         precision=precision,
         precision_source=source,

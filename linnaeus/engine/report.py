@@ -300,6 +300,19 @@ def write_report(run: Path, timings: Timings | None = None, plots: bool = True) 
     return summary_text(report)
 
 
+def summary_values(run: Path) -> dict[str, Any]:
+    """The written report's headline numbers, flat, for a tracker's run summary (e.g. W&B)."""
+    report = json.loads((Path(run) / "report.json").read_text())
+    r, t = report["ranking"], report["timings"]
+    return {
+        f"best/{r['metric']}": r["best"],
+        "best/step": r["best_step"],
+        "time/total_seconds": t.get("total_seconds"),
+        "time/mean_images_per_sec": t.get("mean_images_per_sec"),
+        "time/data_wait_share": t.get("data_wait_share"),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ validation table
 def format_table_with_history(
     phase: str,

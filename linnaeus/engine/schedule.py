@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from linnaeus.config import Config
 from linnaeus.config.defaults import Interval, Ramp
+from linnaeus.errors import ConfigError
 
 DEFAULT_WARMUP_FRACTION = 0.05
 DEFAULT_META_MASK_END_FRACTION = 0.5
@@ -18,18 +19,71 @@ DEFAULT_META_MASK_END_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class StepPlan:
+    """The step arithmetic of a run, computed once: batch sizes, accumulation, epochs as a view over steps.
+
+    Every optimizer step consumes one whole accumulation window (``accumulation`` micro-batches of ``micro_batch``
+    samples) on each of ``world_size`` processes; an epoch holds ``steps_per_epoch`` such windows (a tail that cannot
+    fill a window is skipped)."""
+
     steps_per_epoch: int
     total_steps: int
+    micro_batch: int = 1
+    accumulation: int = 1
+    world_size: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        """Training samples per optimizer step over all processes."""
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per epoch and process that training consumes (whole windows only)."""
+        return self.steps_per_epoch * self.accumulation
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch
 
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, micro-batches of that epoch already consumed) after ``step`` optimizer steps."""
+        epoch, steps_in = divmod(step, self.steps_per_epoch)
+        return epoch, steps_in * self.accumulation
 
-def plan_steps(cfg: Config, batches_per_epoch: int) -> StepPlan:
+    def step_for_samples(self, samples: int) -> int:
+        """The step of this plan that has consumed ``samples`` training samples (rounded down)."""
+        return samples // self.global_batch
+
+
+def plan_steps(cfg: Config, batches_per_epoch: int, world_size: int = 1) -> StepPlan:
+    """The plan for ``batches_per_epoch`` micro-batches per process and epoch (what the training stream yields)."""
     accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
-    steps_per_epoch = max(1, batches_per_epoch // accum)
-    total = cfg.TRAIN.MAX_STEPS or max(1, math.ceil(cfg.TRAIN.EPOCHS * steps_per_epoch))
-    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total)
+    if batches_per_epoch < accum:
+        raise ConfigError(
+            f"TRAIN.ACCUMULATION_STEPS: {accum} micro-batches per optimizer step, but an epoch has only "
+            f"{batches_per_epoch} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
+        )
+    steps_per_epoch = batches_per_epoch // accum
+    total = cfg.TRAIN.MAX_STEPS or _epoch_steps(cfg.TRAIN.EPOCHS, steps_per_epoch)
+    return StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        micro_batch=cfg.DATA.BATCH_SIZE,
+        accumulation=accum,
+        world_size=world_size,
+    )
+
+
+MAX_PLAN_STEPS = 2**53  # far beyond any real run; past it step counts stop being exact as floats
+
+
+def _epoch_steps(epochs: float, steps_per_epoch: int) -> int:
+    steps = epochs * steps_per_epoch
+    if not math.isfinite(steps) or steps > MAX_PLAN_STEPS:
+        raise ConfigError(
+            f"TRAIN.EPOCHS: {epochs:g} epochs of {steps_per_epoch} optimizer steps is not a plan that can finish; "
+            f"expected at most {MAX_PLAN_STEPS // steps_per_epoch} epochs (or set TRAIN.MAX_STEPS)"
+        )
+    return max(1, math.ceil(steps))
 
 
 def interval_steps(interval: Interval, plan: StepPlan) -> int | None:
@@ -68,10 +122,17 @@ def ramp_value(ramp: Ramp, step: int, plan: StepPlan, default_fraction: float = 
     return ramp.START_PROB + t * (ramp.END_PROB - ramp.START_PROB)
 
 
-class LRSchedule:
-    """LR multiplier per optimizer step: linear warmup from WARMUP_LR, then cosine, warmup-stable-decay or constant.
+def scaled_base_lr(cfg: Config, plan: StepPlan) -> float:
+    """BASE_LR, scaled linearly by global batch / REFERENCE_BS when ``LR_SCHEDULER.SCALE_WITH_BATCH``."""
+    sc = cfg.LR_SCHEDULER
+    if not sc.SCALE_WITH_BATCH:
+        return sc.BASE_LR
+    return sc.BASE_LR * plan.global_batch / sc.REFERENCE_BS
 
-    Returned as a multiplier of BASE_LR so each param group keeps its own scale (e.g. the head LR multiplier)."""
+
+class LRSchedule:
+    """LR per optimizer step: linear warmup from WARMUP_LR, then cosine, warmup-stable-decay or constant. Each param
+    group gets it times its own ``lr_scale`` (e.g. the head LR multiplier)."""
 
     def __init__(self, cfg: Config, plan: StepPlan, base_lr: float) -> None:
         sc = cfg.LR_SCHEDULER
@@ -107,9 +168,6 @@ class LRSchedule:
             if self.decay_type == "linear":
                 return self.base_lr + t * (self.min_lr - self.base_lr)
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t))
-
-    def multiplier(self, step: int) -> float:
-        return self.lr(step) / self.base_lr
 
 
 class OpsSchedule:

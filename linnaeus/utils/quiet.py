@@ -20,6 +20,10 @@ def install() -> None:
     # DeepSpeed's ZeRO gathers call torch.distributed.all_gather_into_tensor, which torch now marks deprecated; the
     # call is inside DeepSpeed (deepspeed/comm/torch.py), so we cannot switch it to the new name ourselves.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+    # Depthwise convolutions (groups == channels, weight shape (C, 1, k, k)) get a gradient whose stride differs
+    # from the weight's only on the size-1 dimension: the same memory layout, but DDP compares strides literally
+    # and warns on the first backward of every run. Nothing to fix on our side; the layout is torch's choice.
+    warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides", category=UserWarning)
 
 
 def settle_deepspeed_accelerator() -> None:

@@ -1,0 +1,54 @@
+"""A rerun into a run folder with another config: refused in one line when it changes what the weights mean, logged
+(and the old config kept) when it only says how long or how often."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launch_utils import launch, run_dir, tiny_opts
+
+pytestmark = pytest.mark.slow
+
+
+def _opts(demo: Path, out: Path, **overrides: object) -> list[str]:
+    opts = tiny_opts(demo, out, name="rc", **overrides)
+    i = opts.index("TRAIN.MAX_STEPS")  # epochs decide the length here
+    return opts[:i] + opts[i + 2 :]
+
+
+def _latest_step(run: Path) -> int:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return json.loads((run / "checkpoints" / latest / "trainer_state.json").read_text())["step"]
+
+
+def test_changed_config_is_refused_then_stretched_then_allowed(demo: Path, tmp_path: Path) -> None:
+    run = run_dir(tmp_path, "rc")
+    launch(_opts(demo, tmp_path, TRAIN__EPOCHS=1))
+    steps = _latest_step(run)
+    first = (run / "config.yaml").read_bytes()
+
+    refused = launch(_opts(demo, tmp_path, TRAIN__EPOCHS=1, LR_SCHEDULER__BASE_LR=0.5), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "LR_SCHEDULER.BASE_LR" in errors[0] and "-> 0.5" in errors[0] and str(run / "config.yaml") in errors[0]
+    assert "TRAIN.RESUME_CONFIG_CHANGE allow" in errors[0]
+    assert (run / "config.yaml").read_bytes() == first and _latest_step(run) == steps
+
+    stretched = launch(_opts(demo, tmp_path, TRAIN__EPOCHS=2))
+    assert f"the schedule was stretched from {steps} to {2 * steps} steps" in stretched.stderr
+    assert "TRAIN.EPOCHS: 1.0 -> 2.0" in stretched.stderr
+    assert _latest_step(run) == 2 * steps
+    assert (run / f"config.step_{steps}.yaml").read_bytes() == first  # the folder keeps its history
+    assert "EPOCHS: 2.0" in (run / "config.yaml").read_text()
+
+    allowed = launch(
+        _opts(demo, tmp_path, TRAIN__EPOCHS=3, LR_SCHEDULER__BASE_LR=0.5, TRAIN__RESUME_CONFIG_CHANGE="allow")
+    )
+    assert "allowed by TRAIN.RESUME_CONFIG_CHANGE" in allowed.stderr and "LR_SCHEDULER.BASE_LR" in allowed.stderr
+    assert f"resumed from step {2 * steps}" in allowed.stderr
+    assert _latest_step(run) == 3 * steps
+    assert (run / f"config.step_{2 * steps}.yaml").is_file() and "BASE_LR: 0.5" in (run / "config.yaml").read_text()

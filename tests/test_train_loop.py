@@ -1,0 +1,221 @@
+"""The training loop's components in-process: accumulation windows over a batch stream, the train meter, metadata
+masking and the checkpointer (save, resume point, mapping onto another process count) with a real Accelerator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from linnaeus.aug import MetaMasking
+from linnaeus.config import load_config
+from linnaeus.engine.checkpointer import Checkpointer, resume_step
+from linnaeus.engine.schedule import StepPlan
+from linnaeus.engine.train_meter import TrainMeter
+from linnaeus.engine.windows import accumulation_windows
+
+TASKS = ["taxa_L10", "taxa_L20"]
+
+
+class ListStream:
+    """A BatchStream stand-in whose batches name their position: {"epoch": e, "index": i}."""
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self.positions: list[tuple[int, int]] = []
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.positions.append((epoch, start_batch))
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        for i in range(self.start, self.batches_per_epoch):
+            yield {"epoch": self.epoch, "index": i}
+
+
+def _ids(window: list[dict]) -> list[tuple[int, int]]:
+    return [(b["epoch"], b["index"]) for b in window]
+
+
+# ------------------------------------------------------------------------------------------------ windows
+def test_windows_take_whole_accumulation_windows_and_cross_epochs() -> None:
+    plan = StepPlan(steps_per_epoch=3, total_steps=100, micro_batch=4, accumulation=2)
+    stream = ListStream(batches_per_epoch=7)  # the 7th batch cannot fill a window: never taken
+    windows = accumulation_windows(stream, plan)
+    got = [_ids(next(windows)) for _ in range(4)]
+    assert got == [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)], [(1, 0), (1, 1)]]
+    assert stream.positions == [(0, 0), (1, 0)]
+
+
+def test_windows_resume_mid_epoch_at_the_steps_position() -> None:
+    plan = StepPlan(steps_per_epoch=3, total_steps=100, micro_batch=4, accumulation=2)
+    stream = ListStream(batches_per_epoch=7)
+    windows = accumulation_windows(stream, plan, start_step=4)  # epoch 1, one window consumed
+    assert _ids(next(windows)) == [(1, 2), (1, 3)]
+    assert _ids(next(windows)) == [(1, 4), (1, 5)]
+    assert _ids(next(windows)) == [(2, 0), (2, 1)]
+    assert stream.positions == [(1, 2), (2, 0)]
+
+
+def test_windows_say_when_the_stream_breaks_its_promise() -> None:
+    plan = StepPlan(steps_per_epoch=3, total_steps=100, micro_batch=4, accumulation=2)
+    windows = accumulation_windows(ListStream(batches_per_epoch=5), plan)
+    next(windows), next(windows)
+    with pytest.raises(RuntimeError, match="ended inside epoch 0 before step 3"):
+        next(windows)
+
+
+# ------------------------------------------------------------------------------------------------ meter
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    """An all-reduce sum over two processes that happen to hold the same values."""
+    return t * 2
+
+
+def test_meter_row_is_the_mean_step_loss_and_throughput_leaves_out_pauses() -> None:
+    plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=8, accumulation=2, world_size=2)
+    clock = Clock()
+    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=2, reduce_sum=_twice, clock=clock)
+    meter.restart()
+    # Two steps of two micro-batches. A micro-batch's loss is its share of the step loss (x accumulation x world).
+    for loss in (4.0, 8.0, 2.0, 6.0):
+        meter.add(torch.tensor(loss), {"taxa_L10": torch.tensor(loss / 2), "taxa_L20": torch.tensor(loss / 4)})
+    clock.now += 2.0
+    with meter.paused():  # a validation: not training time
+        clock.now += 50.0
+    assert not meter.due(1) and meter.due(2) and meter.due(100)
+    row = meter.flush()
+    # Step losses: (4 + 8) x 2 processes / (2 x 2) = 6 and (2 + 6) x 2 / 4 = 4; their mean is 5.
+    assert row["loss"] == pytest.approx(5.0)
+    assert row["taxa_L10/loss"] == pytest.approx(row["loss"] / 2)
+    assert row["taxa_L20/loss"] == pytest.approx(row["loss"] / 4)
+    assert row["images_per_sec"] == pytest.approx(4 * 8 * 2 / 2.0)
+    clock.now += 1.0
+    meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)})
+    assert meter.flush()["images_per_sec"] == pytest.approx(1 * 8 * 2 / 1.0)  # a fresh window
+
+
+def test_meter_counts_unreadable_images_exactly_at_every_save() -> None:
+    plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=4, world_size=2)
+    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10, reduce_sum=_twice)
+    meter.count_missing({"image_ok": torch.tensor([True, False, False, True])})
+    meter.count_missing({"image": torch.zeros(1)})  # a stream without the flag counts nothing
+    assert meter.state_dict() == {"missing_images": 4}  # a save between two log steps: both processes' counts
+    meter.count_missing({"image_ok": torch.tensor([False, True, True, True])})
+    meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)})
+    meter.flush()
+    assert meter.missing_images == 6
+    assert meter.state_dict() == {"missing_images": 6}  # nothing counted twice
+    resumed = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10)
+    resumed.load_state_dict({"missing_images": 6, "step": 3})
+    resumed.count_missing({"image_ok": torch.tensor([False])})
+    assert resumed.state_dict() == {"missing_images": 7}
+
+
+# ------------------------------------------------------------------------------------------------ meta masking
+def _meta(b: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(b, 15) + 0.5, torch.ones(b, 3, dtype=torch.bool)
+
+
+def test_meta_masking_drops_whole_samples_or_whitelisted_groups() -> None:
+    masking = MetaMasking(["TEMPORAL", "SPATIAL", "ELEVATION"], [2, 3, 10], [["SPATIAL"], ["TEMPORAL", "NOT_THERE"]])
+    meta, valid = _meta()
+    gen = torch.Generator().manual_seed(0)
+    out, out_valid = masking(meta, valid, p_all=1.0, p_partial=0.0, generator=gen)
+    assert (out == 0).all() and not out_valid.any()
+    out, out_valid = masking(meta, valid, p_all=0.0, p_partial=1.0, generator=gen)
+    spatial_dropped = ~out_valid[:, 1]
+    temporal_dropped = ~out_valid[:, 0]
+    assert (spatial_dropped ^ temporal_dropped).all()  # exactly one group per sample
+    assert out_valid[:, 2].all() and torch.equal(out[:, 5:], meta[:, 5:])  # elevation never in a group
+    assert (out[spatial_dropped][:, 2:5] == 0).all() and torch.equal(
+        out[~spatial_dropped][:, 2:5], meta[~spatial_dropped][:, 2:5]
+    )
+    assert (out[temporal_dropped][:, :2] == 0).all()
+
+
+def test_meta_masking_is_a_function_of_the_generator_and_skips_empty_metadata() -> None:
+    masking = MetaMasking(["TEMPORAL", "SPATIAL", "ELEVATION"], [2, 3, 10], [["SPATIAL"]])
+    meta, valid = _meta()
+    a = masking(meta, valid, p_all=0.3, p_partial=0.5, generator=torch.Generator().manual_seed(7))
+    b = masking(meta, valid, p_all=0.3, p_partial=0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert 0 < int((~a[1][:, 0]).sum()) < 64
+    empty = torch.zeros(4, 0)
+    out, _ = MetaMasking([], [])(empty, torch.zeros(4, 0, dtype=torch.bool), p_all=1.0, p_partial=0.0, generator=None)
+    assert out is empty
+
+
+# ------------------------------------------------------------------------------------------------ checkpointer
+def test_resume_maps_progress_by_samples_onto_another_layout() -> None:
+    saved = {"step": 4, "samples_seen": 128, "world_size": 2, "zero_stage": 2}
+    one_process = StepPlan(steps_per_epoch=19, total_steps=100, micro_batch=16)
+    assert resume_step(saved, one_process, zero_stage=0) == (8, False)  # 4 x 32 samples = 8 steps of 16
+    two_zero2 = StepPlan(steps_per_epoch=9, total_steps=100, micro_batch=16, world_size=2)
+    assert resume_step(saved, two_zero2, zero_stage=2) == (4, True)
+    assert resume_step(saved, two_zero2, zero_stage=3) == (4, False)
+    accumulating = StepPlan(steps_per_epoch=4, total_steps=100, micro_batch=8, accumulation=3)
+    assert resume_step(saved, accumulating, zero_stage=0) == (5, False)  # 128 // 24: whole steps only
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"counter": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["counter"]
+
+
+def test_checkpointer_saves_components_and_bests_then_restores_them(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    cfg = load_config(
+        None,
+        [
+            "TRAIN.AUTO_RESUME",
+            "True",
+            "SCHEDULE.CHECKPOINT.INTERVAL",
+            "{STEPS: 3}",
+            "SCHEDULE.CHECKPOINT.BEST_METRIC",
+            "val/taxa_L10/top1",
+        ],
+    )
+    plan = StepPlan(steps_per_epoch=10, total_steps=20, micro_batch=4, accumulation=2)
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = acc.prepare(model, opt)
+    ckpt = Checkpointer(acc, tmp_path / "checkpoints", cfg, plan, zero_stage=0)
+    ckpt.prepare_folder()
+    counter = Counter()
+    ckpt.register("counter", counter)
+    assert ckpt.find_resume() is None
+    assert [s for s in range(1, 21) if ckpt.due(s)] == [3, 6, 9, 12, 15, 18, 20]
+    counter.value = 5
+    ckpt.save(3, {"val/taxa_L10/top1": 0.4})
+    counter.value = 6
+    ckpt.save(6, {})  # no validation of these weights: not ranked
+    state = json.loads((tmp_path / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["counter"] == 6 and state["samples_seen"] == 6 * 8 and state["world_size"] == 1
+    assert [b["step"] for b in state["best_checkpoints"]] == [3]
+
+    again = Checkpointer(acc, tmp_path / "checkpoints", cfg, plan, zero_stage=0)
+    restored = Counter()
+    again.register("counter", restored)
+    point = again.find_resume()
+    assert point is not None and point.exact and point.step == 6 and point.path.name == "step_6"
+    assert again.restore(point) == 6
+    assert restored.value == 6 and [b["step"] for b in again.bests] == [3] and again.last_saved_step == 6
