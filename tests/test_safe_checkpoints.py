@@ -89,7 +89,14 @@ def test_resume_refuses_a_poisoned_checkpoint_before_loading_it(
     run, marker = _poisoned_copy(zero2_run, tmp_path, relative)
     # Same process count and ZeRO stage: DeepSpeed's own loader (weights_only=False) would be the one to run it.
     ckpt = str(run / "checkpoints" / "step_4")
-    opts = tiny_opts(demo, tmp_path / "out", name="resumed", TRAIN__MAX_STEPS=8, TRAIN__RESUME_FROM=ckpt)
+    opts = tiny_opts(
+        demo,
+        tmp_path / "out",
+        name="resumed",
+        TRAIN__MAX_STEPS=8,
+        TRAIN__RESUME_FROM=ckpt,
+        TRAIN__RESUME_CONFIG_CHANGE="allow",
+    )
     proc = subprocess.run(
         train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
     )
