@@ -16,6 +16,7 @@
 #SBATCH --exclusive
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --signal=TERM@120  # SIGTERM to the training processes 2 min before the time limit: they checkpoint and exit 75
+#SBATCH --requeue          # exit 75 requeues the job (below); it resumes from the checkpoint when it starts again
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -54,8 +55,12 @@ if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; fi
 echo "launch.sh: $NNODES nodes x $GPUS_PER_NODE processes, main $MAIN_ADDR:$MAIN_PORT, config $ACCELERATE_CONFIG"
 
 # Single quotes: \$SLURM_NODEID must expand inside each task, so every node gets its own machine rank.
+# `linnaeus launch` is `accelerate launch` whose exit status is 75 when the ranks checkpointed on SIGTERM (plain
+# `accelerate launch` would say 1). The first node requeues the job on 75 itself: the checkpoint is complete once
+# its ranks have exited 75, and with --kill-on-bad-exit the other tasks may be ended before srun could report 75.
+set +e
 srun --kill-on-bad-exit=1 bash -c '
-  exec accelerate launch \
+  linnaeus launch \
     --config_file "'"$ACCELERATE_CONFIG"'" \
     --num_machines '"$NNODES"' \
     --num_processes '"$NUM_PROCESSES"' \
@@ -63,4 +68,16 @@ srun --kill-on-bad-exit=1 bash -c '
     --main_process_ip '"$MAIN_ADDR"' \
     --main_process_port '"$MAIN_PORT"' \
     -m linnaeus.train --cfg "$0" "$@"
+  status=$?
+  if [ "$status" -eq 75 ] && [ "$SLURM_NODEID" = 0 ]; then
+    echo "launch.sh: preempted and checkpointed (exit 75); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit "$status"
 ' "$CFG" "$@"
+status=$?
+set -e
+if [ "$status" -eq 75 ]; then
+  echo "launch.sh: exit 75 (preempted; requeued, resumes from the checkpoint)" >&2
+fi
+exit "$status"

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (same as `python -m linnaeus.train`)")
     add_cfg_arguments(p)
 
+    # Parsed by accelerate's own parser (see main); listed here for --help.
+    sub.add_parser(
+        "launch",
+        help="`accelerate launch` with the same arguments, exiting 75 when the job was preempted and checkpointed",
+        add_help=False,
+    )
+
     p = sub.add_parser("shard", help="write WebDataset tar shards from labels.h5 + images")
     add_cfg_arguments(p)
     p.add_argument("--out", required=True, help="output folder, e.g. shards/my_dataset")
@@ -159,6 +166,12 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        # Everything after `launch` belongs to accelerate's parser (options such as --config_file included).
+        from linnaeus.launch import main as launch_main
+
+        return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     from linnaeus.utils import quiet
 

@@ -51,11 +51,20 @@ def predict_stream(
     consistent: bool = True,
     progress: bool = True,
     fmt: str = "json",
+    failed: list[str] | None = None,
 ) -> int:
-    """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes."""
+    """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes.
+
+    An image that cannot be decoded gets one ``error:`` line on stderr (its path is appended to ``failed``) and the
+    rest of its batch is still predicted. Returns the number of images predicted."""
     from tqdm.auto import tqdm
 
+    from linnaeus.data.images import ImageDecodeError
     from linnaeus.inference.table import format_result
+
+    def run(chunk: list[Path]) -> list[Any]:
+        meta = None if metadata is None else [metadata] * len(chunk)
+        return predictor.predict(chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk])
 
     done = 0
     with tqdm(
@@ -63,17 +72,25 @@ def predict_stream(
     ) as bar:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
-            meta = None if metadata is None else [metadata] * len(chunk)
-            results = predictor.predict(
-                chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk]
-            )
+            try:
+                results = run(chunk)
+            except ImageDecodeError:
+                # Rare: redo this batch one image at a time so only the unreadable ones are left out.
+                results = []
+                for image in chunk:
+                    try:
+                        results += run([image])
+                    except ImageDecodeError as err:
+                        bar.write(f"error: {err}", file=sys.stderr)
+                        if failed is not None:
+                            failed.append(str(image))
             for result in results:
                 if fmt == "table":
                     bar.write(format_result(json.loads(result.to_json())) + "\n", file=out)
                 else:
                     out.write(result.to_json() + "\n")
             out.flush()
-            done += len(chunk)
+            done += len(results)
             bar.update(len(chunk))
     return done
 
@@ -96,6 +113,7 @@ def run_predict(args: argparse.Namespace) -> int:
         )
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
+    failed: list[str] = []
     predict_stream(
         predictor,
         images,
@@ -106,10 +124,11 @@ def run_predict(args: argparse.Namespace) -> int:
         consistent=not args.raw,
         progress=sys.stderr.isatty(),  # a bar in a log file is only carriage returns
         fmt=getattr(args, "format", "json"),
+        failed=failed,
     )
     if not sys.stderr.isatty():
         print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
-    return 0
+    return 1 if failed else 0  # each unreadable image already has its error line
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -11,8 +11,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_launch()  # before anything is built: one line from the first rank for an impossible launch
     from linnaeus.config import load_config
-    from linnaeus.engine.trainer import train
+    from linnaeus.engine.trainer import PREEMPTED_EXIT_CODE, train
+    from linnaeus.launch import note_preempted
 
     cfg = load_config(args.cfg, args.opts)
     wandb_preflight(cfg)  # before any heavy work: a missing W&B login is one line, never a prompt
-    return train(cfg)
+    code = train(cfg)
+    if code == PREEMPTED_EXIT_CODE:
+        note_preempted()  # so `linnaeus launch` can report 75 where torch elastic would say "failed"
+    return code

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ _TRANSPOSE = {
 RESAMPLE = Image.Resampling.BILINEAR
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in oriented full-resolution pixels
+
+# Images above this many pixels are refused with one line (Pillow's own decompression-bomb threshold, ~9459 x 9459):
+# decoding one would take gigabytes per worker. Downscale such images before training or prediction.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Single-channel modes wider than 8 bits (16-bit PNG/TIFF greyscale, 32-bit integer and float); Pillow's
+# convert("RGB") clips them to 0..255, which turns a 16-bit image almost white.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 class ImageDecodeError(DataError):
@@ -109,6 +117,32 @@ def center_crop_box(width: int, height: int, img_size: int, val_crop_pct: float 
     return left, top, left + side, top + side
 
 
+def _too_large(size: tuple[int, int] | None = None) -> str:
+    what = f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels is" if size else "its pixel count is"
+    return f"{what} over the limit of {MAX_PIXELS} (linnaeus.data.images.MAX_PIXELS); downscale the image"
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A wide single-channel image as 8-bit "L", scaled by the range of its mode rather than clipped.
+
+    Integer modes: 0..65535 (16-bit files; "I" is how Pillow holds 16-bit PNGs too) maps to 0..255. Float ("F"):
+    0..1 when every value lies in it (the usual convention), else the image's own min..max.
+    """
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        finite = values[np.isfinite(values)]
+        lo, hi = (
+            (0.0, 1.0)
+            if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+            else (finite.min(), finite.max())
+        )
+        values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    else:
+        lo, hi = 0.0, 65535.0
+    scaled = (values - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def crop_box(
     width: int,
     height: int,
@@ -165,7 +199,12 @@ def load_image(
     """
     data, name = _read(source)
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Size is checked below with a one-line error; Pillow's own warning would print raw to stderr.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        if im.size[0] * im.size[1] > MAX_PIXELS:
+            raise ImageDecodeError(name, _too_large(im.size))
         orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
         width, height = _oriented_size(im, orientation)
         if box is None:
@@ -195,11 +234,20 @@ def load_image(
         im.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        # Pillow's message names its in-memory buffer (<_io.BytesIO object at 0x...>), not the file.
+        raise ImageDecodeError(
+            name, "cannot decode (not a recognised image format); expected a readable JPEG/PNG image"
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(name, _too_large()) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
 
     if orientation in _TRANSPOSE:
         im = im.transpose(_TRANSPOSE[orientation])
+    if im.mode in _WIDE_MODES:
+        im = _to_8bit(im)
     if im.mode not in ("RGB", "L"):
         # Palette/alpha/CMYK/16-bit: convert first, since Pillow resizes "P" and "1" with nearest neighbour only.
         im = im.convert("RGB")

@@ -274,6 +274,9 @@ def _read_all(
             problems.append(f"{path}: dataset '{IDENTIFIERS}' holds bytes that are not UTF-8 ({exc.reason})")
             return None
         n = len(ids)
+        if n == 0:
+            problems.append(f"{path}: dataset '{IDENTIFIERS}' has 0 rows; a labels file needs at least one image")
+            return None
         empty = np.flatnonzero(ids == "")
         if len(empty):
             problems.append(f"{path}: '{IDENTIFIERS}' row {int(empty[0])} is an empty string ({len(empty)} rows empty)")
@@ -323,6 +326,9 @@ def _read_all(
 
 def _read_taxa(f: h5py.File, path: Path, key: str, problems: list[str]) -> np.ndarray | None:
     ds = _dataset(f, key)
+    if ds is None and key in f:
+        problems.append(f"{path}: '{key}' is an HDF5 group, expected a dataset of shape (N,) with integer taxon ids")
+        return None
     if ds is None:
         present = sorted(k for k in f.keys() if k.startswith("taxa_L"))
         problems.append(

@@ -16,6 +16,7 @@ got, so the caller passes the number of batches it actually finished to ``state_
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,6 +148,14 @@ class EpochSampler(Sampler[Key]):
         self.set_epoch(int(state["epoch"]), start_batch=int(state["start_sample"]), batch_size=1)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT. SLURM (and Ctrl-C) signal every process of a
+    job; a worker that died of it would crash its rank before the rank could write its preemption checkpoint. The
+    rank ends its workers itself when it stops iterating. Seeding is untouched (it happens before this runs)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -186,6 +195,7 @@ def build_loader(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=persistent_workers and workers > 0,
         multiprocessing_context=multiprocessing_context if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         # A private generator: DataLoader draws each iterator's worker base seed from it, which would otherwise
         # consume the global torch RNG and make the trainer's random stream depend on when loaders start.
         generator=torch.Generator().manual_seed(seed % 2**63),

@@ -350,6 +350,10 @@ class TaxonomyTree:
             doc = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{where}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise DataError(
+                f'{where}: nested too deeply to parse; expected {{"nodes": [...], "edges": [...]}}'
+            ) from None
         if isinstance(doc, dict) and "__taxonomy_tree_version__" in doc:
             return cls.from_dict(_polli_tree_to_doc(doc, path), where, source=str(path))
         if (

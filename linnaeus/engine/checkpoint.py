@@ -4,6 +4,7 @@ then an atomically replaced ``latest`` pointer; retention of the last K and the 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, DataError
 from linnaeus.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("linnaeus")
@@ -63,36 +64,77 @@ class CheckpointManager:
         return sorted(out)
 
     def clean_partial(self) -> None:
-        """Remove temporary folders left by a kill during writing (main process, before anyone saves)."""
+        """Remove temporary folders and files left by a kill during writing (main process, before anyone saves)."""
         for p in self.root.glob(".tmp_step_*"):
             log.warning("removing incomplete checkpoint %s (interrupted while writing)", p)
             shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(f".{LATEST}.*.tmp"):  # atomic_write_text's temporary name for the pointer
+            p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------ writing
     def save(
         self, accelerator, step: int, trainer_state: dict[str, Any], write_files: Callable[[Path], None] | None = None
     ) -> Path:
         """Collective: every rank must call this (DeepSpeed's save has barriers). ``write_files(folder)``: extra files
-        (identical on every rank, e.g. the EMA weights), written by the main process before the folder is complete."""
+        (identical on every rank, e.g. the EMA weights), written by the main process before the folder is complete.
+
+        Disk space is checked first, by every rank, and agreed (one all-reduce), so a checkpoint that cannot fit
+        stops all ranks together with one line instead of one rank's traceback and a hang on the others. A disk
+        that fills anyway (the size is an estimate) stops this rank with the same line; either way the temporary
+        folder is removed and ``latest`` still names the previous complete checkpoint."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
+        needed = self._bytes_needed(accelerator)
+        free = shutil.disk_usage(self.root).free
+        short = torch.tensor([1.0 if free < needed else 0.0], device=accelerator.device)
+        if accelerator.reduce(short, "max").item() > 0:
+            raise self._no_space(step, needed, free)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if write_files is not None:
-                write_files(tmp)
-            atomic_write_json(tmp / STATE_FILE, trainer_state)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
-            self._retain(trainer_state)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if write_files is not None:
+                    write_files(tmp)
+                atomic_write_json(tmp / STATE_FILE, trainer_state)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                atomic_write_text(self.root / LATEST, final.name + "\n")
+                self._retain(trainer_state)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._no_space(step, needed, shutil.disk_usage(self.root).free) from None
         accelerator.wait_for_everyone()
         return final
+
+    def _bytes_needed(self, accelerator) -> int:
+        """The newest checkpoint's size, else ~16 bytes per parameter (fp32 weights, master copy, two Adam moments);
+        plus a tenth for margin."""
+        done = self.completed()
+        if done:
+            size = sum(f.stat().st_size for f in done[-1][1].rglob("*") if f.is_file())
+        else:
+            params = sum(
+                int(getattr(p, "ds_numel", 0) or p.numel())
+                for m in getattr(accelerator, "_models", [])
+                for p in m.parameters()
+            )
+            size = 16 * params
+        return int(size * 1.1) + (1 << 20)
+
+    def _no_space(self, step: int, needed: int, free: int) -> DataError:
+        latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else "none yet"
+        return DataError(
+            f"{self.root}: not enough disk space for checkpoint {step_dir_name(step)} (about {needed} bytes needed, "
+            f"{free} free); latest complete checkpoint: {latest}. Free space or lower "
+            "SCHEDULE.CHECKPOINT.KEEP_LAST_N / KEEP_BEST_N, then rerun to resume"
+        )
 
     def _retain(self, trainer_state: dict[str, Any]) -> None:
         """Keep the last K and the best M (by the configured metric); never the one `latest` points to."""
@@ -119,6 +161,12 @@ class CheckpointManager:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint about to be resumed. DeepSpeed and accelerate unpickle the folder's files
+    with ``weights_only=False`` on resume, so every pickle in it is first scanned (not loaded) for names outside the
+    few these libraries write; a tampered folder is refused with one line before anything loads it."""
+    from linnaeus.engine.safe_files import verify_checkpoint_files
+
+    verify_checkpoint_files(ckpt)
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
@@ -135,18 +183,12 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint folder, whatever wrote it (DDP or ZeRO-1/2/3, any world size).
-    Reads files only: no process group, no DeepSpeed engine."""
+    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed."""
     ds_dir = ckpt / "pytorch_model"
     if ds_dir.is_dir():
-        import contextlib
-        import io
+        from linnaeus.engine.zero_consolidate import zero_state_dict
 
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 narrates each step with print() and a tqdm bar (carriage returns in log files, lines on
-        # predict's stdout); the weights are the result, and a failure raises with its own message.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+        sd = zero_state_dict(ds_dir)
     elif (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
 

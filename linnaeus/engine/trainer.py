@@ -22,7 +22,7 @@ from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
 from linnaeus.engine.progress import Progress, announce
-from linnaeus.engine.run_dir import FILE_ONLY_ATTR, attach_run_logs, run_path, setup_logging
+from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, plan_steps, scaled_base_lr
 from linnaeus.engine.tracking import Tracking
 from linnaeus.engine.train_meter import TrainMeter
@@ -118,6 +118,7 @@ class Trainer:
         self.data = prepare_data(cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process)
         if acc.is_main_process:
             self.run.mkdir(parents=True, exist_ok=True)
+            RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit
         acc.wait_for_everyone()
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)
         if acc.is_main_process:

@@ -182,9 +182,16 @@ class Bundle:
         model = build_model(
             self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy, load_pretrained=False
         )
+        where = self.path or self.info.get("source", "the run")
+        expected = model.state_dict()
+        for name, tensor in self.state_dict.items():
+            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+                raise DataError(
+                    f"{where}: weight {name} has shape {list(tensor.shape)} but the model built from its config, "
+                    f"class maps and metadata needs {list(expected[name].shape)}"
+                )
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         if missing or unexpected:
-            where = self.path or self.info.get("source", "the run")
             raise ConfigError(
                 f"{where}: weights do not match the model built from its config.yaml "
                 f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
@@ -253,6 +260,7 @@ class Bundle:
                 f"{root / INFO}: format {info.get('format')!r} version {version!r}; "
                 f"this linnaeus reads {FORMAT} up to version {FORMAT_VERSION}"
             )
+        _verify_weights_file(root, info)
         cfg = load_config(root / CONFIG)
         sd, _ = read_safetensors(root / WEIGHTS)
         class_maps_doc = _read_json(root / CLASS_MAPS)
@@ -265,6 +273,7 @@ class Bundle:
             raise DataError(f"{root / PREPROCESSING}: no metadata.components list") from None
         components = [MetaComponent.from_json(c, str(root / PREPROCESSING)) for c in raw_components]
         components.sort(key=lambda c: c.idx)
+        _verify_against_info(root, info, {k: len(m) for k, m in class_maps.items()}, [c.dim for c in components])
         return cls(
             cfg, _fp32(sd), class_maps, class_maps_doc, tree, tree.to_json(), components, preprocessing, info, root
         )
@@ -303,6 +312,37 @@ class Bundle:
             raise
         self.info, self.path = info, out
         return out
+
+
+def _verify_weights_file(root: Path, info: dict[str, Any]) -> None:
+    """The weights are the ones `linnaeus export` wrote: their sha256 matches bundle.json (checked before reading)."""
+    recorded = info.get("weights_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        raise DataError(f"{root / INFO}: no weights_sha256; cannot verify {WEIGHTS}")
+    actual = sha256_file(root / WEIGHTS)
+    if actual != recorded:
+        raise DataError(
+            f"{root / WEIGHTS}: sha256 {actual[:16]}... does not match bundle.json's weights_sha256 "
+            f"{recorded[:16]}...; the weights were changed after export"
+        )
+
+
+def _verify_against_info(root: Path, info: dict[str, Any], num_classes: dict[str, int], meta_dims: list[int]) -> None:
+    """Class maps and metadata encoders agree with the sizes bundle.json recorded at export."""
+    recorded = info.get("num_classes")
+    if isinstance(recorded, dict):
+        for key, n in num_classes.items():
+            if key in recorded and recorded[key] != n:
+                raise DataError(
+                    f"{root / CLASS_MAPS}: {key} has {n} classes but bundle.json records {recorded[key]} "
+                    "(the weights' output size)"
+                )
+    recorded_dims = info.get("meta_dims")
+    if isinstance(recorded_dims, list) and list(recorded_dims) != list(meta_dims):
+        raise DataError(
+            f"{root / PREPROCESSING}: metadata widths {meta_dims} differ from bundle.json's {recorded_dims} "
+            "(the weights' metadata input size)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ weights

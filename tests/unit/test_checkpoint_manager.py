@@ -51,3 +51,12 @@ def test_bests_are_ranked_by_mode_and_bounded(tmp_path: Path) -> None:
         bests = down.update_bests(bests, step, {"val/loss": value})
     assert bests == [{"dir": "step_2", "step": 2, "value": 0.3}]
     assert down.update_bests(bests, 4, {"other": 1.0}) == bests  # metric absent: unchanged
+
+
+def test_clean_partial_removes_a_pointer_write_a_kill_interrupted(tmp_path: Path) -> None:
+    _complete(tmp_path, 5)
+    (tmp_path / "latest").write_text("step_5\n")
+    (tmp_path / ".latest.k3j9.tmp").write_text("step_1")
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, best_metric="val/x", best_mode="max")
+    m.clean_partial()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_5"]

@@ -1,0 +1,83 @@
+"""``linnaeus launch ARGS...``: ``accelerate launch ARGS...`` whose exit status is 75 when the job was preempted.
+
+Why a wrapper: the exit status of ``accelerate launch`` is decided by accelerate's process, which runs torch elastic's
+agent for every multi-process configuration. The agent reports any non-zero rank exit (our 75 included) as a
+``ChildFailedError`` and a signal to itself as a ``SignalException``; both leave the launcher with exit 1. Nothing a
+rank does can change that, so this command runs accelerate's own launcher in-process and decides the status itself:
+
+- it names a marker file in ``LINNAEUS_PREEMPTED_MARKER`` (inherited by every rank); a rank whose job ended with the
+  preemption checkpoint written writes that file (``note_preempted``) before exiting 75;
+- if the launch ends with the marker present (or every failed rank exited 75), the command prints one line and
+  exits 75; any other failure propagates unchanged.
+
+Signals: a SIGTERM to this process (or its process group) reaches torch elastic's handler, which forwards it to the
+ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them (default here: 100, inside SLURM's 120 s
+warning) before killing them; the ranks use that time to agree, checkpoint and exit 75.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+MARKER_ENV = "LINNAEUS_PREEMPTED_MARKER"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; SLURM scripts requeue on it.
+SHUTDOWN_TIMEOUT_S = 100
+
+
+def note_preempted(step: int | None = None) -> None:
+    """Called by a rank that is about to exit 75 with its checkpoint complete: tells ``linnaeus launch`` so."""
+    target = os.environ.get(MARKER_ENV)
+    if not target:
+        return
+    from linnaeus.utils.io import atomic_write_text
+
+    atomic_write_text(Path(target), f"{'' if step is None else step}\n")
+
+
+def _exit_codes(err: BaseException) -> list[int]:
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):
+        return [int(getattr(f, "exitcode", 1)) for f in failures.values()]
+    if isinstance(err, subprocess.CalledProcessError):
+        return [err.returncode]
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from linnaeus.utils import quiet
+
+    quiet.install()
+    quiet.settle_deepspeed_accelerator()  # accelerate's DeepSpeed launcher imports deepspeed in this process
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    marker_dir = Path(tempfile.mkdtemp(prefix="linnaeus-launch-"))
+    marker = marker_dir / "preempted"
+    os.environ[MARKER_ENV] = str(marker)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    try:
+        try:
+            launch_command(args)
+        except (Exception, SystemExit) as err:  # ChildFailedError, SignalException, CalledProcessError, sys.exit(1)
+            codes = _exit_codes(err)
+            if marker.is_file() or (codes and all(c == PREEMPTED_EXIT_CODE for c in codes)):
+                print(
+                    f"linnaeus launch: the job was preempted and checkpointed; exit {PREEMPTED_EXIT_CODE} "
+                    "(rerun the same command to resume)",
+                    file=sys.stderr,
+                )
+                return PREEMPTED_EXIT_CODE
+            raise
+        return PREEMPTED_EXIT_CODE if marker.is_file() else 0
+    finally:
+        shutil.rmtree(marker_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

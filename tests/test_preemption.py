@@ -1,0 +1,154 @@
+"""Preemption the way SLURM delivers it: SIGTERM to every process, DataLoader workers included, through a real
+2-process ZeRO-2 launch; the launcher's exit status is 75 and the checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_utils import PY, ROOT, ensure_demo, env, final_weights, metrics, run_dir, tiny_opts, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:
+    cmd = train_cmd(opts, accelerate_config)
+    assert cmd[1] == "launch"
+    return [PY, "-m", "linnaeus.launch", *cmd[2:]]
+
+
+def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _latest_step(run: Path) -> int | None:
+    p = run / "checkpoints" / "latest"
+    return int(p.read_text().strip().split("_")[1]) if p.is_file() else None
+
+
+STEPS = 40
+COMMON = dict(TRAIN__MAX_STEPS=STEPS, DATA__NUM_WORKERS=1, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
+
+
+@pytest.fixture(scope="module")
+def straight(demo: Path, tmp_path_factory) -> dict:
+    """The same job run without interruption."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = _run(_linnaeus_launch(tiny_opts(demo, out, name="straight", **COMMON), "cpu_zero2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return final_weights(run_dir(out, "straight"))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("target", ["group", "everything", "ranks"])
+def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
+    demo: Path, tmp_path: Path, straight: dict, target: str
+) -> None:
+    steps, common = STEPS, COMMON
+    run = run_dir(tmp_path, "pre")
+    proc = subprocess.Popen(
+        _linnaeus_launch(tiny_opts(demo, tmp_path, name="pre", **common), "cpu_zero2"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    if target == "group":
+        # What a person's Ctrl-C or `kill -TERM -PGID` reaches: the launcher (ranks run in their own sessions).
+        os.killpg(proc.pid, signal.SIGTERM)
+    elif target == "ranks":
+        ranks = [c for c in _children(proc.pid) if b"linnaeus.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(ranks) == 2
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+    else:
+        # What SLURM does: every process of the job, the ranks' DataLoader workers included.
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 4, "expected launcher children: 2 ranks and their DataLoader workers"
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-4000:]
+    assert "preempted and checkpointed; exit 75" in err
+    assert "killed by signal" not in err
+    stopped = _latest_step(run)
+    assert stopped is not None and stopped < steps
+    # `latest` is the step where training stopped: no step ran after the one saved.
+    assert metrics(run, "train")[-1]["step"] == stopped
+
+    resumed = _run(_linnaeus_launch(tiny_opts(demo, tmp_path, name="pre", **common), "cpu_zero2"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from step {stopped}" in (run / "logs" / "train.log").read_text()
+
+    a, b = final_weights(run), straight
+    worst = max(float((a[k] - b[k]).abs().max()) for k in b)
+    assert worst < 1e-5, worst
+
+
+def test_single_process_train_with_workers_exits_75(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="one", TRAIN__MAX_STEPS=400, DATA__NUM_WORKERS=1)
+    run = run_dir(tmp_path, "one")
+    proc = subprocess.Popen(
+        [PY, "-m", "linnaeus", "train", *train_cmd(opts)[3:]],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader worker
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-4000:]
+    assert _latest_step(run) == metrics(run, "train")[-1]["step"]

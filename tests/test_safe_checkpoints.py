@@ -1,0 +1,105 @@
+"""No code runs from a run folder: a poisoned pickle in a real ZeRO-2 checkpoint is refused by `export --run`,
+`predict --run` and resume with one line, and its payload never executes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jpeg
+
+from launch_utils import PY, ROOT, ensure_demo, env, launch, run_dir, tiny_opts, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, demo: Path) -> Path:
+    base = tmp_path_factory.mktemp("safe")
+    launch(
+        tiny_opts(demo, base, name="z2", TRAIN__MAX_STEPS=4, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}"), "cpu_zero2"
+    )
+    return run_dir(base, "z2")
+
+
+def _poisoned_copy(run: Path, tmp_path: Path, relative: str) -> tuple[Path, Path]:
+    """A copy of the run without export/ (as after a preemption) whose file `relative` (under step_4) runs code."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "export", ignore_errors=True)
+    marker = tmp_path / "PWNED"
+    target = copy / "checkpoints" / "step_4" / relative
+    assert target.is_file(), f"{relative} not written by this launch"
+    torch.save({"optimizer_state_dict": Payload(marker)}, target)
+    return copy, marker
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "linnaeus", *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, expected: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "relative", ["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt", "pytorch_model/mp_rank_00_model_states.pt"]
+)
+def test_export_and_predict_never_unpickle_code(zero2_run: Path, tmp_path: Path, relative: str) -> None:
+    run, marker = _poisoned_copy(zero2_run, tmp_path, relative)
+    proc = _cli("export", "--run", str(run), "--out", str(tmp_path / "bundle"), "--which", "final")
+    _one_error_line(proc, "it would call posix.system")
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "bundle").exists()
+
+    proc = _cli("predict", "--run", str(run), str(write_jpeg(tmp_path / "x.jpg")), "--device", "cpu")
+    _one_error_line(proc, "it would call posix.system")
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("relative", ["pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt", "random_states_1.pkl"])
+def test_resume_refuses_a_poisoned_checkpoint_before_loading_it(
+    demo: Path, zero2_run: Path, tmp_path: Path, relative: str
+) -> None:
+    run, marker = _poisoned_copy(zero2_run, tmp_path, relative)
+    # Same process count and ZeRO stage: DeepSpeed's own loader (weights_only=False) would be the one to run it.
+    ckpt = str(run / "checkpoints" / "step_4")
+    opts = tiny_opts(
+        demo,
+        tmp_path / "out",
+        name="resumed",
+        TRAIN__MAX_STEPS=8,
+        TRAIN__RESUME_FROM=ckpt,
+        TRAIN__RESUME_CONFIG_CHANGE="allow",
+    )
+    proc = subprocess.run(
+        train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert "refers to posix.system" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
