@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Exit code of a run that checkpointed on SIGTERM/SIGINT and should be started again (EX_TEMPFAIL: "try again");
+# `linnaeus launch`, `linnaeus train` and launch.sh end with it, and launch.sh requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
+
 
 class LinnaeusError(Exception):
     """Base for problems caused by user input. The CLI prints `str(err)` as one line and exits non-zero."""

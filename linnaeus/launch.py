@@ -25,8 +25,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from linnaeus.errors import PREEMPTED_EXIT_CODE
+
 MARKER_ENV = "LINNAEUS_PREEMPTED_MARKER"
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; SLURM scripts requeue on it.
 SHUTDOWN_TIMEOUT_S = 100
 
 

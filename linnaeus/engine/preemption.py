@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; SLURM scripts can requeue on it.
 PREEMPT_CHECK_STEPS = 5
 
 

@@ -20,7 +20,7 @@ from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candi
 from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, prepare_environment
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
-from linnaeus.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
+from linnaeus.engine.preemption import Preemption
 from linnaeus.engine.progress import Progress, announce
 from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, run_path, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, plan_steps, scaled_base_lr
@@ -28,7 +28,7 @@ from linnaeus.engine.tracking import Tracking
 from linnaeus.engine.train_meter import TrainMeter
 from linnaeus.engine.validation import Validator
 from linnaeus.engine.windows import Batch, accumulation_windows, to_device
-from linnaeus.errors import ConfigError, LinnaeusError
+from linnaeus.errors import PREEMPTED_EXIT_CODE, ConfigError, LinnaeusError
 
 log = logging.getLogger("linnaeus")
 
