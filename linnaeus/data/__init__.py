@@ -8,22 +8,14 @@ from __future__ import annotations
 
 from linnaeus.utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "LabelStore": "linnaeus.data.labels",
-    "ComponentSpec": "linnaeus.data.labels",
-    "FilterReport": "linnaeus.data.labels",
-    "ClassMap": "linnaeus.data.taxonomy",
-    "TaxonomyTree": "linnaeus.data.taxonomy",
-    "Split": "linnaeus.data.splits",
-    "random_split": "linnaeus.data.splits",
-    "PreparedData": "linnaeus.data.prepare",
-    "SplitView": "linnaeus.data.prepare",
-    "prepare_data": "linnaeus.data.prepare",
-    "build_report": "linnaeus.data.check",
-    "verify_images": "linnaeus.data.verify_images",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_exports("linnaeus.data", _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "labels": ["LabelStore", "ComponentSpec", "FilterReport"],
+        "taxonomy": ["ClassMap", "TaxonomyTree"],
+        "splits": ["Split", "random_split"],
+        "prepare": ["PreparedData", "SplitView", "prepare_data"],
+        "check": ["build_report"],
+        "verify_images": ["verify_images"],
+    },
+)

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 from linnaeus.utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "Bundle": "linnaeus.inference.bundle",
-    "export_bundle": "linnaeus.inference.bundle",
-    "resolve_weights": "linnaeus.inference.bundle",
-    "Predictor": "linnaeus.inference.predictor",
-    "evaluate_bundle": "linnaeus.inference.evaluate",
-    "Hierarchy": "linnaeus.inference.decoding",
-    "Decoded": "linnaeus.inference.decoding",
-    "decode": "linnaeus.inference.decoding",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_exports("linnaeus.inference", _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "bundle": ["Bundle", "export_bundle", "resolve_weights"],
+        "predictor": ["Predictor"],
+        "evaluate": ["evaluate_bundle"],
+        "decoding": ["Hierarchy", "Decoded", "decode"],
+    },
+)

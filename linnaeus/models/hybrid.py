@@ -2,14 +2,76 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from linnaeus.models.checks import require_stride_multiple
+from linnaeus.models.attention import TransformerBlock
+from linnaeus.models.checks import require_len, require_positive, require_stride_multiple
 from linnaeus.models.meta import check_meta
+from linnaeus.models.tokens import TokenStage
+
+
+def attention_stages(
+    dims: Sequence[int],
+    num_heads: Sequence[int],
+    mlp_ratios: Sequence[float],
+    drop_paths: Sequence[Sequence[float]],
+    meta_dims: list[int],
+    position: Callable[[int, int, int], nn.Module],
+    **block_kwargs: Any,
+) -> nn.ModuleList:
+    """The two token stages of a hybrid backbone: stage ``s`` has one pre-norm transformer block per drop-path rate
+    in ``drop_paths[s]``, each with its own position module ``position(stage, width, heads)`` (RoPE for V1, a
+    relative-bias table for V0)."""
+    return nn.ModuleList(
+        TokenStage(
+            dims[s],
+            meta_dims,
+            [
+                TransformerBlock(
+                    dims[s],
+                    num_heads[s],
+                    mlp_ratios[s],
+                    position(s, dims[s], num_heads[s]),
+                    drop_path=p,
+                    **block_kwargs,
+                )
+                for p in drop_paths[s]
+            ],
+        )
+        for s in range(2)
+    )
+
+
+def attention_config(stages: Any, key: str) -> dict[str, tuple]:
+    """Constructor arguments of the two token stages from a config section with DIMS, DEPTHS, NUM_HEADS and
+    MLP_RATIO (``MODEL.ROPE_STAGES`` for V1, ``MODEL.ATTENTION_STAGES`` for V0), after the per-field checks."""
+    require_positive(f"{key}.DEPTHS", stages.DEPTHS, 2, allow_zero=True)
+    require_positive(f"{key}.DIMS", stages.DIMS, 2)
+    require_positive(f"{key}.NUM_HEADS", stages.NUM_HEADS, 2)
+    require_len(f"{key}.MLP_RATIO", stages.MLP_RATIO, 2)
+    return {
+        "attn_dims": tuple(stages.DIMS[:2]),
+        "attn_depths": tuple(stages.DEPTHS[:2]),
+        "num_heads": tuple(stages.NUM_HEADS[:2]),
+        "mlp_ratios": tuple(stages.MLP_RATIO[:2]),
+    }
+
+
+def shared_config(cfg: Any, meta_dims: list[int]) -> dict[str, Any]:
+    """Constructor arguments every hybrid backbone reads the same way from ``MODEL``."""
+    return {
+        "meta_dims": meta_dims,
+        "in_chans": cfg.IN_CHANS,
+        "drop_path_rate": cfg.DROP_PATH_RATE,
+        "drop_rate": cfg.DROP_RATE,
+        "attn_drop_rate": cfg.ATTN_DROP_RATE,
+        "only_last_cls": cfg.ONLY_LAST_CLS,
+    }
 
 
 class HybridBackbone(nn.Module):

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 from linnaeus.config.defaults import ModelConfig
-from linnaeus.models.attention import TransformerBlock
-from linnaeus.models.checks import require_heads_divide, require_len, require_positive
+from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import MBConv
-from linnaeus.models.hybrid import HybridBackbone
+from linnaeus.models.hybrid import HybridBackbone, attention_config, attention_stages, shared_config
 from linnaeus.models.layers import LayerNorm2d, drop_path_rates
 from linnaeus.models.position import RelativePositionBias
 from linnaeus.models.registry import register_model
-from linnaeus.models.tokens import ClsAggregator, TokenStage
+from linnaeus.models.tokens import ClsAggregator
 
 
 def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> list[nn.Module]:
@@ -106,23 +105,17 @@ class MFormerV0(HybridBackbone):
         self.patch_embeds = nn.ModuleList(OverlapPatchEmbed(embed_in[s], attn_dims[s]) for s in range(2))
         grids = [(img_size // 16, img_size // 16), (img_size // 32, img_size // 32)]
 
-        def blocks(s: int) -> list[nn.Module]:
-            dim, heads = attn_dims[s], num_heads[s]
-            return [
-                TransformerBlock(
-                    dim,
-                    heads,
-                    mlp_ratios[s],
-                    RelativePositionBias(heads, grids[s]),
-                    qkv_bias=False,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=p,
-                )
-                for p in dpr[2 + s]
-            ]
-
-        self.attn_stages = nn.ModuleList(TokenStage(attn_dims[s], self.meta_dims, blocks(s)) for s in range(2))
+        self.attn_stages = attention_stages(
+            attn_dims,
+            num_heads,
+            mlp_ratios,
+            dpr[2:],
+            self.meta_dims,
+            lambda s, dim, heads: RelativePositionBias(heads, grids[s]),
+            qkv_bias=False,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+        )
         self.aggregate = ClsAggregator(attn_dims[0], attn_dims[1], only_last_cls)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -140,29 +133,18 @@ class MFormerV0(HybridBackbone):
         require_positive("MODEL.CONV_STAGES.OUT_CHANNELS", conv.OUT_CHANNELS, 2)
         # The first block of stage 1 carries the /8 stride, so it must exist.
         require_positive("MODEL.CONV_STAGES.DEPTHS", conv.DEPTHS, 2)
-        require_positive("MODEL.ATTENTION_STAGES.DEPTHS", attn.DEPTHS, 2, allow_zero=True)
-        require_positive("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS, 2)
-        require_positive("MODEL.ATTENTION_STAGES.NUM_HEADS", attn.NUM_HEADS, 2)
-        require_len("MODEL.ATTENTION_STAGES.MLP_RATIO", attn.MLP_RATIO, 2)
+        attention = attention_config(attn, "MODEL.ATTENTION_STAGES")
         require_heads_divide("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS[:2], attn.NUM_HEADS[:2], 1)
         cls.check_img_size(cfg.IMG_SIZE)
         return cls(
             stem_dims=(conv.STEM_DIMS[0], conv.STEM_DIMS[1]),
             conv_dims=(conv.OUT_CHANNELS[0], conv.OUT_CHANNELS[1]),
             conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
-            attn_dims=(attn.DIMS[0], attn.DIMS[1]),
-            attn_depths=(attn.DEPTHS[0], attn.DEPTHS[1]),
-            num_heads=(attn.NUM_HEADS[0], attn.NUM_HEADS[1]),
-            mlp_ratios=(attn.MLP_RATIO[0], attn.MLP_RATIO[1]),
-            meta_dims=meta_dims,
+            **attention,
             img_size=cfg.IMG_SIZE,
-            in_chans=cfg.IN_CHANS,
             expand_ratio=conv.EXPAND_RATIO,
             se_ratio=conv.SE_RATIO,
-            drop_path_rate=cfg.DROP_PATH_RATE,
-            drop_rate=cfg.DROP_RATE,
-            attn_drop_rate=cfg.ATTN_DROP_RATE,
-            only_last_cls=cfg.ONLY_LAST_CLS,
+            **shared_config(cfg, meta_dims),
         )
 
     def no_weight_decay_names(self) -> set[str]:

@@ -11,13 +11,13 @@ from torch import nn
 from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
 from linnaeus.models.attention import TransformerBlock
-from linnaeus.models.checks import require_heads_divide, require_len, require_positive
+from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import ConvNeXtBlock, Downsample
-from linnaeus.models.hybrid import HybridBackbone
+from linnaeus.models.hybrid import HybridBackbone, attention_config, attention_stages, shared_config
 from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
 from linnaeus.models.position import Rope2d
 from linnaeus.models.registry import register_model
-from linnaeus.models.tokens import ClsAggregator, TokenStage
+from linnaeus.models.tokens import ClsAggregator
 
 
 @register_model("mFormerV1")
@@ -56,24 +56,18 @@ class MFormerV1(HybridBackbone):
         widths = [*conv_dims, *attn_dims]
         self.downsamples = nn.ModuleList(Downsample(widths[i], widths[i + 1]) for i in range(3))
 
-        def blocks(stage: int) -> list[nn.Module]:
-            dim, heads = attn_dims[stage], num_heads[stage]
-            return [
-                TransformerBlock(
-                    dim,
-                    heads,
-                    mlp_ratios[stage],
-                    Rope2d(heads, dim // heads, rope_theta, rope_mixed),
-                    qkv_bias=True,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=p,
-                    layer_scale_init=attn_layer_scale_init,
-                )
-                for p in dpr[2 + stage]
-            ]
-
-        self.attn_stages = nn.ModuleList(TokenStage(attn_dims[s], self.meta_dims, blocks(s)) for s in range(2))
+        self.attn_stages = attention_stages(
+            attn_dims,
+            num_heads,
+            mlp_ratios,
+            dpr[2:],
+            self.meta_dims,
+            lambda s, dim, heads: Rope2d(heads, dim // heads, rope_theta, rope_mixed),
+            qkv_bias=True,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            layer_scale_init=attn_layer_scale_init,
+        )
         self.aggregate = ClsAggregator(attn_dims[0], attn_dims[1], only_last_cls)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -96,10 +90,7 @@ class MFormerV1(HybridBackbone):
         cls.check_img_size(cfg.IMG_SIZE)
         require_positive("MODEL.CONVNEXT_STAGES.DEPTHS", conv.DEPTHS, 2, allow_zero=True)
         require_positive("MODEL.CONVNEXT_STAGES.DIMS", conv.DIMS, 4)
-        require_positive("MODEL.ROPE_STAGES.DEPTHS", rope.DEPTHS, 2, allow_zero=True)
-        require_positive("MODEL.ROPE_STAGES.DIMS", rope.DIMS, 2)
-        require_positive("MODEL.ROPE_STAGES.NUM_HEADS", rope.NUM_HEADS, 2)
-        require_len("MODEL.ROPE_STAGES.MLP_RATIO", rope.MLP_RATIO, 2)
+        attention = attention_config(rope, "MODEL.ROPE_STAGES")
         for i in range(2):
             if rope.DIMS[i] != conv.DIMS[i + 2]:
                 raise ConfigError(
@@ -110,20 +101,12 @@ class MFormerV1(HybridBackbone):
         return cls(
             conv_dims=(conv.DIMS[0], conv.DIMS[1]),
             conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
-            attn_dims=(rope.DIMS[0], rope.DIMS[1]),
-            attn_depths=(rope.DEPTHS[0], rope.DEPTHS[1]),
-            num_heads=(rope.NUM_HEADS[0], rope.NUM_HEADS[1]),
-            mlp_ratios=(rope.MLP_RATIO[0], rope.MLP_RATIO[1]),
-            meta_dims=meta_dims,
-            in_chans=cfg.IN_CHANS,
+            **attention,
             rope_theta=rope.ROPE_THETA,
             rope_mixed=rope.ROPE_MIXED,
             layer_scale_init=conv.LAYER_SCALE_INIT_VALUE,
             attn_layer_scale_init=rope.LAYER_SCALE_INIT_VALUE,
-            drop_path_rate=cfg.DROP_PATH_RATE,
-            drop_rate=cfg.DROP_RATE,
-            attn_drop_rate=cfg.ATTN_DROP_RATE,
-            only_last_cls=cfg.ONLY_LAST_CLS,
+            **shared_config(cfg, meta_dims),
         )
 
     def no_weight_decay_names(self) -> set[str]:

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 from linnaeus.utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "FORMAT_VERSION": "linnaeus.data.shards.manifest",
-    "MANIFEST_NAME": "linnaeus.data.shards.manifest",
-    "read_manifest": "linnaeus.data.shards.manifest",
-    "ShardOptions": "linnaeus.data.shards.writer",
-    "write_shards": "linnaeus.data.shards.writer",
-    "merge_parts": "linnaeus.data.shards.writer",
-    "ShardTrainDataset": "linnaeus.data.shards.reader",
-    "build_shard_batches": "linnaeus.data.shards.reader",
-    "iter_shard": "linnaeus.data.shards.reader",
-    "shard_report": "linnaeus.data.shards.report",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_exports("linnaeus.data.shards", _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "manifest": ["FORMAT_VERSION", "MANIFEST_NAME", "read_manifest"],
+        "writer": ["ShardOptions", "write_shards", "merge_parts"],
+        "reader": ["ShardTrainDataset", "build_shard_batches", "iter_shard"],
+        "report": ["shard_report"],
+    },
+)
