@@ -17,6 +17,7 @@ from linnaeus.errors import LinnaeusError
 # command -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
     "train": "linnaeus.commands.train:run",
+    "launch": "linnaeus.commands.launch:run",
     "shard": "linnaeus.commands.shard:run",
     "check": "linnaeus.commands.check:run",
     "predict": "linnaeus.commands.inference:run_predict",
@@ -169,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:
         # Everything after `launch` belongs to accelerate's parser (options such as --config_file included).
-        from linnaeus.launch import main as launch_main
-
-        return launch_main(argv[1:])
+        return _resolve(HANDLERS["launch"])(argparse.Namespace(command="launch", accelerate_args=argv[1:]))
     args = build_parser().parse_args(argv)
     from linnaeus.utils import quiet
 

@@ -17,6 +17,7 @@ warning) before killing them; the ranks use that time to agree, checkpoint and e
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -80,5 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(marker_dir, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    """The `linnaeus launch` handler: ``args.accelerate_args`` is everything after `launch`, for accelerate's parser."""
+    return main(args.accelerate_args)

@@ -10,9 +10,9 @@ def run(args: argparse.Namespace) -> int:
     from linnaeus.engine.trackers import wandb_preflight
 
     check_launch()  # before anything is built: one line from the first rank for an impossible launch
+    from linnaeus.commands.launch import note_preempted
     from linnaeus.config import load_config
     from linnaeus.engine.trainer import PREEMPTED_EXIT_CODE, train
-    from linnaeus.launch import note_preempted
 
     cfg = load_config(args.cfg, args.opts)
     wandb_preflight(cfg)  # before any heavy work: a missing W&B login is one line, never a prompt
