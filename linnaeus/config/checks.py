@@ -3,13 +3,18 @@ all of them are collected, so `linnaeus config validate` can list every problem 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from linnaeus.errors import ConfigError
 
 if TYPE_CHECKING:
     from linnaeus.config.defaults import Config
-    from linnaeus.config.loader import Provenance
+
+
+class Provenance(Protocol):
+    """Where each key was set (``linnaeus.config.loader.Provenance`` is one)."""
+
+    def origin(self, key: str) -> str: ...
 
 
 def check_consistency(cfg: Config, prov: Provenance) -> None:

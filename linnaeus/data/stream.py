@@ -15,42 +15,16 @@ what moves them to an epoch position: an ``EpochSampler`` or a ``ShardTrainDatas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader
-
+from linnaeus.data.batch_stream import BatchStream, EpochPosition
 from linnaeus.data.loader import build_loader, loader_num_batches
+
+__all__ = ["BatchStream", "EpochPosition", "build_file_batches", "build_train_batches"]
 
 if TYPE_CHECKING:
     from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
-
-
-class EpochPosition(Protocol):
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
-
-
-class BatchStream:
-    def __init__(self, loader: DataLoader, position: EpochPosition, batches_per_epoch: int) -> None:
-        self.loader = loader
-        self.position = position
-        self.batches_per_epoch = int(batches_per_epoch)
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.position.set_epoch(epoch, start_batch=start_batch)
-        self.start_batch = int(start_batch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.loader)
-
-    @property
-    def skipped_samples(self) -> int:
-        return int(getattr(self.position, "skipped_count", 0))
 
 
 def build_file_batches(

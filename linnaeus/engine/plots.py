@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from linnaeus.engine.report import METRICS_FILE, VAL, VAL_MASKED, read_metrics, rows_of, task_keys_of
+from linnaeus.engine.run_metrics import METRICS_FILE, VAL, VAL_MASKED, read_metrics, rows_of, task_keys_of
 
 PLOTS_DIR = "plots"
 

@@ -19,49 +19,10 @@ from typing import Any
 
 import yaml
 
+from linnaeus.engine.run_metrics import METRICS_FILE, VAL, VAL_MASKED, read_metrics, rows_of, task_keys_of
 from linnaeus.utils.io import atomic_write_json, atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
-VAL = "val"
-VAL_MASKED = "val_mask_meta"
 DEFAULT_BEST_METRIC = "val/chain_accuracy"
-
-
-# ------------------------------------------------------------------------------------------------ reading the run
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``metrics.jsonl`` in step order. A torn last line (a run still writing, or killed mid-write) is
-    skipped; rows repeated after a crash and resume keep the last one written per (phase, step)."""
-    if not path.is_file():
-        return []
-    latest: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # only the line being written can be incomplete
-        if not isinstance(row, dict) or "phase" not in row or "step" not in row:
-            continue
-        key = (str(row["phase"]), int(row["step"]))
-        latest.pop(key, None)  # re-insert so a resumed run's rows follow its own order
-        latest[key] = row
-    return sorted(latest.values(), key=lambda r: (int(r["step"]), str(r["phase"])))
-
-
-def rows_of(rows: Iterable[Mapping[str, Any]], phase: str) -> list[Mapping[str, Any]]:
-    return [r for r in rows if r.get("phase") == phase]
-
-
-def task_keys_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Ranks in the order they first appear (the config order: the trainer writes them that way)."""
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k.endswith("/top1") and k[: -len("/top1")] not in keys:
-                keys.append(k[: -len("/top1")])
-    return keys
 
 
 def _read_config(run: Path) -> dict[str, Any]:

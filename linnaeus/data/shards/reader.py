@@ -52,13 +52,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from linnaeus.data.batch_stream import BatchStream
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import ImageDecodeError, load_image
 from linnaeus.data.loader import ignore_stop_signals
 from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
-from linnaeus.data.stream import BatchStream
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
