@@ -178,7 +178,7 @@ def test_export_consolidates_checkpoints_when_no_export_exists(tiny_run, tmp_pat
         assert all(torch.equal(w, sd[k].to(torch.bfloat16).to(sd[k].dtype)) for k, w in weights.items())
     with pytest.raises(ConfigError, match=r"step_9.*available: \['step_5'\]"):
         export_bundle(run, tmp_path / "b9", "step_9")
-    with pytest.raises(ConfigError, match="expected best, final or step_N"):
+    with pytest.raises(ConfigError, match="expected best, final, ema or step_N"):
         export_bundle(run, tmp_path / "bx", "latest")
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
 
