@@ -21,26 +21,16 @@ Batch format (``encoded_batch``; the file loader and the shard reader both build
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data._utils.collate import default_collate
 
-from linnaeus.data.images import (
-    _EXIF_ORIENTATION,
-    Box,
-    ImageDecodeError,
-    _oriented_size,
-    _read,
-    crop_box,
-    load_image,
-)
+from linnaeus.data.images import Box, ImageDecodeError, _read, decode_errors, load_image, open_planned
 
 ENCODED_KEYS = ("image_bytes", "image_offsets", "image_fallback", "crop_box", "orientation")
 DEVICE_MODES = ("RGB", "L")  # Pillow's names for YCbCr/RGB and grayscale JPEGs; CMYK/YCCK decode on the CPU
@@ -77,23 +67,19 @@ def encode_image(
     Raises ``ImageDecodeError`` naming the file when it cannot be read or its header is not an image.
     """
     data, name = _read(source)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-            width, height = _oriented_size(im, orientation)
-            on_device = im.format == "JPEG" and im.mode in DEVICE_MODES
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
-    box = crop_box(
-        width,
-        height,
-        img_size=img_size,
-        train=train,
-        rng=rng,
-        rrc_scale=rrc_scale,
-        rrc_ratio=rrc_ratio,
-        val_crop_pct=val_crop_pct,
-    )
+    with decode_errors(name):
+        im, orientation, box = open_planned(
+            data,
+            name,
+            img_size=img_size,
+            train=train,
+            rng=rng,
+            rrc_scale=rrc_scale,
+            rrc_ratio=rrc_ratio,
+            val_crop_pct=val_crop_pct,
+        )
+        on_device = im.format == "JPEG" and im.mode in DEVICE_MODES
+        im.close()
     if on_device:
         return EncodedImage(size=int(img_size), box=box, orientation=orientation, data=data)
     try:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,61 @@ def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+@contextmanager
+def decode_errors(name: str) -> Iterator[None]:
+    """Pillow's many exception types → one ``ImageDecodeError`` line naming the file."""
+    try:
+        yield
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        # Pillow's message names its in-memory buffer (<_io.BytesIO object at 0x...>), not the file.
+        raise ImageDecodeError(
+            name, "cannot decode (not a recognised image format); expected a readable JPEG/PNG image"
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(name, _too_large()) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
+
+
+def open_planned(
+    data: bytes,
+    name: str,
+    *,
+    img_size: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    rrc_scale: tuple[float, float],
+    rrc_ratio: tuple[float, float],
+    val_crop_pct: float,
+    box: Box | None = None,
+) -> tuple[Image.Image, int, Box]:
+    """Open an image (header only; nothing decoded yet) and plan its crop: (image, EXIF orientation, crop box in
+    oriented full-resolution pixels). The one place both decode paths (here and ``encoded.py``) size an image, so
+    their crops agree. Call inside ``decode_errors``."""
+    with warnings.catch_warnings():
+        # Size is checked below with a one-line error; Pillow's own warning would print raw to stderr.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        raise ImageDecodeError(name, _too_large(im.size))
+    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    if box is None:
+        width, height = _oriented_size(im, orientation)
+        box = crop_box(
+            width,
+            height,
+            img_size=img_size,
+            train=train,
+            rng=rng,
+            rrc_scale=rrc_scale,
+            rrc_ratio=rrc_ratio,
+            val_crop_pct=val_crop_pct,
+        )
+    return im, orientation, box
+
+
 def load_image(
     source: str | bytes | Path,
     *,
@@ -198,27 +255,18 @@ def load_image(
     when given (the device decoder's CPU fallback passes the box its worker planned). Raises ``ImageDecodeError`` naming the file on any failure.
     """
     data, name = _read(source)
-    try:
-        with warnings.catch_warnings():
-            # Size is checked below with a one-line error; Pillow's own warning would print raw to stderr.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-        if im.size[0] * im.size[1] > MAX_PIXELS:
-            raise ImageDecodeError(name, _too_large(im.size))
-        orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-        width, height = _oriented_size(im, orientation)
-        if box is None:
-            box = crop_box(
-                width,
-                height,
-                img_size=img_size,
-                train=train,
-                rng=rng,
-                rrc_scale=rrc_scale,
-                rrc_ratio=rrc_ratio,
-                val_crop_pct=val_crop_pct,
-            )
-
+    with decode_errors(name):
+        im, orientation, box = open_planned(
+            data,
+            name,
+            img_size=img_size,
+            train=train,
+            rng=rng,
+            rrc_scale=rrc_scale,
+            rrc_ratio=rrc_ratio,
+            val_crop_pct=val_crop_pct,
+            box=box,
+        )
         scale = 1.0
         if draft and im.format == "JPEG":
             # Ask for the smallest decode that keeps >= img_size pixels across the crop's shorter side.
@@ -232,17 +280,6 @@ def load_image(
                     scale = stored_width / result[1][2]  # the returned box is the full image in drafted pixels
                     _fast_scaled_decode(im)
         im.load()
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        # Pillow's message names its in-memory buffer (<_io.BytesIO object at 0x...>), not the file.
-        raise ImageDecodeError(
-            name, "cannot decode (not a recognised image format); expected a readable JPEG/PNG image"
-        ) from None
-    except Image.DecompressionBombError:
-        raise ImageDecodeError(name, _too_large()) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
 
     if orientation in _TRANSPOSE:
         im = im.transpose(_TRANSPOSE[orientation])

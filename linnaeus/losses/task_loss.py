@@ -68,7 +68,6 @@ class TaskLoss(nn.Module):
         self.task_keys = list(criteria)
         self.criteria = nn.ModuleDict(criteria)
         self.register_buffer("static_weights", torch.tensor([weights[k] for k in self.task_keys], dtype=torch.float32))
-        self.weighted_tasks = sorted((class_weight or {}).keys())
         for key, w in (class_weight or {}).items():
             self.register_buffer(f"class_weight_{key}", w.float(), persistent=False)
         self.gradnorm = gradnorm
