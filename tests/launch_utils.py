@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from linnaeus.config import repo_root
@@ -121,3 +122,47 @@ def spawn(opts: list[str], accelerate_config: str | None = None) -> subprocess.P
         text=True,
         start_new_session=True,
     )
+
+
+# ------------------------------------------------------------------ watching and stopping background runs
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"run ended before the condition held ({proc.returncode}):\n{err[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in their own sessions, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def latest_checkpoint(run: Path) -> str | None:
+    p = run / "checkpoints" / "latest"
+    return p.read_text().strip() if p.is_file() else None

@@ -2,61 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch_utils import final_weights, launch, metrics, run_dir, spawn, tiny_opts
+from launch_utils import (
+    final_weights,
+    latest_checkpoint,
+    launch,
+    metrics,
+    run_dir,
+    signal_tree,
+    spawn,
+    tiny_opts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"run ended before the condition held ({proc.returncode}):\n{err[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in their own sessions, so killpg misses them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _latest(run: Path) -> str | None:
-    p = run / "checkpoints" / "latest"
-    return p.read_text().strip() if p.is_file() else None
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, tmp_path: Path) -> None:
@@ -69,8 +34,8 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(demo: Path, 
     opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
     run = run_dir(tmp_path / "b", "killed")
     proc = spawn(opts, "cpu_ddp")
-    _wait_for(lambda: _latest(run) == "step_10", proc)
-    _signal_tree(proc, signal.SIGKILL)
+    wait_for(lambda: latest_checkpoint(run) == "step_10", proc)
+    signal_tree(proc, signal.SIGKILL)
     proc.communicate()
     steps_before = {r["step"] for r in metrics(run, "train")}
     assert 30 not in steps_before, "the run finished before it could be killed; the test proves nothing"
@@ -97,11 +62,11 @@ def test_sigterm_checkpoints_and_exits_75_then_rerun_continues(demo: Path, tmp_p
     opts = tiny_opts(demo, tmp_path, name="term", TRAIN__MAX_STEPS=200, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 1000}")
     run = run_dir(tmp_path, "term")
     proc = spawn(opts)
-    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3, proc)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
-    saved = _latest(run)
+    saved = latest_checkpoint(run)
     assert saved is not None
     step = int(saved.split("_")[1])
     assert 3 <= step < 200
@@ -115,10 +80,10 @@ def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=400)
     run = run_dir(tmp_path, "term2")
     proc = spawn(opts, "cpu_zero2")
-    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
-    _signal_tree(proc, signal.SIGTERM)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2, proc)
+    signal_tree(proc, signal.SIGTERM)
     proc.communicate(timeout=180)
-    saved = _latest(run)
+    saved = latest_checkpoint(run)
     assert saved is not None, "no checkpoint after SIGTERM"
     step = int(saved.split("_")[1])
     launch(tiny_opts(demo, tmp_path, name="term2", TRAIN__MAX_STEPS=step + 2), "cpu_zero2")
@@ -186,7 +151,7 @@ def test_retention_keeps_last_k_and_best_m(demo: Path, tmp_path: Path) -> None:
     expected = {"step_7", "step_8", f"step_{best_step}"}
     kept = {p.name for p in (run / "checkpoints").glob("step_*")}
     assert kept == expected
-    assert _latest(run) == "step_8"
+    assert latest_checkpoint(run) == "step_8"
     assert (run / "export" / "best.safetensors").is_file()
 
 

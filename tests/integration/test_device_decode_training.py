@@ -10,9 +10,19 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_checkpoints import _latest, _signal_tree, _wait_for
 
-from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
+from launch_utils import (
+    ensure_demo,
+    final_weights,
+    latest_checkpoint,
+    launch,
+    metrics,
+    run_dir,
+    signal_tree,
+    spawn,
+    tiny_opts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +73,8 @@ def test_kill_9_then_rerun_is_exact_with_device_decode(demo: Path, tmp_path: Pat
     opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
     run = run_dir(tmp_path / "b", "killed")
     proc = spawn(opts, "cpu_ddp")
-    _wait_for(lambda: _latest(run) == "step_10", proc)
-    _signal_tree(proc, signal.SIGKILL)
+    wait_for(lambda: latest_checkpoint(run) == "step_10", proc)
+    signal_tree(proc, signal.SIGKILL)
     proc.communicate()
     assert 30 not in {r["step"] for r in metrics(run, "train")}, "finished before the kill; the test proves nothing"
 

@@ -15,9 +15,21 @@ import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_checkpoints import _latest, _signal_tree, _wait_for
 
-from launch_utils import PY, ROOT, env, final_weights, launch, metrics, run_dir, spawn, tiny_opts
+from launch_utils import (
+    PY,
+    ROOT,
+    env,
+    final_weights,
+    latest_checkpoint,
+    launch,
+    metrics,
+    run_dir,
+    signal_tree,
+    spawn,
+    tiny_opts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -156,8 +168,8 @@ def test_ema_kill_9_then_rerun_matches_an_uninterrupted_run(demo: Path, tmp_path
     opts = tiny_opts(demo, tmp_path / "b", name="killed", **common)
     run = run_dir(tmp_path / "b", "killed")
     proc = spawn(opts)
-    _wait_for(lambda: _latest(run) == "step_15", proc)
-    _signal_tree(proc, signal.SIGKILL)
+    wait_for(lambda: latest_checkpoint(run) == "step_15", proc)
+    signal_tree(proc, signal.SIGKILL)
     proc.communicate()
     assert 40 not in {r["step"] for r in metrics(run, "train")}, "the run finished before it could be killed"
     launch(opts)

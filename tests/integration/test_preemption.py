@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_utils import PY, ROOT, ensure_demo, env, final_weights, metrics, run_dir, tiny_opts, train_cmd
+from launch_utils import PY, ROOT, descendants, ensure_demo, env, final_weights, metrics, run_dir, tiny_opts, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +29,6 @@ def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:
 
 def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def _latest_step(run: Path) -> int | None:
@@ -106,7 +90,7 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
             os.kill(pid, signal.SIGTERM)
     else:
         # What SLURM does: every process of the job, the ranks' DataLoader workers included.
-        workers = _descendants(proc.pid)
+        workers = descendants(proc.pid)
         assert len(workers) >= 4, "expected launcher children: 2 ranks and their DataLoader workers"
         for pid in [proc.pid, *workers]:
             try:

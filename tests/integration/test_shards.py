@@ -33,7 +33,7 @@ from linnaeus.data.shards.reader import ShardTrainDataset, iter_shard
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
 from linnaeus.errors import DataError
 
-from launch_utils import ensure_demo, final_weights, launch, metrics, run_dir, spawn, tiny_opts
+from launch_utils import ensure_demo, final_weights, latest_checkpoint, launch, metrics, run_dir, spawn, tiny_opts
 
 REPO = Path(__file__).resolve().parents[2]
 SPS = 4  # samples per shard: many small shards from a small dataset
@@ -543,11 +543,6 @@ def test_shard_sh_outside_slurm_prints_usage_and_exits_2(tmp_path):
     )
 
 
-def _latest(run: Path) -> str | None:
-    p = run / "checkpoints" / "latest"
-    return p.read_text().strip() if p.is_file() else None
-
-
 @pytest.mark.slow
 def test_kill_9_of_a_shard_fed_run_then_rerun_matches_an_uninterrupted_run(tmp_path_factory, tmp_path):
     demo = ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
@@ -571,7 +566,7 @@ def test_kill_9_of_a_shard_fed_run_then_rerun_matches_an_uninterrupted_run(tmp_p
     run = run_dir(tmp_path / "b", "killed")
     proc = spawn(opts)
     deadline = time.monotonic() + 300
-    while _latest(run) != "step_3" and proc.poll() is None and time.monotonic() < deadline:
+    while latest_checkpoint(run) != "step_3" and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
