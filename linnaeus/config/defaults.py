@@ -230,7 +230,11 @@ class VerifyImagesConfig(Node):
     ENABLED: bool = False
     DECODE: bool = Field(False, description="also decode every image (slower; finds corrupt files)")
     MAX_MISSING_RATIO: float = Field(
-        0.0, ge=0, le=1, description="with ALLOW_MISSING_IMAGES: tolerate up to max(COUNT, RATIO x N) bad images"
+        0.0,
+        ge=0,
+        le=1,
+        description="tolerate up to max(COUNT, RATIO x N) bad images: replaced and counted with ALLOW_MISSING_IMAGES, "
+        "else their rows are left out",
     )
     MAX_MISSING_COUNT: int = Field(0, ge=0, description="see MAX_MISSING_RATIO; 0 and 0 tolerate none")
     NUM_WORKERS: int = Field(8, ge=1)

@@ -174,11 +174,8 @@ def _check_images(cfg: Config, views: list[SplitView], verify: bool, decode: boo
     """Identifiers that leave IMAGES_DIR (always, as training refuses them), then, with ``verify``, the images."""
     hybrid = cfg.DATA.HYBRID
     problem = images_dir_problem(cfg)
-    if problem and verify:
-        if not hybrid.IMAGES_DIR and cfg.DATA.SHARDS.ENABLED:
-            r["warnings"].append("images not checked: DATA.HYBRID.IMAGES_DIR is not set (training reads shards)")
-        else:
-            r["errors"].append(problem)
+    if problem and verify:  # shards or not: validation always reads the image files
+        r["errors"].append(problem)
     if not hybrid.IMAGES_DIR or (problem and verify):
         return
     paths, rows, ids = [], [], []

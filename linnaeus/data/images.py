@@ -119,7 +119,7 @@ def center_crop_box(width: int, height: int, img_size: int, val_crop_pct: float 
     return left, top, left + side, top + side
 
 
-def _too_large(size: tuple[int, int] | None = None) -> str:
+def too_large(size: tuple[int, int] | None = None) -> str:
     what = f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels is" if size else "its pixel count is"
     return f"{what} over the limit of {MAX_PIXELS} (linnaeus.data.images.MAX_PIXELS); downscale the image"
 
@@ -193,7 +193,7 @@ def decode_errors(name: str) -> Iterator[None]:
             name, "cannot decode (not a recognised image format); expected a readable JPEG/PNG image"
         ) from None
     except Image.DecompressionBombError:
-        raise ImageDecodeError(name, _too_large()) from None
+        raise ImageDecodeError(name, too_large()) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(name, f"cannot decode ({err}); expected a readable JPEG/PNG image") from None
 
@@ -218,7 +218,7 @@ def open_planned(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))
     if im.size[0] * im.size[1] > MAX_PIXELS:
-        raise ImageDecodeError(name, _too_large(im.size))
+        raise ImageDecodeError(name, too_large(im.size))
     orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     if box is None:
         width, height = _oriented_size(im, orientation)

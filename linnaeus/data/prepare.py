@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -56,7 +57,7 @@ from linnaeus.data.taxonomy import (
     rank_name,
 )
 from linnaeus.data.verify_images import verify_images
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, DataError
 from linnaeus.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -356,11 +357,20 @@ def compute_stats(
     }
 
 
-def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: Config,
+    *,
+    split_file: Path | None = None,
+    check_images: bool = True,
+    share: Callable[[Any], Any] | None = None,
+) -> PreparedData:
     """Read, validate, filter, split and describe the data of ``cfg``. See the module docstring.
 
     ``split_file``: a saved split.npz to reuse (resume); ignored when it does not exist yet.
     ``check_images``: False skips DATA.HYBRID.VERIFY_IMAGES (e.g. on every process but the main one).
+    ``share``: in a multi-process job, a broadcast of a picklable value from the main process (called by every
+    process, the main one with its value, the others with None). Image verification then scans once, on the process
+    with ``check_images``, and every process leaves out exactly the rows it found (or raises its error).
     """
     task_keys = list(cfg.DATA.TASK_KEYS_H5)
     train_store, val_store = load_stores(cfg)
@@ -404,36 +414,62 @@ def prepare_data(cfg: Config, *, split_file: Path | None = None, check_images: b
         for name in ("train", "val"):
             data.image_paths(name)
     verify = cfg.DATA.HYBRID.VERIFY_IMAGES
-    # Leaving rows out must happen on every process (each builds its own dataset), not only on the checking one.
+    # Leaving rows out must happen on every process (each builds its own dataset): alone, a process scans for itself;
+    # in a job, the main process scans and shares its verdict so every process keeps the same rows.
     excludes = not cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES and (verify.MAX_MISSING_COUNT or verify.MAX_MISSING_RATIO)
-    if verify.ENABLED and (check_images or excludes):
-        paths, rows, ids = [], [], []
-        for name in ("train", "val"):
-            v = data.view(name)
-            paths += data.image_paths(name)
-            rows.append(v.rows)
-            ids.append(v.store.identifiers[v.rows])
-        report_path = report_path_of(cfg) if check_images else None
-        data.image_report = verify_images(
-            paths,
-            np.concatenate(rows),
-            np.concatenate(ids),
-            verify,
-            report_path,
-            allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
-        )
-        data.stats["images"] = {k: v for k, v in data.image_report.items() if k != "items"}
-        if data.image_report["excluded_rows"]:
-            bad = {item["path"] for item in data.image_report["items"]}
-            for name in ("train", "val"):
-                keep = np.array([p not in bad for p in data.image_paths(name)], dtype=bool)
-                view = data.view(name)
-                setattr(data, name, SplitView(name, view.store, view.rows[keep]))
+    scans = check_images or (excludes and share is None)
+    if verify.ENABLED and (scans or share is not None):
+        verdict = _verify_split_images(data, cfg, report=check_images) if scans else None
+        if share is not None:
+            verdict = share(verdict)
+        if verdict["error"]:
+            raise DataError(verdict["error"])
+        if verdict["bad"]:
+            _leave_out(data, set(verdict["bad"]))
+            data.stats = compute_stats(task_keys, class_maps, data.train, data.val, reports, fingerprint, tree)
+            if data.image_report is not None:
+                data.stats["images"] = {k: v for k, v in data.image_report.items() if k != "items"}
             log.warning(
                 "%d rows with missing or corrupt images left out (DATA.HYBRID.VERIFY_IMAGES limits)",
-                data.image_report["excluded_rows"],
+                len(verdict["bad"]),
             )
     return data
+
+
+def _verify_split_images(data: PreparedData, cfg: Config, report: bool) -> dict[str, Any]:
+    """Scan both splits' images: {"error": one line or None, "bad": image paths whose rows are to be left out}."""
+    verify = cfg.DATA.HYBRID.VERIFY_IMAGES
+    paths, rows, ids = [], [], []
+    for name in ("train", "val"):
+        v = data.view(name)
+        paths += data.image_paths(name)
+        rows.append(v.rows)
+        ids.append(v.store.identifiers[v.rows])
+    found = verify_images(
+        paths,
+        np.concatenate(rows),
+        np.concatenate(ids),
+        verify,
+        report_path_of(cfg) if report else None,
+        allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
+        raise_on_error=False,
+    )
+    if report:
+        data.image_report = found
+        data.stats["images"] = {k: v for k, v in found.items() if k != "items"}
+    bad = sorted({item["path"] for item in found["items"]}) if found["excluded_rows"] else []
+    return {"error": found["error"], "bad": bad}
+
+
+def _leave_out(data: PreparedData, bad: set[str]) -> None:
+    """Drop the rows whose image is in ``bad`` from both splits, with their cached paths (rows and paths stay
+    aligned)."""
+    for name in ("train", "val"):
+        paths = data.image_paths(name)
+        keep = np.array([p not in bad for p in paths], dtype=bool)
+        view = data.view(name)
+        setattr(data, name, SplitView(name, view.store, view.rows[keep]))
+        data._image_paths[name] = [p for p, k in zip(paths, keep, strict=True) if k]
 
 
 def report_path_of(cfg: Config) -> Path | None:

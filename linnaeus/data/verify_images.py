@@ -37,12 +37,20 @@ def _probe(path: str, decode: bool) -> str | None:
         return "is empty (0 bytes)"
     if not decode:
         return None
+    import warnings
+
     from PIL import Image
 
+    from linnaeus.data.images import MAX_PIXELS, too_large
+
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still reads every entropy-coded block
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as training does
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    return too_large(im.size)
+                im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still reads every entropy-coded block
+                im.load()
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         return f"cannot be decoded ({type(exc).__name__}: {exc})"
     return None

@@ -42,7 +42,8 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "DATA.PREFETCH_FACTOR",
     "DATA.DECODE",
     "DATA.HYBRID.IMAGES_DIR",  # the same images moved (the split and labels fingerprint are checked separately)
-    "DATA.HYBRID.VERIFY_IMAGES",
+    "DATA.HYBRID.VERIFY_IMAGES.NUM_WORKERS",  # the other VERIFY_IMAGES keys decide which rows are left out
+    "DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH",
     "DATA.SHARDS.DIR",
     "DATA.SHARDS.VERIFY",
     "DATA.H5.LABELS_PATH",  # likewise: a moved labels file is checked by its fingerprint

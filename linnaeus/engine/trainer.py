@@ -84,6 +84,16 @@ class Trainer:
         self.finished_step: int | None = None  # set when a rerun finds nothing left to do
         self.ema: Any = None  # EmaComponent when TRAIN.EMA.ENABLED
 
+    def _from_main(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (every process calls this at the same point)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
     @property
     def task_keys(self) -> list[str]:
         return list(self.data.task_keys)
@@ -109,13 +119,18 @@ class Trainer:
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
             torch.set_flush_denormal(True)
 
+        from linnaeus.data.paths import IMAGES_DIR_UNSET
         from linnaeus.data.prepare import prepare_data
 
         # A resumed run reads the split it saved (a changed labels file is then an error, not a silent new split);
         # image verification runs on the main process (on every process when its limits leave rows out).
         if cfg.DATA.HYBRID.VERIFY_IMAGES.ENABLED and acc.is_main_process:
             announce("verifying every image file (DATA.HYBRID.VERIFY_IMAGES)", "one pass over the image folder")
-        self.data = prepare_data(cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process)
+        if not cfg.DATA.HYBRID.IMAGES_DIR:  # validation always reads image files, shards or not
+            raise ConfigError(IMAGES_DIR_UNSET)
+        self.data = prepare_data(
+            cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
+        )
         if acc.is_main_process:
             self.run.mkdir(parents=True, exist_ok=True)
             RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit

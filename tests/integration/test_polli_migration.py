@@ -222,6 +222,15 @@ def test_verify_images_leaves_rows_out_within_the_documented_limits(tiny_dataset
     rows = np.concatenate([data.train.rows, data.val.rows])
     assert 4 not in rows and len(rows) == tiny_dataset.n_rows - 1
     assert data.image_report["excluded_rows"] == 1
+    # Rows and image paths stay aligned after the exclusion (the dataset and the shard writer pair them by position).
+    for name in ("train", "val"):
+        table = data.samples(name)
+        for row, path in zip(table.rows, table.paths, strict=True):
+            assert Path(path).name.startswith(f"img_{row:04d}"), (row, path)
+    # In a job, the main process's verdict is what every process applies (no scan of its own on the others).
+    shared = []
+    others = prepare_data(cfg, check_images=False, share=lambda v: shared.append(v) or {"error": None, "bad": []})
+    assert shared == [None] and len(np.concatenate([others.train.rows, others.val.rows])) == tiny_dataset.n_rows
     written = cfg.EXPERIMENT.run_folder() / "assets/missing_images_report.json"
     assert json.loads(written.read_text())["items"][0]["row"] == 4
     assert not any(p.name == "{output_dir}" for p in Path.cwd().iterdir())
