@@ -21,9 +21,11 @@ from linnaeus.engine.checkpoint import (
     step_dir_name,
 )
 from linnaeus.engine.config_change import schedule_change_line
+from linnaeus.engine.distributed import decide_on_main
 from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
 from linnaeus.errors import ConfigError
+from linnaeus.utils.io import make_readable
 
 log = logging.getLogger("linnaeus")
 
@@ -125,16 +127,15 @@ class Checkpointer:
     def find_resume(self) -> ResumePoint | None:
         """Decided on the main process and broadcast: ranks reading a shared filesystem at slightly different moments
         (or through stale NFS caches) must never choose different checkpoints or read different states."""
-        from accelerate.utils import broadcast_object_list
 
-        box: list[Any] = [None]
-        if self.accelerator.is_main_process:
+        def decide() -> tuple[str, dict[str, Any]] | None:
             path = resume_candidate(self.cfg, self.manager.root)
-            box = [None if path is None else (str(path), read_state(path))]
-        broadcast_object_list(box, from_process=0)
-        if box[0] is None:
+            return None if path is None else (str(path), read_state(path))
+
+        found = decide_on_main(self.accelerator, decide)
+        if found is None:
             return None
-        path, saved = Path(box[0][0]), box[0][1]
+        path, saved = Path(found[0]), found[1]
         step, exact = resume_step(saved, self.plan, self.zero_stage)
         return ResumePoint(path=path, saved=saved, step=step, exact=exact)
 
@@ -142,28 +143,24 @@ class Checkpointer:
         """The step of a run that has nothing left to do, or None: the checkpoint a resume would continue from is at
         (or past) the plan's last step and ``export_dir/final.safetensors`` holds that step's weights. Decided on the
         main process and broadcast (it decides whether any collective runs)."""
-        from accelerate.utils import broadcast_object_list
 
-        box: list[Any] = [None]
-        if self.accelerator.is_main_process:
+        def decide() -> int | None:
             path = resume_candidate(self.cfg, self.manager.root)
             final = export_dir / "final.safetensors"
-            if path is not None and final.is_file():
-                saved = read_state(path)
-                step, _ = resume_step(saved, self.plan, self.zero_stage)
-                if step >= self.plan.total_steps and _exported_step(final) == str(saved["step"]):
-                    box = [step]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
+            if path is None or not final.is_file():
+                return None
+            saved = read_state(path)
+            step, _ = resume_step(saved, self.plan, self.zero_stage)
+            done = step >= self.plan.total_steps and _exported_step(final) == str(saved["step"])
+            return step if done else None
+
+        return decide_on_main(self.accelerator, decide)
 
     def point_at(self, step: int) -> ResumePoint:
         """The checkpoint this run just saved at ``step``, as a resume point (collective, like ``find_resume``)."""
-        from accelerate.utils import broadcast_object_list
-
         path = self.manager.root / step_dir_name(step)
-        box: list[Any] = [read_state(path) if self.accelerator.is_main_process else None]
-        broadcast_object_list(box, from_process=0)
-        return ResumePoint(path=path, saved=box[0], step=step, exact=True)
+        saved = decide_on_main(self.accelerator, lambda: read_state(path))
+        return ResumePoint(path=path, saved=saved, step=step, exact=True)
 
     def load_weights(self, model: nn.Module, point: ResumePoint) -> None:
         """Before ``accelerator.prepare``, for a resume onto another layout: the consolidated fp32 weights."""
@@ -298,4 +295,5 @@ def copy_weights(src: Path, dst: Path, metadata: dict[str, str]) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp")
     save_file(load_file(str(src)), str(tmp), metadata=metadata)
     tmp.replace(dst)
+    make_readable(dst)  # safetensors writes 0600; exports are for others to read
     return dst

@@ -10,6 +10,7 @@ import datetime
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,3 +140,25 @@ def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[s
         num_machines=int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", 1)) or 1),
     )
     return accelerator, info
+
+
+def decide_on_main(accelerator: Any, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on the main process only (file reads that every rank must agree on), its result on every
+    process. Collective. A ``LinnaeusError`` it raises is raised on every process, so a refusal (a tampered
+    checkpoint, a busy run folder) is one line from each rank instead of one rank's error and the others waiting
+    forever at the next collective."""
+    from accelerate.utils import broadcast_object_list
+
+    from linnaeus import errors
+
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except errors.LinnaeusError as err:
+            box = [("error", type(err).__name__, str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0][0] == "error":
+        raise getattr(errors, box[0][1], errors.LinnaeusError)(box[0][2])
+    return box[0][1]

@@ -46,9 +46,11 @@ class FreezeState:
         """Frozen while training step ``step + 1`` (i.e. after ``step`` optimizer steps)?"""
         return self.initially_frozen and (self.unfreeze_at is None or step < self.unfreeze_at)
 
-    def apply(self, model: nn.Module, step: int) -> None:
-        """Set the model's backbone to its state after ``step`` steps (``build_model`` froze it if configured)."""
-        self.frozen = self.frozen_at(step)
+    def apply(self, model: nn.Module, step: int, saved: dict[str, Any] | None = None) -> None:
+        """Set the model's backbone to its state after ``step`` steps (``build_model`` froze it if configured). A
+        checkpoint that was saved unfrozen stays unfrozen: a resume that stretches the schedule moves a FRACTION
+        or EPOCHS unfreeze point past a backbone that already trains, and must not freeze it again."""
+        self.frozen = self.frozen_at(step) and bool((saved or {}).get("backbone_frozen", True))
         if self.initially_frozen and not self.frozen:
             set_backbone_frozen(model, False)
 

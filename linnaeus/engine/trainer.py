@@ -18,7 +18,7 @@ import torch
 from linnaeus.config import Config, config_to_dict, dump_config
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
-from linnaeus.engine.distributed import build_accelerator, prepare_environment
+from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
 from linnaeus.engine.progress import Progress, announce
@@ -131,10 +131,12 @@ class Trainer:
         self.data = prepare_data(
             cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
         )
-        if acc.is_main_process:
+
+        def take_folder() -> None:
             self.run.mkdir(parents=True, exist_ok=True)
             RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit
-        acc.wait_for_everyone()
+
+        decide_on_main(acc, take_folder)  # a busy folder stops every rank with the same line
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)
         if acc.is_main_process:
             write_config_record(record, self.run, dump_config(cfg))
@@ -194,7 +196,8 @@ class Trainer:
             every=self.ops.val_every,
             masked_every=self.ops.val_mask_meta_every,
             reduce_sum=lambda t: self.accelerator.reduce(t, "sum"),
-            decode=self.decoder.decode,
+            # its own decoder, so the decode_fallbacks of train rows count training batches only
+            decode=DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES).decode,
         )
 
     def _build_components(self) -> None:
@@ -255,7 +258,7 @@ class Trainer:
             load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
         )
         self.freeze = FreezeState(cfg, self.plan)
-        self.freeze.apply(model, resume.step if resume is not None else 0)
+        self.freeze.apply(model, resume.step if resume is not None else 0, resume.saved if resume is not None else None)
         if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):
             # The checkpoint's optimizer covers other parameters (saved before the unfreeze step): weights only.
             resume = dataclasses.replace(
@@ -491,9 +494,10 @@ class Trainer:
 
     def _finish(self) -> int:
         self.progress.close()
-        if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: decides a collective
-            self.checkpointer.save(self.step, self.validator.metrics_at(self.step))
-        self.checkpointer.export(self.run / "export", self.step)
+        with self.meter.paused():  # the last save and the export are not training time (report, mean img/s)
+            if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: a collective
+                self.checkpointer.save(self.step, self.validator.metrics_at(self.step))
+            self.checkpointer.export(self.run / "export", self.step)
         skipped = self.train_batches.skipped_samples
         if skipped:
             log.warning("%d corrupt shard members were skipped during training", int(skipped))

@@ -60,8 +60,12 @@ class GradNorm(nn.Module):
 
     @torch.no_grad()
     def _step(self, losses: torch.Tensor, norms: torch.Tensor) -> None:
+        # A non-finite loss or norm (a step TRAIN.NONFINITE skip drops) must not reach the weights, or they stay NaN
+        # for good; decided on device (no host sync), identically on every process (the values are reduced).
+        ok = torch.isfinite(losses).all() & torch.isfinite(norms).all()
+        losses, norms = torch.nan_to_num(losses), torch.nan_to_num(norms)
         unset = torch.isnan(self.initial_losses) | (self.initial_losses <= 0)
-        self.initial_losses.copy_(torch.where(unset, losses, self.initial_losses))
+        self.initial_losses.copy_(torch.where(unset & ok, losses, self.initial_losses))
         known = self.initial_losses > 0
         ratio = torch.where(known, losses / self.initial_losses.clamp_min(1e-12), torch.ones_like(losses))
         rel = ratio / ratio.mean().clamp_min(1e-12)
@@ -69,7 +73,7 @@ class GradNorm(nn.Module):
         target = weighted.mean() * rel.pow(self.alpha)
         grad_w = torch.sign(weighted - target) * norms / norms.mean().clamp_min(1e-12)
         w = (self.weights - self.lr * grad_w).clamp_min(self.min_weight)
-        self.weights.copy_(w * len(w) / w.sum())
+        self.weights.copy_(torch.where(ok, w * len(w) / w.sum(), self.weights))
 
     def update(
         self,

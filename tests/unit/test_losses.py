@@ -367,3 +367,14 @@ def test_cross_process_mean_of_step_normalised_losses_is_the_step_loss():
     ]
     for k in STEP_KEYS:
         torch.testing.assert_close((halves[0][k] + halves[1][k]) / 2, full[k])
+
+
+def test_gradnorm_leaves_weights_alone_on_a_non_finite_step():
+    gn = GradNorm(["a", "b"], alpha=1.5, lr=0.1)
+    theta, losses = _two_task_setup(10.0, 1.0, 1.0, 1.0)
+    before = gn.update(losses, [theta])
+    theta, losses = _two_task_setup(10.0, 1.0, float("nan"), 1.0)  # a step TRAIN.NONFINITE skip would drop
+    assert gn.update(losses, [theta]) == before
+    assert torch.isfinite(gn.initial_losses).all()
+    theta, losses = _two_task_setup(10.0, 1.0, 1.0, 1.0)  # the next good step still moves them
+    assert gn.update(losses, [theta]) != before

@@ -219,3 +219,36 @@ def test_checkpointer_saves_components_and_bests_then_restores_them(tmp_path: Pa
     assert point is not None and point.exact and point.step == 6 and point.path.name == "step_6"
     assert again.restore(point) == 6
     assert restored.value == 6 and [b["step"] for b in again.bests] == [3] and again.last_saved_step == 6
+
+
+def test_decide_on_main_returns_the_value_and_reraises_one_line_errors_by_type():
+    from linnaeus.engine.distributed import decide_on_main
+    from linnaeus.errors import DataError
+
+    class Alone:  # a single process: no broadcast needed
+        is_main_process = True
+        num_processes = 1
+
+    assert decide_on_main(Alone(), lambda: {"step": 3}) == {"step": 3}
+
+    def refuse() -> None:
+        raise DataError("checkpoints/step_3/optimizer.bin: refused")
+
+    with pytest.raises(DataError, match=r"step_3/optimizer\.bin: refused"):
+        decide_on_main(Alone(), refuse)
+
+
+def test_a_backbone_saved_unfrozen_stays_unfrozen_when_the_schedule_is_stretched(monkeypatch):
+    from linnaeus.engine import finetune
+    from linnaeus.engine.finetune import FreezeState
+
+    unfrozen = []
+    monkeypatch.setattr(finetune, "set_backbone_frozen", lambda model, frozen: unfrozen.append(frozen))
+    cfg = load_config(None, ["MODEL.FREEZE_BACKBONE", "true", "MODEL.UNFREEZE_BACKBONE_AFTER", "{FRACTION: 0.5}"])
+    longer = FreezeState(cfg, StepPlan(steps_per_epoch=10, total_steps=200))  # unfreezes at 100 now
+    model = torch.nn.Linear(2, 2)
+    longer.apply(model, 60, {"backbone_frozen": False})  # saved at 60 of 100, after the unfreeze at 50
+    assert longer.frozen is False and not longer.due(60) and unfrozen == [False]
+    fresh = FreezeState(cfg, StepPlan(steps_per_epoch=10, total_steps=200))
+    fresh.apply(model, 60, None)
+    assert fresh.frozen is True and fresh.due(100) and unfrozen == [False]
