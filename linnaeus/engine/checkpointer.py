@@ -73,15 +73,20 @@ def checkpoint_manager(cfg: Config, root: Path) -> CheckpointManager:
 
 
 def resume_candidate(cfg: Config, root: Path) -> Path | None:
-    """The checkpoint this run continues from: TRAIN.RESUME_FROM, else the folder's latest when auto-resuming. Reads
-    files, so only the main process calls it and shares the answer."""
+    """The checkpoint this run continues from. With TRAIN.AUTO_RESUME (the default), the run folder's own latest
+    checkpoint when it has one, so a preempted and requeued job continues its own progress; otherwise
+    TRAIN.RESUME_FROM (where a new run starts from), else nothing. Reads files, so only the main process calls it
+    and shares the answer."""
     t = cfg.TRAIN
+    own = checkpoint_manager(cfg, root).latest() if t.AUTO_RESUME else None
+    if own is not None:
+        return own
     if t.RESUME_FROM:
         path = Path(t.RESUME_FROM)
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)")
         return path
-    return checkpoint_manager(cfg, root).latest() if t.AUTO_RESUME else None
+    return None
 
 
 class Checkpointer:
@@ -130,6 +135,14 @@ class Checkpointer:
 
         def decide() -> tuple[str, dict[str, Any]] | None:
             path = resume_candidate(self.cfg, self.manager.root)
+            asked = self.cfg.TRAIN.RESUME_FROM
+            if path is not None and asked and Path(asked).resolve() != path.resolve():
+                log.warning(
+                    "TRAIN.RESUME_FROM %s: this run folder has checkpoints of its own; continuing from %s "
+                    "(TRAIN.AUTO_RESUME False starts from RESUME_FROM instead)",
+                    asked,
+                    path,
+                )
             return None if path is None else (str(path), read_state(path))
 
         found = decide_on_main(self.accelerator, decide)

@@ -252,3 +252,25 @@ def test_a_backbone_saved_unfrozen_stays_unfrozen_when_the_schedule_is_stretched
     fresh = FreezeState(cfg, StepPlan(steps_per_epoch=10, total_steps=200))
     fresh.apply(model, 60, None)
     assert fresh.frozen is True and fresh.due(100) and unfrozen == [False]
+
+
+def test_a_requeued_run_continues_its_own_checkpoints_not_resume_from(tmp_path):
+    from linnaeus.engine.checkpointer import resume_candidate
+
+    def checkpoint(root: Path, step: int) -> Path:
+        folder = root / f"step_{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (root / "latest").write_text(f"step_{step}\n")
+        return folder
+
+    start = checkpoint(tmp_path / "old_run" / "checkpoints", 5)
+    own_root = tmp_path / "new_run" / "checkpoints"
+    cfg = load_config(None, ["TRAIN.RESUME_FROM", str(start)])
+    assert resume_candidate(cfg, own_root) == start  # a new folder starts from RESUME_FROM
+    own = checkpoint(own_root, 12)
+    assert resume_candidate(cfg, own_root) == own  # after preemption, the job continues its own progress
+    assert (
+        resume_candidate(load_config(None, ["TRAIN.RESUME_FROM", str(start), "TRAIN.AUTO_RESUME", "false"]), own_root)
+        == start
+    )
