@@ -113,8 +113,13 @@ def final_weights(run: Path) -> dict:
 
 def spawn(opts: list[str], accelerate_config: str | None = None) -> subprocess.Popen:
     """A training run in the background, in its own session, for tests that signal or kill it."""
+    return spawn_cmd(train_cmd(opts, accelerate_config))
+
+
+def spawn_cmd(cmd: list[str]) -> subprocess.Popen:
+    """Any command in the background from the repository root, in its own session, output captured."""
     return subprocess.Popen(
-        train_cmd(opts, accelerate_config),
+        cmd,
         cwd=ROOT,
         env=env(),
         stdout=subprocess.PIPE,

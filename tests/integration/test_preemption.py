@@ -6,12 +6,24 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from launch_utils import PY, ROOT, descendants, ensure_demo, env, final_weights, metrics, run_dir, tiny_opts, train_cmd
+from launch_utils import (
+    PY,
+    ROOT,
+    descendants,
+    ensure_demo,
+    env,
+    final_weights,
+    metrics,
+    run_dir,
+    spawn_cmd,
+    tiny_opts,
+    train_cmd,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +41,10 @@ def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:
 
 def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _train_rows(run: Path) -> int:
+    return len(metrics(run, "train")) if (run / "metrics.jsonl").is_file() else 0
 
 
 def _latest_step(run: Path) -> int | None:
@@ -66,20 +82,8 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
 ) -> None:
     steps, common = STEPS, COMMON
     run = run_dir(tmp_path, "pre")
-    proc = subprocess.Popen(
-        _linnaeus_launch(tiny_opts(demo, tmp_path, name="pre", **common), "cpu_zero2"),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while not ((run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 3):
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = spawn_cmd(_linnaeus_launch(tiny_opts(demo, tmp_path, name="pre", **common), "cpu_zero2"))
+    wait_for(lambda: _train_rows(run) >= 3, proc, timeout=600)
     if target == "group":
         # What a person's Ctrl-C or `kill -TERM -PGID` reaches: the launcher (ranks run in their own sessions).
         os.killpg(proc.pid, signal.SIGTERM)
@@ -118,20 +122,8 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
 def test_single_process_train_with_workers_exits_75(demo: Path, tmp_path: Path) -> None:
     opts = tiny_opts(demo, tmp_path, name="one", TRAIN__MAX_STEPS=400, DATA__NUM_WORKERS=1)
     run = run_dir(tmp_path, "one")
-    proc = subprocess.Popen(
-        [PY, "-m", "linnaeus", "train", *train_cmd(opts)[3:]],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").is_file() and len(metrics(run, "train")) >= 2):
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = spawn_cmd([PY, "-m", "linnaeus", "train", *train_cmd(opts)[3:]])
+    wait_for(lambda: _train_rows(run) >= 2, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader worker
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-4000:]
