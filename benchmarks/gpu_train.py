@@ -7,14 +7,17 @@ skipped when the time budget would be exceeded):
 - launcher: ``single_gpu.yaml`` (bf16) and ``zero2.yaml --num_processes 1`` (DeepSpeed ZeRO-2, bf16);
 - ``DATA.DECODE``: ``cpu`` (decode + crop in loader workers) vs ``device`` (workers read bytes, the GPU decodes);
 - ``MODEL.COMPILE``: eager vs compiled; image size 224 and 384;
+- the other fast-step settings one at a time (``-no_cl``: ``MODEL.CHANNELS_LAST false``; ``-no_fused``:
+  ``OPTIMIZER.FUSED false``) against the compiled device-decode run, to keep only what helps;
 - data: photo-like JPEGs of ≤ 500 px and ~1 MP (``benchmarks.common.synth_images``), and WebDataset shards
   written by ``linnaeus shard`` from the ≤ 500 px set.
 
 Per variant: images/s (median of the logged windows after warm-up), MFU (3x the forward FLOPs of the run's own
 model from ``linnaeus.models.model_size``, against the datasheet bf16 peak and the measured bf16 matmul rate,
-both from ``benchmarks.gpu``), the data-wait share and peak memory when the trainer logs them
-(``data_wait_share``, ``max_memory_gib`` in train rows; ``null`` otherwise), device-decode fallbacks, and the
-wall time of the launch. Each section is guarded as in ``benchmarks.gpu``: a failure is recorded and the next
+both from ``benchmarks.gpu``), the data-wait share and peak memory the trainer logs (``data_wait_share``,
+``max_memory_gib`` in train rows), device-decode fallbacks, and the wall time of the launch. ``fed_vs_compute``
+(1 - data-wait share) estimates end-to-end images/s against the same step fed from memory: the step's own time
+is what remains when the waits for data are taken out. Each section is guarded as in ``benchmarks.gpu``: a failure is recorded and the next
 variant runs; the JSON is rewritten after every section. A table closes the run.
 
 ``--smoke`` runs the same code on the CPU in well under a minute (tests use it): the demo-sized model at 32 px,
@@ -53,11 +56,14 @@ class Variant:
     compiled: bool
     img_size: int
     data: str  # "jpeg500", "jpeg1mp" or "shards"
+    channels_last: bool = True  # MODEL.CHANNELS_LAST
+    fused: bool = True  # OPTIMIZER.FUSED
 
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
-        return f"{self.launcher}-{self.data}-{self.img_size}-{self.decode}-{mode}"
+        off = ("" if self.channels_last else "-no_cl") + ("" if self.fused else "-no_fused")
+        return f"{self.launcher}-{self.data}-{self.img_size}-{self.decode}-{mode}{off}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ def _variants(smoke: bool) -> tuple[Variant, ...]:
         v("single", "device", False, 224, "jpeg500"),
         v("single", "device", True, 224, "jpeg500"),
         v("single", "cpu", True, 224, "jpeg500"),
+        v("single", "device", True, 224, "jpeg500", channels_last=False),
+        v("single", "device", True, 224, "jpeg500", fused=False),
         v("single", "cpu", False, 224, "jpeg1mp"),
         v("single", "device", False, 224, "jpeg1mp"),
         v("zero2", "device", True, 224, "jpeg500"),
@@ -207,6 +215,10 @@ def run_variant(
         variant.decode,
         "MODEL.COMPILE",
         str(variant.compiled),
+        "MODEL.CHANNELS_LAST",
+        str(variant.channels_last),
+        "OPTIMIZER.FUSED",
+        str(variant.fused),
         "TRAIN.MAX_STEPS",
         str(plan.steps),
         "TRAIN.EPOCHS",
@@ -257,12 +269,14 @@ def summarise(run: Path, plan: TrainPlan, variant: Variant, batch: int) -> dict[
     meta_dims = [c.DIM for c in cfg.DATA.META.COMPONENTS.values() if c.ENABLED] if cfg.DATA.META.ACTIVE else []
     size = model_size(cfg.MODEL, meta_dims, variant.img_size)
     last = train[-1] if train else {}
+    wait = _median(steady, "data_wait_share")
     return {
         "variant": variant.__dict__,
         "batch": batch,
         "logged_windows": len(train),
         "images_per_sec": _median(steady, "images_per_sec"),
-        "data_wait_share": _median(steady, "data_wait_share"),
+        "data_wait_share": wait,
+        "fed_vs_compute": None if wait is None else 1.0 - wait,
         "max_memory_gib": max((float(r["max_memory_gib"]) for r in train if "max_memory_gib" in r), default=None),
         "decode_fallbacks": last.get("decode_fallbacks"),
         "device_decode_wired": "decode_fallbacks" in last,
@@ -291,7 +305,7 @@ def _fmt(value: Any, spec: str) -> str:
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| variant | img/s | MFU (peak) | MFU (matmul) | data wait | peak GiB | fallbacks | launch s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",  # fed / from memory = 1 - data wait
     ]
     for name, res in results.get("variants", {}).items():
         if "error" in res or "skipped" in res:

@@ -104,7 +104,7 @@ class InterleavedBatches:
 
 
 @contextlib.contextmanager
-def _quiet_trainer() -> Iterator[io.StringIO]:
+def quiet_trainer() -> Iterator[io.StringIO]:
     """Keep the trainer's console output (progress bar, summary, tables) and its signal handlers local."""
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     logger = logging.getLogger("linnaeus")
@@ -139,7 +139,7 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
         "SCHEDULE__CHECKPOINT__INTERVAL": "{STEPS: 1000000}",
     } | overrides
     cfg = ds.config(**opts)
-    with _quiet_trainer():
+    with quiet_trainer():
         trainer = Trainer(cfg)
         trainer.setup()  # a plain process: accelerate's single-process mode, no process group
         stream = trainer.train_batches

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from linnaeus.registry import HEADS, LOSSES, MODELS
 
@@ -22,6 +22,18 @@ from linnaeus.registry import HEADS, LOSSES, MODELS
 ModelName = Annotated[str, AfterValidator(MODELS.validator())]
 HeadName = Annotated[str, AfterValidator(HEADS.validator())]
 LossName = Annotated[str, AfterValidator(LOSSES.validator())]
+
+
+def _on_off_auto(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError("expected true, false or auto")
+
+
+# A speed setting that defaults to "auto": on where it pays (CUDA), off elsewhere.
+OnOffAuto = Annotated[bool | Literal["auto"], BeforeValidator(_on_off_auto)]
 
 
 class Node(BaseModel):
@@ -177,7 +189,12 @@ class ModelConfig(Node):
     ATTN_DROP_RATE: float = Field(0.0, ge=0, lt=1)
     ONLY_LAST_CLS: bool = False
     GRADIENT_CHECKPOINTING: bool = False
-    COMPILE: bool = Field(False, description="wrap the model in torch.compile")
+    COMPILE: OnOffAuto = Field(
+        "auto", description="torch.compile the model's forward; auto: on CUDA (a failed compile warns, runs eager)"
+    )
+    CHANNELS_LAST: OnOffAuto = Field(
+        "auto", description="convolution weights and images in channels_last layout; auto: on CUDA"
+    )
     PARAMS: dict[str, Any] = Field(
         default_factory=dict, description="settings of a model registered outside Linnaeus, read by its from_config"
     )
@@ -354,6 +371,7 @@ class TrainConfig(Node):
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER
 class OptimizerConfig(Node):
     NAME: Literal["adamw"] = "adamw"
+    FUSED: OnOffAuto = Field("auto", description="fused AdamW kernel; auto: on CUDA")
     WEIGHT_DECAY: float = Field(0.05, ge=0)
     BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     EPS: float = 1e-8

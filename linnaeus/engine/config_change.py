@@ -50,7 +50,9 @@ RESUMABLE_PREFIXES: tuple[str, ...] = (
     "DATA.H5.TRAIN_LABELS_PATH",
     "DATA.H5.VAL_LABELS_PATH",
     "DATA.TAXONOMY_PATH",
-    "MODEL.COMPILE",
+    "MODEL.COMPILE",  # speed settings: same weights, same optimizer state layout
+    "MODEL.CHANNELS_LAST",
+    "OPTIMIZER.FUSED",
     "MODEL.PRETRAINED",  # the starting weights only matter on a fresh start; a resume continues its checkpoint
     "MODEL.PRETRAINED_SOURCE",
     "MODEL.PRETRAINED_CONVNEXT",

@@ -2,7 +2,15 @@
 never trains on, checkpoints or exports NaN weights and never exits 0 after diverging.
 
 Cost: the flags of a window's micro-batches are gathered on the device; at the optimizer step they are all-reduced
-(max) once and read on the host once, so every process takes the same decision at the same step.
+(max) once, so every process takes the same decision at the same step. How they reach the host depends on the mode:
+
+- ``stop`` (default) never waits for the GPU inside the step: step ``n``'s flags are copied to the host
+  asynchronously and read at step ``n + 1``'s check, or earlier by ``settle()``, which the loop calls before anything
+  leaves the process (a logged row, a validation, a checkpoint, the export). A non-finite step is therefore applied
+  and one more step computed before the run stops, but the error names step ``n`` and nothing from those steps is
+  logged, validated, saved or exported.
+- ``skip`` must decide before the optimizer applies the step, so it reads the flags on the host at every step (one
+  host sync per step: the price of skipping).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Any
 
 import torch
 
+from linnaeus.engine.readback import HostReadback
 from linnaeus.errors import ConfigError, LinnaeusError
 
 log = logging.getLogger("linnaeus")
@@ -42,7 +51,8 @@ def step_grad_norm(
 
 
 class NonFiniteGuard:
-    """``add`` each micro-batch's losses (device only), then ``check`` once per optimizer step (collective)."""
+    """``add`` each micro-batch's losses (device only), then ``check`` once per optimizer step (collective), and
+    ``settle`` before anything from the run is logged, validated or saved (see the module docstring)."""
 
     def __init__(
         self,
@@ -67,20 +77,38 @@ class NonFiniteGuard:
         self.scaler_skips = scaler_skips
         self.skipped = 0
         self._flags = torch.zeros(len(self.names), device=device)
+        self._pending: tuple[int, HostReadback] | None = None  # stop mode: the last step's flags, on their way
 
     def add(self, total: torch.Tensor, per_task: dict[str, torch.Tensor]) -> None:
         losses = torch.stack([*(v.detach().float() for v in per_task.values()), total.detach().float()])
         self._flags[:-1] = torch.maximum(self._flags[:-1], (~torch.isfinite(losses)).float())
 
     def check(self, step: int, grad_norm: torch.Tensor | float | None) -> bool:
-        """Collective. Raises ``NonFiniteError`` to stop; True: skip this step (the caller drops its gradients so
-        the optimizer applies nothing); False: apply it."""
+        """Collective. True: skip this step (the caller drops its gradients so the optimizer applies nothing);
+        False: apply it. Raises ``NonFiniteError`` to stop: in stop mode for the previous step, whose flags have
+        arrived by now (this step's are read by the next ``check`` or ``settle``); in skip mode for this one."""
         flags, self._flags = self._flags, torch.zeros_like(self._flags)
         if grad_norm is not None:
             flags[-1] = (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.device))).float()
+        if self.mode == "stop":
+            self.settle()  # before the collective below: when it raises, every process raises here together
+            if self.reduce_max is not None:
+                flags = self.reduce_max(flags)
+            self._pending = (step, HostReadback(flags))
+            return False
         if self.reduce_max is not None:
             flags = self.reduce_max(flags)
-        bad = [name for name, flag in zip(self.names, flags.tolist(), strict=True) if flag > 0]  # the host sync
+        return self._decide(step, flags.tolist())  # skip mode: the host sync skipping needs
+
+    def settle(self) -> None:
+        """Stop mode: read the last checked step's flags now and raise if it was not finite (no-op when none)."""
+        if self._pending is not None:
+            step, readback = self._pending
+            self._pending = None
+            self._decide(step, readback.values())
+
+    def _decide(self, step: int, flags: list[float]) -> bool:
+        bad = [name for name, flag in zip(self.names, flags, strict=True) if flag > 0]
         if not bad:
             return False
         what = bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")

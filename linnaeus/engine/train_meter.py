@@ -121,8 +121,8 @@ class TrainMeter:
         return min(self.wait_total / seconds, 1.0) if seconds > 0 else None
 
     def flush(self) -> dict[str, float]:
-        """Collective. The window's row (``loss``, ``images_per_sec``, ``data_wait_share``, ``<rank>/loss``), then a
-        fresh window.
+        """Collective. The window's row (``loss``, ``images_per_sec``, ``data_wait_share``, ``<rank>/loss``; on CUDA
+        also ``max_memory_gib``, the peak allocated so far), then a fresh window.
 
         Each micro-batch loss is a share of its step's loss (see ``TaskLoss.task_losses`` with step denominators):
         summed over a step's micro-batches and processes it is accumulation × world size × the step loss."""
@@ -143,6 +143,8 @@ class TrainMeter:
             "decode_fallbacks": round(values[-2]),  # all processes, since the run (re)started
         }
         row |= {f"{k}/loss": v / shares for k, v in zip(self.task_keys, values[1:-2], strict=True)}
+        if self.sums.device.type == "cuda":  # the allocator's own counter: no device sync
+            row["max_memory_gib"] = torch.cuda.max_memory_allocated(self.sums.device) / 2**30
         self.restart()
         return row
 

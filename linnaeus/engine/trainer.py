@@ -19,6 +19,7 @@ from linnaeus.config import Config, config_to_dict, dump_config
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
+from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
 from linnaeus.engine.progress import Progress, announce
@@ -107,6 +108,7 @@ class Trainer:
         trackers = plan_trackers(cfg, self.run).accelerator_kwargs()
         self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE, trackers)
         acc = self.accelerator
+        self.speedups = StepSpeedups.resolve(cfg, acc.device)
         # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
         # start leaves no folder behind (what was logged before is written to train.log then).
         setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
@@ -196,6 +198,7 @@ class Trainer:
             every=self.ops.val_every,
             masked_every=self.ops.val_mask_meta_every,
             reduce_sum=lambda t: self.accelerator.reduce(t, "sum"),
+            memory_format=self.speedups.memory_format,
             # its own decoder, so the decode_fallbacks of train rows count training batches only
             decode=DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES).decode,
         )
@@ -227,7 +230,7 @@ class Trainer:
             acc.device,
             t.NONFINITE,
             t.NONFINITE_MAX_SKIPS,
-            reduce_max=lambda x: acc.reduce(x, "max"),
+            reduce_max=None if acc.num_processes == 1 else lambda x: acc.reduce(x, "max"),
             step_applied_in_backward=d.uses_deepspeed,
             scaler_skips=d.precision == "fp16",
         )
@@ -271,12 +274,15 @@ class Trainer:
             self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
             self.data.class_counts("train"),
         )
+        fast = self.speedups
+        if fast.channels_last:  # before the optimizer and the EMA copy see the parameters
+            model = model.to(memory_format=torch.channels_last)
         base_lr = self.lr_schedule.base_lr
         groups = optimizer_groups(model, cfg)
         for g in groups:
             g["lr"] = base_lr * g.get("lr_scale", 1.0)
         b1, b2 = cfg.OPTIMIZER.BETAS
-        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(b1, b2), eps=cfg.OPTIMIZER.EPS)
+        optimizer = adamw(groups, lr=base_lr, betas=(b1, b2), eps=cfg.OPTIMIZER.EPS, fused=fast.fused_optimizer)
         if resume is not None and not resume.exact:
             self.checkpointer.load_weights(model, resume)
         if self.ema is None and cfg.TRAIN.EMA.ENABLED:  # plain module, whole parameters: before prepare
@@ -285,11 +291,9 @@ class Trainer:
                 self.checkpointer.register_file(EMA_FILE, self.ema)
                 self.validator.ema = self.ema.module
         self.checkpointer.register("freeze", self.freeze)
-        if cfg.MODEL.COMPILE:
-            # dynamic=False: inductor's dynamic-shape path crashes on this model (a second input shape, e.g. the
-            # validation batch, would otherwise switch it on); each new shape compiles once instead.
+        if fast.compile:  # after the EMA copy, which stays eager
             announce("torch.compile: the first training and validation steps compile the model", "about 1-3 min")
-            model = torch.compile(model, dynamic=False)
+            compile_forward(model)
         if cfg.LOSS.GRADNORM.ENABLED and self.dist.zero_stage == 3:
             raise ConfigError(
                 "LOSS.GRADNORM.ENABLED: GradNorm needs whole parameters for its per-rank gradient norms, which ZeRO-3 "
@@ -324,6 +328,7 @@ class Trainer:
             ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
             ("metadata", ", ".join(f"{n}({dim})" for n, dim in meta) or "none"),
             ("model", f"{cfg.MODEL.NAME} ({params:.2f} M parameters)"),
+            ("fast step", self.speedups.summary()),
             (
                 "lr",
                 f"{cfg.LR_SCHEDULER.NAME}, base {self.lr_schedule.base_lr:.3g}, warmup {self.lr_schedule.warmup} steps",
@@ -398,7 +403,8 @@ class Trainer:
         self, m: MicroBatch, denominators: dict[str, torch.Tensor], gradnorm_due: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dtype, out = self.dist.model_dtype, m.aug
-        logits = self.model(out.images.to(dtype), out.meta.to(dtype) if out.meta.shape[1] else None)
+        images = out.images.to(dtype, memory_format=self.speedups.memory_format)
+        logits = self.model(images, out.meta.to(dtype) if out.meta.shape[1] else None)
         logits = {k: v.float() for k, v in logits.items()}  # losses in fp32
         losses = self.loss_fn.task_losses(
             logits, out.targets, out.valid, included=m.included, denominators=denominators
@@ -433,6 +439,15 @@ class Trainer:
     def after_step(self) -> bool:
         """The components that act after an optimizer step, each on its own cadence. True: stop (preempted)."""
         step = self.step
+        stop = self.preemption.agreed(step)
+        if (
+            stop
+            or self.meter.due(step)
+            or self.validator.due(step)
+            or self.checkpointer.due(step)
+            or self.freeze.due(step)
+        ):
+            self.nonfinite.settle()  # nothing from a non-finite step is logged, validated or saved
         if self.meter.due(step):
             self._log_train(step, self.meter.flush())
         self.progress.update(step, **self.last_train)
@@ -440,7 +455,6 @@ class Trainer:
             self.ema.update(self.model, step)
         with self.meter.paused():  # validation and checkpoints are not training throughput
             self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
-            stop = self.preemption.agreed(step)
             if stop or self.checkpointer.due(step):
                 self.checkpointer.save(step, self.validator.metrics_at(step))
             if not stop and self.freeze.due(step):
@@ -471,7 +485,8 @@ class Trainer:
         log.info("%s", self._summary())
         self.tracking.start()
         acc = self.accelerator
-        self.preemption = Preemption(acc.device, reduce_max=lambda t: acc.reduce(t, "max"))
+        alone = acc.num_processes == 1
+        self.preemption = Preemption(acc.device, reduce_max=None if alone else lambda t: acc.reduce(t, "max"))
         total = self.plan.total_steps
         every = max(self.cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS, total // 20)  # ~20 progress lines a run
         self.progress = Progress(total=total, initial=self.step, is_main=acc.is_main_process, every_steps=every)
@@ -493,6 +508,7 @@ class Trainer:
         return PREEMPTED_EXIT_CODE
 
     def _finish(self) -> int:
+        self.nonfinite.settle()
         self.progress.close()
         with self.meter.paused():  # the last save and the export are not training time (report, mean img/s)
             if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: a collective

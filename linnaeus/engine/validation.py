@@ -47,12 +47,14 @@ class Validator:
         masked_every: int | None,
         reduce_sum: Reduce | None = None,
         decode: Callable[[dict[str, Any], torch.device], dict[str, Any]] | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.loader, self.sampler = loader, sampler
         self.decode = decode  # DATA.DECODE device: turns encoded batches into images on the device
         self.task_keys = list(task_keys)
         self.mean, self.std = mean, std
         self.device, self.dtype = device, dtype
+        self.memory_format = memory_format  # the training step's image layout (MODEL.CHANNELS_LAST)
         self.plan = plan
         self.every, self.masked_every = every, masked_every
         self.reduce_sum = reduce_sum
@@ -67,12 +69,15 @@ class Validator:
         """The last validation's metrics if it validated exactly the weights of ``step``, else empty."""
         return self.last if self.last_step == step else {}
 
+    def due(self, step: int) -> bool:
+        return fires(self.every, step, self.plan) or fires(self.masked_every, step, self.plan)
+
     def maybe_run(self, step: int, model: nn.Module, log_metrics: LogFn) -> None:
         """Validate ``model`` after optimizer step ``step`` if due; every process calls this (collective)."""
+        if not self.due(step):
+            return
         normal = fires(self.every, step, self.plan)
         masked = fires(self.masked_every, step, self.plan)
-        if not (normal or masked):
-            return
         normal = normal or not self.last  # the masked pass alone never leaves the run without a normal one
         phases = {name: mask for name, mask, on in (("val", False, normal), ("val_mask_meta", True, masked)) if on}
         if normal and self.ema is not None:
@@ -123,6 +128,10 @@ class Validator:
             for name, masked in phases.items():
                 dtype = dtypes[name]
                 meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(dtype)
-                meters[name].update(runs[name](images.to(dtype), meta_in), batch["targets"], batch["is_pad"])
+                meters[name].update(
+                    runs[name](images.to(dtype, memory_format=self.memory_format), meta_in),
+                    batch["targets"],
+                    batch["is_pad"],
+                )
         model.train(was_training)
         return {name: m.compute(self.reduce_sum) for name, m in meters.items()}

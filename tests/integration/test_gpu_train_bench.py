@@ -23,6 +23,13 @@ def test_full_plan_covers_the_issue_matrix() -> None:
     assert {v.compiled for v in variants} == {True, False}
     assert {v.img_size for v in variants} == {224, 384}
     assert {v.data for v in variants} == {"jpeg500", "jpeg1mp", "shards"}
+    # each fast-step setting is measured against its absence, beside the same compiled device-decode run
+    base = Variant("single", "device", True, 224, "jpeg500")
+    assert base in variants
+    assert {v for v in variants if not (v.channels_last and v.fused)} == {
+        Variant("single", "device", True, 224, "jpeg500", channels_last=False),
+        Variant("single", "device", True, 224, "jpeg500", fused=False),
+    }
     assert make_train_plan(smoke=False).workers <= 8
 
 
@@ -58,4 +65,5 @@ def test_smoke_run_launches_the_trainer_and_writes_json(tmp_path: Path) -> None:
     for name, run in res["variants"].items():
         assert run["images_per_sec"] > 0, (name, run)
         assert run["logged_windows"] >= 3 and run["gmacs_fwd"] > 0
+        assert 0 <= run["fed_vs_compute"] <= 1 and run["fed_vs_compute"] == 1 - run["data_wait_share"]
     assert "| variant | img/s |" in proc.stdout

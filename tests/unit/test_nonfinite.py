@@ -25,18 +25,41 @@ def test_guard_stops_naming_the_step_and_the_first_bad_loss() -> None:
     assert guard.check(0, torch.tensor(3.0)) is False
     guard.add(*_losses(1.0))
     guard.add(*_losses(float("nan")))  # a later micro-batch of the same window
+    # Stop mode does not wait for the device inside the step: step 5's flags are read at the next check...
+    assert guard.check(4, torch.tensor(3.0)) is False
+    guard.add(*_losses(1.0))
     with pytest.raises(NonFiniteError) as err:
-        guard.check(4, torch.tensor(3.0))
+        guard.check(5, torch.tensor(3.0))
     msg = str(err.value)
     assert "step 5" in msg and "non-finite taxa_L10 loss (and 1 more)" in msg and "\n" not in msg
     assert err.value.exit_code == 3
+    guard.settle()  # the failed step's flags were consumed: nothing is raised twice
 
 
-def test_guard_names_gradients_when_only_the_norm_is_infinite() -> None:
+def test_guard_settle_reads_the_last_step_before_anything_is_saved() -> None:
     guard = NonFiniteGuard(KEYS, torch.device("cpu"))
     guard.add(*_losses(1.0))
+    assert guard.check(0, float("inf")) is False
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite gradients;"):
-        guard.check(0, float("inf"))
+        guard.settle()  # ...or by settle(), which the loop calls before logging, validating, saving or exporting
+    guard.add(*_losses(1.0))
+    assert guard.check(1, torch.tensor(1.0)) is False
+    guard.settle()  # a finite step settles quietly
+
+
+def test_guard_reduces_every_step_in_the_same_order_on_every_process() -> None:
+    calls: list[list[float]] = []
+
+    def reduce_max(flags: torch.Tensor) -> torch.Tensor:
+        calls.append(flags.tolist())
+        return flags.clone()
+
+    guard = NonFiniteGuard(KEYS, torch.device("cpu"), reduce_max=reduce_max)
+    guard.add(*_losses(float("nan")))
+    guard.check(0, torch.tensor(1.0))
+    with pytest.raises(NonFiniteError, match="step 1"):
+        guard.check(1, torch.tensor(1.0))  # raises before its own collective: every process stops at this call
+    assert len(calls) == 1 and calls[0][0] == 1.0
 
 
 def test_guard_skips_up_to_the_bound_then_stops_and_keeps_its_count() -> None:
