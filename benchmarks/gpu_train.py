@@ -30,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -244,12 +245,25 @@ def run_variant(
     )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-4:]
-        raise RuntimeError(f"launch failed ({proc.returncode}): {' | '.join(tail)}")
+        raise RuntimeError(f"launch failed ({proc.returncode}): {failure_line(proc.stderr or proc.stdout)}")
     runs = sorted(out.glob(f"*/*/{variant.name}"))
     if len(runs) != 1:
         raise RuntimeError(f"expected one run folder named {variant.name} under {out}, found {len(runs)}")
     return summarise(runs[0], plan, variant, batch) | {"launch_wall_s": round(wall, 1)}
+
+
+def failure_line(output: str) -> str:
+    """The line that says why a launch failed: the CLI's ``error:`` line, else the last exception line of a rank
+    (the launcher's own ChildFailedError report says nothing about the cause)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line
+    for line in reversed(lines):
+        text = line.split("]: ", 1)[-1] if line.startswith("[rank") else line
+        if re.match(r"^[\w.]*(Error|Exception)\b", text) and "ChildFailedError" not in text:
+            return text[:500]
+    return " | ".join(lines[-4:])[:500]
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:

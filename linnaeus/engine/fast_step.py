@@ -1,15 +1,19 @@
-"""The fast training step on CUDA: ``torch.compile``, channels_last memory format and fused AdamW.
+"""The fast training step: ``torch.compile``, channels_last memory format and fused AdamW.
 
-Each is a setting that takes ``auto`` (the default: on when the run trains on CUDA, off on the CPU, where inductor
-spends minutes compiling for little gain and the other two buy nothing), ``true`` or ``false``:
+Each is a setting that takes ``auto`` (the default), ``true`` or ``false``:
 
-- ``MODEL.COMPILE``: the model's ``forward`` is compiled in place (``dynamic=False``: inductor's dynamic-shape
-  path crashes on this model; each new input shape compiles once). The module, its parameter names and its
-  checkpoints stay exactly those of the eager model. If compiling fails, the run warns once and continues eagerly.
-- ``MODEL.CHANNELS_LAST``: convolution weights and the image batch in NHWC, the layout cuDNN's bf16 convolutions
-  (the ConvNeXt stages) run fastest in.
-- ``OPTIMIZER.FUSED``: ``torch.optim.AdamW(fused=True)``, one kernel for the whole update instead of a few per
-  parameter group (also when DeepSpeed wraps the optimizer, which then runs it on its fp32 partitions).
+- ``MODEL.COMPILE`` (auto: on CUDA; on the CPU inductor spends minutes compiling for little gain): the model's
+  ``forward`` is compiled in place (``dynamic=False``: inductor's dynamic-shape path crashes on this model; each new
+  input shape compiles once). The module, its parameter names and its checkpoints stay exactly those of the eager
+  model. If compiling fails, the run warns once and continues eagerly.
+- ``MODEL.CHANNELS_LAST`` (auto: on CUDA): the image batch, and the convolution weights, in NHWC, the layout
+  cuDNN's bf16 convolutions (the ConvNeXt stages) run fastest in. Under DeepSpeed only the images: ZeRO keeps the
+  parameters as views into its flat contiguous buffers (it refuses channels_last weights), and a convolution whose
+  input is channels_last runs channels_last anyway.
+- ``OPTIMIZER.FUSED`` (auto: on wherever PyTorch has the kernel, CUDA and CPU): ``torch.optim.AdamW(fused=True)``,
+  one kernel for the whole update instead of a loop over parameters (about 3x faster on the CPU too); also what
+  DeepSpeed's ZeRO optimizer runs on its fp32 partitions, since it wraps ours. Same update up to float rounding,
+  same state layout (a resume may switch it).
 
 ``benchmarks/gpu_train.py`` measures each of them against its absence on a GPU.
 """
@@ -28,9 +32,12 @@ from torch import nn
 log = logging.getLogger("linnaeus")
 
 
-def resolve_auto(value: bool | str, on_cuda: bool) -> bool:
-    """A ``true | false | auto`` setting → bool (``auto``: on when training on CUDA)."""
-    return on_cuda if value == "auto" else bool(value)
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # device types with a fused AdamW kernel in the supported torch versions
+
+
+def resolve_auto(value: bool | str, auto: bool) -> bool:
+    """A ``true | false | auto`` setting → bool (``auto`` → ``auto``, the setting's own rule for this device)."""
+    return auto if value == "auto" else bool(value)
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,17 @@ class StepSpeedups:
     channels_last: bool
     fused_optimizer: bool
 
+    channels_last_weights: bool = False  # also the parameters (not under DeepSpeed)
+
     @classmethod
-    def resolve(cls, cfg: Any, device: torch.device) -> StepSpeedups:
-        on_cuda = torch.device(device).type == "cuda"
+    def resolve(cls, cfg: Any, device: torch.device, uses_deepspeed: bool = False) -> StepSpeedups:
+        kind = torch.device(device).type
+        channels_last = resolve_auto(cfg.MODEL.CHANNELS_LAST, kind == "cuda")
         return cls(
-            compile=resolve_auto(cfg.MODEL.COMPILE, on_cuda),
-            channels_last=resolve_auto(cfg.MODEL.CHANNELS_LAST, on_cuda),
-            fused_optimizer=resolve_auto(cfg.OPTIMIZER.FUSED, on_cuda),
+            compile=resolve_auto(cfg.MODEL.COMPILE, kind == "cuda"),
+            channels_last=channels_last,
+            fused_optimizer=resolve_auto(cfg.OPTIMIZER.FUSED, kind in FUSED_ADAMW_DEVICES),
+            channels_last_weights=channels_last and not uses_deepspeed,
         )
 
     @property
@@ -53,7 +64,8 @@ class StepSpeedups:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def summary(self) -> str:
-        on = [name for name, flag in (("torch.compile", self.compile), ("channels_last", self.channels_last),
+        layout = "channels_last" if self.channels_last_weights else "channels_last (images; DeepSpeed keeps weights)"
+        on = [name for name, flag in (("torch.compile", self.compile), (layout, self.channels_last),
                                       ("fused AdamW", self.fused_optimizer)) if flag]  # fmt: skip
         return ", ".join(on) or "none (eager, contiguous, foreach AdamW)"
 

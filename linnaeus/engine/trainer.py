@@ -108,7 +108,7 @@ class Trainer:
         trackers = plan_trackers(cfg, self.run).accelerator_kwargs()
         self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE, trackers)
         acc = self.accelerator
-        self.speedups = StepSpeedups.resolve(cfg, acc.device)
+        self.speedups = StepSpeedups.resolve(cfg, acc.device, uses_deepspeed=self.dist.uses_deepspeed)
         # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
         # start leaves no folder behind (what was logged before is written to train.log then).
         setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
@@ -275,7 +275,7 @@ class Trainer:
             self.data.class_counts("train"),
         )
         fast = self.speedups
-        if fast.channels_last:  # before the optimizer and the EMA copy see the parameters
+        if fast.channels_last_weights:  # before the optimizer and the EMA copy see the parameters
             model = model.to(memory_format=torch.channels_last)
         base_lr = self.lr_schedule.base_lr
         groups = optimizer_groups(model, cfg)

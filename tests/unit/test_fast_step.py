@@ -31,12 +31,17 @@ LINNAEUS = str(Path(__file__).resolve().parents[2] / "linnaeus")
 def test_auto_turns_each_speedup_on_for_cuda_only(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CFG, ["EXPERIMENT.OUTPUT_DIR", str(tmp_path)])
     assert (cfg.MODEL.COMPILE, cfg.MODEL.CHANNELS_LAST, cfg.OPTIMIZER.FUSED) == ("auto", "auto", "auto")
-    assert StepSpeedups.resolve(cfg, torch.device("cuda", 0)) == StepSpeedups(True, True, True)
-    cpu = StepSpeedups.resolve(cfg, torch.device("cpu"))
-    assert cpu == StepSpeedups(False, False, False) and cpu.memory_format == torch.contiguous_format
-    assert resolve_auto(True, on_cuda=False) and not resolve_auto(False, on_cuda=True)
-    forced = load_config(DEMO_CFG, ["MODEL.COMPILE", "false", "MODEL.CHANNELS_LAST", "true", "OPTIMIZER.FUSED", "True"])
-    assert StepSpeedups.resolve(forced, torch.device("cuda")) == StepSpeedups(False, True, True)
+    assert StepSpeedups.resolve(cfg, torch.device("cuda", 0)) == StepSpeedups(True, True, True, True)
+    cpu = StepSpeedups.resolve(cfg, torch.device("cpu"))  # the fused AdamW kernel exists on the CPU too
+    assert cpu == StepSpeedups(False, False, True, False) and cpu.memory_format == torch.contiguous_format
+    assert resolve_auto(True, auto=False) and not resolve_auto(False, auto=True) and resolve_auto("auto", True)
+    forced = load_config(
+        DEMO_CFG, ["MODEL.COMPILE", "false", "MODEL.CHANNELS_LAST", "true"]
+    )
+    assert StepSpeedups.resolve(forced, torch.device("cuda")) == StepSpeedups(False, True, True, True)
+    # DeepSpeed keeps parameters as views into its flat buffers (it refuses channels_last weights): images only
+    zero = StepSpeedups.resolve(forced, torch.device("cuda"), uses_deepspeed=True)
+    assert zero.channels_last and not zero.channels_last_weights and zero.memory_format == torch.channels_last
 
 
 def test_a_bad_speed_setting_is_one_line_naming_the_key() -> None:
