@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from linnaeus.aug.mix import cutmix_box, pair_within_groups, resolve_group_level, sample_beta, soft_targets
+from linnaeus.aug.mix import cutmix_box, draw_mix_numbers, pair_within_groups, resolve_group_level, soft_targets
 from linnaeus.aug.normalize import compute_dtype, normalize_unit, to_float_uint8
 from linnaeus.aug.photometric import color_jitter, random_erase, random_hflip
 from linnaeus.errors import ConfigError
@@ -100,7 +100,11 @@ class BatchAugment:
         *,
         mix_prob: float,
         generator: torch.Generator,
+        host_generator: torch.Generator | None = None,
     ) -> AugOutput:
+        """``generator`` draws on the images' device; ``host_generator`` (a CPU generator; default ``generator``
+        itself when that is on the CPU) draws the batch-level numbers of mixing, which the host needs to decide
+        (whether to mix, which algorithm, the CutMix box) without waiting for the device."""
         x = self.photometric(images_uint8, generator)
         int_targets = {k: targets[k] for k in self.task_keys}
         out = AugOutput(
@@ -111,31 +115,33 @@ class BatchAugment:
             meta_valid=meta_valid,
         )
         if mix_prob > 0 and (self.mixup_alpha is not None or self.cutmix_alpha is not None):
-            self._mix(out, mix_prob, generator)
+            host = host_generator if host_generator is not None else generator
+            if host.device.type != "cpu":
+                raise ValueError(
+                    "BatchAugment: mixing needs host_generator (a CPU generator) beside a device generator"
+                )
+            self._mix(out, mix_prob, generator, host)
         out.images = out.images.to(self.dtype)
         return out
 
-    def _mix(self, out: AugOutput, mix_prob: float, generator: torch.Generator) -> None:
+    def _mix(self, out: AugOutput, mix_prob: float, generator: torch.Generator, host: torch.Generator) -> None:
         x = out.images
         device = x.device
-        # All batch-level draws happen on the device, then one host read decides; a fixed draw sequence keeps
-        # the generator stream independent of the decisions.
-        u = torch.rand(4, generator=generator, device=device, dtype=torch.float64)  # gate, switch, box centre y, x
-        lam_mixup = sample_beta(self.mixup_alpha or 1.0, generator, device)
-        lam_cutmix = sample_beta(self.cutmix_alpha or 1.0, generator, device)
+        # Batch-level numbers are drawn on the host (no device read to decide on them); pairs on the device. A
+        # fixed draw sequence keeps both streams independent of the decisions. A batch in which nobody has a
+        # partner is mixed with itself: images and metadata unchanged, one-hot soft targets (the same loss), and
+        # no need to ask the device whether any pair exists.
+        draws = draw_mix_numbers(host, self.mixup_alpha or 1.0, self.cutmix_alpha or 1.0)
         partner, has_partner = pair_within_groups(out.targets[self.group_key], generator)
-        gate, switch, cy_u, cx_u, lam_m, lam_c, any_pair = torch.cat(
-            [u, lam_mixup.view(1), lam_cutmix.view(1), has_partner.any().to(torch.float64).view(1)]
-        ).tolist()
-        if gate >= mix_prob or not any_pair:
+        if draws.gate >= mix_prob:
             return
 
-        use_cutmix = self.mixup_alpha is None or (self.cutmix_alpha is not None and switch < self.switch_prob)
+        use_cutmix = self.mixup_alpha is None or (self.cutmix_alpha is not None and draws.switch < self.switch_prob)
         if use_cutmix:
             height, width = x.shape[-2:]
-            y0, y1, x0, x1, lam = cutmix_box(lam_c, height, width, cy_u, cx_u)
+            y0, y1, x0, x1, lam = cutmix_box(draws.lam_cutmix, height, width, draws.centre_y, draws.centre_x)
         else:
-            lam = lam_m
+            lam = draws.lam_mixup
         lam_vec = torch.ones(partner.shape[0], dtype=x.dtype, device=device).masked_fill_(has_partner, lam)
         if use_cutmix:
             mixed = x.clone()

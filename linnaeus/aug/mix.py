@@ -7,6 +7,7 @@ at those ranks stay one-hot and the hierarchy of soft targets never contradicts 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -70,6 +71,28 @@ def cutmix_box(lam: float, height: int, width: int, cy_u: float, cx_u: float) ->
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
     return y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+@dataclass(frozen=True)
+class MixDraws:
+    """A batch's mixing decisions, drawn on the host: gate and algorithm uniforms, CutMix box centre, lambdas."""
+
+    gate: float
+    switch: float
+    centre_y: float
+    centre_x: float
+    lam_mixup: float
+    lam_cutmix: float
+
+
+def draw_mix_numbers(host: torch.Generator, mixup_alpha: float, cutmix_alpha: float) -> MixDraws:
+    """Six numbers in a fixed order from a CPU generator (host tensors only: reading them never waits for a GPU)."""
+    if host.device.type != "cpu":
+        raise ValueError("draw_mix_numbers: expected a CPU generator")
+    gate, switch, cy, cx = torch.rand(4, generator=host, dtype=torch.float64).tolist()
+    lam_m = float(sample_beta(mixup_alpha, host, host.device))
+    lam_c = float(sample_beta(cutmix_alpha, host, host.device))
+    return MixDraws(gate, switch, cy, cx, lam_m, lam_c)
 
 
 def sample_beta(alpha: float, generator: torch.Generator, device: torch.device) -> Tensor:

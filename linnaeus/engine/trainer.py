@@ -212,6 +212,8 @@ class Trainer:
             self.data.meta_components, self.data.meta_dims, cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
         )
         self.generator = torch.Generator(device=acc.device)
+        # Mixing's batch-level draws (gate, algorithm, box) are made on the host so deciding never waits for the GPU.
+        self.host_generator = self.generator if acc.device.type == "cpu" else torch.Generator()
         self.lr_schedule = LRSchedule(cfg, self.plan, scaled_base_lr(cfg, self.plan))
         self.meter = TrainMeter(
             self.task_keys,
@@ -379,7 +381,10 @@ class Trainer:
         batch = to_device(batch, self.accelerator.device)
         ops, gen = self.ops, self.generator
         # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.
-        gen.manual_seed(hash((self.cfg.MISC.SEED, self.dist.rank, step, micro)) % 2**63)
+        seed = hash((self.cfg.MISC.SEED, self.dist.rank, step, micro)) % 2**63
+        gen.manual_seed(seed)
+        if self.host_generator is not gen:
+            self.host_generator.manual_seed(seed)
         meta, meta_valid = self.meta_masking(
             batch["meta"],
             batch["meta_valid"],
@@ -388,7 +393,13 @@ class Trainer:
             generator=gen,
         )
         out = self.augment(
-            batch["image"], batch["targets"], meta, meta_valid, mix_prob=ops.mix_prob(step), generator=gen
+            batch["image"],
+            batch["targets"],
+            meta,
+            meta_valid,
+            mix_prob=ops.mix_prob(step),
+            generator=gen,
+            host_generator=self.host_generator,
         )
         return MicroBatch(out, self.loss_fn.inclusion(out.targets, out.valid, ops.null_keep_prob(step), gen))
 
@@ -412,7 +423,7 @@ class Trainer:
         if gradnorm_due:
             # Per-rank gradient norms via autograd.grad: no .grad is touched, no DDP hook fires; averaged over ranks.
             reduce = lambda t: self.accelerator.reduce(t, "mean")  # noqa: E731
-            self.loss_fn.gradnorm.update(losses, self.shared_params, reduce=reduce)
+            self.loss_fn.gradnorm.update_weights(losses, self.shared_params, reduce=reduce)
         total = self.loss_fn.combine(losses)
         self.accelerator.backward(total)
         return total.detach(), {k: v.detach() for k, v in losses.items()}

@@ -95,10 +95,19 @@ class GradNorm(nn.Module):
         optimizer's gradient, instead of as much as a fully labelled one (which per-micro-batch means would do);
         one with none gives L_t = 0 and G_t = 0, which leaves L_t(0) unset and moves no weight for that rank.
         """
+        self.update_weights(task_losses, shared_params, reduce)
+        return {k: float(w) for k, w in zip(self.task_keys, self.weights.tolist(), strict=True)}
+
+    def update_weights(
+        self,
+        task_losses: dict[str, torch.Tensor],
+        shared_params: list[nn.Parameter],
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """``update`` without reading the weights back: the training step's call (no host sync)."""
         shared = [p for p in shared_params if p.requires_grad]
         norms = torch.stack([self._grad_norm(task_losses[k], shared) for k in self.task_keys])
         losses = torch.stack([task_losses[k].detach().float().to(self.weights.device) for k in self.task_keys])
         if reduce is not None:
             norms, losses = reduce(norms), reduce(losses)
         self._step(losses, norms)
-        return {k: float(w) for k, w in zip(self.task_keys, self.weights.tolist(), strict=True)}

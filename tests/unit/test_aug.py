@@ -248,9 +248,15 @@ def test_switch_prob_picks_both_algorithms() -> None:
 def test_empty_metadata_and_no_partner_batch() -> None:
     images, targets, _, _ = make_batch(nulls=False)
     targets["taxa_L30"] = torch.arange(B)  # every family unique: nobody has a partner
-    aug = BatchAugment(no_aug(), mix_cfg(), KEYS, {**NUM_CLASSES, "taxa_L30": B})
+    classes = {**NUM_CLASSES, "taxa_L30": B}
+    aug = BatchAugment(no_aug(), mix_cfg(), KEYS, classes)
     out = aug(images, targets, torch.zeros(B, 0), torch.zeros(B, 0, dtype=torch.bool), mix_prob=1.0, generator=gen())
-    assert out.mix_mode is None and out.targets["taxa_L10"].dtype == torch.int64 and out.meta.shape == (B, 0)
+    # Whether anyone has a partner is not asked of the device: the batch mixes with itself, which changes nothing.
+    assert out.meta.shape == (B, 0) and torch.equal(out.partner, torch.arange(B)) and bool((out.lam == 1).all())
+    plain = aug(images, targets, torch.zeros(B, 0), torch.zeros(B, 0, dtype=torch.bool), mix_prob=0.0, generator=gen())
+    assert torch.equal(out.images, plain.images)
+    for k in KEYS:
+        assert torch.equal(out.targets[k], torch.nn.functional.one_hot(targets[k], classes[k]).float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -266,6 +272,7 @@ def test_cuda_matches_contract() -> None:
             meta_valid.to(dev),
             mix_prob=1.0,
             generator=torch.Generator(device=dev).manual_seed(seed),
+            host_generator=torch.Generator().manual_seed(seed),
         )
         for seed in (5, 5)
     ]

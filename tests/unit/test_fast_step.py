@@ -35,9 +35,7 @@ def test_auto_turns_each_speedup_on_for_cuda_only(tmp_path: Path) -> None:
     cpu = StepSpeedups.resolve(cfg, torch.device("cpu"))  # the fused AdamW kernel exists on the CPU too
     assert cpu == StepSpeedups(False, False, True, False) and cpu.memory_format == torch.contiguous_format
     assert resolve_auto(True, auto=False) and not resolve_auto(False, auto=True) and resolve_auto("auto", True)
-    forced = load_config(
-        DEMO_CFG, ["MODEL.COMPILE", "false", "MODEL.CHANNELS_LAST", "true"]
-    )
+    forced = load_config(DEMO_CFG, ["MODEL.COMPILE", "false", "MODEL.CHANNELS_LAST", "true"])
     assert StepSpeedups.resolve(forced, torch.device("cuda")) == StepSpeedups(False, True, True, True)
     # DeepSpeed keeps parameters as views into its flat buffers (it refuses channels_last weights): images only
     zero = StepSpeedups.resolve(forced, torch.device("cuda"), uses_deepspeed=True)
@@ -124,15 +122,31 @@ def test_fused_adamw_takes_the_same_steps_as_the_default_kernel() -> None:
 
 # ------------------------------------------------------------------------------------------------ host syncs
 # Reads of tensors that live on the host on every device: the loader's batch before it is moved (the image_ok
-# count, the device decoder's offsets and boxes) and HostReadback's pinned copy (read after its own event, a step
-# later). Anything else read from Linnaeus code inside a step is a sync.
-HOST_SIDE = {("train_meter.py", "count_missing"), ("readback.py", "values")}
+# count, the device decoder's offsets and boxes), HostReadback's pinned copy (read after its own event, a step
+# later) and mixing's numbers drawn from a CPU generator. Anything else read from Linnaeus code in a step is a sync.
+HOST_SIDE = {("train_meter.py", "count_missing"), ("readback.py", "values"), ("mix.py", "draw_mix_numbers")}
 HOST_SIDE_FILES = (str(Path(LINNAEUS) / "data"),)
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-@pytest.fixture
-def step_ready_trainer(demo: Path, tmp_path: Path) -> Iterator[object]:
+# Every optional per-step feature at once: mixing at every step (both algorithms), erasing, partial metadata masking,
+# null masking, GradNorm at every step, EMA, gradient accumulation.
+EVERY_FEATURE = {
+    "SCHEDULE__MIX__PROB": "{ENABLED: True, START_PROB: 1.0, END_PROB: 1.0}",
+    "SCHEDULE__MIX__MIXUP__ENABLED": True,
+    "SCHEDULE__MIX__CUTMIX__ENABLED": True,
+    "AUG__RANDOM_ERASE__PROB": 0.5,
+    "SCHEDULE__META_MASKING__PARTIAL__ENABLED": True,
+    "SCHEDULE__NULL_MASKING__ENABLED": True,
+    "LOSS__GRADNORM__ENABLED": True,
+    "LOSS__GRADNORM__UPDATE_INTERVAL": 1,
+    "TRAIN__EMA__ENABLED": True,
+    "TRAIN__ACCUMULATION_STEPS": 2,
+}
+
+
+@pytest.fixture(params=["demo", "every_feature"])
+def step_ready_trainer(request: pytest.FixtureRequest, demo: Path, tmp_path: Path) -> Iterator[object]:
     from benchmarks.trainer_overhead import quiet_trainer
     from linnaeus.engine.trainer import Trainer
 
@@ -144,6 +158,7 @@ def step_ready_trainer(demo: Path, tmp_path: Path) -> Iterator[object]:
         SCHEDULE__METRICS__LOG_INTERVAL_STEPS=50,
         TRAIN__CLIP_GRAD=1.0,
         DATA__BATCH_SIZE=8,
+        **(EVERY_FEATURE if request.param == "every_feature" else {}),
     )
     with quiet_trainer():
         trainer = Trainer(load_config(DEMO_CFG, opts))
@@ -204,7 +219,8 @@ def test_the_audit_reports_a_step_that_waits_for_the_device(step_ready_trainer, 
     trainer.nonfinite.mode = "skip"
     with host_reads(monkeypatch) as found:
         trainer.train_step(next(windows))
-    assert found and all(line.startswith("engine/nonfinite.py:") for line in found), found
+    # exactly one read per optimizer step, and it is the guard's
+    assert len(found) == 1 and found[0].startswith("engine/nonfinite.py:") and " check() " in found[0], found
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
