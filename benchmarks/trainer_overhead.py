@@ -7,7 +7,9 @@ with null masking, ``accelerator.backward``, clipping, schedules, loss bookkeepi
 preemption check.
 
 ``minimal`` is the loop a person would write by hand: normalise, forward, plain cross-entropy (nulls ignored),
-backward, AdamW, on a copy of the same model with the same initial weights.
+backward, AdamW, on a copy of the same model with the same initial weights. Its AdamW runs the same kernel as the
+trainer's (fused when ``OPTIMIZER.FUSED`` resolves on), so the comparison measures the trainer's machinery, not
+the choice of optimizer kernel.
 
 The two alternate at step granularity: each time ``fit()`` asks for its next batch, the stand-in loader first
 runs one minimal step on that same batch (timed), then hands the batch over. A trainer step is the time between
@@ -48,10 +50,10 @@ WARMUP_STEPS = 2  # first steps pay for allocator growth and lazy initialisation
 class MinimalLoop:
     """The hand-written baseline: no augmentation, plain CE with nulls ignored, AdamW with one param group."""
 
-    def __init__(self, model: torch.nn.Module, task_keys: list[str], lr: float, mean, std) -> None:
+    def __init__(self, model: torch.nn.Module, task_keys: list[str], lr: float, mean, std, fused: bool = False) -> None:
         self.model = model
         self.task_keys = task_keys
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused or None)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -146,8 +148,9 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
         stream.set_epoch(0)
         batches = list(itertools.islice(iter(stream), min(steps + 1, len(stream))))
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        fused = trainer.speedups.fused_optimizer
         baseline = MinimalLoop(
-            copy.deepcopy(unwrapped), trainer.task_keys, trainer.lr_schedule.base_lr, cfg.AUG.MEAN, cfg.AUG.STD
+            copy.deepcopy(unwrapped), trainer.task_keys, trainer.lr_schedule.base_lr, cfg.AUG.MEAN, cfg.AUG.STD, fused
         )
         stand_in = InterleavedBatches(batches, baseline.step, stream.batches_per_epoch)
         trainer.train_batches = stand_in
@@ -174,6 +177,7 @@ def measure(ds: BenchDataset, out_dir: Path, steps: int, label: str = "", **over
             "color_jitter": cfg.AUG.COLOR_JITTER,
             "meta_masking": cfg.SCHEDULE.META_MASKING.ENABLED,
             "log_interval": cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS,
+            "fused_adamw_both_sides": fused,
         },
         items_per_unit=cfg.DATA.BATCH_SIZE,
     )
