@@ -302,6 +302,7 @@ class Trainer:
                 "partitions; use DDP or ZeRO-1/2, or disable GradNorm"
             )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # what clipping and the norm see
         self.shared_params = (
             self.accelerator.unwrap_model(self.model).gradnorm_shared_parameters() if loss_fn.gradnorm else []
         )
@@ -363,7 +364,9 @@ class Trainer:
                 self.nonfinite.add(total, per_task)
                 if acc.sync_gradients:
                     d = self.dist
-                    norm = step_grad_norm(acc, self.model, self.cfg.TRAIN.CLIP_GRAD, d.uses_deepspeed, d.precision)
+                    norm = step_grad_norm(
+                        acc, self.model, self.trainable, self.cfg.TRAIN.CLIP_GRAD, d.uses_deepspeed, d.precision
+                    )
                     if skip := self.nonfinite.check(step, norm):  # collective; raises when the run must stop
                         self.optimizer.zero_grad(set_to_none=True)  # nothing left to apply
                 self.optimizer.step()
