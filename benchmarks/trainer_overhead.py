@@ -202,7 +202,7 @@ SM_WIDTHS = {
 
 def run(quick: bool) -> list[Comparison]:
     set_threads(1)
-    plan: list[tuple[str, int, dict[str, Any]]] = [("demo experiment", 12 if quick else 40, {})]
+    plan: list[tuple[str, int, dict[str, Any]]] = [("demo experiment", 24 if quick else 40, {})]
     if not quick:
         plan.append(("augmentation, clipping, meta masking off", 40, FEATURES_OFF))
     plan.append(("mFormerV1_sm widths", 10 if quick else 16, SM_WIDTHS))
