@@ -140,8 +140,12 @@ class Trainer:
 
         decide_on_main(acc, take_folder)  # a busy folder stops every rank with the same line
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)
+        # A changed config replaces config.yaml only once its resume has succeeded: a resume that fails leaves the
+        # folder describing the checkpoints it holds.
+        record_now = not record.keep_old_as
         if acc.is_main_process:
-            write_config_record(record, self.run, dump_config(cfg))
+            if record_now:
+                write_config_record(record, self.run, dump_config(cfg))
             log.info("config: %s; BASE files: %s", self.run / "config.yaml", ", ".join(cfg.BASE_RESOLVED) or "none")
             self.data.save(self.run)
         self._build_data()
@@ -149,6 +153,8 @@ class Trainer:
         self.finished_step = self.checkpointer.finished_step(self.run / "export")
         if self.finished_step is None:
             self._build_model_and_optimizer()
+        if acc.is_main_process and not record_now:
+            write_config_record(record, self.run, dump_config(cfg))
 
     def _build_data(self) -> None:
         from linnaeus.data.device_decode import DeviceDecoder, resolve_decode_mode

@@ -38,6 +38,15 @@ def test_changed_config_is_refused_then_stretched_then_allowed(demo: Path, tmp_p
     assert "TRAIN.RESUME_CONFIG_CHANGE allow" in errors[0]
     assert (run / "config.yaml").read_bytes() == first and _latest_step(run) == steps
 
+    # An accepted change whose resume then fails leaves config.yaml as it was (it still describes the checkpoints).
+    optimizer_file = next((run / "checkpoints" / f"step_{steps}").glob("optimizer*.bin"))
+    intact = optimizer_file.read_bytes()
+    optimizer_file.write_bytes(intact[: len(intact) // 2])
+    broken = launch(_opts(demo, tmp_path, TRAIN__EPOCHS=2), check=False)
+    assert broken.returncode != 0 and "TRAIN.EPOCHS: 1.0 -> 2.0" in broken.stderr
+    assert (run / "config.yaml").read_bytes() == first and not list(run.glob("config.step_*.yaml"))
+    optimizer_file.write_bytes(intact)
+
     stretched = launch(_opts(demo, tmp_path, TRAIN__EPOCHS=2))
     assert f"the schedule was stretched from {steps} to {2 * steps} steps" in stretched.stderr
     assert "TRAIN.EPOCHS: 1.0 -> 2.0" in stretched.stderr
