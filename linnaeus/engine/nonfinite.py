@@ -81,6 +81,7 @@ class NonFiniteGuard:
         self.skipped = 0
         self._flags = torch.zeros(len(self.names), device=device)
         self._pending: tuple[int, HostReadback] | None = None  # stop mode: the last step's flags, on their way
+        self.step_dropped = False  # skip mode: the last checked step applies no update (by us or the loss scaler)
 
     def add(self, total: torch.Tensor, per_task: dict[str, torch.Tensor]) -> None:
         losses = torch.stack([*(v.detach().float() for v in per_task.values()), total.detach().float()])
@@ -91,6 +92,7 @@ class NonFiniteGuard:
         False: apply it. Raises ``NonFiniteError`` to stop: in stop mode for the previous step, whose flags have
         arrived by now (this step's are read by the next ``check`` or ``settle``); in skip mode for this one."""
         flags, self._flags = self._flags, torch.zeros_like(self._flags)
+        self.step_dropped = False
         if grad_norm is not None:
             flags[-1] = (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.device))).float()
         if self.mode == "stop":
@@ -117,6 +119,7 @@ class NonFiniteGuard:
         what = bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         if self.mode == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
+            self.step_dropped = True
             log.warning(
                 "step %d: non-finite %s; step skipped (%d of at most %d, TRAIN.NONFINITE_MAX_SKIPS)",
                 step + 1,

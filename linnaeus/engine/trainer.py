@@ -361,7 +361,7 @@ class Trainer:
         lr = self.lr_schedule.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        gradnorm, losses, skip = self.loss_fn.gradnorm, [], False
+        gradnorm, losses = self.loss_fn.gradnorm, []
         for i, m in enumerate(micro):
             with acc.accumulate(self.model):
                 total, per_task = self._forward_backward(
@@ -373,12 +373,12 @@ class Trainer:
                     norm = step_grad_norm(
                         acc, self.model, self.trainable, self.cfg.TRAIN.CLIP_GRAD, d.uses_deepspeed, d.precision
                     )
-                    if skip := self.nonfinite.check(step, norm):  # collective; raises when the run must stop
+                    if self.nonfinite.check(step, norm):  # collective; raises when the run must stop
                         self.optimizer.zero_grad(set_to_none=True)  # nothing left to apply
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append((total, per_task))
-        if not skip:  # a skipped step's losses would make the logged mean NaN
+        if not self.nonfinite.step_dropped:  # a skipped step's losses would make the logged mean NaN (fp16 too)
             for total, per_task in losses:
                 self.meter.add(total, per_task)
         self.step += 1

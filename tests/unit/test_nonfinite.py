@@ -66,9 +66,9 @@ def test_guard_skips_up_to_the_bound_then_stops_and_keeps_its_count() -> None:
     guard = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=2)
     for step in range(2):
         guard.add(*_losses(float("inf")))
-        assert guard.check(step, None) is True
+        assert guard.check(step, None) is True and guard.step_dropped
     guard.add(*_losses(1.0))
-    assert guard.check(2, torch.tensor(1.0)) is False  # flags do not leak into the next step
+    assert guard.check(2, torch.tensor(1.0)) is False and not guard.step_dropped  # flags do not leak
     restored = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=2)
     restored.load_state_dict(guard.state_dict())
     restored.add(*_losses(1.0, float("nan")))
@@ -80,6 +80,9 @@ def test_guard_under_fp16_counts_but_leaves_the_skip_to_the_loss_scaler() -> Non
     guard = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=5, scaler_skips=True)
     guard.add(*_losses(float("nan")))
     assert guard.check(0, None) is False and guard.skipped == 1
+    assert guard.step_dropped  # the loop leaves the step's NaN losses out of the logged mean
+    guard.add(*_losses(1.0))
+    assert guard.check(1, None) is False and not guard.step_dropped
 
 
 def test_skip_is_refused_where_deepspeed_steps_inside_backward() -> None:
