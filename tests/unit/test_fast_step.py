@@ -212,6 +212,7 @@ def test_a_training_step_never_reads_back_from_the_device(step_ready_trainer, mo
     assert trainer.step == 4
 
 
+@pytest.mark.parametrize("step_ready_trainer", ["demo"], indirect=True)
 def test_the_audit_reports_a_step_that_waits_for_the_device(step_ready_trainer, monkeypatch) -> None:
     """The audit can fail: TRAIN.NONFINITE skip must read its flags before the optimizer step, and is reported."""
     trainer = step_ready_trainer
@@ -224,6 +225,7 @@ def test_the_audit_reports_a_step_that_waits_for_the_device(step_ready_trainer, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("step_ready_trainer", ["every_feature"], indirect=True)
 def test_cuda_steps_run_under_sync_debug_mode_error(step_ready_trainer) -> None:
     trainer = step_ready_trainer
     windows = _windows(trainer)
