@@ -140,19 +140,18 @@ def _batched_matrices(spans: Tensor, firsts: Tensor, in_sizes: Tensor, width: in
 
 
 def _pillow_resize(image: Tensor, box: tuple[float, float, float, float], size: int) -> Tensor:
-    """``resize_box`` on the CPU by Pillow itself, one channel plane at a time (no interleaving copy): the reference
-    filter, exactly, and on one core ~20x cheaper than the dense band products (which suit a GPU)."""
+    """``resize_box`` on the CPU by Pillow itself: the reference filter, exactly, and on one core ~10x cheaper than
+    the dense band products (which suit a GPU). torchvision's decoder returns a channels-last buffer seen as
+    (C, H, W), so Pillow reads it without a copy (an EXIF-rotated view is copied once)."""
     from PIL import Image
 
     from linnaeus.data.images import RESAMPLE
 
-    planes = image.contiguous().numpy()
-    height, width = planes.shape[1:]
-    out = np.empty((planes.shape[0], size, size), dtype=np.uint8)
-    for c, plane in enumerate(planes):
-        band = Image.frombuffer("L", (width, height), plane, "raw", "L", 0, 1)
-        out[c] = np.asarray(band.resize((size, size), RESAMPLE, box=box, reducing_gap=None))
-    return torch.from_numpy(out)
+    pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    height, width = pixels.shape[:2]
+    rgb = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+    out = np.asarray(rgb.resize((size, size), RESAMPLE, box=box, reducing_gap=None))
+    return torch.from_numpy(out.transpose(2, 0, 1).copy())
 
 
 def resize_boxes(

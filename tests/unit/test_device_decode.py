@@ -275,7 +275,7 @@ def test_batched_resize_matches_per_image_resize():
         batched = banded_resize_boxes(images, boxes, 40, budget_bytes=budget)  # what a GPU runs
         worst, mean = _errors(batched, single)
         assert worst <= 1 and mean < 0.01, (budget, worst, mean)
-    # On the CPU the batch is resized by Pillow itself, plane by plane: exactly Pillow's RGB resize.
+    # On the CPU the batch is resized by Pillow itself: exactly Pillow's RGB resize.
     for image, box, out in zip(images, boxes, resize_boxes(images, boxes, 40), strict=True):
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         ref = np.asarray(pil.resize((40, 40), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
