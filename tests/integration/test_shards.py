@@ -626,8 +626,15 @@ def test_device_decode_shard_batches_match_cpu_decode_crops(sharded):
 
 
 @pytest.mark.parametrize("decode", ["device", "worker"])
-def test_device_decode_shard_resume_is_sample_exact(sharded, decode):
+def test_device_decode_shard_resume_is_sample_exact(sharded, decode, monkeypatch):
     _ds, _out, cfg, prepared, _ = sharded
+    from linnaeus.data.shards import reader
+
+    reads = []
+    real_read = reader.read_image
+    monkeypatch.setattr(reader, "read_image", lambda data, **kw: reads.append(1) or real_read(data, **kw))
+    resumed = _stream_epoch(cfg, prepared, decode=decode, workers=0, start_batch=3)
+    assert len(reads) == 4 * len(resumed)  # the fast-forward never reads an image
     full = _stream_epoch(cfg, prepared, decode=decode, workers=2)
     assert len(full) >= 5
     for k in (1, 4):
