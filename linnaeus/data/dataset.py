@@ -17,14 +17,15 @@ so a counter inside the dataset would be lost; the flag travels with the batch i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from linnaeus.data.device_decode import decode_in_worker
+from linnaeus.data.device_decode import collate_and_decode
 from linnaeus.data.encoded import EncodedImage, check_decode, collate_samples, encode_image
 from linnaeus.data.images import PLACEHOLDER_VALUE, ImageDecodeError, load_image
 from linnaeus.data.samples import SampleTable
@@ -160,8 +161,10 @@ class FileDataset(Dataset):
             "image_ok": torch.tensor(ok, dtype=torch.bool),
         }
 
-    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The loader's ``collate_fn``: one batch of samples; with ``decode="worker"`` decoded right here, in the
-        worker (``device_decode.decode_in_worker``)."""
-        batch = collate_samples(samples)
-        return decode_in_worker(batch, allow_missing=self.allow_missing) if self.decode == "worker" else batch
+    @property
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        """The loader's ``collate_fn`` for this dataset: with ``decode="worker"`` it also decodes the batch, in the
+        worker (``device_decode.collate_and_decode``). Small to pickle: it does not hold the dataset."""
+        if self.decode == "worker":
+            return partial(collate_and_decode, allow_missing=self.allow_missing)
+        return collate_samples

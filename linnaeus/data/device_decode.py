@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linnaeus.data.encoded import ENCODED_KEYS, is_encoded
+from linnaeus.data.encoded import ENCODED_KEYS, collate_samples, is_encoded
 from linnaeus.data.images import PLACEHOLDER_VALUE, ImageDecodeError, load_image
 from linnaeus.errors import ConfigError, DataError
 
@@ -325,3 +325,8 @@ def decode_in_worker(batch: dict[str, Any], *, allow_missing: bool) -> dict[str,
     out = decoder.decode(batch, "cpu")
     out[COUNTS_KEY] = torch.tensor([decoder.decoded, decoder.fallbacks, decoder.missing], dtype=torch.int64)
     return out
+
+
+def collate_and_decode(samples: list[dict[str, Any]], *, allow_missing: bool) -> dict[str, Any]:
+    """A file loader's ``collate_fn`` for ``decode="worker"``: ``collate_samples`` then ``decode_in_worker``."""
+    return decode_in_worker(collate_samples(samples), allow_missing=allow_missing)
