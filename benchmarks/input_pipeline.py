@@ -9,6 +9,10 @@
 All three use the same crop boxes (``sample_rng(seed, 0, index)``), so they do the same geometric work. Ratios:
 ``ours/naive`` (target >= 1, aim >= 2 on ~1 MP JPEGs) and the per-worker efficiency
 ``(ours img/s / workers) / ceiling img/s`` (target >= 0.8).
+
+Decode paths on a CPU training device (``compare_decode_paths``): the same loader with ``DATA.DECODE cpu`` against
+``DATA.DECODE device`` as it runs when training on the CPU (workers plan the crop, decode with torchvision and
+resize with ``resize_boxes``; the main process's ``DeviceDecoder`` only counts). Target: device/cpu >= 1/1.1.
 """
 
 from __future__ import annotations
@@ -221,6 +225,45 @@ def compare_loaders(
     return comp
 
 
+def compare_decode_paths(
+    ds: BenchDataset, *, label: str, img_size: int, batch_size: int, workers: int, reps: int
+) -> Comparison:
+    """The real training loader with ``decode="cpu"`` against the device-decode path on a CPU device."""
+    from linnaeus.data.device_decode import DeviceDecoder, resolve_decode_mode
+    from linnaeus.data.loader import build_loader
+    from linnaeus.data.prepare import prepare_data
+
+    cfg = ds.config(DATA__IMG_SIZE=img_size, MODEL__IMG_SIZE=img_size, AUG__RRC_SCALE=[0.35, 1.0], MISC__SEED=0)
+    data = prepare_data(cfg)
+    decoder = DeviceDecoder()
+    variants = {}
+    for name, mode in (("cpu", "cpu"), ("device", "device")):
+        dataset = data.dataset("train", train=True, decode=resolve_decode_mode(mode, "cpu"))
+        loader, sampler = build_loader(
+            dataset, batch_size=batch_size, num_workers=workers, shuffle=True, seed=0, persistent_workers=True
+        )
+
+        def epoch(loader=loader, sampler=sampler) -> float:
+            sampler.set_epoch(0)
+            n, t0 = 0, time.perf_counter()
+            for batch in loader:
+                n += decoder.decode(batch, "cpu")["image"].shape[0]  # the trainer's call; a no-op for cpu batches
+            return (time.perf_counter() - t0) / max(n, 1)
+
+        variants[name] = epoch
+    samples = interleave(variants, reps=reps)
+    ratio = speedup(samples["device"], samples["cpu"])
+    return Comparison(
+        name=f"decode paths on a CPU device, {label} JPEGs -> {img_size}px train crops, {workers} worker(s)",
+        unit="s/img",
+        samples=samples,
+        ratios={"device/cpu (img/s)": ratio},
+        targets=[Target("device decode on CPU within 1.1x of CPU decode (device/cpu >= 0.909)", ratio, 1 / 1.1)],
+        facts={"images": len(data.view("train").rows), "batch": batch_size, "workers": workers, "img_size": img_size},
+        notes=[f"decoded by the device path: {decoder.decoded}, fallbacks: {decoder.fallbacks}"],
+    )
+
+
 # ------------------------------------------------------------------------------------------------ other decoders
 def _available_decoders() -> dict[str, Any]:
     """Optional JPEG decoders, when installed (none of them is a dependency)."""
@@ -294,6 +337,10 @@ def run(quick: bool, workers: list[int] | None = None) -> list[Comparison]:
             if label not in sets:
                 sets[label] = write_bench_dataset(Path(tmp) / label, count, size, seed=0)
             comps.append(compare_loaders(sets[label], label=label, img_size=224, batch_size=16, workers=w, reps=reps))
+        for label in sets:
+            comps.append(
+                compare_decode_paths(sets[label], label=label, img_size=224, batch_size=16, workers=1, reps=reps)
+            )
     dec = compare_decoders(16 if quick else 48, reps)
     if dec is not None:
         comps.append(dec)

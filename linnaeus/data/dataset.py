@@ -17,21 +17,22 @@ so a counter inside the dataset would be lost; the flag travels with the batch i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from linnaeus.data.encoded import EncodedImage, encode_image
-from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.device_decode import collate_and_decode
+from linnaeus.data.encoded import EncodedImage, check_decode, collate_samples, encode_image
+from linnaeus.data.images import PLACEHOLDER_VALUE, ImageDecodeError, load_image
 from linnaeus.data.samples import SampleTable
 from linnaeus.errors import DataError
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER_VALUE = 128  # mid-grey: after normalisation close to zero, so a placeholder carries little signal
 _MAX_WARNINGS = 5  # per process; the trainer reports the total from image_ok
 
 
@@ -95,9 +96,7 @@ class FileDataset(Dataset):
         self.val_crop_pct = float(val_crop_pct)
         self.allow_missing = bool(allow_missing)
         self.seed = int(seed)
-        if decode not in ("cpu", "device"):
-            raise ValueError(f"FileDataset: decode must be 'cpu' or 'device', got {decode!r}")
-        self.decode = decode
+        self.decode = check_decode(decode, "FileDataset")
         self.missing_count = 0
 
     def __len__(self) -> int:
@@ -146,7 +145,7 @@ class FileDataset(Dataset):
         index, epoch, is_pad = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(f"FileDataset index {index} out of range for {len(self)} samples")
-        if self.decode == "device":
+        if self.decode != "cpu":
             encoded, ok = self.load_encoded(index, epoch)
             picture: dict[str, Any] = {"encoded": encoded}
         else:
@@ -161,3 +160,11 @@ class FileDataset(Dataset):
             "is_pad": torch.tensor(is_pad, dtype=torch.bool),
             "image_ok": torch.tensor(ok, dtype=torch.bool),
         }
+
+    @property
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        """The loader's ``collate_fn`` for this dataset: with ``decode="worker"`` it also decodes the batch, in the
+        worker (``device_decode.collate_and_decode``). Small to pickle: it does not hold the dataset."""
+        if self.decode == "worker":
+            return partial(collate_and_decode, allow_missing=self.allow_missing)
+        return collate_samples

@@ -17,6 +17,12 @@ Batch format (``encoded_batch``; the file loader and the shard reader both build
 - ``image_fallback`` uint8 (F, 3, S, S): worker-decoded samples (fallbacks and placeholders), in batch order;
 - ``crop_box`` float64 (B, 4): left, top, right, bottom in oriented full-resolution pixels;
 - ``orientation`` int64 (B,): EXIF orientation 1-8 of the stored image.
+
+Where the planned batch is decoded (``decode``, chosen by ``device_decode.resolve_decode_mode``): ``"device"`` in
+the main process on the training device; ``"worker"`` (the training device is the CPU, so there is nothing to
+offload to) by the same decoder inside the loader worker right after the batch is built, so the batch arrives with
+``image`` and a ``decode_counts`` entry instead of the fields above. ``"cpu"`` is the plain path: ``load_image``
+per sample, no plan.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch.utils.data._utils.collate import default_collate
 from linnaeus.data.images import Box, ImageDecodeError, _read, decode_errors, load_image, open_planned
 
 ENCODED_KEYS = ("image_bytes", "image_offsets", "image_fallback", "crop_box", "orientation")
+DECODE_PLACES = ("cpu", "device", "worker")  # see the module docstring
 DEVICE_MODES = ("RGB", "L")  # Pillow's names for YCbCr/RGB and grayscale JPEGs; CMYK/YCCK decode on the CPU
 
 
@@ -118,14 +125,20 @@ def encoded_batch(items: Sequence[EncodedImage]) -> dict[str, Tensor]:
     }
 
 
+def check_decode(decode: str, who: str) -> str:
+    """``decode`` if it is one of ``DECODE_PLACES``, else ValueError naming ``who``."""
+    if decode not in DECODE_PLACES:
+        raise ValueError(f"{who}: decode must be one of {', '.join(map(repr, DECODE_PLACES))}, got {decode!r}")
+    return decode
+
+
 def read_image(source: str | bytes, *, decode: str, **kwargs: Any) -> np.ndarray | EncodedImage:
     """What a worker produces for one image: ``load_image`` pixels (``decode="cpu"``) or ``encode_image``'s bytes +
-    crop plan (``"device"``); ``kwargs`` are theirs (img_size, train, rng, rrc_scale, rrc_ratio, val_crop_pct)."""
-    if decode == "device":
-        return encode_image(source, **kwargs)
-    if decode == "cpu":
+    crop plan (``"device"``, ``"worker"``); ``kwargs`` are theirs (img_size, train, rng, rrc_scale, rrc_ratio,
+    val_crop_pct)."""
+    if check_decode(decode, "read_image") == "cpu":
         return load_image(source, **kwargs)
-    raise ValueError(f"read_image: decode must be 'cpu' or 'device', got {decode!r}")
+    return encode_image(source, **kwargs)
 
 
 def image_fields(items: Sequence[np.ndarray | EncodedImage]) -> dict[str, Tensor]:

@@ -48,6 +48,7 @@ _TRANSPOSE = {
 RESAMPLE = Image.Resampling.BILINEAR
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in oriented full-resolution pixels
+PLACEHOLDER_VALUE = 128  # mid-grey: after normalisation close to zero, so a placeholder carries little signal
 
 # Images above this many pixels are refused with one line (Pillow's own decompression-bomb threshold, ~9459 x 9459):
 # decoding one would take gigabytes per worker. Downscale such images before training or prediction.

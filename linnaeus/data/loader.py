@@ -189,7 +189,8 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_samples,
+        # a dataset may finish its batches itself (FileDataset with decode="worker" decodes them in the worker)
+        collate_fn=getattr(dataset, "collate_fn", collate_samples),
         pin_memory=pin_memory,
         drop_last=drop_last,
         prefetch_factor=prefetch_factor if workers > 0 else None,

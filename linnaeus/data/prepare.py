@@ -278,7 +278,7 @@ class PreparedData:
 
     def dataset(self, split: str, train: bool, decode: str = "cpu"):
         """A ``FileDataset`` over this split: decode + crop in workers, or (``decode="device"``) bytes + crop plan
-        for ``linnaeus.data.device_decode``."""
+        for ``linnaeus.data.device_decode`` (``"worker"``: that plan decoded by it in the workers)."""
         from linnaeus.data.dataset import FileDataset
 
         cfg = self.cfg

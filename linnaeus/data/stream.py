@@ -63,8 +63,8 @@ def build_train_batches(
 ) -> BatchStream:
     """The training stream ``cfg`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files.
 
-    ``decode="device"``: file batches carry encoded images for ``linnaeus.data.device_decode`` (shards still
-    decode in their workers until their reader builds batches with ``encoded_batch``)."""
+    ``decode``: where images are decoded (``device_decode.resolve_decode_mode``): ``"device"`` batches carry
+    encoded images for ``linnaeus.data.device_decode``, ``"worker"`` ones were decoded by it in the workers."""
     common: dict[str, Any] = dict(
         world_size=world_size,
         rank=rank,
@@ -77,5 +77,5 @@ def build_train_batches(
     if cfg.DATA.SHARDS.ENABLED:
         from linnaeus.data.shards.reader import build_shard_batches
 
-        return build_shard_batches(cfg, data, **common)
+        return build_shard_batches(cfg, data, decode=decode, **common)
     return build_file_batches(data.dataset("train", train=True, decode=decode), **common)

@@ -162,8 +162,9 @@ class Trainer:
         from linnaeus.data.stream import build_train_batches
 
         cfg, d = self.cfg, self.dist
-        # DATA.DECODE device: workers ship JPEG bytes + crop plans; the batch is decoded on the training device.
-        decode = resolve_decode_mode(cfg.DATA.DECODE)
+        # DATA.DECODE device: workers ship JPEG bytes + crop plans; the batch is decoded on the training device
+        # (on a CPU device by the same decoder in the workers, "worker"; the decoder below then only counts).
+        decode = resolve_decode_mode(cfg.DATA.DECODE, self.accelerator.device)
         self.decoder = DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES)
         n_train = len(self.data.view("train").rows)
         if n_train < d.world_size * cfg.DATA.BATCH_SIZE:

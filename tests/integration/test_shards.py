@@ -25,6 +25,7 @@ from PIL import Image
 from linnaeus.cli import main
 from linnaeus.config import load_config
 from linnaeus.data.dataset import sample_rng
+from linnaeus.data.device_decode import DeviceDecoder
 from linnaeus.data.images import load_image
 from linnaeus.data.loader import build_loader
 from linnaeus.data.prepare import prepare_data
@@ -580,3 +581,102 @@ def test_kill_9_of_a_shard_fed_run_then_rerun_matches_an_uninterrupted_run(tmp_p
     resumed = final_weights(run)
     worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
     assert worst < 1e-5, worst
+
+
+# ------------------------------------------------------------------------------------------- device decode
+def _stream_epoch(cfg, prepared, *, decode, workers, epoch=1, start_batch=0):
+    stream = build_shard_batches(
+        cfg, prepared, world_size=1, rank=0, batch_size=4, seed=7, num_workers=workers, decode=decode
+    )
+    stream.set_epoch(epoch, start_batch=start_batch)
+    return list(stream)
+
+
+def test_device_decode_shard_batches_match_cpu_decode_crops(sharded):
+    """Same rows in the same order as CPU decode, crops within the bound tests/unit/test_device_decode.py states
+    (max 32 levels, mean 1.5: the CPU path's reduced-size JPEG decode against full-resolution resampling)."""
+    _ds, _out, cfg, prepared, _ = sharded
+    cpu = _stream_epoch(cfg, prepared, decode="cpu", workers=2)
+    planned = _stream_epoch(cfg, prepared, decode="device", workers=2)
+    # exactly the keys of a device-decode file batch
+    file_loader, _ = build_loader(
+        prepared.dataset("train", train=True, decode="device"), batch_size=4, num_workers=0, shuffle=True, seed=5
+    )
+    file_batch = next(iter(file_loader))
+    assert planned[0].keys() == file_batch.keys() and "image" not in planned[0]
+    for k in file_batch:
+        if k != "targets":
+            assert planned[0][k].dtype == file_batch[k].dtype, k
+    decoder = DeviceDecoder()
+    decoded = [decoder.decode(b, "cpu") for b in planned]
+    assert decoder.decoded == 4 * len(cpu) and decoder.fallbacks == 0
+    for d, c in zip(decoded, cpu, strict=True):
+        assert d.keys() == c.keys()
+        assert d["row"].tolist() == c["row"].tolist()
+        diff = (d["image"].int() - c["image"].int()).abs()
+        assert int(diff.max()) <= 32 and float(diff.float().mean()) < 1.5
+    # Decoded in the workers (a CPU training device): bit-identical to the main process's decode, counts carried.
+    shipped = _stream_epoch(cfg, prepared, decode="worker", workers=2)
+    receiver = DeviceDecoder()
+    for s, d in zip(shipped, decoded, strict=True):
+        assert s["decode_counts"].tolist() == [4, 0, 0]
+        got = receiver.decode(s, "cpu")
+        assert got.keys() == d.keys() and torch.equal(got["image"], d["image"])
+    assert receiver.counts() == decoder.counts()
+
+
+@pytest.mark.parametrize("decode", ["device", "worker"])
+def test_device_decode_shard_resume_is_sample_exact(sharded, decode, monkeypatch):
+    _ds, _out, cfg, prepared, _ = sharded
+    from linnaeus.data.shards import reader
+
+    reads = []
+    real_read = reader.read_image
+    monkeypatch.setattr(reader, "read_image", lambda data, **kw: reads.append(1) or real_read(data, **kw))
+    resumed = _stream_epoch(cfg, prepared, decode=decode, workers=0, start_batch=3)
+    assert len(reads) == 4 * len(resumed)  # the fast-forward never reads an image
+    full = _stream_epoch(cfg, prepared, decode=decode, workers=2)
+    assert len(full) >= 5
+    for k in (1, 4):
+        rest = _stream_epoch(cfg, prepared, decode=decode, workers=2, start_batch=k)
+        assert len(rest) == len(full) - k
+        for a, b in zip(rest, full[k:], strict=True):
+            assert a.keys() == b.keys() and a["row"].tolist() == b["row"].tolist()
+            for key in ("image_bytes", "image_offsets", "crop_box", "image") if decode == "device" else ("image",):
+                if key in a:
+                    assert torch.equal(a[key], b[key]), key
+
+
+def test_png_member_falls_back_and_unreadable_header_is_skipped_with_device_decode(sharded, tmp_path):
+    _, out, _cfg, prepared, m = sharded
+    a = prepared.samples("train", with_paths=False)
+    good = m["splits"]["train"]["shards"]
+    png = io.BytesIO()
+    Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(png, format="PNG")
+    mixed = tmp_path / "mixed.tar"
+    with tarfile.open(mixed, "w") as tar:
+        for name, data in [
+            ("0000000001.png", png.getvalue()),
+            ("0000000001.json", json.dumps({"row": int(a.rows[0])}).encode()),
+            ("0000000002.jpg", b"\xff\xd8 not a jpeg header"),
+            ("0000000002.json", json.dumps({"row": int(a.rows[1])}).encode()),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    common = dict(img_size=64, shuffle_buffer=0, batch_size=3, batches_per_epoch=2)
+    shards = [str(mixed), str(out / good[0]["name"])]
+    counts = [2, good[0]["samples"]]
+    ds = ShardTrainDataset(shards, counts, a, decode="device", **common)
+    decoder = DeviceDecoder()
+    batches = [decoder.decode(b, "cpu") for b in ds]
+    rows = [r for b in batches for r in b["row"].tolist()]
+    assert len(rows) == 6 and int(a.rows[1]) not in rows[:3]
+    assert ds.skipped_count >= 1  # the unreadable header: skipped and counted as with CPU decode
+    assert decoder.fallbacks == rows.count(int(a.rows[0])) >= 1  # the PNG: decoded in the worker, counted
+    cpu = ShardTrainDataset(shards, counts, a, decode="cpu", **common)
+    cpu_batches = list(cpu)
+    assert [r for b in cpu_batches for r in b["row"].tolist()] == rows
+    # the PNG fell back to the CPU path itself with the same planned box: bit-identical to CPU decode
+    i = rows.index(int(a.rows[0]))
+    assert torch.equal(batches[i // 3]["image"][i % 3], cpu_batches[i // 3]["image"][i % 3])

@@ -20,7 +20,14 @@ from PIL import Image
 
 from benchmarks.common import synth_images
 from linnaeus.data.dataset import PLACEHOLDER_VALUE, FileDataset
-from linnaeus.data.device_decode import DeviceDecoder, orient, resize_box, resize_boxes, resolve_decode_mode
+from linnaeus.data.device_decode import (
+    DeviceDecoder,
+    banded_resize_boxes,
+    orient,
+    resize_box,
+    resize_boxes,
+    resolve_decode_mode,
+)
 from linnaeus.data.encoded import encode_image, encoded_batch, is_encoded
 from linnaeus.data.images import _TRANSPOSE, load_image
 from linnaeus.data.loader import build_loader
@@ -112,7 +119,7 @@ def test_device_batch_agrees_with_cpu_batch(tmp_path, train):
         ]
     )
     worst, mean = _errors(device, full)
-    assert worst <= 1 and mean < 0.02, (worst, mean)
+    assert worst <= 1 and mean < 0.02, (worst, mean)  # 0 where both decoders give the same pixels (CPU resize)
     # Against the CPU path as it trains (reduced-size JPEG decode): small, stated error (module docstring).
     worst, mean = _errors(device, cpu)
     assert worst <= 32 and mean < 1.5, (worst, mean)
@@ -241,11 +248,15 @@ def test_device_mode_batches_do_not_depend_on_worker_count(tmp_path, workers):
 
 
 def test_resolve_decode_mode_and_config_key(tiny_dataset):
-    assert resolve_decode_mode("auto", cuda_available=True) == "device"
-    assert resolve_decode_mode("auto", cuda_available=False) == "cpu"
-    assert resolve_decode_mode("cpu", cuda_available=True) == "cpu"
+    # Where the decode happens: the main process on a GPU, the loader workers when training on the CPU.
+    assert resolve_decode_mode("auto", "cuda:0") == "device"
+    assert resolve_decode_mode("auto", "cpu") == "cpu"
+    assert resolve_decode_mode("cpu", torch.device("cuda", 1)) == "cpu"
+    assert resolve_decode_mode("device", "cuda:1") == "device"
+    assert resolve_decode_mode("device", torch.device("cpu")) == "worker"
+    assert resolve_decode_mode("device") == ("device" if torch.cuda.is_available() else "worker")
     with pytest.raises(ConfigError, match=r"DATA\.DECODE"):
-        resolve_decode_mode("gpu")
+        resolve_decode_mode("gpu", "cpu")
     assert tiny_dataset.config().DATA.DECODE == "auto"
     assert tiny_dataset.config("DATA.DECODE", "device").DATA.DECODE == "device"
     with pytest.raises(ConfigError, match="DECODE"):
@@ -261,9 +272,14 @@ def test_batched_resize_matches_per_image_resize():
         boxes.append((x0, y0, rng.uniform(x0 + 5, w), rng.uniform(y0 + 5, h)))
     single = torch.stack([resize_box(im, box, 40) for im, box in zip(images, boxes, strict=True)])
     for budget in (256 << 20, 1):  # one padded chunk, and one image per chunk
-        batched = resize_boxes(images, boxes, 40, budget_bytes=budget)
+        batched = banded_resize_boxes(images, boxes, 40, budget_bytes=budget)  # what a GPU runs
         worst, mean = _errors(batched, single)
         assert worst <= 1 and mean < 0.01, (budget, worst, mean)
+    # On the CPU the batch is resized by Pillow itself: exactly Pillow's RGB resize.
+    for image, box, out in zip(images, boxes, resize_boxes(images, boxes, 40), strict=True):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        ref = np.asarray(pil.resize((40, 40), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
+        assert np.array_equal(out.numpy(), ref.transpose(2, 0, 1))
 
 
 def test_reader_helpers_build_either_batch_format(tmp_path):
@@ -281,3 +297,60 @@ def test_reader_helpers_build_either_batch_format(tmp_path):
     assert _errors(DeviceDecoder().decode(dev, "cpu")["image"], cpu["image"])[0] <= 32
     with pytest.raises(ValueError, match="decode must be"):
         read_image(data[0], decode="gpu", rng=None, **common)
+
+
+def _mixed_paths(tmp_path: Path) -> list[str]:
+    """Photos plus one PNG (a worker-side fallback) and one missing file (a placeholder when allowed)."""
+    paths = _write_photos(tmp_path / "img", count=6, size=(150, 110))
+    png = tmp_path / "img" / "plain.png"
+    Image.open(paths[0]).convert("RGB").save(png)
+    return [*paths[:3], str(png), str(tmp_path / "img" / "gone.jpg"), *paths[3:]]
+
+
+def _epoch_batches(ds: FileDataset, workers: int) -> list[dict]:
+    loader, sampler = build_loader(ds, batch_size=4, num_workers=workers, shuffle=True, seed=5)
+    sampler.set_epoch(2)
+    return list(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_decode_equals_main_process_decode_bitwise_and_counts_arrive(tmp_path, workers):
+    paths = _mixed_paths(tmp_path)
+    main = DeviceDecoder()
+    planned = _dataset(paths, train=True, decode="device", allow_missing=True)
+    reference = [main.decode(b, "cpu") for b in _epoch_batches(planned, 0)]
+
+    shipped = _epoch_batches(_dataset(paths, train=True, decode="worker", allow_missing=True), workers)
+    assert all(not is_encoded(b) and b["decode_counts"].dtype == torch.int64 for b in shipped)
+    receiver = DeviceDecoder()
+    received = [receiver.decode(b, "cpu") for b in shipped]
+    assert len(received) == len(reference) == 2
+    for got, ref in zip(received, reference, strict=True):
+        assert set(got) == set(ref) and "decode_counts" not in got
+        assert torch.equal(got["row"], ref["row"]) and torch.equal(got["image_ok"], ref["image_ok"])
+        assert torch.equal(got["image"], ref["image"])  # the same decoder on the same bytes: bit-identical
+    # 6 photos decoded by the device path, the PNG fell back, the missing file is a placeholder (not a fallback).
+    assert (receiver.decoded, receiver.fallbacks) == (6, 1)
+    assert receiver.counts() == {"decoded_on_device": 6, "decode_fallbacks": 1}
+    assert sum(int((~b["image_ok"]).sum()) for b in received) == 1
+
+
+def test_worker_decode_reports_an_undecodable_image_in_one_line(tmp_path):
+    from linnaeus.data.loader import unwrap_worker_error
+
+    paths = _write_photos(tmp_path / "img", count=4, size=(100, 80))
+    data = Path(paths[2]).read_bytes()
+    Path(paths[2]).write_bytes(data[: data.index(b"\xff\xda")] + b"\xff\xda" + b"\x00" * 5 + b"\xff\xd9")
+    loader, _ = build_loader(
+        _dataset(paths, train=True, decode="worker"), batch_size=4, num_workers=1, shuffle=False, seed=0
+    )
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    err = unwrap_worker_error(caught.value)
+    assert str(err).startswith("image at labels.h5 row 23: cannot decode") and "\n" not in str(err)
+    assert "ALLOW_MISSING_IMAGES" in str(err)
+    lenient = _dataset(paths, train=True, decode="worker", allow_missing=True)
+    batch = next(iter(build_loader(lenient, batch_size=4, num_workers=1, shuffle=False, seed=0)[0]))
+    assert batch["image_ok"].tolist() == [True, True, False, True]
+    assert batch["decode_counts"].tolist() == [3, 1, 1]  # decoded, fallbacks, missing
+    assert bool((batch["image"][2] == PLACEHOLDER_VALUE).all())

@@ -12,7 +12,7 @@ epoch; over epochs the rotation covers the data.
 Sample-exact resume: a process's batches are ``W`` interleaved streams (``W`` = DataLoader workers; batch ``g``
 of the epoch comes from stream ``g mod W``), each a pure function of (seed, epoch, rank, world size, stream, W).
 ``set_epoch(e, start_batch=k)`` makes the worker that will produce batch ``k`` play stream ``k mod W`` (and so
-on round the workers), and each stream first fast-forwards past the batches it made before ``k`` without decoding
+on round the workers), and each stream first fast-forwards past the batches it made before ``k`` without reading
 their images, so the resumed epoch continues with exactly the samples an uninterrupted one would have used. (A
 member whose image fails to decode before ``k`` would shift its stream by one sample; verified shards have none,
 the writer rejects undecodable images.)
@@ -23,8 +23,10 @@ shared by all epochs and workers. A shard that fails is skipped whole and its sa
 
 Batches: built inside the worker (one IPC message per batch), with exactly the keys and dtypes of the file
 loader (``image`` uint8, ``meta``, ``meta_valid``, ``targets`` int64 with -1 null, ``row``, ``is_pad`` all False,
-``image_ok`` all True). Images go through the same ``load_image`` as files, ``train=True`` with a generator from
-``(seed, epoch, row)``. Labels and metadata are never read from the shard: the sample's ``row`` is looked up in
+``image_ok`` all True). Images go through the same ``read_image`` as files, ``train=True`` with a generator from
+``(seed, epoch, row)``; with ``decode="device"`` a batch carries JPEG bytes + crop plans (``linnaeus.data.encoded``,
+the same keys as a file batch) for the main process to decode, with ``decode="worker"`` the worker decodes that
+plan itself once the batch is built (``device_decode.decode_in_worker``), as the file loader does. Labels and metadata are never read from the shard: the sample's ``row`` is looked up in
 the ``PreparedData`` arrays in memory, after the manifest's labels fingerprint and split digest were checked.
 
 Why not ``webdataset.WebDataset(resampled=True)``: its resampling is seeded from pid/time unless replaced, its
@@ -54,7 +56,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from linnaeus.data.batch_stream import BatchStream
 from linnaeus.data.dataset import sample_rng
-from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.device_decode import decode_in_worker
+from linnaeus.data.encoded import EncodedImage, check_decode, image_fields, read_image
+from linnaeus.data.images import ImageDecodeError
 from linnaeus.data.loader import ignore_stop_signals
 from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
@@ -127,6 +131,8 @@ class ShardTrainDataset(IterableDataset):
         verify: str = "none",
         shard_bytes: list[int] | None = None,
         shard_sha256: list[str] | None = None,
+        decode: str = "cpu",
+        allow_missing: bool = False,
     ) -> None:
         if not shards:
             raise DataError(f"{where or 'shards'}: no training shard holds any sample; rerun `linnaeus shard`")
@@ -159,6 +165,8 @@ class ShardTrainDataset(IterableDataset):
         self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
         self.rrc_ratio = (float(rrc_ratio[0]), float(rrc_ratio[1]))
         self.where = where
+        self.decode = check_decode(decode, "ShardTrainDataset")
+        self.allow_missing = bool(allow_missing)  # for an image the decoder rejects after its header read fine
         self.epoch = 0
         self.start_batch = 0
         # Workers are separate processes: a shared counter lets the trainer report skips from all of them. A
@@ -271,9 +279,10 @@ class ShardTrainDataset(IterableDataset):
             raise ValueError(f"no image member (expected one of .{', .'.join(IMAGE_EXTS)})")
         return pos, ext
 
-    def _decode(self, pos: int, data: bytes) -> np.ndarray:
-        return load_image(
+    def _read_image(self, pos: int, data: bytes) -> np.ndarray | EncodedImage:
+        return read_image(
             data,
+            decode=self.decode,
             img_size=self.img_size,
             train=True,
             rng=sample_rng(self.seed, self.epoch, int(self.rows[pos])),
@@ -281,11 +290,11 @@ class ShardTrainDataset(IterableDataset):
             rrc_ratio=self.rrc_ratio,
         )
 
-    def _batch(self, positions: list[int], images: list[np.ndarray]) -> dict[str, Any]:
+    def _batch(self, positions: list[int], images: list[np.ndarray | EncodedImage]) -> dict[str, Any]:
         pos = np.asarray(positions, dtype=np.int64)
         n = len(pos)
-        return {
-            "image": torch.from_numpy(np.stack(images)),
+        batch = {
+            **image_fields(images),
             "meta": torch.from_numpy(self.meta[pos]),
             "meta_valid": torch.from_numpy(self.meta_valid[pos]),
             "targets": {k: torch.from_numpy(v[pos]) for k, v in self.targets.items()},
@@ -293,6 +302,7 @@ class ShardTrainDataset(IterableDataset):
             "is_pad": torch.zeros(n, dtype=torch.bool),
             "image_ok": torch.ones(n, dtype=torch.bool),
         }
+        return decode_in_worker(batch, allow_missing=self.allow_missing) if self.decode == "worker" else batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -309,16 +319,16 @@ class ShardTrainDataset(IterableDataset):
         samples = self._shuffled(self._raw_samples(stream, num_workers, rng), rng)
         skip_samples = skip * self.batch_size
         positions: list[int] = []
-        images: list[np.ndarray] = []
+        images: list[np.ndarray | EncodedImage] = []
         failures = 0
         limit = max(1000, self.total_samples)  # a whole epoch's worth of failures in a row: not bad luck
         for path, key_, parts in samples:
             try:
                 pos, ext = self._locate(parts)
-                if skip_samples:  # fast-forward: the batch was used before the resume; no image decode
+                if skip_samples:  # fast-forward: the batch was used before the resume; image bytes unread
                     skip_samples -= 1
                     continue
-                image = self._decode(pos, parts[ext])
+                image = self._read_image(pos, parts[ext])
             except (ValueError, ImageDecodeError) as err:
                 self._skip(f"sample {key_} of {path}", getattr(err, "reason", str(err)))
                 failures += 1
@@ -386,8 +396,10 @@ def build_shard_batches(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context: Any = None,
+    decode: str = "cpu",
 ) -> BatchStream:
-    """The training ``BatchStream`` from ``DATA.SHARDS.DIR``; do not pass its loader to ``accelerator.prepare``."""
+    """The training ``BatchStream`` from ``DATA.SHARDS.DIR``; do not pass its loader to ``accelerator.prepare``.
+    ``decode``: where images are decoded (``encoded.DECODE_PLACES``)."""
     shard_dir = shard_dir_of(cfg)
     manifest = mf.read_manifest(shard_dir)
     entry = check_manifest(manifest, prepared, "train", shard_dir)
@@ -426,6 +438,8 @@ def build_shard_batches(
         verify=cfg.DATA.SHARDS.VERIFY,
         shard_bytes=[int(s["bytes"]) for s in used],
         shard_sha256=[str(s["sha256"]) for s in used],
+        decode=decode,
+        allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
     )
     workers = int(num_workers)
     loader = DataLoader(
