@@ -11,7 +11,7 @@ of rounding; flips, colour, normalisation stay with ``linnaeus.aug``.
 Geometry and randomness are decided by the worker (``linnaeus.data.encoded``), so a batch is a pure function of
 (seed, epoch, index) and the bytes, as with CPU decode, and exact resume is unaffected. The one pixel-level
 difference from ``DATA.DECODE: cpu`` is the CPU path's reduced-size JPEG decode (``Image.draft``): it averages
-in the DCT domain where the device resamples full-resolution pixels (see tests/test_device_decode.py for the
+in the DCT domain where the device resamples full-resolution pixels (see tests/unit/test_device_decode.py for the
 measured error).
 
 Fallbacks, counted in ``fallbacks``: samples a worker already decoded on the CPU (non-JPEG, CMYK), and JPEGs the
