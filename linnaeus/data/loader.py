@@ -15,7 +15,9 @@ got, so the caller passes the number of batches it actually finished to ``state_
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -156,6 +158,31 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _end_leftover_workers() -> None:
+    # multiprocessing's own exit handler ends daemonic children (loader workers) with SIGTERM, then waits for them;
+    # ours ignore SIGTERM, so one whose loader was never shut down (its iterator still referenced by an exception's
+    # traceback when the process exits) would keep the process waiting forever. SIGKILL them first.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
+
+
+_exit_guard = False
+
+
+def worker_init(num_workers: int) -> Any:
+    """The ``worker_init_fn`` of every Linnaeus DataLoader (None without workers): ``ignore_stop_signals``, plus,
+    in this process, an exit handler that ends workers left running (atexit runs it before multiprocessing's)."""
+    global _exit_guard
+    if num_workers <= 0:
+        return None
+    if not _exit_guard:
+        atexit.register(_end_leftover_workers)
+        _exit_guard = True
+    return ignore_stop_signals
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -196,7 +223,7 @@ def build_loader(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=persistent_workers and workers > 0,
         multiprocessing_context=multiprocessing_context if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=worker_init(workers),
         # A private generator: DataLoader draws each iterator's worker base seed from it, which would otherwise
         # consume the global torch RNG and make the trainer's random stream depend on when loaders start.
         generator=torch.Generator().manual_seed(seed % 2**63),

@@ -86,6 +86,37 @@ def test_worker_error_is_unwrapped_to_one_line(tmp_path):
     assert "Traceback" not in str(clean)
 
 
+class _Failing(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        raise DataError(f"image at row {i}: not an image")
+
+
+def _exit_with_a_worker_left_running() -> None:
+    """A process whose loader iterator stays referenced by a kept exception's traceback when it exits."""
+    kept = []
+    loader, _ = build_loader(_Failing(), batch_size=2, num_workers=2, shuffle=False, seed=0, drop_last=False)
+    try:
+        next(iter(loader))
+    except DataError as err:
+        kept.append(err)  # frames, and the iterator with its live workers, stay reachable until exit
+
+
+def test_a_process_exits_even_when_a_loader_is_never_shut_down() -> None:
+    """Loader workers ignore SIGTERM (preemption), which multiprocessing's exit handler relies on to end them; a
+    process holding an erroring loader must still exit instead of waiting for its workers forever."""
+    import subprocess
+    import sys
+
+    code = "import test_dataset_loader as t; t._exit_with_a_worker_left_running(); print('done')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+
+
 def _epoch(loader, sampler, epoch):
     sampler.set_epoch(epoch)
     return list(loader)
