@@ -162,10 +162,13 @@ def _end_leftover_workers() -> None:
     # multiprocessing's own exit handler ends daemonic children (loader workers) with SIGTERM, then waits for them;
     # ours ignore SIGTERM, so one whose loader was never shut down (its iterator still referenced by an exception's
     # traceback when the process exits) would keep the process waiting forever. SIGKILL them first.
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=10)
+    # torch's SIGCHLD handler would raise "worker killed" from inside the join below: we are ending them on purpose.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=10)
 
 
 _exit_guard = False

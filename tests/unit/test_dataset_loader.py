@@ -115,6 +115,7 @@ def test_a_process_exits_even_when_a_loader_is_never_shut_down() -> None:
         [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-2000:]
 
 
 def _epoch(loader, sampler, epoch):
