@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from linnaeus.config.dotted import get_dotted, has_dotted, set_dotted
+
 MIGRATE_HINT = "`linnaeus config migrate` rewrites it"
 
 
@@ -357,32 +359,6 @@ def _leaves(value: Any, prefix: str) -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    node: Any = tree
-    for p in dotted.split("."):
-        node = node[p]
-    return node
-
-
-def _has(tree: dict, dotted: str) -> bool:
-    node: Any = tree
-    for p in dotted.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return False
-        node = node[p]
-    return True
-
-
 def translate(raw: dict[str, Any], origin: str, known: Callable[[str], str | None]) -> Translation:
     """Rewrite one file's (or --opts') tree into our keys. ``known(dotted)`` -> 'node' | 'leaf' | None."""
     out: dict[str, Any] = {}
@@ -395,14 +371,14 @@ def translate(raw: dict[str, Any], origin: str, known: Callable[[str], str | Non
     for src, target, value, rule in renamed:
         if target in mapped and isinstance(value, bool):
             # Two prior switches for one feature (GRAD_WEIGHTING.TASK.TYPE and GRADNORM_ENABLED): both must be on.
-            _set(out, target, bool(_get(out, target)) and value)
+            set_dotted(out, target, bool(get_dotted(out, target)) and value)
             result.findings.append(Finding(src, origin, f"read as {target} together with {mapped[target]}", target))
             continue
-        if _has(out, target):
+        if has_dotted(out, target):
             result.findings.append(Finding(src, origin, f"ignored: {target} is also set in this file and wins"))
             continue
         mapped[target] = src
-        _set(out, target, value)
+        set_dotted(out, target, value)
         note = f" ({rule.note})" if rule.note else ""
         result.findings.append(Finding(src, origin, f"read as {target}{note}; {MIGRATE_HINT}", target))
     return result
@@ -515,7 +491,7 @@ def expand_per_task(
     def put(dotted: str, value: Any, h: Held) -> None:
         if explicit(dotted):
             return
-        _set(tree, dotted, value)
+        set_dotted(tree, dotted, value)
         origins[dotted] = h.origin
 
     funcs = by_key.get("LOSS.TASK_SPECIFIC.TRAIN.FUNCS")

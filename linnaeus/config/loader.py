@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from linnaeus.config import compat
 from linnaeus.config.defaults import Config, default_components
+from linnaeus.config.dotted import get_dotted, set_dotted
 from linnaeus.config.yaml_io import read_yaml_file, read_yaml_text, short
 from linnaeus.errors import ConfigError
 
@@ -200,20 +201,8 @@ def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
     tree: dict[str, Any] = {}
-    _set_dotted(tree, dotted, value)
+    set_dotted(tree, dotted, value)
     return tree
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    node[parts[-1]] = value
 
 
 def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
@@ -237,7 +226,7 @@ def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
 def _complete_components(tree: dict, prov: Provenance) -> None:
     """A partial spec of a default component (TEMPORAL, SPATIAL, ELEVATION) gets that component's defaults; a
     component a file or --opts names is enabled unless one of them sets its ENABLED (off is explicit)."""
-    comps = _get_dotted(tree, "DATA.META.COMPONENTS")
+    comps = get_dotted(tree, "DATA.META.COMPONENTS")
     if not isinstance(comps, dict):
         return
     defaults = default_components()
@@ -252,20 +241,11 @@ def _complete_components(tree: dict, prov: Provenance) -> None:
             spec["ENABLED"] = True
 
 
-def _get_dotted(tree: dict, dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _apply_aliases(tree: dict, prov: Provenance) -> None:
     """``TRAIN.BATCH_SIZE`` is the prior system's user-guide name for the per-process batch size ``DATA.BATCH_SIZE``."""
-    alias = _get_dotted(tree, "TRAIN.BATCH_SIZE")
+    alias = get_dotted(tree, "TRAIN.BATCH_SIZE")
     if alias is not None:
-        _set_dotted(tree, "DATA.BATCH_SIZE", alias)
+        set_dotted(tree, "DATA.BATCH_SIZE", alias)
         prov["DATA.BATCH_SIZE"] = prov.origin("TRAIN.BATCH_SIZE")
 
 
@@ -432,7 +412,7 @@ def resolve_tree(cfg_path: str | os.PathLike | None, opts: list[str] | None = No
         translated = _translate(_nest(key, value), OPTS, state)
         found, here = _pop_dotted(translated, key)
         if found:  # --opts KEY VALUE replaces KEY's value (a mapping too), like yacs' merge_from_list
-            _set_dotted(tree, key, here)
+            set_dotted(tree, key, here)
             _mark_children(here, key, OPTS, prov)
         _merge(tree, translated, OPTS, prov)  # what compat renamed lands under our keys
     _complete_components(tree, prov)
