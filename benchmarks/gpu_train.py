@@ -17,8 +17,8 @@ model from ``linnaeus.models.model_size``, against the datasheet bf16 peak and t
 both from ``benchmarks.gpu``), the data-wait share and peak memory the trainer logs (``data_wait_share``,
 ``max_memory_gib`` in train rows), device-decode fallbacks, and the wall time of the launch. ``fed_vs_compute``
 (1 - data-wait share) estimates end-to-end images/s against the same step fed from memory: the step's own time
-is what remains when the waits for data are taken out. Each section is guarded as in ``benchmarks.gpu``: a failure is recorded and the next
-variant runs; the JSON is rewritten after every section. A table closes the run.
+is what remains when the waits for data are taken out. Each section is guarded as in ``benchmarks.gpu``: a
+failure is recorded and the next variant runs; the JSON is rewritten after every section. A table closes the run.
 
 ``--smoke`` runs the same code on the CPU in well under a minute (tests use it): the demo-sized model at 32 px,
 ``cpu_ddp.yaml`` / ``cpu_zero2.yaml`` with one process standing in for the GPU launchers, two variants.

@@ -160,9 +160,9 @@ def resize_boxes(
     """``resize_box`` for many images at once: uint8 (B, 3, size, size).
 
     On the CPU (CI, and loader workers when training on the CPU) each image is resized by Pillow (``_pillow_resize``:
-    the same filter, exact). Elsewhere (``banded_resize_boxes``) each image's filter window is copied into a zero-padded float batch and both passes run as two batched
-    matrix products, so the device sees a handful of kernels per chunk instead of a dozen per image; chunks keep
-    the padded batch under ``budget_bytes``.
+    the same filter, exact). Elsewhere (``banded_resize_boxes``) each image's filter window is copied into a
+    zero-padded float batch and both passes run as two batched matrix products, so the device sees a handful of
+    kernels per chunk instead of a dozen per image; chunks keep the padded batch under ``budget_bytes``.
     """
     if images and images[0].device.type == "cpu":
         return torch.stack([_pillow_resize(image, box, size) for image, box in zip(images, boxes, strict=True)])

@@ -253,7 +253,8 @@ def load_image(
     ``train=True`` takes a random-resized-crop drawn from ``rng`` (a fresh unseeded generator when None);
     ``train=False`` the deterministic resize + centre crop. ``draft=False`` disables reduced-size JPEG
     decoding (for checks and benchmarks). ``box`` (oriented full-resolution pixels) replaces the drawn/centred crop
-    when given (the device decoder's CPU fallback passes the box its worker planned). Raises ``ImageDecodeError`` naming the file on any failure.
+    when given (the device decoder's CPU fallback passes the box its worker planned). Raises ``ImageDecodeError``
+    naming the file on any failure.
     """
     data, name = _read(source)
     with decode_errors(name):

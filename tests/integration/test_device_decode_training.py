@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from launch_utils import (
-    ensure_demo,
     final_weights,
     latest_checkpoint,
     launch,
@@ -25,11 +24,6 @@ from launch_utils import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
 
 
 def test_device_decode_learns_the_demo_like_cpu_decode(demo: Path, tmp_path: Path) -> None:

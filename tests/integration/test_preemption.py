@@ -14,7 +14,6 @@ from launch_utils import (
     PY,
     ROOT,
     descendants,
-    ensure_demo,
     env,
     final_weights,
     metrics,
@@ -26,11 +25,6 @@ from launch_utils import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
 
 
 def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:

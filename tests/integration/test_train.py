@@ -80,21 +80,23 @@ def test_metrics_jsonl_fields_and_run_folder(demo: Path, tmp_path: Path) -> None
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
 
 
+# Nothing random that depends on the micro-batch layout (no flips, jitter, erasing, metadata masking), no warmup, and
+# a larger Adam eps: Adam divides by sqrt(v)+eps, so with the default eps a parameter whose gradient is ~1e-9 moves by
+# ~lr either way and float summation order alone would flip it; a larger eps keeps updates proportional to the
+# gradient, which these tests compare.
+SAME_STEPS_WHATEVER_THE_LAYOUT = dict(
+    TRAIN__MAX_STEPS=3,
+    AUG__HFLIP_PROB=0.0,
+    AUG__COLOR_JITTER=0.0,
+    AUG__RANDOM_ERASE__PROB=0.0,
+    SCHEDULE__META_MASKING__ENABLED=False,
+    LR_SCHEDULER__WARMUP_FRACTION=0.0,
+    OPTIMIZER__EPS=1e-3,
+)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(demo: Path, tmp_path: Path) -> None:
-    # Nothing random that depends on the micro-batch layout: no flips, jitter, erasing, masking; all ranks labelled.
-    common = dict(
-        TRAIN__MAX_STEPS=3,
-        AUG__HFLIP_PROB=0.0,
-        AUG__COLOR_JITTER=0.0,
-        AUG__RANDOM_ERASE__PROB=0.0,
-        SCHEDULE__META_MASKING__ENABLED=False,
-        DATA__REQUIRE_ALL_RANKS=True,
-        LR_SCHEDULER__WARMUP_FRACTION=0.0,
-        # Adam divides by sqrt(v)+eps: with the default eps a parameter whose gradient is ~1e-9 moves by ~lr
-        # either way, so float summation order alone would flip it. A larger eps keeps updates proportional to the
-        # gradient, which is what this test compares.
-        OPTIMIZER__EPS=1e-3,
-    )
+    common = dict(SAME_STEPS_WHATEVER_THE_LAYOUT, DATA__REQUIRE_ALL_RANKS=True)  # all ranks labelled
     launch(tiny_opts(demo, tmp_path, name="accum", DATA__BATCH_SIZE=8, TRAIN__ACCUMULATION_STEPS=2, **common))
     launch(tiny_opts(demo, tmp_path, name="big", DATA__BATCH_SIZE=16, TRAIN__ACCUMULATION_STEPS=1, **common))
     np.testing.assert_allclose(_losses(run_dir(tmp_path, "accum")), _losses(run_dir(tmp_path, "big")), rtol=1e-4)
@@ -315,16 +317,7 @@ def test_step_loss_is_the_mean_over_labelled_samples_whatever_the_layout(tmp_pat
     """With partial labels, 2 micro-batches x 4 and 2 processes x 4 (DDP and ZeRO-2) take the same optimizer steps
     as one batch of 8: each rank's loss is normalised by its labelled count over the whole step."""
     data = _partially_labelled_dataset(tmp_path / "partial")
-    common = dict(
-        TRAIN__MAX_STEPS=3,
-        AUG__HFLIP_PROB=0.0,
-        AUG__COLOR_JITTER=0.0,
-        AUG__RANDOM_ERASE__PROB=0.0,
-        SCHEDULE__META_MASKING__ENABLED=False,
-        LR_SCHEDULER__WARMUP_FRACTION=0.0,
-        OPTIMIZER__EPS=1e-3,  # see test_gradient_accumulation_equals_the_larger_batch
-        DATA__BATCH_SIZE_VAL=8,
-    )
+    common = dict(SAME_STEPS_WHATEVER_THE_LAYOUT, DATA__BATCH_SIZE_VAL=8)
     launch(tiny_opts(data, tmp_path, name="one", DATA__BATCH_SIZE=8, **common))
     launch(tiny_opts(data, tmp_path, name="accum", DATA__BATCH_SIZE=4, TRAIN__ACCUMULATION_STEPS=2, **common))
     launch(tiny_opts(data, tmp_path, name="ddp", DATA__BATCH_SIZE=4, **common), "cpu_ddp")

@@ -26,8 +26,9 @@ loader (``image`` uint8, ``meta``, ``meta_valid``, ``targets`` int64 with -1 nul
 ``image_ok`` all True). Images go through the same ``read_image`` as files, ``train=True`` with a generator from
 ``(seed, epoch, row)``; with ``decode="device"`` a batch carries JPEG bytes + crop plans (``linnaeus.data.encoded``,
 the same keys as a file batch) for the main process to decode, with ``decode="worker"`` the worker decodes that
-plan itself once the batch is built (``device_decode.decode_in_worker``), as the file loader does. Labels and metadata are never read from the shard: the sample's ``row`` is looked up in
-the ``PreparedData`` arrays in memory, after the manifest's labels fingerprint and split digest were checked.
+plan itself once the batch is built (``device_decode.decode_in_worker``), as the file loader does. Labels and
+metadata are never read from the shard: the sample's ``row`` is looked up in the ``PreparedData`` arrays in
+memory, after the manifest's labels fingerprint and split digest were checked.
 
 Why not ``webdataset.WebDataset(resampled=True)``: its resampling is seeded from pid/time unless replaced, its
 default node splitter raises under WORLD_SIZE > 1, and ``with_epoch`` counts per worker; the few lines below give
