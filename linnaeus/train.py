@@ -7,6 +7,7 @@ A thin entry point for launchers that take a module (``accelerate launch -m``); 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A script calling main() at top level (no `if __name__ == "__main__":`) runs again in every DataLoader
+        # worker as it starts (forkserver/spawn re-run the main script); that copy must not train.
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", "the script")
+        print(
+            f"error: {script} calls linnaeus.train.main() at import; DataLoader workers import that script, so "
+            'put the call under `if __name__ == "__main__":`',
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     args = parse_args(argv)
     from linnaeus.utils import quiet
 

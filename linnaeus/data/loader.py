@@ -19,6 +19,7 @@ import atexit
 import math
 import multiprocessing
 import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,6 +174,49 @@ def _end_leftover_workers() -> None:
 
 _exit_guard = False
 
+# What the forkserver imports once, so that each worker it forks starts with the data code already loaded. Not
+# "__main__": a script's body would run in the server (workers still run it, as "__mp_main__", like spawn's do).
+_SERVER_PRELOAD = ["linnaeus.data.dataset", "linnaeus.data.shards.reader"]
+
+
+def worker_context(num_workers: int) -> Any:
+    """The multiprocessing context of every Linnaeus DataLoader (None without workers): a forkserver (spawn where
+    the platform has none), never a fork of the training process itself.
+
+    A training process has C++ threads that enter Python on their own: gloo's run loops (and NCCL's watchdog)
+    release each finished collective's tensors and take a fresh Python thread state to do it. On Python 3.11 a
+    fork in that instant copies CPython's thread-state lock as held, and the child waits on it forever inside
+    ``os.fork()`` (its ``_PyThreadState_DeleteExcept``). Distributed runs hit this at epoch starts. The forkserver
+    is a fresh interpreter with no such threads; workers are forked from it and receive the dataset pickled
+    (``SampleTable`` is plain NumPy for that reason).
+
+    The server is started with SIGTERM/SIGINT blocked, and its workers inherit that: a preemption signal sent to
+    every process of the job must not end the server or its workers before the rank has written its checkpoint
+    (the workers ignore both signals anyway, ``ignore_stop_signals``). It exits when this process does.
+    """
+    if num_workers <= 0:
+        return None
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    from multiprocessing import forkserver, resource_tracker
+
+    main_module = getattr(sys.modules["__main__"], "__spec__", None)
+    main_name = getattr(main_module, "name", None)  # `-m linnaeus.train`: imported, so its main block stays idle
+    preload = list(_SERVER_PRELOAD)
+    if main_name and not main_name.endswith("__main__"):
+        preload.append(main_name)
+    ctx.set_forkserver_preload(preload)
+    # The server starts its resource tracker first; starting that unblocks SIGTERM/SIGINT in this thread again
+    # (it protects itself by ignoring them), so it is started before our block.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        forkserver.ensure_running()  # a no-op while it runs; the signal mask passes to it through exec
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return ctx
+
 
 def worker_init(num_workers: int) -> Any:
     """The ``worker_init_fn`` of every Linnaeus DataLoader (None without workers): ``ignore_stop_signals``, plus,
@@ -225,7 +269,7 @@ def build_loader(
         drop_last=drop_last,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=persistent_workers and workers > 0,
-        multiprocessing_context=multiprocessing_context if workers > 0 else None,
+        multiprocessing_context=(multiprocessing_context or worker_context(workers)) if workers > 0 else None,
         worker_init_fn=worker_init(workers),
         # A private generator: DataLoader draws each iterator's worker base seed from it, which would otherwise
         # consume the global torch RNG and make the trainer's random stream depend on when loaders start.

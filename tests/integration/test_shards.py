@@ -365,21 +365,29 @@ from linnaeus.config import load_config
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.shards import build_shard_batches
 
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
-stream = build_shard_batches(cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1)
-n = stream.batches_per_epoch
-rows = []
-for epoch in range(2):
-    stream.set_epoch(epoch)
-    for batch in stream:
-        step = torch.ones(1)
-        dist.all_reduce(step)  # one collective per batch: a rank with fewer batches would hang here
-        rows += batch["row"].tolist()
-    dist.barrier()
-json.dump({"n": n, "rows": rows}, open(f"{sys.argv[3]}/rank{rank}.json", "w"))
-dist.destroy_process_group()
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
+    stream = build_shard_batches(
+        cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
+    )
+    n = stream.batches_per_epoch
+    rows = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        for batch in stream:
+            step = torch.ones(1)
+            dist.all_reduce(step)  # one collective per batch: a rank with fewer batches would hang here
+            rows += batch["row"].tolist()
+        dist.barrier()
+    json.dump({"n": n, "rows": rows}, open(f"{sys.argv[3]}/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # loader workers import the main script (forkserver)
+    main()
 """
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +121,38 @@ def test_a_process_exits_even_when_a_loader_is_never_shut_down() -> None:
     assert "Exception ignored" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-2000:]
 
 
+class _WhoRuns(torch.utils.data.Dataset):
+    """Each sample: (pid, parent pid) of the process that produced it."""
+
+    collate_fn = staticmethod(torch.utils.data.default_collate)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([os.getpid(), os.getppid()])
+
+
+def test_workers_are_not_forked_from_the_training_process_and_outlive_stop_signals() -> None:
+    """Forking the training process itself can deadlock the child (gloo/NCCL threads take CPython's thread-state
+    lock; see ``worker_context``): workers come from a forkserver. A preemption signal sent to every process of the
+    job (SLURM) must leave that server and its workers running until the rank has checkpointed."""
+    loader, sampler = build_loader(_WhoRuns(), batch_size=2, num_workers=2, shuffle=False, seed=0, drop_last=False)
+    first = torch.cat(_epoch(loader, sampler, epoch=0))
+    workers, servers = set(first[:, 0].tolist()), set(first[:, 1].tolist())
+    assert os.getpid() not in workers and servers.isdisjoint({os.getpid()}), (os.getpid(), first.tolist())
+
+    it = iter(loader)
+    live = set(torch.cat([next(it)]).flatten().tolist()) - servers  # this epoch's first worker
+    for pid in live | servers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    rest = list(it)  # the epoch finishes with the same workers
+    assert len(rest) == 1
+    # The same server forks the next epoch's workers (a dead one would have been replaced by a new one).
+    assert set(torch.cat(_epoch(loader, sampler, epoch=1))[:, 1].tolist()) == servers
+
+
 def _epoch(loader, sampler, epoch):
     sampler.set_epoch(epoch)
     return list(loader)
@@ -132,10 +167,10 @@ def _assert_same_batches(a, b):
             assert torch.equal(x["targets"][k], y["targets"][k])
 
 
-def test_batches_identical_with_0_1_2_workers_and_spawn(tmp_path):
+def test_batches_identical_with_0_1_2_workers_and_any_start_method(tmp_path):
     ds = make_dataset(tmp_path)
     results = {}
-    for workers, ctx in [(0, None), (1, None), (2, None), (1, "spawn")]:
+    for workers, ctx in [(0, None), (1, None), (2, None), (1, "spawn"), (1, "fork")]:
         loader, sampler = build_loader(
             ds, batch_size=4, num_workers=workers, shuffle=True, seed=11, drop_last=True, multiprocessing_context=ctx
         )

@@ -60,7 +60,7 @@ from linnaeus.data.dataset import sample_rng
 from linnaeus.data.device_decode import decode_in_worker
 from linnaeus.data.encoded import EncodedImage, check_decode, image_fields, read_image
 from linnaeus.data.images import ImageDecodeError
-from linnaeus.data.loader import worker_init
+from linnaeus.data.loader import worker_context, worker_init
 from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
@@ -451,7 +451,7 @@ def build_shard_batches(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         # Fresh workers each epoch copy the dataset after set_epoch, so they see the new epoch and offset.
         persistent_workers=False,
-        multiprocessing_context=multiprocessing_context if workers > 0 else None,
+        multiprocessing_context=(multiprocessing_context or worker_context(workers)) if workers > 0 else None,
         worker_init_fn=worker_init(workers),
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
