@@ -1,8 +1,8 @@
 """FileDataset: one sample per image file, labels and metadata already resolved to arrays in memory.
 
 ``prepare_data`` reads labels.h5 once (LabelStore), applies filters and the split, and hands this class plain
-NumPy arrays for its rows; the dataset only decodes images. Nothing here holds a file handle, so it pickles
-cheaply for ``spawn`` workers and is safe across ``fork``.
+NumPy arrays for its rows; the dataset only decodes images. Nothing here holds a file handle, so it pickles for
+the loader's forkserver workers, whose copies share its large arrays (``worker_share.ArraysToWorkers``).
 
 Randomness: a training sample's crop comes from ``np.random.default_rng((seed, epoch, index))``, a pure function
 of the run seed, the epoch and the sample's position in this dataset, so the same seed gives the same batches
@@ -29,6 +29,7 @@ from linnaeus.data.device_decode import collate_and_decode
 from linnaeus.data.encoded import EncodedImage, check_decode, collate_samples, encode_image
 from linnaeus.data.images import PLACEHOLDER_VALUE, ImageDecodeError, load_image
 from linnaeus.data.samples import SampleTable
+from linnaeus.data.worker_share import ArraysToWorkers
 from linnaeus.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def parse_key(key: Any) -> tuple[int, int, bool]:
     return int(key), 0, False
 
 
-class _PathTable:
+class _PathTable(ArraysToWorkers):
     """Many paths as one UTF-8 blob + offsets: no per-string Python objects to copy-on-access after fork or to
     pickle one by one for spawn (a list of 10^7 str is ~1 GB; this is the bytes themselves)."""
 
@@ -66,7 +67,7 @@ class _PathTable:
         return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
 
 
-class FileDataset(Dataset):
+class FileDataset(ArraysToWorkers, Dataset):
     """Images from files, labels/metadata from a ``SampleTable`` (whose ``paths`` must be set); one sample per row."""
 
     def __init__(

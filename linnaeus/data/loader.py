@@ -187,8 +187,8 @@ def worker_context(num_workers: int) -> Any:
     release each finished collective's tensors and take a fresh Python thread state to do it. On Python 3.11 a
     fork in that instant copies CPython's thread-state lock as held, and the child waits on it forever inside
     ``os.fork()`` (its ``_PyThreadState_DeleteExcept``). Distributed runs hit this at epoch starts. The forkserver
-    is a fresh interpreter with no such threads; workers are forked from it and receive the dataset pickled
-    (``SampleTable`` is plain NumPy for that reason).
+    is a fresh interpreter with no such threads; workers are forked from it and receive the dataset pickled, its
+    large arrays as shared memory (``worker_share``).
 
     The server is started with SIGTERM/SIGINT blocked, and its workers inherit that: a preemption signal sent to
     every process of the job must not end the server or its workers before the rank has written its checkpoint

@@ -1,7 +1,7 @@
 """``SampleTable``: everything known about the samples of one split, aligned by position.
 
 ``PreparedData.samples(split)`` builds it from the label store; the file dataset and the shard reader read it. It is
-plain NumPy (no file handles), so it pickles cheaply for ``spawn`` workers and is safe across ``fork``.
+plain NumPy (no file handles), so it pickles for loader workers (which share its arrays, ``worker_share``).
 """
 
 from __future__ import annotations

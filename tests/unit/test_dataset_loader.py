@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from linnaeus.data import worker_share
 from linnaeus.data.dataset import PLACEHOLDER_VALUE, FileDataset
 from linnaeus.data.loader import EpochSampler, build_loader, loader_num_batches, unwrap_worker_error
 from linnaeus.data.samples import SampleTable
@@ -151,6 +152,50 @@ def test_workers_are_not_forked_from_the_training_process_and_outlive_stop_signa
     assert len(rest) == 1
     # The same server forks the next epoch's workers (a dead one would have been replaced by a new one).
     assert set(torch.cat(_epoch(loader, sampler, epoch=1))[:, 1].tolist()) == servers
+
+
+def _persistent_epochs_around(ds, change) -> tuple[list, list]:
+    """Two epochs from the same two persistent workers, with ``change()`` applied in this process between them."""
+    loader, sampler = build_loader(
+        ds, batch_size=5, num_workers=2, shuffle=False, seed=0, drop_last=False, persistent_workers=True
+    )
+    before = _epoch(loader, sampler, epoch=0)
+    change()
+    return before, _epoch(loader, sampler, epoch=1)
+
+
+def test_workers_share_the_dataset_arrays_instead_of_copying_them(tmp_path, monkeypatch):
+    """Workers get the dataset pickled (forkserver); its arrays reach them as shared memory, so 64 workers do not
+    hold 64 copies of the sample table. Seen from outside: a change made here shows in running workers."""
+    monkeypatch.setattr(worker_share, "MIN_SHARED_BYTES", 0)  # share even the tiny test table
+    ds = make_dataset(tmp_path)
+    reference = _epoch(*build_loader(ds, batch_size=5, num_workers=0, shuffle=False, seed=0, drop_last=False), 0)
+
+    def change():
+        ds.meta[:] = 7.0
+
+    before, after = _persistent_epochs_around(ds, change)
+    _assert_same_batches(reference, before)  # the paths (blob + offsets), rows, targets and metadata all arrived
+    assert all(bool((b["meta"] == 7.0).all()) for b in after), after[0]["meta"]
+    assert isinstance(ds.meta.base, torch.Tensor) and ds.meta.base.is_shared()
+
+
+def test_without_room_in_dev_shm_workers_get_copies_and_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(worker_share, "MIN_SHARED_BYTES", 0)
+    monkeypatch.setattr(worker_share, "shm_free_bytes", lambda: 0)
+    monkeypatch.setattr(worker_share, "_warned_no_room", False)
+    ds = make_dataset(tmp_path)
+    original = ds.meta.copy()
+
+    def change():
+        ds.meta[:] = 7.0
+
+    with caplog.at_level("WARNING", logger="linnaeus.data.worker_share"):
+        _, after = _persistent_epochs_around(ds, change)
+    # the workers kept their own copies: the change made here does not show in them
+    assert all(torch.equal(b["meta"], torch.from_numpy(original[i * 5 : i * 5 + 5])) for i, b in enumerate(after))
+    assert sum("by copy" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    assert "--shm-size" in caplog.text
 
 
 def _epoch(loader, sampler, epoch):

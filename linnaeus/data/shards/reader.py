@@ -64,6 +64,7 @@ from linnaeus.data.loader import worker_context, worker_init
 from linnaeus.data.samples import SampleTable
 from linnaeus.data.shards import manifest as mf
 from linnaeus.data.shards.tario import TarFormatError, iter_tar_members
+from linnaeus.data.worker_share import ArraysToWorkers
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def iter_shard(path: str, on_error: Callable[[str], None]) -> Iterator[tuple[str
         yield key, parts
 
 
-class ShardTrainDataset(IterableDataset):
+class ShardTrainDataset(ArraysToWorkers, IterableDataset):
     """Yields this process's training batches for the current epoch; see the module docstring."""
 
     def __init__(
