@@ -371,7 +371,7 @@ class TrainConfig(Node):
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER
 class OptimizerConfig(Node):
     NAME: Literal["adamw"] = "adamw"
-    FUSED: OnOffAuto = Field("auto", description="fused AdamW kernel; auto: on CUDA")
+    FUSED: OnOffAuto = Field("auto", description="fused AdamW kernel; auto: where torch has one (CUDA, CPU)")
     WEIGHT_DECAY: float = Field(0.05, ge=0)
     BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     EPS: float = 1e-8

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+_MISSING = object()
 
-def has_dotted(tree: dict, dotted: str) -> bool:
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    """The value at ``dotted``, or ``_MISSING`` where the path does not exist."""
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return False
+            return _MISSING
         node = node[part]
-    return True
+    return node
+
+
+def has_dotted(tree: dict, dotted: str) -> bool:
+    return _lookup(tree, dotted) is not _MISSING
 
 
 def get_dotted(tree: dict, dotted: str) -> Any:
     """The value at ``dotted``, or None where the path does not exist."""
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    value = _lookup(tree, dotted)
+    return None if value is _MISSING else value
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -179,9 +179,9 @@ _exit_guard = False
 _SERVER_PRELOAD = ["linnaeus.data.dataset", "linnaeus.data.shards.reader"]
 
 
-def worker_context(num_workers: int) -> Any:
-    """The multiprocessing context of every Linnaeus DataLoader (None without workers): a forkserver (spawn where
-    the platform has none), never a fork of the training process itself.
+def worker_context(num_workers: int, requested: Any = None) -> Any:
+    """The multiprocessing context of every Linnaeus DataLoader (None without workers; ``requested`` when a caller
+    asks for one): a forkserver (spawn where the platform has none), never a fork of the training process itself.
 
     A training process has C++ threads that enter Python on their own: gloo's run loops (and NCCL's watchdog)
     release each finished collective's tensors and take a fresh Python thread state to do it. On Python 3.11 a
@@ -194,8 +194,8 @@ def worker_context(num_workers: int) -> Any:
     every process of the job must not end the server or its workers before the rank has written its checkpoint
     (the workers ignore both signals anyway, ``ignore_stop_signals``). It exits when this process does.
     """
-    if num_workers <= 0:
-        return None
+    if num_workers <= 0 or requested is not None:
+        return requested if num_workers > 0 else None
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
@@ -269,7 +269,7 @@ def build_loader(
         drop_last=drop_last,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=persistent_workers and workers > 0,
-        multiprocessing_context=(multiprocessing_context or worker_context(workers)) if workers > 0 else None,
+        multiprocessing_context=worker_context(workers, multiprocessing_context),
         worker_init_fn=worker_init(workers),
         # A private generator: DataLoader draws each iterator's worker base seed from it, which would otherwise
         # consume the global torch RNG and make the trainer's random stream depend on when loaders start.

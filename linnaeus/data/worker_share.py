@@ -40,30 +40,24 @@ class ArraysToWorkers:
             return state
         for name, value in state.items():
             if isinstance(value, np.ndarray):
-                state[name] = self._handoff(value, lambda view, name=name: self.__dict__.__setitem__(name, view))
+                state[name], self.__dict__[name] = _handoff(value)
             elif isinstance(value, dict) and any(isinstance(v, np.ndarray) for v in value.values()):
-                state[name] = {
-                    k: self._handoff(v, lambda view, d=value, k=k: d.__setitem__(k, view))
-                    if isinstance(v, np.ndarray)
-                    else v
-                    for k, v in value.items()
-                }
+                pairs = {k: _handoff(v) if isinstance(v, np.ndarray) else (v, v) for k, v in value.items()}
+                state[name] = {k: sent for k, (sent, _) in pairs.items()}
+                value.update({k: kept for k, (_, kept) in pairs.items()})
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
-    @staticmethod
-    def _handoff(array: np.ndarray, replace: Any) -> Any:
-        """What to pickle for ``array``: a ``_Shared`` (and ``replace(view)`` puts the shared view in its place
-        here), or the array itself when it is small, of a type torch cannot hold, or there is no room."""
-        tensor = _shared_tensor_of(array)
+def _handoff(array: np.ndarray) -> tuple[Any, np.ndarray]:
+    """(what to pickle for ``array``, what to keep here in its place): a ``_Shared`` and the shared view, or the
+    array itself twice when it is small, of a type torch cannot hold, or there is no room."""
+    tensor = _shared_tensor_of(array)
+    if tensor is None:
+        tensor = _to_shared_memory(array)
         if tensor is None:
-            tensor = _to_shared_memory(array)
-            if tensor is None:
-                return array
-            replace(tensor.numpy())
-        return _Shared(tensor)
+            return array, array
+        array = tensor.numpy()
+    return _Shared(tensor), array
 
 
 class _Shared:

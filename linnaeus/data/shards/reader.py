@@ -452,7 +452,7 @@ def build_shard_batches(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         # Fresh workers each epoch copy the dataset after set_epoch, so they see the new epoch and offset.
         persistent_workers=False,
-        multiprocessing_context=(multiprocessing_context or worker_context(workers)) if workers > 0 else None,
+        multiprocessing_context=worker_context(workers, multiprocessing_context),
         worker_init_fn=worker_init(workers),
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
