@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = cs.add_parser("validate", help="list every config problem at once (and the compatibility warnings)")
     add_cfg_arguments(q)
     q.add_argument("--json", action="store_true", help="print {ok, errors, warnings} as JSON")
+    q.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="the accelerate config you will launch with: also check what it makes impossible (e.g. ZeRO-3 + GradNorm)",
+    )
     q = cs.add_parser("explain", help="what a key means, its default, and where it is set")
     q.add_argument("key", help="dotted key, e.g. DATA.BATCH_SIZE (Polli Linnaeus keys too)")
     add_cfg_arguments(q, required=False)

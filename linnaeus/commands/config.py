@@ -20,6 +20,7 @@ import yaml
 
 from linnaeus.config import compat
 from linnaeus.config.defaults import Config
+from linnaeus.config.launch_facts import from_accelerate_config
 from linnaeus.config.loader import (
     DEFAULTS,
     Provenance,
@@ -86,13 +87,15 @@ def render(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- validate
-def validation_report(cfg_path: str | None, opts: list[str]) -> dict[str, Any]:
-    """{ok, errors, warnings}: every config problem, each one line (also used by `linnaeus check --json`)."""
+def validation_report(cfg_path: str | None, opts: list[str], accelerate_config: str | None = None) -> dict[str, Any]:
+    """{ok, errors, warnings}: every config problem, each one line (also used by `linnaeus check --json`); with an
+    accelerate config, also what that launch makes impossible (ZeRO-3 with GradNorm, ...)."""
     warnings: list[str] = []
     try:
+        launch = from_accelerate_config(accelerate_config) if accelerate_config else None
         tree, prov, problems = resolve_tree(cfg_path, opts)
         warnings = list(prov.warnings)
-        build_config(tree, prov, problems)
+        build_config(tree, prov, problems, launch)
         errors: list[str] = []
     except ConfigError as err:
         errors = problems_of(err)
@@ -100,7 +103,7 @@ def validation_report(cfg_path: str | None, opts: list[str]) -> dict[str, Any]:
 
 
 def validate(args: argparse.Namespace) -> int:
-    report = validation_report(args.cfg, args.opts)
+    report = validation_report(args.cfg, args.opts, args.accelerate_config)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

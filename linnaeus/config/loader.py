@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from linnaeus.config import compat
 from linnaeus.config.defaults import Config, default_components
 from linnaeus.config.dotted import get_dotted, set_dotted
+from linnaeus.config.launch_facts import LaunchFacts
 from linnaeus.config.yaml_io import read_yaml_file, read_yaml_text, short
 from linnaeus.errors import ConfigError
 
@@ -361,26 +362,20 @@ def _format_error(err: dict[str, Any], prov: Provenance) -> str:
     return f"{dotted} (from {origin}): {msg}, got {short(err.get('input'))}"
 
 
-def _raise_all(problems: list[str]) -> None:
-    if not problems:
-        return
-    more = f" (+{len(problems) - 1} more; `linnaeus config validate` lists all)" if len(problems) > 1 else ""
-    err = ConfigError(problems[0] + more)
-    err.problems = list(problems)  # type: ignore[attr-defined]
-    raise err
+def build_config(
+    tree: dict[str, Any], prov: Provenance, problems: list[str] | None = None, launch: LaunchFacts | None = None
+) -> Config:
+    """Validate ``tree``; every problem (schema, then cross-key, with ``launch`` the launch rules too) is raised at
+    once (``err.problems``)."""
+    from linnaeus.config.resolve import cross_key_problems, raise_problems
 
-
-def build_config(tree: dict[str, Any], prov: Provenance, problems: list[str] | None = None) -> Config:
-    """Validate ``tree``; every problem (schema, then cross-key) is raised at once (``err.problems``)."""
     problems = list(problems or [])
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
-        _raise_all(problems + [_format_error(e, prov) for e in exc.errors()])
+        raise_problems(problems + [_format_error(e, prov) for e in exc.errors()])
         raise  # unreachable: the list above is never empty
-    from linnaeus.config.checks import consistency_problems
-
-    _raise_all(problems + consistency_problems(cfg, prov))
+    raise_problems(problems + cross_key_problems(cfg, prov, launch))
     return cfg
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from linnaeus.config import Config
+from linnaeus.config.launch_facts import LaunchFacts
 
 log = logging.getLogger("linnaeus")
 
@@ -78,6 +79,17 @@ class DistInfo:
     @property
     def uses_deepspeed(self) -> bool:
         return self.zero_stage > 0
+
+    @property
+    def launch_facts(self) -> LaunchFacts:
+        """What the cross-key rules need to know of this launch (``linnaeus.config.resolve``)."""
+        return LaunchFacts(
+            source="this launch",
+            deepspeed=self.uses_deepspeed,
+            zero_stage=self.zero_stage,
+            precision=self.precision,
+            processes=self.world_size,
+        )
 
     @property
     def model_dtype(self) -> torch.dtype:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from linnaeus.config import Config, config_to_dict, dump_config
+from linnaeus.config.resolve import raise_problems, resolve
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
@@ -107,6 +108,9 @@ class Trainer:
 
         trackers = plan_trackers(cfg, self.run).accelerator_kwargs()
         self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE, trackers)
+        # Every cross-key rule, the launch's included (ZeRO stage, precision), before anything heavy is built.
+        self.spec, problems = resolve(cfg, launch=self.dist.launch_facts)
+        raise_problems(problems)
         acc = self.accelerator
         self.speedups = StepSpeedups.resolve(cfg, acc.device, uses_deepspeed=self.dist.uses_deepspeed)
         # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
