@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from linnaeus.checkout import repo_root
 from linnaeus.errors import ConfigError
 
 DS_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
@@ -50,8 +51,6 @@ def _find(raw: str, near: Path) -> Path:
     path = Path(raw)
     if path.is_absolute() or path.is_file():
         return path
-    from linnaeus.config.loader import repo_root
-
     for base in (near, repo_root()):
         if (base / path).is_file():
             return base / path

@@ -11,28 +11,25 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from linnaeus.checkout import repo_root
 from linnaeus.config import compat
 from linnaeus.config.defaults import Config, default_components
 from linnaeus.config.dotted import get_dotted, set_dotted
-from linnaeus.config.launch_facts import LaunchFacts
 from linnaeus.config.yaml_io import read_yaml_file, read_yaml_text, short
 from linnaeus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from linnaeus.config.launch_facts import LaunchFacts
 
 log = logging.getLogger("linnaeus.config")
 
 OPTS = "--opts"
 DEFAULTS = "defaults"
-
-
-def repo_root() -> Path:
-    """The directory holding ``configs/``: the source checkout, or the current directory for an installed package."""
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "configs").is_dir() else Path.cwd()
 
 
 class Provenance(dict):
