@@ -38,7 +38,7 @@ def test_stratified_split_trains_every_class_with_two_observations() -> None:
 
 
 def test_split_depends_only_on_seed_ratio_rows_and_ids() -> None:
-    ids, labels, rows = _dataset()
+    ids, _, rows = _dataset()
     codes = observation_codes(ids)
     a = grouped_split(rows, codes, 0.8, seed=5)
     shuffled = np.random.default_rng(9).permutation(len(rows))
