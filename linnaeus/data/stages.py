@@ -7,7 +7,7 @@
 Order: storage rules → inspect_labels → make_split → split_problems → examine_taxonomy → build_class_maps →
 num_classes_problems → split_image_paths → verify_images. Each stage reads and fills a :class:`DataState` and hands
 its problems (one line each) to a :class:`Sink`, which raises (training) or lists (check). A stage marked ``gated``
-runs only while nothing has been found (it needs what the stages before it built); in training that is always so.
+needs what the stages before it built: once anything was found, check stops there (training never gets that far).
 
 Class counts are computed here once (:func:`class_counts`): the stats, ``check``'s rank table and
 ``PreparedData.class_counts`` all use it.
@@ -253,12 +253,7 @@ class Stage:
 def _storage_rules(state: DataState, sink: Sink) -> None:
     spec = state.spec
     sink.add(storage_problems(spec.images) + task_key_problems(spec.task_keys))  # config rules, before any reading
-    try:
-        label_paths(spec.labels)
-    except LinnaeusError as exc:
-        if not sink.collect:
-            raise
-        sink.add([str(exc)])
+    label_paths(spec.labels)  # raises its one line: which labels keys are set wrongly
 
 
 def _inspect_labels(state: DataState, sink: Sink) -> None:
@@ -439,7 +434,7 @@ def data_stages(spec: DataSpec) -> list[Stage]:
 
 def run_stages(spec: DataSpec, options: StageOptions) -> tuple[DataState, Sink]:
     """Run ``data_stages(spec)``: training (``options.collect`` False) raises the first problem; check collects
-    them (a stage that raises becomes one line; a gated stage is skipped once anything was found)."""
+    them (a stage that raises becomes one line) and stops before a gated stage once anything was found."""
     state, sink = DataState(spec, options), Sink(options.collect)
     for stage in data_stages(spec):
         if stage.gated and sink.errors:
