@@ -33,12 +33,13 @@ SKIP = 2  # steps at the start of each fed window: worker start-up and the first
 
 
 def _build(ds: BenchDataset, img_size: int, batch: int, workers: int):
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
 
     cfg = ds.config(DATA__IMG_SIZE=img_size, MODEL__IMG_SIZE=img_size, DATA__BATCH_SIZE=batch)
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     train = data.dataset("train", train=True)
     loader, sampler = build_loader(train, batch_size=batch, num_workers=workers, shuffle=True, seed=0, drop_last=True)
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}

@@ -148,11 +148,12 @@ def write_dataset(root: Path, rows: int, size: tuple[int, int] | None, unique: i
 
 def write_shard_set(dataset: Path, out: Path, experiment: Path, workers: int) -> Path:
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.shards.writer import ShardOptions, write_shards
 
     cfg = load_config(experiment, _data_opts(dataset))
     write_shards(
-        cfg,
+        data_spec(cfg),
         out,
         ShardOptions(samples_per_shard=256, workers=workers, splits=("train",), progress=False),
     )

@@ -43,6 +43,7 @@ from benchmarks.common import (
     synth_images,
     write_bench_dataset,
 )
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.images import RESAMPLE, random_resized_crop_box
 
@@ -143,7 +144,7 @@ def build_pair(ds: BenchDataset, *, img_size: int, batch_size: int, workers: int
         AUG__RRC_SCALE=[0.35, 1.0],
         MISC__SEED=seed,
     )
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     ours = data.dataset("train", train=train)
     # Persistent workers on both sides: every timed epoch measures decoding, not process start-up.
     loader, sampler = build_loader(
@@ -234,7 +235,7 @@ def compare_decode_paths(
     from linnaeus.data.prepare import prepare_data
 
     cfg = ds.config(DATA__IMG_SIZE=img_size, MODEL__IMG_SIZE=img_size, AUG__RRC_SCALE=[0.35, 1.0], MISC__SEED=0)
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     decoder = DeviceDecoder()
     variants = {}
     for name, mode in (("cpu", "cpu"), ("device", "device")):

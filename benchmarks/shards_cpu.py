@@ -111,6 +111,7 @@ def per_image(fn: Callable[[], Any], n: int) -> Callable[[], float]:
 
 
 def bench(quick: bool, workdir: Path) -> list[Comparison]:
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.data.shards import ShardOptions, build_shard_batches, write_shards
@@ -125,7 +126,7 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
         DATA__SHARDS__SHUFFLE_BUFFER=256,
         DATA__NUM_WORKERS=0,
     )
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(data_spec(cfg))
     paths = prepared.image_paths("train") + prepared.image_paths("val")
     n_all = len(paths)
     size_mb = sum(os.path.getsize(p) for p in paths) / 1e6
@@ -144,7 +145,7 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
         def run() -> None:
             out = workdir / f"w{workers}"
             shutil.rmtree(out, ignore_errors=True)
-            write_shards(cfg, out, ShardOptions(samples_per_shard=sps, workers=workers, progress=False))
+            write_shards(data_spec(cfg), out, ShardOptions(samples_per_shard=sps, workers=workers, progress=False))
 
         return run
 
@@ -173,7 +174,7 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
     comps.append(bench_parts(data, workdir, n_all, sps, reps))
 
     # 2. raw reads, and 3. loader epochs
-    write_shards(cfg, shard_dir, ShardOptions(samples_per_shard=sps, workers=1, progress=False))
+    write_shards(data_spec(cfg), shard_dir, ShardOptions(samples_per_shard=sps, workers=1, progress=False))
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     shards = [str(shard_dir / s["name"]) for s in manifest["splits"]["train"]["shards"]]
     train_paths = prepared.image_paths("train")
@@ -181,7 +182,9 @@ def bench(quick: bool, workdir: Path) -> list[Comparison]:
     file_loader, sampler = build_loader(
         prepared.dataset("train", train=True), batch_size=BATCH, num_workers=0, shuffle=True, seed=0
     )
-    shard_stream = build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0)
+    shard_stream = build_shard_batches(
+        data_spec(cfg), prepared, world_size=1, rank=0, batch_size=BATCH, seed=0, num_workers=0
+    )
     n_batches = shard_stream.batches_per_epoch
     n_loaded = n_batches * BATCH
 

@@ -7,7 +7,7 @@ Use the ``tiny_dataset`` fixture (written under ``tmp_path``) or call :func:`wri
 
     def test_something(tiny_dataset):
         cfg = tiny_dataset.config("DATA.BATCH_SIZE", "2")   # load_config(exp.yaml, opts)
-        data = prepare_data(cfg)
+        data = prepare_data(data_spec(cfg))
 
 The taxonomy (ids are what ``taxa_LXX`` hold; 0 = null)::
 

@@ -32,13 +32,14 @@ def _time_loader(loader, batches: int) -> tuple[float, int]:
 
 def run(args: argparse.Namespace) -> int:
     from linnaeus.aug import eval_transform
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
 
     cfg = load_config(args.cfg, args.opts)
     workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     dataset = data.dataset("train", train=True)
     loader, sampler = build_loader(
         dataset,

@@ -6,6 +6,7 @@ model or shards, which the data package must not import. Bad input never produce
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -30,11 +31,11 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     """Measured (not documented) size: parameters, and GMACs at 224 and 384 px for one image."""
     import torch
 
-    from linnaeus.data.labels import components_from_config
+    from linnaeus.config.resolve_data import meta_spec
     from linnaeus.models import HierarchicalClassifier, build_backbone, coarse_to_fine, model_size
     from linnaeus.models.builder import resolve_head_configs
 
-    meta_dims = [c.dim for c in components_from_config(cfg)]
+    meta_dims = meta_spec(cfg).dims
     keys = list(cfg.DATA.TASK_KEYS_H5)
     order = coarse_to_fine(keys)
     # Which parent each child has does not change the size; any valid tree of the right shape will do.
@@ -76,13 +77,13 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
 
     if pretrained_source(cfg.MODEL) is None:
         return None
-    from linnaeus.data.labels import components_from_config
+    from linnaeus.config.resolve_data import meta_spec
     from linnaeus.models import build_model, coarse_to_fine
 
     keys = list(cfg.DATA.TASK_KEYS_H5)
     order = coarse_to_fine(keys)
     shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
-    meta_dims = [c.dim for c in components_from_config(cfg)]
+    meta_dims = meta_spec(cfg).dims
     report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes).pretrained_report
     return {**report.to_json(), "lines": report.lines()}
 
@@ -90,9 +91,10 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
 def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
     if not cfg.DATA.SHARDS.ENABLED:
         return None
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.shards import shard_report
 
-    return shard_report(cfg)
+    return shard_report(data_spec(cfg))
 
 
 # ------------------------------------------------------------------------------------------------- printing
@@ -185,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
     from linnaeus.config import load_config_with_provenance
     from linnaeus.config.loader import problems_of
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.check import build_report
 
     try:
@@ -194,13 +197,20 @@ def run(args: argparse.Namespace) -> int:
             raise  # printed as one line by the CLI
         print(json.dumps({"ok": False, "errors": problems_of(err), "warnings": []}, indent=2))
         return err.exit_code
-    extra = {
+    sections = {
         "losses": losses_section,
         "model": model_section,
         "pretrained": pretrained_section,
         "shards": shards_section,
     }
-    report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
+    extra = {name: functools.partial(section, cfg) for name, section in sections.items()}
+    report = build_report(
+        data_spec(cfg),
+        check_images=not args.no_images,
+        decode=args.decode_images,
+        extra=extra,
+        model=f"{cfg.MODEL.TYPE} ({cfg.MODEL.NAME})",
+    )
     report["warnings"][:0] = prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()

@@ -29,8 +29,9 @@ def original_command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
 
-    cfg = load_config(args.cfg, args.opts)
+    spec = data_spec(load_config(args.cfg, args.opts))
     part = Part.parse(args.part) if getattr(args, "part", None) else None
     options = ShardOptions(
         samples_per_shard=args.samples_per_shard,
@@ -43,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
         part=part,
     )
     if getattr(args, "merge", False):
-        manifest = merge_parts(cfg, args.out, options)
+        manifest = merge_parts(spec, args.out, options)
     else:
-        manifest = write_shards(cfg, args.out, options)
+        manifest = write_shards(spec, args.out, options)
     if part is not None:
         print(
             f"part {part}: {manifest['shards']} of {manifest['planned']} shards ({manifest['written']} written, "
@@ -61,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if counts["stale"]:
         notes.append(f"{counts['stale']} rewritten because their source images changed")
     print(f"manifest: {args.out}/{MANIFEST_NAME}" + (f" ({'; '.join(notes)})" if notes else ""))
-    if not (cfg.DATA.SHARDS.ENABLED and cfg.DATA.SHARDS.DIR):
+    if not (spec.shards.enabled and spec.shards.dir):
         print(f"train from them with: --opts DATA.SHARDS.ENABLED True DATA.SHARDS.DIR {args.out}")
     return 0

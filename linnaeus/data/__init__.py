@@ -15,6 +15,7 @@ __getattr__, __all__ = lazy_exports(
         "taxonomy": ["ClassMap", "TaxonomyTree"],
         "splits": ["Split", "random_split"],
         "prepare": ["PreparedData", "SplitView", "prepare_data"],
+        "stages": ["data_stages", "run_stages"],
         "check": ["build_report"],
         "verify_images": ["verify_images"],
     },

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data._utils.collate import default_collate
 
-from linnaeus.data.images import Box, ImageDecodeError, _read, decode_errors, load_image, open_planned
+from linnaeus.data.images import Box, ImageDecodeError, load_image, planned_image
 
 ENCODED_KEYS = ("image_bytes", "image_offsets", "image_fallback", "crop_box", "orientation")
 DECODE_PLACES = ("cpu", "device", "worker")  # see the module docstring
@@ -73,18 +73,15 @@ def encode_image(
 
     Raises ``ImageDecodeError`` naming the file when it cannot be read or its header is not an image.
     """
-    data, name = _read(source)
-    with decode_errors(name):
-        im, orientation, box = open_planned(
-            data,
-            name,
-            img_size=img_size,
-            train=train,
-            rng=rng,
-            rrc_scale=rrc_scale,
-            rrc_ratio=rrc_ratio,
-            val_crop_pct=val_crop_pct,
-        )
+    with planned_image(
+        source,
+        img_size=img_size,
+        train=train,
+        rng=rng,
+        rrc_scale=rrc_scale,
+        rrc_ratio=rrc_ratio,
+        val_crop_pct=val_crop_pct,
+    ) as (data, name, im, orientation, box):
         on_device = im.format == "JPEG" and im.mode in DEVICE_MODES
         im.close()
     if on_device:

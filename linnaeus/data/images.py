@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -236,6 +237,17 @@ def open_planned(
     return im, orientation, box
 
 
+@contextmanager
+def planned_image(source: str | bytes | Path, **plan: Any) -> Iterator[tuple[bytes, str, Image.Image, int, Box]]:
+    """Read ``source`` and open it with its crop planned (``open_planned``'s keywords): (bytes, file name, image,
+    EXIF orientation, crop box). Whatever the body does with the image fails as one ``ImageDecodeError`` naming the
+    file. Both decode paths (``load_image`` here, ``encode_image`` in ``encoded.py``) start with this."""
+    data, name = _read(source)
+    with decode_errors(name):
+        im, orientation, box = open_planned(data, name, **plan)
+        yield data, name, im, orientation, box
+
+
 def load_image(
     source: str | bytes | Path,
     *,
@@ -256,19 +268,16 @@ def load_image(
     when given (the device decoder's CPU fallback passes the box its worker planned). Raises ``ImageDecodeError``
     naming the file on any failure.
     """
-    data, name = _read(source)
-    with decode_errors(name):
-        im, orientation, box = open_planned(
-            data,
-            name,
-            img_size=img_size,
-            train=train,
-            rng=rng,
-            rrc_scale=rrc_scale,
-            rrc_ratio=rrc_ratio,
-            val_crop_pct=val_crop_pct,
-            box=box,
-        )
+    with planned_image(
+        source,
+        img_size=img_size,
+        train=train,
+        rng=rng,
+        rrc_scale=rrc_scale,
+        rrc_ratio=rrc_ratio,
+        val_crop_pct=val_crop_pct,
+        box=box,
+    ) as (_, _, im, orientation, box):
         scale = 1.0
         if draft and im.format == "JPEG":
             # Ask for the smallest decode that keeps >= img_size pixels across the crop's shorter side.

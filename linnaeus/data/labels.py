@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
@@ -39,43 +39,11 @@ import numpy as np
 from linnaeus.data.encoders import encode_from_raw, encoded_bound
 from linnaeus.data.rules import raise_first
 from linnaeus.errors import DataError
-
-if TYPE_CHECKING:
-    from linnaeus.config import Config
+from linnaeus.specs.data import ComponentSpec  # re-exported: the labels' view of a metadata component
 
 IDENTIFIERS = "img_identifiers"
 IN_REGION = "in_region"
 RAW_LAT, RAW_LON, RAW_DATE, RAW_ELEVATION = "raw_lat", "raw_lon", "raw_date_observed", "raw_elevation"
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """One enabled metadata component, as the configuration describes it."""
-
-    name: str
-    source: str
-    columns: tuple[str, ...]
-    dim: int
-    idx: int
-    allow_missing: bool = True
-    oor_mask: bool = False
-
-    @property
-    def key(self) -> str:
-        return f"DATA.META.COMPONENTS.{self.name}"
-
-
-def components_from_config(cfg: Config) -> list[ComponentSpec]:
-    """Enabled components in IDX order (the packing order); empty when ``DATA.META.ACTIVE`` is False."""
-    meta = cfg.DATA.META
-    if not meta.ACTIVE:
-        return []
-    specs = [
-        ComponentSpec(name, c.SOURCE, tuple(c.COLUMNS), c.DIM, c.IDX, c.ALLOW_MISSING, c.OOR_MASK)
-        for name, c in meta.COMPONENTS.items()
-        if c.ENABLED
-    ]
-    return sorted(specs, key=lambda s: s.idx)
 
 
 def file_fingerprint(path: Path, chunk: int = 8 << 20) -> str:
@@ -149,12 +117,6 @@ class LabelStore:
         assert store is not None
         return store
 
-    @classmethod
-    def from_config(cls, path: str | Path, cfg: Config) -> LabelStore:
-        return cls.load(
-            path, list(cfg.DATA.TASK_KEYS_H5), components_from_config(cfg), need_in_region=in_region_key(cfg)
-        )
-
     # ------------------------------------------------------------------------------------------- statistics
     def statistics(self, rows: np.ndarray | None = None) -> dict[str, Any]:
         """Counts over ``rows`` (default: all): nulls per rank, metadata coverage per component."""
@@ -180,16 +142,6 @@ class LabelStore:
             }
         out["rows_all_ranks_null"] = int(np.all([self.taxa[k][rows] == 0 for k in self.taxa], axis=0).sum()) if n else 0
         return out
-
-
-def in_region_key(cfg: Config) -> str | None:
-    """The config key that needs ``in_region`` (for the error message), or None when nothing does."""
-    if cfg.DATA.IN_REGION_ONLY:
-        return "DATA.IN_REGION_ONLY"
-    for spec in components_from_config(cfg):
-        if spec.oor_mask:
-            return f"{spec.key}.OOR_MASK"
-    return None
 
 
 def inspect_labels(
@@ -551,7 +503,3 @@ def apply_filters(
             step(f"missing_{spec.name.lower()}", f"{spec.key}.ALLOW_MISSING", ~store.meta_missing[:, j])
     rows = np.flatnonzero(keep).astype(np.int64)
     return rows, FilterReport(str(store.path), store.n_rows, len(rows), steps)
-
-
-def filters_from_config(store: LabelStore, cfg: Config) -> tuple[np.ndarray, FilterReport]:
-    return apply_filters(store, in_region_only=cfg.DATA.IN_REGION_ONLY, require_all_ranks=cfg.DATA.REQUIRE_ALL_RANKS)

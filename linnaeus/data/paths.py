@@ -16,14 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from linnaeus.errors import ConfigError
-
-if TYPE_CHECKING:
-    from linnaeus.config import Config
+from linnaeus.specs.data import ImageSpec, LabelsSpec
 
 # Suffixes that mark an identifier as already carrying its file extension (FILE_EXTENSION is then not added).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -36,29 +33,28 @@ def resolve_path(value: str | os.PathLike) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
-def label_paths(cfg: Config) -> tuple[Path, Path | None]:
+def label_paths(labels: LabelsSpec) -> tuple[Path, Path | None]:
     """(labels path, None) for one file split by seed, or (train path, val path) for pre-split data."""
-    h5 = cfg.DATA.H5
-    if h5.TRAIN_LABELS_PATH and h5.VAL_LABELS_PATH:
-        if h5.LABELS_PATH:
+    train, val, one = labels.train_labels_path, labels.val_labels_path, labels.labels_path
+    if train and val:
+        if one:
             raise ConfigError(
                 "DATA.H5.LABELS_PATH: set either LABELS_PATH (split by seed) or TRAIN_LABELS_PATH + VAL_LABELS_PATH"
                 " (pre-split), not both"
             )
-        return resolve_path(h5.TRAIN_LABELS_PATH), resolve_path(h5.VAL_LABELS_PATH)
-    if h5.TRAIN_LABELS_PATH or h5.VAL_LABELS_PATH:
+        return resolve_path(train), resolve_path(val)
+    if train or val:
         raise ConfigError("DATA.H5.VAL_LABELS_PATH: pre-split data needs both TRAIN_LABELS_PATH and VAL_LABELS_PATH")
-    if not h5.LABELS_PATH:
+    if not one:
         raise ConfigError("DATA.H5.LABELS_PATH: not set; expected the path of your labels.h5")
-    return resolve_path(h5.LABELS_PATH), None
+    return resolve_path(one), None
 
 
-def images_dir_problem(cfg: Config) -> str | None:
+def images_dir_problem(images: ImageSpec) -> str | None:
     """Why ``DATA.HYBRID.IMAGES_DIR`` cannot serve images (unset, or not a folder), or None."""
-    hybrid = cfg.DATA.HYBRID
-    if not hybrid.IMAGES_DIR:
+    if not images.images_dir:
         return IMAGES_DIR_UNSET
-    images_dir = resolve_path(hybrid.IMAGES_DIR)
+    images_dir = resolve_path(images.images_dir)
     if not images_dir.is_dir():
         return f"DATA.HYBRID.IMAGES_DIR: {images_dir} is not a directory"
     return None

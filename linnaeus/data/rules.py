@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from linnaeus.errors import ConfigError, DataError, LinnaeusError
+from linnaeus.specs.data import ImageSpec, LabelsSpec
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.splits import Split
     from linnaeus.data.taxonomy import ClassMap
 
@@ -45,9 +45,9 @@ def raise_first(problems: Sequence[Problem | str], hint: str = "") -> None:
     raise error(f"{first}{more}" + (f"; {hint}" if hint else ""))
 
 
-def storage_problems(cfg: Config) -> list[Problem]:
+def storage_problems(images: ImageSpec) -> list[Problem]:
     """Images are files under IMAGES_DIR; the prior trainer's images-inside-HDF5 mode is not supported."""
-    if cfg.DATA.HYBRID.USE_HYBRID:
+    if images.use_hybrid:
         return []
     return [
         Problem(
@@ -58,12 +58,12 @@ def storage_problems(cfg: Config) -> list[Problem]:
     ]
 
 
-def task_key_problems(cfg: Config) -> list[Problem]:
+def task_key_problems(task_keys: Sequence[str]) -> list[Problem]:
     """Every DATA.TASK_KEYS_H5 entry must name a polli-typus rank level."""
     from linnaeus.data.taxonomy import rank_of_key
 
     problems = []
-    for key in cfg.DATA.TASK_KEYS_H5:
+    for key in task_keys:
         try:
             rank_of_key(key)
         except ConfigError as exc:
@@ -90,11 +90,11 @@ def split_problems(split: Split) -> list[Problem]:
     return problems
 
 
-def num_classes_problems(cfg: Config, class_maps: Mapping[str, ClassMap], where: str) -> list[Problem]:
+def num_classes_problems(labels: LabelsSpec, class_maps: Mapping[str, ClassMap], where: str) -> list[Problem]:
     """Configured NUM_CLASSES / NUM_CLASSES_PER_LEVEL that disagree with the data."""
     problems = []
     for key, cmap in class_maps.items():
-        for name, value in configured_num_classes(cfg, key):
+        for name, value in labels.configured(key):
             if value != len(cmap):
                 problems.append(
                     Problem(
@@ -104,18 +104,6 @@ def num_classes_problems(cfg: Config, class_maps: Mapping[str, ClassMap], where:
                     )
                 )
     return problems
-
-
-def configured_num_classes(cfg: Config, key: str) -> list[tuple[str, int]]:
-    """(config key, value) for every place the configuration states the class count of ``key``."""
-    out = []
-    heads = cfg.MODEL.CLASSIFICATION.HEADS
-    per_level = cfg.DATA.NUM_CLASSES_PER_LEVEL or {}
-    if key in heads and heads[key].NUM_CLASSES is not None:
-        out.append((f"MODEL.CLASSIFICATION.HEADS.{key}.NUM_CLASSES", heads[key].NUM_CLASSES))
-    if key in per_level:
-        out.append((f"DATA.NUM_CLASSES_PER_LEVEL.{key}", per_level[key]))
-    return out
 
 
 def empty_rank_problems(class_maps: Mapping[str, ClassMap], where: str) -> list[Problem]:
@@ -129,7 +117,6 @@ def empty_rank_problems(class_maps: Mapping[str, ClassMap], where: str) -> list[
 
 __all__ = [
     "Problem",
-    "configured_num_classes",
     "empty_rank_problems",
     "num_classes_problems",
     "raise_first",

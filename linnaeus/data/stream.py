@@ -23,8 +23,8 @@ from linnaeus.data.loader import build_loader, loader_num_batches
 __all__ = ["BatchStream", "EpochPosition", "build_file_batches", "build_train_batches"]
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
+    from linnaeus.specs.data import DataSpec
 
 
 def build_file_batches(
@@ -59,23 +59,23 @@ def build_file_batches(
 
 
 def build_train_batches(
-    cfg: Config, data: PreparedData, *, world_size: int, rank: int, pin_memory: bool = False, decode: str = "cpu"
+    spec: DataSpec, data: PreparedData, *, world_size: int, rank: int, pin_memory: bool = False, decode: str = "cpu"
 ) -> BatchStream:
-    """The training stream ``cfg`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files.
+    """The training stream ``spec`` asks for: shards when ``DATA.SHARDS.ENABLED``, else the image files.
 
     ``decode``: where images are decoded (``device_decode.resolve_decode_mode``): ``"device"`` batches carry
     encoded images for ``linnaeus.data.device_decode``, ``"worker"`` ones were decoded by it in the workers."""
     common: dict[str, Any] = dict(
         world_size=world_size,
         rank=rank,
-        batch_size=cfg.DATA.BATCH_SIZE,
-        seed=cfg.MISC.SEED,
-        num_workers=cfg.DATA.NUM_WORKERS,
+        batch_size=spec.loader.batch_size,
+        seed=spec.seed,
+        num_workers=spec.loader.num_workers,
         pin_memory=pin_memory,
-        prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
+        prefetch_factor=spec.loader.prefetch_factor,
     )
-    if cfg.DATA.SHARDS.ENABLED:
+    if spec.shards.enabled:
         from linnaeus.data.shards.reader import build_shard_batches
 
-        return build_shard_batches(cfg, data, decode=decode, **common)
+        return build_shard_batches(spec, data, decode=decode, **common)
     return build_file_batches(data.dataset("train", train=True, decode=decode), **common)

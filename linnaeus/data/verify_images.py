@@ -14,15 +14,13 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from linnaeus.errors import DataError
+from linnaeus.specs.data import VerifyImagesSpec
 from linnaeus.utils.io import atomic_write_json
-
-if TYPE_CHECKING:
-    from linnaeus.config.defaults import VerifyImagesConfig
 
 
 def _probe(path: str, decode: bool) -> str | None:
@@ -80,7 +78,7 @@ def verify_images(
     paths: Sequence[str],
     rows: np.ndarray,
     identifiers: Sequence[str],
-    cfg_verify: VerifyImagesConfig,
+    limits: VerifyImagesSpec,
     report_path: Path | None,
     *,
     allow_missing: bool = False,
@@ -92,15 +90,15 @@ def verify_images(
     Returns the report dict (``ok``, ``error``, counts, ``items`` = every problem with row/identifier/path).
     With ``raise_on_error`` a failed check raises DataError with the report's one-line ``error``.
     """
-    decode = cfg_verify.DECODE if decode is None else decode
+    decode = limits.decode if decode is None else decode
     n = len(paths)
-    found = scan_images(paths, decode=decode, workers=cfg_verify.NUM_WORKERS)
+    found = scan_images(paths, decode=decode, workers=limits.num_workers)
     items = [
         {"row": int(rows[i]), "identifier": str(identifiers[i]), "path": str(paths[i]), "problem": p} for i, p in found
     ]
     missing = sum(1 for _, p in found if p == "does not exist")
     bad = len(found)
-    limit = max(cfg_verify.MAX_MISSING_COUNT, math.floor(cfg_verify.MAX_MISSING_RATIO * n + 1e-9))
+    limit = max(limits.max_missing_count, math.floor(limits.max_missing_ratio * n + 1e-9))
     error = None
     excluded: list[dict[str, Any]] = []
     if bad and not allow_missing and bad <= limit:
@@ -118,7 +116,7 @@ def verify_images(
         error = (
             f"{bad} of {n} images are missing or unreadable (first: {first['path']}, labels.h5 row {first['row']},"
             f" {first['problem']}), more than DATA.HYBRID.VERIFY_IMAGES allows: max(MAX_MISSING_COUNT"
-            f" {cfg_verify.MAX_MISSING_COUNT}, MAX_MISSING_RATIO {cfg_verify.MAX_MISSING_RATIO} x {n}) = {limit}"
+            f" {limits.max_missing_count}, MAX_MISSING_RATIO {limits.max_missing_ratio} x {n}) = {limit}"
         )
     report = {
         "ok": error is None,

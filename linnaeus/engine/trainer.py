@@ -125,6 +125,7 @@ class Trainer:
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
             torch.set_flush_denormal(True)
 
+        from linnaeus.config.resolve_data import data_spec
         from linnaeus.data.paths import IMAGES_DIR_UNSET
         from linnaeus.data.prepare import prepare_data
 
@@ -135,7 +136,7 @@ class Trainer:
         if not cfg.DATA.HYBRID.IMAGES_DIR:  # validation always reads image files, shards or not
             raise ConfigError(IMAGES_DIR_UNSET)
         self.data = prepare_data(
-            cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
+            data_spec(cfg), split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
         )
 
         def take_folder() -> None:
@@ -180,7 +181,7 @@ class Trainer:
         # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with a
         # fixed number of batches per rank. Validation stays on files so its metrics are exact.
         self.train_batches = build_train_batches(
-            cfg, self.data, world_size=d.world_size, rank=d.rank, pin_memory=pin_memory, decode=decode
+            self.data.spec, self.data, world_size=d.world_size, rank=d.rank, pin_memory=pin_memory, decode=decode
         )
         self.plan = plan_steps(cfg, self.train_batches.batches_per_epoch, world_size=d.world_size)
         val_loader, val_sampler = build_loader(

@@ -31,12 +31,13 @@ def evaluate_bundle(
     uses it. Targets are matched by taxon id, so the bundle's class maps are the reference. ``consistent=False``
     (default) scores per-rank argmax, the definition ``val/<key>/top1`` uses; True scores the decoded chain.
     """
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.prepare import PreparedData, prepare_data
 
     data = (
         cfg_or_prepared
         if isinstance(cfg_or_prepared, PreparedData)
-        else prepare_data(cfg_or_prepared, check_images=False)
+        else prepare_data(data_spec(cfg_or_prepared), check_images=False)
     )
     predictor = Predictor.from_bundle(bundle_dir, device)
     view = data.view(split)

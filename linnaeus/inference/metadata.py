@@ -109,11 +109,12 @@ def encoder_kind(source: str) -> str | None:
 
 def _labels_column_names(cfg: Config, source: str) -> list[str] | None:
     """The ``column_names`` attribute of the training labels.h5 dataset, when that file is still reachable."""
-    from linnaeus.data.prepare import label_paths
+    from linnaeus.config.resolve_data import labels_spec
+    from linnaeus.data.paths import label_paths
     from linnaeus.errors import ConfigError
 
     try:
-        paths = [p for p in label_paths(cfg) if p is not None]
+        paths = [p for p in label_paths(labels_spec(cfg)) if p is not None]
     except ConfigError:  # no labels path configured: nothing to read, the defaults decide
         return None
     import h5py
@@ -145,10 +146,10 @@ def resolve_components(cfg: Config) -> list[MetaComponent]:
     ``column_names`` (when readable), else the encoders' defaults for that source (recorded as assumed in
     ``columns_from``: ``linnaeus export`` refuses those unless told to assume). Components whose columns the
     raw encoders cannot produce are kept (the model has slots for them) but marked not encodable."""
-    from linnaeus.data.labels import components_from_config
+    from linnaeus.config.resolve_data import meta_spec
 
     out = []
-    for spec in components_from_config(cfg):
+    for spec in meta_spec(cfg).components:
         kind = encoder_kind(spec.source)
         columns, columns_from = tuple(spec.columns), COLUMNS_FROM_CONFIG
         if not columns:

@@ -98,13 +98,14 @@ def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Pa
 
     from linnaeus.aug import eval_transform
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.engine.metrics import ValidationMeter
     from linnaeus.models import build_model
 
     cfg = load_config(run / "config.yaml")
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
     model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
     model.load_state_dict(final_weights(run), strict=True)
@@ -195,6 +196,7 @@ def test_every_checkpoint_holds_the_exact_unreadable_image_count(demo: Path, tmp
     import numpy as np
 
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import EpochSampler
     from linnaeus.data.prepare import prepare_data
 
@@ -214,7 +216,7 @@ def test_every_checkpoint_holds_the_exact_unreadable_image_count(demo: Path, tmp
         SCHEDULE__CHECKPOINT__KEEP_LAST_N=5,
     )
     cfg = load_config(DEMO_CFG, opts)
-    paths = prepare_data(cfg).image_paths("train")
+    paths = prepare_data(data_spec(cfg)).image_paths("train")
     gone = np.zeros(len(paths), dtype=bool)
     gone[::7] = True
     for i in np.flatnonzero(gone):

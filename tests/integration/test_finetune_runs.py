@@ -227,11 +227,12 @@ def test_finetune_from_a_linnaeus_export_with_a_changed_species_list(demo: Path,
 
     # Shared taxa keep their head rows: check the weights the fine-tune run started from.
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
 
     cfg = load_config(tuned_run / "config.yaml")
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
     model = build_model(
         cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy, class_maps=data.class_maps

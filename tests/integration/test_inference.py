@@ -22,6 +22,7 @@ from typus import ClassificationResult, RankNullCandidate, TaxonCandidate
 from linnaeus.aug import eval_transform
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root, save_config
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data import encoders
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
@@ -51,7 +52,7 @@ HEADS = [
 
 def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
     """What training leaves behind, minus the training: config, data artefacts, export/final.safetensors."""
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     data.save(run)
@@ -357,7 +358,7 @@ def test_validation_and_prediction_feed_the_model_identical_tensors(demo_run) ->
     val_meta = torch.stack([b["meta"] for b in batch])
     # Prediction: the val images' paths and their *raw* metadata (labels.h5 raw_* fields), as a user would give them.
     view = data.view("val")
-    with h5py.File(data.cfg.DATA.H5.LABELS_PATH, "r") as f:
+    with h5py.File(data.spec.labels.labels_path, "r") as f:
         raw = {k: f[k][()] for k in ("raw_lat", "raw_lon", "raw_elevation")}
         raw["raw_date_observed"] = f["raw_date_observed"].asstr()[()]
     records = [

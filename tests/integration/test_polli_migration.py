@@ -17,6 +17,7 @@ from conftest import TinyDataset, write_tiny_dataset
 
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import TaxonomyTree
 from linnaeus.errors import DataError
@@ -168,7 +169,7 @@ def test_check_validates_loss_params_as_training_does(capsys: pytest.CaptureFixt
     from linnaeus.losses.task_loss import build_task_loss
 
     cfg = tiny_dataset.config(*opts)
-    data = prepare_data(cfg, check_images=False)
+    data = prepare_data(data_spec(cfg), check_images=False)
     with pytest.raises(ConfigError) as exc:
         build_task_loss(cfg, data.task_keys, data.num_classes, data.distance_matrices(), data.class_counts())
     assert str(exc.value) in err
@@ -208,7 +209,7 @@ def test_polli_taxonomy_tree_file_is_a_taxonomy_source(tmp_path: Path, tiny_data
     assert {c: p for c, p in tree.parent.items()} == {c: p for c, p in ours.parent.items() if c not in skip_level}
     # Training from it (ranks whose rows it fully describes: the skip-level species needs our own format).
     opts = ("DATA.TAXONOMY_PATH", str(assets / "taxonomy_tree.json"), "DATA.TASK_KEYS_H5", "[taxa_L20, taxa_L30]")
-    data = prepare_data(tiny_dataset.config(*opts), check_images=False)
+    data = prepare_data(data_spec(tiny_dataset.config(*opts)), check_images=False)
     assert data.num_classes == {"taxa_L20": 3, "taxa_L30": 2}
     assert data.tree.source == str(assets / "taxonomy_tree.json")
 
@@ -218,7 +219,7 @@ def test_verify_images_leaves_rows_out_within_the_documented_limits(tiny_dataset
     verify = ["DATA.HYBRID.VERIFY_IMAGES", "{ENABLED: True, MAX_MISSING_RATIO: 0.01, MAX_MISSING_COUNT: 100}"]
     report = "DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH"
     cfg = tiny_dataset.config(*verify, report, "{output_dir}/assets/missing_images_report.json")
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     rows = np.concatenate([data.train.rows, data.val.rows])
     assert 4 not in rows and len(rows) == tiny_dataset.n_rows - 1
     assert data.image_report["excluded_rows"] == 1
@@ -229,11 +230,13 @@ def test_verify_images_leaves_rows_out_within_the_documented_limits(tiny_dataset
             assert Path(path).name.startswith(f"img_{row:04d}"), (row, path)
     # In a job, the main process's verdict is what every process applies (no scan of its own on the others).
     shared = []
-    others = prepare_data(cfg, check_images=False, share=lambda v: shared.append(v) or {"error": None, "bad": []})
+    others = prepare_data(
+        data_spec(cfg), check_images=False, share=lambda v: shared.append(v) or {"error": None, "bad": []}
+    )
     assert shared == [None] and len(np.concatenate([others.train.rows, others.val.rows])) == tiny_dataset.n_rows
     written = cfg.EXPERIMENT.run_folder() / "assets/missing_images_report.json"
     assert json.loads(written.read_text())["items"][0]["row"] == 4
     assert not any(p.name == "{output_dir}" for p in Path.cwd().iterdir())
     # Past the limits it still fails, naming the file.
     with pytest.raises(DataError, match=r"img_0004.jpg \(labels.h5 row 4\)"):
-        prepare_data(tiny_dataset.config("DATA.HYBRID.VERIFY_IMAGES", "{ENABLED: True}"))
+        prepare_data(data_spec(tiny_dataset.config("DATA.HYBRID.VERIFY_IMAGES", "{ENABLED: True}")))

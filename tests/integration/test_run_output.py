@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.engine.schedule import StepPlan
 from linnaeus.engine.train_meter import TrainMeter
 
@@ -131,7 +132,7 @@ def test_wrong_images_dir_fails_with_one_line_before_the_model_and_leaves_no_run
     opts = tiny_opts(demo, tmp_path, DATA__HYBRID__IMAGES_DIR=str(tmp_path / "no_such_folder"))
     # The data preflight (which the trainer runs before it builds the model or the run folder) refuses it ...
     with pytest.raises(ConfigError, match=r"DATA\.HYBRID\.IMAGES_DIR: .*no_such_folder is not a directory"):
-        prepare_data(load_config(DEMO_CFG, opts), check_images=False)
+        prepare_data(data_spec(load_config(DEMO_CFG, opts)), check_images=False)
     # ... and the job says so once, on its own line, and leaves nothing behind.
     proc = subprocess.run(
         [PY, "-m", "linnaeus.train", "--cfg", str(DEMO_CFG), "--opts", *opts],

@@ -24,6 +24,7 @@ from PIL import Image
 
 from linnaeus.cli import main
 from linnaeus.config import load_config
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.dataset import sample_rng
 from linnaeus.data.device_decode import DeviceDecoder
 from linnaeus.data.images import load_image
@@ -59,7 +60,7 @@ def sharded(tmp_path_factory):
     argv = ["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", str(SPS), "--workers", "2"]
     assert main(argv) == 0
     cfg = shard_cfg(ds, out)
-    return ds, out, cfg, prepare_data(cfg), json.loads((out / "manifest.json").read_text())
+    return ds, out, cfg, prepare_data(data_spec(cfg)), json.loads((out / "manifest.json").read_text())
 
 
 def test_manifest_records_source_counts_and_checksums(sharded):
@@ -128,7 +129,7 @@ def test_interrupted_shard_run_resumes_to_identical_shards(sharded, tmp_path):
     (out / "train-999999.tar").write_bytes(b"stale")  # e.g. from a run with a smaller shard size
 
     manifest = write_shards(
-        load_config(ds.config_path), out, ShardOptions(samples_per_shard=SPS, workers=2, progress=False)
+        data_spec(load_config(ds.config_path)), out, ShardOptions(samples_per_shard=SPS, workers=2, progress=False)
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
     for split in ("train", "val"):
@@ -138,32 +139,36 @@ def test_interrupted_shard_run_resumes_to_identical_shards(sharded, tmp_path):
     for name in names:
         assert sha256(out / name) == sha256(ref / name)
     # A rerun on a complete folder keeps everything (checksums verified) and rewrites nothing.
-    again = write_shards(load_config(ds.config_path), out, ShardOptions(samples_per_shard=SPS, progress=False))
+    again = write_shards(
+        data_spec(load_config(ds.config_path)), out, ShardOptions(samples_per_shard=SPS, progress=False)
+    )
     assert again["_counts"]["kept"] == manifest["num_shards"]
 
 
 def test_missing_image_strict_fails_and_allowed_is_skipped(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2)
-    row = int(prepare_data(ds.config()).train.rows[3])
+    row = int(prepare_data(data_spec(ds.config())).train.rows[3])
     ds.image_file(row).unlink()
     with pytest.raises(DataError) as err:
-        write_shards(ds.config(), tmp_path / "strict", ShardOptions(samples_per_shard=SPS, progress=False))
+        write_shards(data_spec(ds.config()), tmp_path / "strict", ShardOptions(samples_per_shard=SPS, progress=False))
     msg = str(err.value)
     assert ds.image_file(row).name in msg and f"row {row}" in msg and "ALLOW_MISSING_IMAGES" in msg
     assert not list((tmp_path / "strict").glob(".*.tmp"))
 
     cfg = ds.config("DATA.HYBRID.ALLOW_MISSING_IMAGES", "true")
-    m = write_shards(cfg, tmp_path / "lenient", ShardOptions(samples_per_shard=SPS, splits=("train",), progress=False))
+    m = write_shards(
+        data_spec(cfg), tmp_path / "lenient", ShardOptions(samples_per_shard=SPS, splits=("train",), progress=False)
+    )
     e = m["splits"]["train"]
     assert e["num_skipped"] == 1 and e["skipped_examples"][0]["row"] == row
-    assert e["num_samples"] == len(prepare_data(cfg).train.rows) - 1 and "val" not in m["splits"]
+    assert e["num_samples"] == len(prepare_data(data_spec(cfg)).train.rows) - 1 and "val" not in m["splits"]
 
 
 def test_max_side_reencodes_large_images(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2, image_size=40)
     out = tmp_path / "out"
     m = write_shards(
-        ds.config(), out, ShardOptions(samples_per_shard=SPS, max_side=24, splits=("val",), progress=False)
+        data_spec(ds.config()), out, ShardOptions(samples_per_shard=SPS, max_side=24, splits=("val",), progress=False)
     )
     for s in m["splits"]["val"]["shards"]:
         for sample in wds.WebDataset(str(out / s["name"]), shardshuffle=False, empty_check=False):
@@ -176,22 +181,27 @@ def test_changed_labels_fail_with_reshard_message(tmp_path):
     argv = ["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", "4"]
     assert main([*argv, "--workers", "1", "--opts", "DATA.NUM_WORKERS", "0"]) == 0
     cfg = shard_cfg(ds, out)
-    assert shard_report(cfg)["ok"] and shard_report(cfg, prepare_data(cfg))["split_match"] is True
+    assert (
+        shard_report(data_spec(cfg))["ok"]
+        and shard_report(data_spec(cfg), prepare_data(data_spec(cfg)))["split_match"] is True
+    )
     with h5py.File(ds.labels_path, "a") as f:
         f["metadata"].attrs["note"] = "relabelled"  # any byte change is a new fingerprint
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(data_spec(cfg))
     with pytest.raises(DataError) as err:
-        build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
+        build_shard_batches(data_spec(cfg), prepared, world_size=1, rank=0, batch_size=2, seed=0, num_workers=0)
     msg = str(err.value)
     assert str(ds.labels_path) in msg and "changed" in msg and "\n" not in msg
     # The hint repeats the original command, --opts included (but not --workers, which does not change shards).
     assert f"`linnaeus {' '.join(argv[:-2])} --samples-per-shard 4 --opts DATA.NUM_WORKERS 0`" in msg
-    report = shard_report(cfg)
+    report = shard_report(data_spec(cfg))
     assert not report["ok"] and report["fingerprint_match"] is False and "changed" in report["errors"][0]
 
 
 def _epoch(cfg, prepared, *, world, rank, bs, workers, epoch=0):
-    stream = build_shard_batches(cfg, prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers)
+    stream = build_shard_batches(
+        data_spec(cfg), prepared, world_size=world, rank=rank, batch_size=bs, seed=5, num_workers=workers
+    )
     n = stream.batches_per_epoch
     stream.set_epoch(epoch)
     batches = list(stream)
@@ -250,7 +260,7 @@ def test_loader_epoch_matches_file_training_rows(sharded):
 
 def test_resume_offset_and_few_shards_still_give_exact_counts(sharded):
     _, _out, cfg, prepared, _ = sharded
-    stream = build_shard_batches(cfg, prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2)
+    stream = build_shard_batches(data_spec(cfg), prepared, world_size=4, rank=3, batch_size=2, seed=0, num_workers=2)
     n = stream.batches_per_epoch
     stream.set_epoch(2, start_batch=2)
     assert len(stream) == n - 2 and len(list(stream)) == n - 2
@@ -309,7 +319,9 @@ def test_cli_does_not_import_torch():
 def test_shard_size_target_plans_by_mean_file_size(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2)
     size = ds.image_file(0).stat().st_size
-    m = write_shards(ds.config(), tmp_path / "out", ShardOptions(shard_size_mb=5 * (size + 1536) / 1e6, progress=False))
+    m = write_shards(
+        data_spec(ds.config()), tmp_path / "out", ShardOptions(shard_size_mb=5 * (size + 1536) / 1e6, progress=False)
+    )
     assert m["options"]["samples_per_shard"]["train"] in (4, 5, 6)
 
 
@@ -347,7 +359,7 @@ def test_rerun_with_other_shard_size_replaces_the_old_set(sharded, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(ref, out)
     opts = ShardOptions(samples_per_shard=7, splits=("train",), workers=1, progress=False)
-    m = write_shards(load_config(ds.config_path), out, opts)
+    m = write_shards(data_spec(load_config(ds.config_path)), out, opts)
     assert m["splits"]["train"]["num_shards"] == -(-len(prepared.train.rows) // 7)
     assert "val" in m["splits"]  # the val entry of the earlier run is still valid and kept
     on_disk = sorted(p.name for p in out.glob("train-*.tar"))
@@ -362,6 +374,7 @@ RANK_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 from linnaeus.config import load_config
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.shards import build_shard_batches
 
@@ -371,7 +384,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(sys.argv[1], ["DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", sys.argv[2]])
     stream = build_shard_batches(
-        cfg, prepare_data(cfg), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
+        data_spec(cfg), prepare_data(data_spec(cfg)), world_size=world, rank=rank, batch_size=4, seed=0, num_workers=1
     )
     n = stream.batches_per_epoch
     rows = []
@@ -467,23 +480,23 @@ def test_changed_source_image_is_reported_and_rewritten(tmp_path):
     out = tmp_path / "out"
     assert main(["shard", "--cfg", str(ds.config_path), "--out", str(out), "--samples-per-shard", str(SPS)]) == 0
     cfg = shard_cfg(ds, out)
-    before = shard_report(cfg)
+    before = shard_report(data_spec(cfg))
     assert before["ok"] and before["stale_shards"] == 0, before["errors"]
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(data_spec(cfg))
     row = int(prepared.train.rows[0])
     image = ds.image_file(row)
     Image.new("RGB", (32, 32), (250, 10, 10)).save(image, format="JPEG")
     os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
 
-    report = shard_report(cfg)
+    report = shard_report(data_spec(cfg))
     assert not report["ok"] and report["stale_shards"] == 1
     assert "source images changed" in report["errors"][0] and "linnaeus shard --cfg" in report["errors"][0]
     stale = report["errors"][0].split()[1].rstrip(":")
-    m = write_shards(load_config(ds.config_path), out, ShardOptions(samples_per_shard=SPS, progress=False))
+    m = write_shards(data_spec(load_config(ds.config_path)), out, ShardOptions(samples_per_shard=SPS, progress=False))
     assert m["_counts"]["stale"] == m["_counts"]["written"] == 1
     members = {json.loads(p["json"])["row"]: p["jpg"] for _, p in iter_shard(stale, pytest.fail)}
     assert members[row] == image.read_bytes()
-    assert shard_report(cfg)["ok"] and shard_report(cfg)["stale_shards"] == 0
+    assert shard_report(data_spec(cfg))["ok"] and shard_report(data_spec(cfg))["stale_shards"] == 0
 
 
 def test_flipped_byte_in_a_shard_is_caught_with_verify_full(sharded, tmp_path):
@@ -500,7 +513,9 @@ def test_flipped_byte_in_a_shard_is_caught_with_verify_full(sharded, tmp_path):
 
     def epoch(verify: str) -> tuple[set[int], int]:
         cfg = shard_cfg(ds, out, "DATA.SHARDS.VERIFY", verify)
-        stream = build_shard_batches(cfg, prepared, world_size=1, rank=0, batch_size=4, seed=5, num_workers=0)
+        stream = build_shard_batches(
+            data_spec(cfg), prepared, world_size=1, rank=0, batch_size=4, seed=5, num_workers=0
+        )
         rows = set()
         for e in range(2):
             stream.set_epoch(e)
@@ -509,7 +524,9 @@ def test_flipped_byte_in_a_shard_is_caught_with_verify_full(sharded, tmp_path):
 
     rows, skipped = epoch("full")
     assert skipped >= bad["samples"] and not rows & bad_rows
-    assert shard_report(shard_cfg(ds, out), verify_checksums=True)["splits"]["train"]["bad_files"] == [bad["name"]]
+    assert shard_report(data_spec(shard_cfg(ds, out)), verify_checksums=True)["splits"]["train"]["bad_files"] == [
+        bad["name"]
+    ]
     rows, skipped = epoch("open")  # same size: only the sha256 sees it
     assert skipped <= 1 and rows & bad_rows
 
@@ -517,7 +534,9 @@ def test_flipped_byte_in_a_shard_is_caught_with_verify_full(sharded, tmp_path):
 @pytest.mark.parametrize("world,rank,workers", [(1, 0, 0), (1, 0, 2), (2, 1, 2)])
 def test_resume_mid_epoch_continues_with_the_next_samples(sharded, world, rank, workers):
     _ds, _out, cfg, prepared, _ = sharded
-    stream = build_shard_batches(cfg, prepared, world_size=world, rank=rank, batch_size=4, seed=3, num_workers=workers)
+    stream = build_shard_batches(
+        data_spec(cfg), prepared, world_size=world, rank=rank, batch_size=4, seed=3, num_workers=workers
+    )
     stream.set_epoch(1)
     full = list(stream)
     assert len(full) == stream.batches_per_epoch >= 5
@@ -594,7 +613,7 @@ def test_kill_9_of_a_shard_fed_run_then_rerun_matches_an_uninterrupted_run(tmp_p
 # ------------------------------------------------------------------------------------------- device decode
 def _stream_epoch(cfg, prepared, *, decode, workers, epoch=1, start_batch=0):
     stream = build_shard_batches(
-        cfg, prepared, world_size=1, rank=0, batch_size=4, seed=7, num_workers=workers, decode=decode
+        data_spec(cfg), prepared, world_size=1, rank=0, batch_size=4, seed=7, num_workers=workers, decode=decode
     )
     stream.set_epoch(epoch, start_batch=start_batch)
     return list(stream)

@@ -124,6 +124,7 @@ def test_uneven_data_does_not_hang_and_a_failing_rank_fails_the_launch(demo: Pat
     )
     # Corrupt an image only the second process reads first: its DataError must end the whole launch non-zero.
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.loader import EpochSampler
     from linnaeus.data.prepare import prepare_data
 
@@ -131,7 +132,7 @@ def test_uneven_data_does_not_hang_and_a_failing_rank_fails_the_launch(demo: Pat
     subprocess.run(["cp", "-r", str(demo), str(bad)], check=True)
     opts = tiny_opts(bad, tmp_path, name="fail")
     cfg = load_config(ROOT / "configs/experiments/demo.yaml", opts)
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(data_spec(cfg))
     paths = prepared.image_paths("train")
     sampler = EpochSampler(len(paths), num_replicas=2, rank=1, seed=cfg.MISC.SEED, batch_size=16)
     sampler.set_epoch(0)

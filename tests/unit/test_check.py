@@ -15,6 +15,7 @@ import pytest
 from conftest import TEMPORAL_COLUMNS, write_jpeg, write_labels_h5
 
 from linnaeus.cli import main
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.verify_images import scan_images
 from linnaeus.errors import ConfigError, DataError
@@ -210,7 +211,7 @@ def test_verify_images_in_prepare(tiny_dataset, tmp_path):
     report_path = tmp_path / "verify.json"
     opts = ("DATA.HYBRID.VERIFY_IMAGES.ENABLED", "true", "DATA.HYBRID.VERIFY_IMAGES.REPORT_PATH", str(report_path))
     with pytest.raises(DataError) as err:
-        prepare_data(tiny_dataset.config(*opts))
+        prepare_data(data_spec(tiny_dataset.config(*opts)))
     assert f"image {tiny_dataset.image_file(5)} (labels.h5 row 5) does not exist" in str(err.value)
     assert f"(full list: {report_path})" in str(err.value)
     report = json.loads(report_path.read_text())
@@ -218,8 +219,10 @@ def test_verify_images_in_prepare(tiny_dataset, tmp_path):
         {"row": 5, "identifier": "img_0005", "path": str(tiny_dataset.image_file(5)), "problem": "does not exist"}
     ]
     data = prepare_data(
-        tiny_dataset.config(
-            *opts, "DATA.HYBRID.ALLOW_MISSING_IMAGES", "true", "DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT", "1"
+        data_spec(
+            tiny_dataset.config(
+                *opts, "DATA.HYBRID.ALLOW_MISSING_IMAGES", "true", "DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT", "1"
+            )
         )
     )
     assert data.image_report["missing"] == 1 and data.stats["images"]["checked"] == 24
@@ -286,8 +289,8 @@ def test_check_refuses_identifiers_outside_the_image_folder(capsys, tiny_dataset
 def test_prepare_refuses_identifiers_outside_the_image_folder(tiny_dataset):
     with_identifiers(tiny_dataset, ESCAPES)
     with pytest.raises(DataError) as err:
-        prepare_data(tiny_dataset.config())
-    split_rows = prepare_data(tiny_dataset.config("DATA.HYBRID.IMAGES_DIR", '""')).train.rows
+        prepare_data(data_spec(tiny_dataset.config()))
+    split_rows = prepare_data(data_spec(tiny_dataset.config("DATA.HYBRID.IMAGES_DIR", '""'))).train.rows
     first = min(r for r in ESCAPES if r in split_rows)  # train rows are checked first
     line = next(x for x in escape_lines(tiny_dataset) if f" row {first}:" in x)
     assert str(err.value).startswith(line) and "more problems; `linnaeus check` lists them all" in str(err.value)
@@ -326,7 +329,7 @@ def test_symbolic_links_out_of_the_image_folder(capsys, tiny_dataset):
     rc, _, errors = check(capsys, tiny_dataset, opts=("DATA.HYBRID.ALLOW_SYMLINKS_OUTSIDE", "true"))
     assert rc == 0 and errors == []
     with pytest.raises(DataError, match=r"row \d+: img_identifiers entry '(link|sub/x)\.jpg' leads through a symbolic"):
-        prepare_data(tiny_dataset.config())
+        prepare_data(data_spec(tiny_dataset.config()))
 
 
 # ------------------------------------------------------------------------------- other rules: check and train
@@ -342,7 +345,7 @@ def test_encoded_metadata_out_of_range(capsys, tiny_dataset):
     )
     assert rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: {expected}")
     with pytest.raises(DataError, match=r"dataset 'spatial' row 4 holds 1e\+30"):
-        prepare_data(tiny_dataset.config())
+        prepare_data(data_spec(tiny_dataset.config()))
     # A row with NaN is missing (zeroed and flagged), not out of range.
     spatial[4], spatial[9] = np.nan, 0.5
     rewrite(tiny_dataset, spatial=spatial)
@@ -361,7 +364,7 @@ def test_images_inside_hdf5_are_refused(capsys, tiny_dataset):
         " keep it True and set DATA.HYBRID.IMAGES_DIR to the folder of image files"
     ]
     with pytest.raises(ConfigError, match=r"DATA\.HYBRID\.USE_HYBRID: False means images stored inside the HDF5"):
-        prepare_data(tiny_dataset.config("DATA.HYBRID.USE_HYBRID", "false"))
+        prepare_data(data_spec(tiny_dataset.config("DATA.HYBRID.USE_HYBRID", "false")))
 
 
 def test_empty_splits(capsys, tiny_dataset):
@@ -370,7 +373,7 @@ def test_empty_splits(capsys, tiny_dataset):
     expected = "the validation split is empty (DATA.H5.TRAIN_VAL_SPLIT_RATIO 1.0 leaves no rows for it)"
     assert rc == 2 and len(errors) == 1 and expected in errors[0]
     with pytest.raises(DataError, match=re.escape(expected)):
-        prepare_data(tiny_dataset.config(*ratio))
+        prepare_data(data_spec(tiny_dataset.config(*ratio)))
     rewrite(tiny_dataset, in_region=np.zeros(24, np.uint8))
     with pytest.raises(DataError, match=r"the training split is empty: no labels\.h5 rows are left"):
-        prepare_data(tiny_dataset.config("DATA.IN_REGION_ONLY", "true"))
+        prepare_data(data_spec(tiny_dataset.config("DATA.IN_REGION_ONLY", "true")))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from linnaeus.aug import eval_transform
 from linnaeus.config import load_config, repo_root
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.errors import ConfigError
 from linnaeus.losses import build_task_loss, list_criteria, needs_distance_matrices
@@ -90,7 +91,7 @@ def test_unknown_names_fail_at_config_load_in_one_line(doc_parts, doc_experiment
 def test_doc_parts_train_two_steps_through_the_real_builders(doc_parts, doc_experiment) -> None:
     torch.manual_seed(0)
     cfg = load_config(doc_experiment)
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
     model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
     assert isinstance(model.backbone, doc_parts["TinyCNN"]) and model.backbone.num_features == 16

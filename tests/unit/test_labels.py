@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from conftest import TASK_KEYS, write_labels_h5
 
-from linnaeus.data.labels import ComponentSpec, LabelStore, components_from_config, filters_from_config, inspect_labels
+from linnaeus.config.resolve_data import data_spec
+from linnaeus.data.labels import ComponentSpec, LabelStore, inspect_labels
 from linnaeus.data.prepare import prepare_data
+from linnaeus.data.stages import filter_rows
 from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError, DataError
 
@@ -16,8 +18,11 @@ TEMPORAL = ComponentSpec("TEMPORAL", "temporal", (), 2, 0)
 
 
 def _store(ds, *opts):
-    cfg = ds.config(*opts)
-    return LabelStore.from_config(ds.labels_path, cfg), cfg
+    spec = data_spec(ds.config(*opts))
+    store = LabelStore.load(
+        ds.labels_path, spec.task_keys, list(spec.meta.components), need_in_region=spec.in_region_key
+    )
+    return store, spec
 
 
 def test_load_reads_everything_once(tiny_dataset):
@@ -66,13 +71,13 @@ def test_idx_decides_packing_order_and_columns_select_by_name(tiny_dataset):
 
 
 def test_meta_inactive_gives_zero_width(tiny_dataset):
-    store, cfg = _store(tiny_dataset, "DATA.META.ACTIVE", "false")
-    assert components_from_config(cfg) == []
+    store, spec = _store(tiny_dataset, "DATA.META.ACTIVE", "false")
+    assert spec.meta.components == ()
     assert store.meta.shape == (24, 0) and store.meta_valid.shape == (24, 0)
 
 
 def test_oor_mask_masks_without_dropping(tiny_dataset):
-    store, cfg = _store(
+    store, spec = _store(
         tiny_dataset,
         "DATA.META.COMPONENTS",
         "{SPATIAL: {SOURCE: spatial, DIM: 3, IDX: 0, OOR_MASK: true}, TEMPORAL: {SOURCE: temporal, DIM: 2, IDX: 1}}",
@@ -81,14 +86,14 @@ def test_oor_mask_masks_without_dropping(tiny_dataset):
     assert not store.meta_valid[oor, 0].any() and (store.meta[oor, 0:3] == 0).all()
     assert store.meta_valid[oor, 1].all()  # the other component keeps its values
     assert not store.meta_missing[oor, 0].any()  # masked, not missing
-    rows, report = filters_from_config(store, cfg)
+    rows, report = filter_rows(spec, store)
     assert len(rows) == 24 and report.steps == []
     stats = store.statistics()["metadata"]["SPATIAL"]
     assert stats["oor_masked"] == 2 and stats["missing"] == 1 and stats["valid"] == 21
 
 
 def test_filters_are_explicit_and_counted_in_order(tiny_dataset):
-    store, cfg = _store(
+    store, spec = _store(
         tiny_dataset,
         "DATA.IN_REGION_ONLY",
         "true",
@@ -97,7 +102,7 @@ def test_filters_are_explicit_and_counted_in_order(tiny_dataset):
         "DATA.META.COMPONENTS.TEMPORAL.ALLOW_MISSING",
         "false",
     )
-    rows, report = filters_from_config(store, cfg)
+    rows, report = filter_rows(spec, store)
     got = [(s.name, s.key, s.dropped) for s in report.steps]
     # Rows 20 (species 17) and 21 (genus-only) are out of region; then rank-incomplete rows 18, 19 (species 17 has
     # genus 0), 22 (genus-only), 23 (family-only); then temporal-missing rows 2 and 5.
@@ -289,18 +294,18 @@ def test_class_map_vectorised_index():
 
 
 def test_num_classes_checked_or_inferred(tiny_dataset):
-    data = prepare_data(tiny_dataset.config())
+    data = prepare_data(data_spec(tiny_dataset.config()))
     assert data.num_classes == {"taxa_L10": 7, "taxa_L20": 3, "taxa_L30": 2}
     cfg = tiny_dataset.config(
         "MODEL.CLASSIFICATION.HEADS", "{taxa_L10: {NUM_CLASSES: 150}, taxa_L20: {}, taxa_L30: {}}"
     )
     with pytest.raises(ConfigError) as err:
-        prepare_data(cfg)
+        prepare_data(data_spec(cfg))
     msg = str(err.value)
     assert "MODEL.CLASSIFICATION.HEADS.taxa_L10.NUM_CLASSES is 150" in msg and "has 7 distinct non-null taxa_L10" in msg
     cfg = tiny_dataset.config("DATA.NUM_CLASSES_PER_LEVEL", "{taxa_L20: 4}")
     with pytest.raises(ConfigError, match=r"DATA.NUM_CLASSES_PER_LEVEL.taxa_L20 is 4 but .* has 3 distinct"):
-        prepare_data(cfg)
+        prepare_data(data_spec(cfg))
 
 
 def test_encoded_range_is_checked_only_where_an_encoder_defines_it(tmp_path):

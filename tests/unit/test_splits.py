@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import write_labels_h5, write_tiny_dataset
 
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.paths import image_path
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.splits import Split, random_split
@@ -35,7 +36,7 @@ def test_random_split_is_deterministic_disjoint_and_complete():
 
 def test_prepare_split_repeats_and_saved_split_is_reused(tiny_dataset, tmp_path):
     cfg = tiny_dataset.config()
-    a, b = prepare_data(cfg), prepare_data(cfg)
+    a, b = prepare_data(data_spec(cfg)), prepare_data(data_spec(cfg))
     np.testing.assert_array_equal(a.train.rows, b.train.rows)
     np.testing.assert_array_equal(a.val.rows, b.val.rows)
     assert len(a.train) == 18 and len(a.val) == 6
@@ -45,24 +46,26 @@ def test_prepare_split_repeats_and_saved_split_is_reused(tiny_dataset, tmp_path)
     np.testing.assert_array_equal(saved.val_rows, a.val.rows)
     assert saved.seed == 7 and saved.ratio == 0.75 and saved.fingerprint == a.fingerprint
     # A different seed in the config does not move a resumed run's split: the saved one wins.
-    c = prepare_data(tiny_dataset.config("DATA.H5.TRAIN_VAL_SPLIT_SEED", "99"), split_file=run / "split.npz")
+    c = prepare_data(data_spec(tiny_dataset.config("DATA.H5.TRAIN_VAL_SPLIT_SEED", "99")), split_file=run / "split.npz")
     np.testing.assert_array_equal(c.val.rows, a.val.rows)
     # Changed labels make the saved split an error, not a silent new split.
     with h5py.File(tiny_dataset.labels_path, "a") as f:
         f["taxa_L10"][0] = 12
     with pytest.raises(DataError, match=r"split file .* labels changed since this run started"):
-        prepare_data(cfg, split_file=run / "split.npz")
+        prepare_data(data_spec(cfg), split_file=run / "split.npz")
 
 
 def test_saved_split_rows_must_pass_filters(tiny_dataset, tmp_path):
-    data = prepare_data(tiny_dataset.config())
+    data = prepare_data(data_spec(tiny_dataset.config()))
     data.save(tmp_path / "run")
     with pytest.raises(DataError, match=r"removed by the current filters"):
-        prepare_data(tiny_dataset.config("DATA.IN_REGION_ONLY", "true"), split_file=tmp_path / "run" / "split.npz")
+        prepare_data(
+            data_spec(tiny_dataset.config("DATA.IN_REGION_ONLY", "true")), split_file=tmp_path / "run" / "split.npz"
+        )
 
 
 def test_arrays_targets_and_counts(tiny_dataset):
-    data = prepare_data(tiny_dataset.config())
+    data = prepare_data(data_spec(tiny_dataset.config()))
     a = data.samples("train")
     n = len(a.rows)
     assert a.meta.shape == (n, 15) and a.meta.dtype == np.float32
@@ -89,7 +92,7 @@ def test_image_paths_extension_and_relative_dirs(tiny_dataset, monkeypatch):
     cfg = tiny_dataset.config(
         "DATA.H5.LABELS_PATH", "labels.h5", "DATA.HYBRID.IMAGES_DIR", "images", "DATA.TAXONOMY_PATH", "taxonomy.json"
     )
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     paths = data.image_paths("train")
     assert all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
     assert paths[0] == str(tiny_dataset.root / "images" / "img_0000.jpg")
@@ -113,7 +116,7 @@ def test_presplit_files_share_class_maps(tmp_path):
     cfg = ds.config(
         "DATA.H5.LABELS_PATH", "null", "DATA.H5.TRAIN_LABELS_PATH", str(tr), "DATA.H5.VAL_LABELS_PATH", str(va)
     )
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(data_spec(cfg))
     assert len(prepared.train) == len(train_rows) and prepared.val.rows.tolist() == [0, 1, 2]
     assert prepared.split.presplit and prepared.val.store is not prepared.train.store
     assert prepared.num_classes["taxa_L10"] == 7  # the union of both files
@@ -123,7 +126,7 @@ def test_presplit_files_share_class_maps(tmp_path):
 
 
 def test_save_writes_run_artifacts(tiny_dataset, tmp_path):
-    data = prepare_data(tiny_dataset.config())
+    data = prepare_data(data_spec(tiny_dataset.config()))
     run = tmp_path / "run"
     data.save(run)
     assert sorted(p.name for p in run.iterdir()) == [
@@ -155,7 +158,7 @@ def test_save_writes_run_artifacts(tiny_dataset, tmp_path):
 
 def test_dataset_builds_file_dataset(tiny_dataset):
     pytest.importorskip("linnaeus.data.dataset")
-    data = prepare_data(tiny_dataset.config())
+    data = prepare_data(data_spec(tiny_dataset.config()))
     ds = data.dataset("val", train=False)
     assert len(ds) == len(data.val)
     item = ds[0]

@@ -9,6 +9,7 @@ import pytest
 from conftest import TAXA_EDGES, taxonomy_doc, write_tiny_dataset
 from typus import RankLevel
 
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import (
     ClassMap,
@@ -139,7 +140,7 @@ def test_conflict_makes_preparation_fail(tmp_path):
     with h5py.File(ds.labels_path, "a") as f:
         f["taxa_L20"][0] = 101
     with pytest.raises(DataError) as err:
-        prepare_data(ds.config())
+        prepare_data(data_spec(ds.config()))
     msg = str(err.value)
     assert "taxa_L10 id 11 has 2 different parents" in msg and "DATA.TAXONOMY_PATH" in msg
 
@@ -175,7 +176,7 @@ def test_inconsistent_labels_fail_preparation(tiny_dataset):
     with h5py.File(tiny_dataset.labels_path, "a") as f:
         f["taxa_L30"][6] = 1001  # Bombus terrestris (13) in Syrphidae
     with pytest.raises(DataError) as err:
-        prepare_data(tiny_dataset.config())
+        prepare_data(data_spec(tiny_dataset.config()))
     msg = str(err.value)
     # Reported against the genus (the first rank pair checked) and counted once more against the species.
     assert f"{tiny_dataset.labels_path} row 6: taxa_L30 id 1001 is not an ancestor of taxa_L20 id 101" in msg
@@ -185,7 +186,7 @@ def test_inconsistent_labels_fail_preparation(tiny_dataset):
         f["taxa_L30"][6] = 1000
         f["taxa_L20"][6] = 11
     with pytest.raises(DataError, match="taxa_L20 id 11 is a species in"):
-        prepare_data(tiny_dataset.config())
+        prepare_data(data_spec(tiny_dataset.config()))
 
 
 def test_matrices_in_class_index_space(tree, tiny_dataset):
@@ -204,7 +205,7 @@ def test_matrices_in_class_index_space(tree, tiny_dataset):
 
 
 def test_prepared_hierarchy_keys_are_adjacent_ranks_coarse_to_fine(tiny_dataset):
-    data = prepare_data(tiny_dataset.config("DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L30, taxa_L20]"))
+    data = prepare_data(data_spec(tiny_dataset.config("DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L30, taxa_L20]")))
     assert data.task_keys == ["taxa_L10", "taxa_L30", "taxa_L20"]
     hm = data.hierarchy_matrices()
     assert list(hm) == [("taxa_L30", "taxa_L20"), ("taxa_L20", "taxa_L10")]

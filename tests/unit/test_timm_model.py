@@ -9,6 +9,7 @@ from conftest import write_tiny_dataset
 from safetensors.torch import load_file, save_file
 
 from linnaeus.config import load_config, save_config
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.engine.ema import EmaComponent
 from linnaeus.engine.finetune import optimizer_groups, unfreeze_step
@@ -45,7 +46,7 @@ def batch(data, n: int = 3):
 
 def test_timm_backbone_with_metadata_and_all_head_types(ds):
     cfg = ds.config(*TIMM_TINY, *ALL_HEAD_TYPES)
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     assert data.meta_dims, "the tiny dataset has metadata components"
     model = build(cfg, data).eval()
     assert type(model.backbone.model).__name__ == "VisionTransformer"
@@ -65,12 +66,12 @@ def test_timm_backbone_with_metadata_and_all_head_types(ds):
 def test_unknown_timm_name_is_one_line_error(ds):
     cfg = ds.config(*TIMM_TINY, "MODEL.TIMM.NAME", "not_a_model_xyz")
     with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.NAME: 'not_a_model_xyz' is not a timm model"):
-        build(cfg, prepare_data(cfg))
+        build(cfg, prepare_data(data_spec(cfg)))
 
 
 def test_frozen_backbone_gets_no_gradients_and_no_optimizer_state(ds):
     cfg = ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true")
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     model = build(cfg, data).train()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters() if n.startswith("backbone.model.")}
@@ -100,7 +101,7 @@ def test_unfreeze_after_resolves_to_a_step(ds):
 
 def test_layer_decay_groups_follow_depth(ds):
     cfg = ds.config(*TIMM_TINY, "OPTIMIZER.LAYER_DECAY", "0.5", "OPTIMIZER.HEAD_LR_MULTIPLIER", "3.0")
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     model = build(cfg, data)
     scale = {id(p): g["lr_scale"] for g in optimizer_groups(model, cfg) for p in g["params"]}
     named = dict(model.named_parameters())
@@ -152,7 +153,7 @@ def test_timm_weights_file_loads_into_the_backbone(ds, tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "test_vit.pth")
     for name in ("test_vit.safetensors", "test_vit.pth"):
         cfg = ds.config(*TIMM_TINY, "MODEL.PRETRAINED", str(tmp_path / name))
-        model = build(cfg, prepare_data(cfg))
+        model = build(cfg, prepare_data(data_spec(cfg)))
         ours = model.state_dict()
         for k, v in sd.items():
             if not k.startswith("head."):
@@ -166,7 +167,7 @@ def test_timm_model_exports_and_predicts_through_a_bundle(ds, tmp_path):
     weights = tmp_path / "pre.safetensors"
     save_file(timm.create_model("test_vit", pretrained=False, img_size=32).state_dict(), weights)
     cfg = ds.config(*TIMM_TINY, *ALL_HEAD_TYPES, "MODEL.FREEZE_BACKBONE", "true", "MODEL.PRETRAINED", str(weights))
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
@@ -191,7 +192,7 @@ def _ema_cfg(ds, *opts):
 
 def test_ema_update_math_counter_and_resume(ds, tmp_path):
     cfg = _ema_cfg(ds)
-    data = prepare_data(cfg)
+    data = prepare_data(data_spec(cfg))
     model = build(cfg, data)
     assert EmaComponent.maybe_create(ds.config(*TIMM_TINY), model) is None
     ema = EmaComponent.maybe_create(cfg, model)
@@ -224,7 +225,7 @@ def test_ema_update_math_counter_and_resume(ds, tmp_path):
 
 def test_ema_warmup_follows_timm_schedule(ds):
     cfg = ds.config(*TIMM_TINY, "TRAIN.EMA", "{ENABLED: true, DECAY: 0.999, WARMUP: true}")
-    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(cfg)))
+    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(data_spec(cfg))))
     assert ema.decay_at(1) == 0.0
     assert ema.decay_at(11) == pytest.approx(1 - (1 + 10) ** (-2 / 3))
     assert ema.decay_at(10**7) == 0.999
@@ -232,7 +233,7 @@ def test_ema_warmup_follows_timm_schedule(ds):
 
 def test_ema_load_rejects_other_files(ds, tmp_path):
     cfg = _ema_cfg(ds)
-    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(cfg)))
+    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(data_spec(cfg))))
     save_file({"x": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ConfigError, match="not an EMA file"):
         ema.load(tmp_path / "x.safetensors")

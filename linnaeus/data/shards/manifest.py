@@ -32,8 +32,8 @@ from linnaeus.errors import ConfigError, DataError
 from linnaeus.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
+    from linnaeus.specs.data import LabelsSpec
 
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".progress.jsonl"
@@ -116,12 +116,12 @@ def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(Path(shard_dir) / MANIFEST_NAME, manifest)
 
 
-def labels_identity(cfg: Config) -> dict[str, Any]:
+def labels_identity(labels: LabelsSpec) -> dict[str, Any]:
     """The labels part of ``split_identity`` without reading labels.h5 (fingerprint = sha256 of the file)."""
     from linnaeus.data.labels import file_fingerprint
-    from linnaeus.data.prepare import label_paths
+    from linnaeus.data.paths import label_paths
 
-    train, val = label_paths(cfg)
+    train, val = label_paths(labels)
     fp_train = file_fingerprint(train)
     val_path, fp_val = (val, file_fingerprint(val)) if val else (train, fp_train)
     return {

@@ -68,8 +68,8 @@ from linnaeus.data.worker_share import ArraysToWorkers
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
+    from linnaeus.specs.data import DataSpec, ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +352,12 @@ class ShardTrainDataset(ArraysToWorkers, IterableDataset):
 
 
 # ------------------------------------------------------------------------------------------------ building
-def shard_dir_of(cfg: Config) -> Path:
-    from linnaeus.data.prepare import resolve_path
+def shard_dir_of(shards: ShardSpec) -> Path:
+    from linnaeus.data.paths import resolve_path
 
-    if not cfg.DATA.SHARDS.DIR:
+    if not shards.dir:
         raise ConfigError("DATA.SHARDS.DIR: not set; expected the folder written by `linnaeus shard`")
-    return resolve_path(cfg.DATA.SHARDS.DIR)
+    return resolve_path(shards.dir)
 
 
 def check_manifest(manifest: dict[str, Any], prepared: PreparedData, split: str, shard_dir: Path) -> dict[str, Any]:
@@ -387,7 +387,7 @@ def check_manifest(manifest: dict[str, Any], prepared: PreparedData, split: str,
 
 
 def build_shard_batches(
-    cfg: Config,
+    spec: DataSpec,
     prepared: PreparedData,
     *,
     world_size: int,
@@ -402,7 +402,7 @@ def build_shard_batches(
 ) -> BatchStream:
     """The training ``BatchStream`` from ``DATA.SHARDS.DIR``; do not pass its loader to ``accelerator.prepare``.
     ``decode``: where images are decoded (``encoded.DECODE_PLACES``)."""
-    shard_dir = shard_dir_of(cfg)
+    shard_dir = shard_dir_of(spec.shards)
     manifest = mf.read_manifest(shard_dir)
     entry = check_manifest(manifest, prepared, "train", shard_dir)
     total = int(entry["num_samples"])
@@ -432,16 +432,16 @@ def build_shard_batches(
         world_size=world_size,
         rank=rank,
         seed=seed,
-        shuffle_buffer=cfg.DATA.SHARDS.SHUFFLE_BUFFER,
-        img_size=cfg.DATA.IMG_SIZE,
-        rrc_scale=tuple(cfg.AUG.RRC_SCALE),
-        rrc_ratio=tuple(cfg.AUG.RRC_RATIO),
+        shuffle_buffer=spec.shards.shuffle_buffer,
+        img_size=spec.crop.img_size,
+        rrc_scale=spec.crop.rrc_scale,
+        rrc_ratio=spec.crop.rrc_ratio,
         where=str(shard_dir),
-        verify=cfg.DATA.SHARDS.VERIFY,
+        verify=spec.shards.verify,
         shard_bytes=[int(s["bytes"]) for s in used],
         shard_sha256=[str(s["sha256"]) for s in used],
         decode=decode,
-        allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES,
+        allow_missing=spec.images.allow_missing,
     )
     workers = int(num_workers)
     loader = DataLoader(

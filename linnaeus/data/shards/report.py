@@ -1,4 +1,4 @@
-"""``shard_report(cfg)``: the shard folder's state for ``linnaeus check`` (never raises for bad shards).
+"""``shard_report(spec)``: the shard folder's state for ``linnaeus check`` (never raises for bad shards).
 
 It lists the manifest, whether its labels fingerprint (and the split) matches the current data, sample/shard/skip
 counts per split, shard files that are missing or have the wrong size (optionally the wrong sha256), and shards
@@ -15,17 +15,18 @@ from linnaeus.data.shards import manifest as mf
 from linnaeus.errors import LinnaeusError
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
+    from linnaeus.specs.data import DataSpec
 
 
 def shard_report(
-    cfg: Config, prepared: PreparedData | None = None, *, verify_checksums: bool = False
+    spec: DataSpec, prepared: PreparedData | None = None, *, verify_checksums: bool = False
 ) -> dict[str, Any]:
     """State of ``DATA.SHARDS.DIR`` against the labels, the split and the source images (``prepared`` is built
     here when not given; if that fails only the labels fingerprint is compared)."""
+    shards = spec.shards
     r: dict[str, Any] = {
-        "enabled": bool(cfg.DATA.SHARDS.ENABLED),
+        "enabled": bool(shards.enabled),
         "dir": None,
         "manifest": None,
         "format_version": None,
@@ -38,38 +39,36 @@ def shard_report(
         "warnings": [],
         "ok": True,
     }
-    if not cfg.DATA.SHARDS.DIR:
-        if cfg.DATA.SHARDS.ENABLED:
+    if not shards.dir:
+        if shards.enabled:
             r["errors"].append("DATA.SHARDS.DIR: not set; expected the folder written by `linnaeus shard`")
         r["ok"] = not r["errors"]
         return r
-    from linnaeus.data.prepare import resolve_path
+    from linnaeus.data.paths import resolve_path
 
-    shard_dir = resolve_path(cfg.DATA.SHARDS.DIR)
+    shard_dir = resolve_path(shards.dir)
     r["dir"] = str(shard_dir)
     try:
         manifest = mf.read_manifest(shard_dir)
     except LinnaeusError as err:
-        (r["errors"] if cfg.DATA.SHARDS.ENABLED else r["warnings"]).append(str(err))
+        (r["errors"] if shards.enabled else r["warnings"]).append(str(err))
         r["ok"] = not r["errors"]
         return r
     r["manifest"] = str(shard_dir / mf.MANIFEST_NAME)
     r["format_version"] = manifest.get("format_version")
     r["tool_version"] = manifest.get("tool", {}).get("version")
     hint = f"rerun `{mf.reshard_command(manifest, shard_dir)}`"
-    prepared = _check_identity(cfg, prepared, manifest, shard_dir, hint, r)
+    prepared = _check_identity(spec, prepared, manifest, shard_dir, hint, r)
     for split, entry in manifest["splits"].items():
         r["splits"][split] = _check_files(shard_dir, split, entry, verify_checksums, hint, r)
     if prepared is not None and r["split_match"]:
-        _check_sources(cfg, prepared, manifest, shard_dir, hint, r)
+        _check_sources(spec, prepared, manifest, shard_dir, hint, r)
     train = r["splits"].get("train")
     if train is None:
-        r["errors" if cfg.DATA.SHARDS.ENABLED else "warnings"].append(
-            f"{r['manifest']}: no train shards; {hint} --splits train"
-        )
-    elif train["shards"] < max(1, cfg.DATA.NUM_WORKERS):
+        r["errors" if shards.enabled else "warnings"].append(f"{r['manifest']}: no train shards; {hint} --splits train")
+    elif train["shards"] < max(1, spec.loader.num_workers):
         r["warnings"].append(
-            f"{shard_dir}: {train['shards']} train shards for DATA.NUM_WORKERS {cfg.DATA.NUM_WORKERS} workers per "
+            f"{shard_dir}: {train['shards']} train shards for DATA.NUM_WORKERS {spec.loader.num_workers} workers per "
             "process; readers will resample shards (smaller --samples-per-shard mixes better)"
         )
     r["ok"] = not r["errors"]
@@ -77,7 +76,7 @@ def shard_report(
 
 
 def _check_identity(
-    cfg: Config, prepared: PreparedData | None, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
+    spec: DataSpec, prepared: PreparedData | None, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
 ) -> PreparedData | None:
     """Fills fingerprint_match/split_match; returns the PreparedData it compared against, if any."""
     splits = [s for s in mf.SPLITS if s in manifest["splits"]]
@@ -85,11 +84,11 @@ def _check_identity(
         from linnaeus.data.prepare import prepare_data
 
         try:
-            prepared = prepare_data(cfg, check_images=False)
+            prepared = prepare_data(spec, check_images=False)
         except (LinnaeusError, OSError) as err:
             r["warnings"].append(f"split and source images not compared with the shards: {err}")
     try:
-        now = mf.split_identity(prepared) if prepared is not None else mf.labels_identity(cfg)
+        now = mf.split_identity(prepared) if prepared is not None else mf.labels_identity(spec.labels)
     except (LinnaeusError, OSError) as err:
         r["warnings"].append(f"labels fingerprint not checked: {err}")
         return None
@@ -124,9 +123,9 @@ def _check_files(
 
 
 def _check_sources(
-    cfg: Config, prepared: PreparedData, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
+    spec: DataSpec, prepared: PreparedData, manifest: dict, shard_dir: Path, hint: str, r: dict[str, Any]
 ) -> None:
-    if not cfg.DATA.HYBRID.IMAGES_DIR:
+    if not spec.images.images_dir:
         r["warnings"].append("source images not compared with the shards: DATA.HYBRID.IMAGES_DIR is not set")
         return
     from linnaeus.data.shards.writer import stale_shards

@@ -56,8 +56,8 @@ from linnaeus.data.shards import manifest as mf
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from linnaeus.config import Config
     from linnaeus.data.prepare import PreparedData
+    from linnaeus.specs.data import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def plan_split(
                 identifiers=i,
                 paths=[paths[j] for j in part],
                 max_side=max_side,
-                allow_missing=bool(prepared.cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES),
+                allow_missing=bool(prepared.spec.images.allow_missing),
                 plan=plan_digest(split, name, r, i, max_side),
             )
         )
@@ -393,10 +393,10 @@ class ShardPlan:
     old: dict[str, Any] | None
 
 
-def plan_shards(cfg: Config, out: Path, opts: ShardOptions) -> ShardPlan:
+def plan_shards(spec: DataSpec, out: Path, opts: ShardOptions) -> ShardPlan:
     from linnaeus.data.prepare import prepare_data
 
-    prepared = prepare_data(cfg, check_images=False)  # the images are checked here, shard by shard
+    prepared = prepare_data(spec, check_images=False)  # the images are checked here, shard by shard
     old = _old_manifest(out)
     previous = _previous_records(old, out)
     tasks: list[ShardTask] = []
@@ -413,8 +413,8 @@ def plan_shards(cfg: Config, out: Path, opts: ShardOptions) -> ShardPlan:
     return ShardPlan(prepared, tasks, per_split, old)
 
 
-def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
-    """Shard the run's split of ``cfg`` into ``out_dir``; return the manifest (also written as manifest.json).
+def write_shards(spec: DataSpec, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
+    """Shard the run's split of ``spec`` into ``out_dir``; return the manifest (also written as manifest.json).
 
     With ``options.part``, write only that part's shards and return a summary instead (no manifest)."""
     from tqdm.auto import tqdm
@@ -423,7 +423,7 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
     opts.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_shards(cfg, out, opts)
+    plan = plan_shards(spec, out, opts)
     part = opts.part
     mine = plan.tasks if part is None else plan.tasks[part.index :: part.count]
     _retire_manifest(out, plan.old, plan.tasks, part)
@@ -461,13 +461,13 @@ def write_shards(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions 
     return manifest
 
 
-def merge_parts(cfg: Config, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
+def merge_parts(spec: DataSpec, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
     """Check that the parts wrote every planned shard (a record with the same plan and a file of the recorded size)
     and write the manifest; DataError naming the first shard missing and how many."""
     opts = options or ShardOptions()
     opts.validate()
     out = Path(out_dir)
-    plan = plan_shards(cfg, out, opts)
+    plan = plan_shards(spec, out, opts)
     records, missing = [], []
     for t in plan.tasks:
         rec = t.previous
