@@ -57,9 +57,10 @@ if [ -z "$PY" ]; then
         "$BASE" -m venv --system-site-packages .venv-device >>"$LOG" 2>&1
         WHEELS=()
         [ -d .whl ] && WHEELS=(--find-links .whl)
-        timeout "$(limit 300)" .venv-device/bin/pip install -q "${WHEELS[@]}" torch torchvision -e '.[dev]' >>"$LOG" 2>&1 \
-            || { [ -d .whl ] && timeout "$(limit 300)" .venv-device/bin/pip install -q --no-index --find-links .whl \
-                -e '.[dev]' >>"$LOG" 2>&1; }
+        # No build isolation: setuptools comes from the machine, so an offline machine fails fast, not after retries.
+        PIP=(.venv-device/bin/pip install -q --no-build-isolation --retries 1 --timeout 10)
+        timeout "$(limit 300)" "${PIP[@]}" "${WHEELS[@]}" torch torchvision -e '.[dev]' >>"$LOG" 2>&1 \
+            || { [ -d .whl ] && timeout "$(limit 300)" "${PIP[@]}" --no-index --find-links .whl -e '.[dev]' >>"$LOG" 2>&1; }
         PY=.venv-device/bin/python
         usable "$PY" || { say "no usable environment (see $LOG; offline machines need wheels in .whl/)"; exit 1; }
     fi
