@@ -112,7 +112,9 @@ def test_mistake_severity_and_coverage(fixed):
     assert ms["share_in_true_family"] == pytest.approx(np.mean([ANC[a, 0] == ANC[b, 0] for a, b in wrong]))
     d5 = np.mean([np.mean([height(c, t[i]) for c in np.argsort(-p[i], kind="stable")[:5]]) for i in range(len(t))])
     assert ms["hierarchical_distance_at_k"]["5"] == pytest.approx(d5)
-    assert ms["hierarchical_distance_at_k"]["1"] == pytest.approx(np.mean([height(a, b) for a, b in zip(pred, t)]))
+    assert ms["hierarchical_distance_at_k"]["1"] == pytest.approx(
+        np.mean([height(a, b) for a, b in zip(pred, t, strict=True)])
+    )
     top = ms["confused_pairs"][0]
     pair_counts = Counter((true, predicted) for predicted, true in wrong)
     assert top["count"] == max(pair_counts.values())
