@@ -119,27 +119,38 @@ def rank_chain_probs(finest: np.ndarray, h: Hierarchy) -> list[np.ndarray]:
 
 
 def climb(probs: Sequence[Any], h: Hierarchy, theta: float) -> Decisions:
+    return _climb(_climb_inputs(probs, h), h, theta)
+
+
+def _climb_inputs(probs: Sequence[Any], h: Hierarchy) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     agg = rank_chain_probs(_np(probs[-1]), h)
-    n, r_count = agg[0].shape[0], len(agg)
-    rows = np.arange(n)
+    rows = np.arange(agg[0].shape[0])
     best = np.stack([a.argmax(axis=1) for a in agg], axis=1)
     best_p = np.stack([a[rows, best[:, r]] for r, a in enumerate(agg)], axis=1)
+    return agg, best, best_p
+
+
+def _climb(inputs: tuple[list[np.ndarray], np.ndarray, np.ndarray], h: Hierarchy, theta: float) -> Decisions:
+    agg, best, best_p = inputs
+    n, r_count = best.shape
+    rows = np.arange(n)
     reach = best_p >= theta
     # deepest rank whose best taxon reaches theta (probabilities only shrink going down a path)
     deep = np.where(reach.any(axis=1), r_count - 1 - np.argmax(reach[:, ::-1], axis=1), -1)
     chosen = np.full((n, r_count), -1, np.int64)
-    reason = np.full((n, r_count), BELOW, np.int8)
-    for i in np.nonzero(deep >= 0)[0]:
-        d = deep[i]
-        path = h.paths[d][best[i, d]]
-        chosen[i, : d + 1] = path[: d + 1]
-        reason[i, : d + 1] = np.where(path[: d + 1] >= 0, COMMIT, UNMAPPED)
-        reason[i, d + 2 :] = PARENT
-    for i in np.nonzero(deep < 0)[0]:
-        reason[i, 1:] = PARENT
+    ranks = np.arange(r_count)
+    reason = np.where(ranks == 0, BELOW, PARENT)[None, :].repeat(n, axis=0).astype(np.int8)
+    for d in range(r_count):
+        sel = deep == d
+        if not sel.any():
+            continue
+        path = h.paths[d][best[sel, d]]  # (m, R): the committed taxon's classes at every rank
+        upto = ranks <= d
+        chosen[sel] = np.where(upto, path, -1)
+        below = np.where(ranks == d + 1, BELOW, PARENT)
+        reason[sel] = np.where(upto, np.where(path >= 0, COMMIT, UNMAPPED), below).astype(np.int8)
     score = np.stack([a[rows, np.maximum(chosen[:, r], 0)] for r, a in enumerate(agg)], axis=1)
-    score = np.where(chosen >= 0, score, best_p)
-    return Decisions(chosen, reason, score)
+    return Decisions(chosen, reason, np.where(chosen >= 0, score, best_p))
 
 
 def decide(spec: PolicySpec, log_probs: Sequence[Any], h: Hierarchy) -> Decisions:
@@ -164,45 +175,54 @@ def answer_correct(d: Decisions, targets: Sequence[np.ndarray]) -> tuple[np.ndar
     return judged, judged & (cls == truth)
 
 
-def _largest_coverage_at(conf: np.ndarray, right: np.ndarray, target: float) -> tuple[float, float, float]:
-    """(tau, coverage, accuracy): the threshold ``p > tau`` accepting the most rows whose accuracy is >= target."""
+def _best_cut(
+    conf: np.ndarray, gain_right: np.ndarray, gain_judged: np.ndarray, base: tuple[float, float], target: float
+) -> float:
+    """The threshold ``p > tau`` accepting the most of these rows (most confident first) such
+    that the overall accuracy (base right + gained right) / (base judged + gained judged) stays >= target."""
     if len(conf) == 0:
-        return 1.0, 0.0, float("nan")
+        return 1.0
     order = np.argsort(-conf, kind="stable")
-    c, ok = conf[order], right[order]
-    acc = np.cumsum(ok) / np.arange(1, len(c) + 1)
-    # only cut between distinct confidences, so "p > tau" accepts exactly the counted rows
-    cut = np.append(c[1:] < c[:-1], True)
-    good = np.nonzero((acc >= target) & cut)[0]
+    c = conf[order]
+    right = base[0] + np.cumsum(gain_right[order])
+    judged = base[1] + np.cumsum(gain_judged[order])
+    acc = right / np.maximum(judged, 1)
+    cut = np.append(c[1:] < c[:-1], True)  # only between distinct confidences: "p > tau" accepts exactly these
+    good = np.nonzero((acc >= target) & cut & (judged > 0))[0]
     if good.size == 0:
-        return 1.0, 0.0, float("nan")
+        return 1.0
     i = good[-1]
-    tau = float(c[i + 1]) if i + 1 < len(c) else 0.0
-    return tau, (i + 1) / len(c), float(acc[i])
+    return float(c[i + 1]) if i + 1 < len(c) else 0.0
 
 
 def fit_threshold(log_probs: Sequence[Any], targets: Sequence[np.ndarray], h: Hierarchy, target: float) -> PolicySpec:
-    """tau per rank, coarse → fine: among the rows whose parent committed, the threshold with the largest coverage
-    whose answers at this rank (right here and at every committed coarser rank) reach ``target`` accuracy."""
+    """tau per rank, coarse → fine, greedily: each rank commits as many rows (below a committed, agreeing parent)
+    as keeps the accuracy of all committed answers (each row's deepest committed taxon) >= ``target``."""
     probs = [np.exp(_np(lp)) for lp in log_probs]
     n = probs[0].shape[0]
+    rows = np.arange(n)
     taus: list[float] = []
     fitted: dict[str, Any] = {}
-    prefix_right = np.ones(n, bool)
+    ans_right = np.zeros(n, bool)  # the current answer is right
+    ans_judged = np.zeros(n, bool)  # the row has an answer whose truth is known
     for r, key in enumerate(h.keys):
-        d = threshold(probs[: r + 1], h, [*taus, 0.0])
-        eligible = (d.chosen[:, r - 1] >= 0) if r else np.ones(n, bool)
         a = probs[r].argmax(axis=1)
-        if r:
-            eligible &= h.paths[r][a, r - 1] == d.chosen[:, r - 1]
+        conf = probs[r][rows, a]
         y = np.asarray(targets[r])
-        eligible &= y >= 0
-        conf = probs[r][np.arange(n), a]
-        right = (a == y) & prefix_right
-        tau, cov, acc = _largest_coverage_at(conf[eligible], right[eligible], target)
+        eligible = y >= 0
+        if r:
+            parent = threshold(probs[:r], h, taus).chosen[:, r - 1]
+            eligible &= (parent >= 0) & (h.paths[r][a, r - 1] == parent)
+        right = a == y
+        base = (float((ans_right & ans_judged).sum()), float(ans_judged.sum()))
+        gain_right = right.astype(np.int64) - (ans_right & ans_judged)
+        gain_judged = (~ans_judged).astype(np.int64)
+        tau = _best_cut(conf[eligible], gain_right[eligible], gain_judged[eligible], base, target)
         taus.append(tau)
-        fitted[key] = {"tau": tau, "coverage_of_eligible": cov, "accuracy": acc}
-        prefix_right &= (a == y) | (y < 0)
+        committed = eligible & (conf > tau)
+        ans_right = np.where(committed, right, ans_right)
+        ans_judged |= committed
+        fitted[key] = {"tau": tau, "committed": int(committed.sum()), "eligible": int(eligible.sum())}
     final = threshold(probs, h, taus)
     judged, right = answer_correct(final, targets)
     return PolicySpec(
@@ -228,8 +248,9 @@ def fit_climb(log_probs: Sequence[Any], targets: Sequence[np.ndarray], h: Hierar
         np.concatenate([np.linspace(0.0, 1.0, 1001), np.quantile(probs[-1].max(axis=1), np.linspace(0, 1, 201))])
     )
     chosen_theta, best = 1.0, {"coverage": 0.0, "accuracy": float("nan")}
+    inputs = _climb_inputs(probs, h)
     for theta in grid:
-        d = climb(probs, h, float(theta))
+        d = _climb(inputs, h, float(theta))
         judged, right = answer_correct(d, targets)
         acc = right.sum() / max(int(judged.sum()), 1)
         if judged.any() and acc >= target:
