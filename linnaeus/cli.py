@@ -73,7 +73,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linnaeus",
-        description="Hierarchical taxonomic image classification: train, shard, check, predict, export.",
+        description="Hierarchical taxonomic image classification: train, shard, check, predict, export, calibrate, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
