@@ -370,9 +370,11 @@ def _read_calibration(root: Path, info: dict[str, Any], task_keys: list[str]) ->
     from linnaeus.inference.calibration import check_doc
 
     path = root / CALIBRATION
-    if not path.is_file():
-        return None
     recorded = info.get("calibration_sha256")
+    if not path.is_file():
+        if recorded:
+            raise DataError(f"{path}: missing, but bundle.json records a calibration (calibration_sha256)")
+        return None
     actual = sha256_file(path)
     if recorded != actual:
         raise DataError(

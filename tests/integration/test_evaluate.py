@@ -273,3 +273,21 @@ def test_predict_with_every_policy_gives_valid_typus_lines(trained, capsys) -> N
         table = capsys.readouterr().out
         if policy != "repair" and "abstained" in table:
             assert "best guess" in table
+
+
+def test_user_errors_are_one_line(trained, tmp_path: Path, capsys) -> None:
+    image = str(trained["images"] / "img_000000.jpg")
+    plain = export_bundle(trained["run"], tmp_path / "plain", which="final")  # never calibrated
+    assert main(["evaluate", "--bundle", str(plain), "--split", "val", "--policy", "climb"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --policy climb:") and "linnaeus calibrate" in err[-1]
+    assert main(["evaluate", "--bundle", str(plain), "--labels", str(trained["root"] / "test.h5")]) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --labels/--images: give both")
+    b = Bundle.load(plain)
+    calibrate_bundle(b, trained["val"].subset(np.arange(len(trained["val"])) < 200), target_accuracy=0.9)
+    doc = json.loads((plain / "calibration.json").read_text())
+    doc["temperature_by_rank"]["taxa_L10"] = 1.0
+    (plain / "calibration.json").write_text(json.dumps(doc))
+    assert main(["predict", "--bundle", str(plain), image]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration_sha256" in err[0]
