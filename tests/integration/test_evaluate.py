@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -291,3 +293,23 @@ def test_user_errors_are_one_line(trained, tmp_path: Path, capsys) -> None:
     assert main(["predict", "--bundle", str(plain), image]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "calibration_sha256" in err[0]
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (Debian package: chromium)")
+def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--bundle", str(trained["bundle"]), "--split", "val", "--out", str(out)]) == 0
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,2400"]
+    proc = subprocess.run(
+        [CHROMIUM, *flags, (out / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 5  # text and plots drawn, not a blank page
