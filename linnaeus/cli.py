@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="export even when a metadata component's columns are unknown (no COLUMNS, no column_names): use the "
         "built-in encoding, warn, and record the assumption in bundle.json",
     )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also fit the temperatures and the threshold/climb policies on the run's validation split "
+        "(as `linnaeus calibrate`) and store them in the bundle",
+    )
+    p.add_argument("--target-accuracy", type=float, default=0.95, help="with --calibrate (default 0.95)")
+    p.add_argument(
+        "--default-policy",
+        default="repair",
+        choices=["repair", "threshold", "climb", "cost"],
+        help="with --calibrate: the policy the bundle answers with by default",
+    )
 
     for name, text in (
         ("calibrate", "fit per-rank temperatures and the threshold/climb policies on a labelled split"),

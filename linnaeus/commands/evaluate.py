@@ -212,7 +212,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             desc=f"evaluate ({mode})",
         )
         if not progress:
-            print(f"evaluate ({mode}): scored {len(evalset)} images in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            took = time.monotonic() - t0
+            print(
+                f"evaluate ({mode}): scored {len(evalset)} images in {took:.1f} s ({len(evalset) / max(took, 1e-9):.0f} "
+                "img/s)",
+                file=sys.stderr,
+            )
         results = None
         if policy.kind == "cost" or (args.save_predictions and out is not None and mode == "on"):
             results = _results(predictor, lp, policy, ids)

@@ -145,4 +145,21 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_bundle(args.run, args.out, args.which, assume_encodings=args.assume_encodings)
     info = json.loads((path / INFO).read_text())
     print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
+    if getattr(args, "calibrate", False):
+        from linnaeus.commands.evaluate import calibrate_bundle
+        from linnaeus.inference.bundle import Bundle
+        from linnaeus.inference.eval_data import from_split
+
+        bundle = Bundle.load(path)
+        doc = calibrate_bundle(
+            bundle,
+            from_split(bundle, "val"),
+            target_accuracy=args.target_accuracy,
+            default_policy=args.default_policy,
+        )
+        temps = ", ".join(f"{k} {t:.3f}" for k, t in doc["temperature_by_rank"].items())
+        print(
+            f"export: calibrated on {doc['rows']} validation rows (T: {temps}); default policy {args.default_policy}",
+            file=sys.stderr,
+        )
     return 0

@@ -295,6 +295,18 @@ def test_user_errors_are_one_line(trained, tmp_path: Path, capsys) -> None:
     assert len(err) == 1 and "calibration_sha256" in err[0]
 
 
+def test_export_can_calibrate_and_store_the_default_policy(trained, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "calibrated"
+    args = ["export", "--run", str(trained["run"]), "--out", str(out), "--which", "final", "--calibrate"]
+    assert main([*args, "--target-accuracy", "0.9", "--default-policy", "climb"]) == 0
+    b = Bundle.load(out)
+    assert b.calibration["default_policy"] == "climb" and b.calibration["rows"] == len(trained["val"])
+    capsys.readouterr()
+    assert main(["predict", "--bundle", str(out), str(trained["images"] / "img_000000.jpg")]) == 0
+    r = ClassificationResult.model_validate_json(capsys.readouterr().out.strip())
+    assert r.provenance.decision_policies[-1].parameters["algorithm"] == "hierarchical_climb"
+
+
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
