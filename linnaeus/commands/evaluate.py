@@ -219,7 +219,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         results = None
-        if policy.kind == "cost" or (args.save_predictions and out is not None and mode == "on"):
+        save = args.save_predictions and out is not None and masked == modes[0]  # the first mode's predictions
+        if policy.kind == "cost" or save:
             results = _results(predictor, lp, policy, ids)
         decisions = decisions_from_results(results, predictor) if policy.kind == "cost" else None
         figs = evaluation.figures(
@@ -244,7 +245,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             cov, risk, _ = eval_metrics.risk_coverage(p.max(axis=1), p.argmax(axis=1) == y[lab])
             step = max(len(cov) // 200, 1)
             curves[mode][k] = (cov[::step], risk[::step])
-        if results is not None and args.save_predictions and out is not None and mode == "on":
+        if save and results is not None:
             with open(out / "predictions.jsonl", "w") as fh:
                 for r in results:
                     fh.write(r.to_json() + "\n")
