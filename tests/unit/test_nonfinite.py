@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.nonfinite import NonFiniteError, NonFiniteGuard
 from linnaeus.engine.schedule import plan_steps
 from linnaeus.errors import ConfigError
@@ -96,4 +97,4 @@ def test_endless_epochs_are_one_line() -> None:
     assert "\n" not in str(err.value)
     cfg = load_config(None, ["TRAIN.EPOCHS", "1e300"])  # finite, but no plan has that many steps
     with pytest.raises(ConfigError, match=r"^TRAIN.EPOCHS: .* expected at most \d+ epochs"):
-        plan_steps(cfg, batches_per_epoch=5)
+        plan_steps(engine_spec(cfg).loop, batches_per_epoch=5)
