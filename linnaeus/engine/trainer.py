@@ -239,8 +239,7 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(
             self.task_keys,
             acc.device,
-            spec.nonfinite.mode,
-            spec.nonfinite.max_skips,
+            spec.nonfinite,
             reduce_max=None if acc.num_processes == 1 else lambda x: acc.reduce(x, "max"),
             step_applied_in_backward=d.uses_deepspeed,
             scaler_skips=d.precision == "fp16",
@@ -416,8 +415,8 @@ class Trainer:
     def _optimizer_step(self, step: int) -> None:
         """Collective. The window is whole, so its last micro-batch was accelerate's sync step and the gradients
         are complete: clip (and read the norm), check for non-finite losses and gradients, step. Under DeepSpeed the
-        engine already clipped and stepped inside the last backward (its optimizer wrapper's ``step`` is a no-op);
-        only the check remains, in ``stop`` mode (``skip`` is refused there)."""
+        engine already clipped and stepped inside the last backward (accelerate's optimizer wrapper no-ops ``step``
+        and ``zero_grad`` there); the check reads the engine's norm of that step."""
         acc, d = self.accelerator, self.dist
         if not acc.sync_gradients:  # a host flag: would mean a window and accelerate's counter disagree
             raise RuntimeError(f"step {step + 1}: the accumulation window did not end on accelerate's sync step")

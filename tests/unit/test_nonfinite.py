@@ -11,6 +11,7 @@ from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.nonfinite import NonFiniteError, NonFiniteGuard
 from linnaeus.engine.schedule import plan_steps
 from linnaeus.errors import ConfigError
+from linnaeus.specs.engine import NonFiniteSpec
 
 KEYS = ["taxa_L10", "taxa_L20"]
 
@@ -64,13 +65,13 @@ def test_guard_reduces_every_step_in_the_same_order_on_every_process() -> None:
 
 
 def test_guard_skips_up_to_the_bound_then_stops_and_keeps_its_count() -> None:
-    guard = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=2)
+    guard = NonFiniteGuard(KEYS, torch.device("cpu"), NonFiniteSpec("skip", 2))
     for step in range(2):
         guard.add(*_losses(float("inf")))
         assert guard.check(step, None) is True and guard.step_dropped
     guard.add(*_losses(1.0))
     assert guard.check(2, torch.tensor(1.0)) is False and not guard.step_dropped  # flags do not leak
-    restored = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=2)
+    restored = NonFiniteGuard(KEYS, torch.device("cpu"), NonFiniteSpec("skip", 2))
     restored.load_state_dict(guard.state_dict())
     restored.add(*_losses(1.0, float("nan")))
     with pytest.raises(NonFiniteError, match=r"step 4: non-finite taxa_L20 loss.*after 2 skipped steps"):
@@ -78,7 +79,7 @@ def test_guard_skips_up_to_the_bound_then_stops_and_keeps_its_count() -> None:
 
 
 def test_guard_under_fp16_counts_but_leaves_the_skip_to_the_loss_scaler() -> None:
-    guard = NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", max_skips=5, scaler_skips=True)
+    guard = NonFiniteGuard(KEYS, torch.device("cpu"), NonFiniteSpec("skip", 5), scaler_skips=True)
     guard.add(*_losses(float("nan")))
     assert guard.check(0, None) is False and guard.skipped == 1
     assert guard.step_dropped  # the loop leaves the step's NaN losses out of the logged mean
@@ -88,7 +89,7 @@ def test_guard_under_fp16_counts_but_leaves_the_skip_to_the_loss_scaler() -> Non
 
 def test_skip_is_refused_where_deepspeed_steps_inside_backward() -> None:
     with pytest.raises(ConfigError, match=r"TRAIN\.NONFINITE: skip"):
-        NonFiniteGuard(KEYS, torch.device("cpu"), mode="skip", step_applied_in_backward=True)
+        NonFiniteGuard(KEYS, torch.device("cpu"), NonFiniteSpec("skip", 0), step_applied_in_backward=True)
 
 
 def test_endless_epochs_are_one_line() -> None:
