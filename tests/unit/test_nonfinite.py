@@ -49,6 +49,27 @@ def test_guard_settle_reads_the_last_step_before_anything_is_saved() -> None:
     guard.settle()  # a finite step settles quietly
 
 
+def test_after_step_settles_the_guard_before_any_action_that_publishes() -> None:
+    from linnaeus.engine.after_step import AfterStep, always, run_after_step
+
+    guard, written = NonFiniteGuard(KEYS, torch.device("cpu")), []
+    quiet = AfterStep("in memory", always, lambda s, stop: written.append(("in memory", s)), publishes=False)
+    guard.add(*_losses(1.0))
+    guard.check(0, torch.tensor(1.0))
+    assert run_after_step([quiet], 1, False, guard.settle) == ["in memory"]
+    guard.add(*_losses(float("nan")))
+    guard.check(1, torch.tensor(1.0))
+    assert run_after_step([quiet], 2, False, guard.settle) == ["in memory"]  # nothing published: no host read yet
+    # An action added later that writes files says nothing about the guard: by default it publishes.
+    new_writer = AfterStep("new writer", always, lambda s, stop: written.append(("new writer", s)))
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite"):
+        run_after_step([quiet, new_writer], 2, False, guard.settle)
+    assert ("new writer", 2) not in written and ("in memory", 2) in written
+    not_due = AfterStep("rare writer", lambda s, stop: stop, lambda s, stop: written.append(("rare", s)))
+    assert run_after_step([not_due], 3, False, lambda: written.append(("settled", 3))) == []
+    assert ("settled", 3) not in written  # a step where no publishing action is due never reads the flags
+
+
 def test_guard_reduces_every_step_in_the_same_order_on_every_process() -> None:
     calls: list[list[float]] = []
 

@@ -284,3 +284,15 @@ def test_a_requeued_run_continues_its_own_checkpoints_not_resume_from(tmp_path):
         )
         == start
     )
+
+
+def test_derived_seeds_follow_the_workers_rule() -> None:
+    import numpy as np
+
+    from linnaeus.utils.seeds import rng_of, seed_of
+
+    # The workers' default_rng((seed, epoch, index)) is SeedSequence on the tuple: rng_of is the same generator.
+    assert rng_of(42, 3, 7).integers(2**62) == np.random.default_rng((42, 3, 7)).integers(2**62)
+    seeds = {seed_of(42, rank, step, micro) for rank in range(2) for step in range(50) for micro in range(3)}
+    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)  # distinct, and valid for torch.Generator
+    assert seed_of(42, 0, 5, 1) == seed_of(42, 0, 5, 1) != seed_of(43, 0, 5, 1)
