@@ -25,7 +25,7 @@ from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
 from linnaeus.engine.progress import Progress, announce
-from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, run_path, setup_logging
+from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, setup_logging
 from linnaeus.engine.schedule import LRSchedule, OpsSchedule, period_summary, plan_steps
 from linnaeus.engine.tracking import Tracking
 from linnaeus.engine.train_meter import TrainMeter
@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.spec = engine_spec(cfg)  # what the engine's components read
-        self.run = run_path(cfg)
+        self.run = cfg.EXPERIMENT.run_folder()
         self.step = 0  # optimizer steps taken
         self.started = time.perf_counter()
         self.finished_step: int | None = None  # set when a rerun finds nothing left to do
