@@ -212,11 +212,13 @@ class Trainer:
 
     def _build_components(self) -> None:
         from linnaeus.aug import BatchAugment, MetaMasking
+        from linnaeus.config.resolve_model import aug_spec
 
         cfg, acc = self.cfg, self.accelerator
-        self.augment = BatchAugment(cfg.AUG, cfg.SCHEDULE.MIX, self.task_keys, self.data.num_classes)
+        aug = aug_spec(cfg)
+        self.augment = BatchAugment(aug, self.task_keys, self.data.num_classes)
         self.meta_masking = MetaMasking(
-            self.data.meta_components, self.data.meta_dims, cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
+            self.data.meta_components, self.data.meta_dims, aug.meta_masking.partial_whitelist
         )
         self.generator = torch.Generator(device=acc.device)
         # Mixing's batch-level draws (gate, algorithm, box) are made on the host so deciding never waits for the GPU.
@@ -252,6 +254,7 @@ class Trainer:
         called at ``MODEL.UNFREEZE_BACKBONE_AFTER`` with the checkpoint just saved there (see ``_unfreeze``)."""
         import dataclasses
 
+        from linnaeus.config.resolve_model import loss_spec, model_spec
         from linnaeus.engine.ema import EMA_FILE, EmaComponent
         from linnaeus.engine.finetune import FreezeState, optimizer_groups
         from linnaeus.losses import build_task_loss, needs_distance_matrices
@@ -261,7 +264,7 @@ class Trainer:
         resume = resume or self.checkpointer.find_resume()
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
         model = build_model(
-            cfg.MODEL,
+            model_spec(cfg),
             self.task_keys,
             self.data.num_classes,
             self.data.meta_dims,
@@ -276,11 +279,12 @@ class Trainer:
             resume = dataclasses.replace(
                 resume, exact=False, relayout="set of trainable parameters (backbone unfrozen)"
             )
+        losses = loss_spec(cfg)
         loss_fn = build_task_loss(
-            cfg,
+            losses,
             self.task_keys,
             self.data.num_classes,
-            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
+            self.data.distance_matrices() if needs_distance_matrices(losses) else None,
             self.data.class_counts("train"),
         )
         fast = self.speedups
