@@ -8,12 +8,13 @@ other input sizes.
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import MBConv
 from linnaeus.models.hybrid import HybridBackbone, attention_args, attention_stages, shared_args
-from linnaeus.models.layers import LayerNorm2d, drop_path_rates
+from linnaeus.models.layers import drop_path_rates
 from linnaeus.models.position import RelativePositionBias
 from linnaeus.models.registry import register_model
 from linnaeus.models.tokens import ClsAggregator
@@ -30,7 +31,7 @@ class OverlapPatchEmbed(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = LayerNorm2d(out_dim)
+        self.norm = LayerNorm2d(out_dim, eps=1e-5)  # MetaFormer's: nn.LayerNorm's default, not timm's 1e-6
 
 
 def _init_v0(module: nn.Module) -> None:

@@ -6,6 +6,7 @@ Stride 32 in total (stem 4, then three LN + 2×2 downsamplers), so any input siz
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from linnaeus.errors import ConfigError
@@ -13,7 +14,7 @@ from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import ConvNeXtBlock, Downsample
 from linnaeus.models.hybrid import HybridBackbone, attention_args, attention_stages, shared_args
-from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
+from linnaeus.models.layers import drop_path_rates, init_vit_style
 from linnaeus.models.position import Rope2d
 from linnaeus.models.registry import register_model
 from linnaeus.models.tokens import ClsAggregator

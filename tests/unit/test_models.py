@@ -207,7 +207,7 @@ def test_relative_bias_resizes_and_gives_extra_tokens_one_value():
 def test_drop_path_ramp_and_init():
     cfg = load_config(V1_SM, tiny_opts(V1_SM))
     model = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2])
-    rates = [m.p for m in model.modules() if type(m).__name__ == "DropPath"]
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert len(rates) == 4 and rates[0] == 0.0 and rates[-1] == pytest.approx(cfg.MODEL.DROP_PATH_RATE)
     assert rates == sorted(rates)
     gammas = [m.gamma for m in model.modules() if type(m).__name__ == "ConvNeXtBlock"]
