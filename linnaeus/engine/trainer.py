@@ -218,10 +218,11 @@ class Trainer:
     def _build_components(self) -> None:
         from linnaeus.aug import BatchAugment, MetaMasking
 
-        cfg, acc, spec = self.cfg, self.accelerator, self.spec
-        self.augment = BatchAugment(cfg.AUG, cfg.SCHEDULE.MIX, self.task_keys, self.data.num_classes)
+        acc, spec = self.accelerator, self.spec
+        aug = self.specs.aug
+        self.augment = BatchAugment(aug, self.task_keys, self.data.num_classes)
         self.meta_masking = MetaMasking(
-            self.data.meta_components, self.data.meta_dims, cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
+            self.data.meta_components, self.data.meta_dims, aug.meta_masking.partial_whitelist
         )
         self.generator = torch.Generator(device=acc.device)
         # Mixing's batch-level draws (gate, algorithm, box) are made on the host so deciding never waits for the GPU.
@@ -286,7 +287,7 @@ class Trainer:
 
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
         model = build_model(
-            self.cfg.MODEL,
+            self.specs.model,
             self.task_keys,
             self.data.num_classes,
             self.data.meta_dims,
@@ -305,12 +306,12 @@ class Trainer:
     def _build_loss(self) -> Any:
         from linnaeus.losses import build_task_loss, needs_distance_matrices
 
-        cfg = self.cfg
+        spec = self.specs.loss
         return build_task_loss(
-            cfg,
+            spec,
             self.task_keys,
             self.data.num_classes,
-            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
+            self.data.distance_matrices() if needs_distance_matrices(spec) else None,
             self.data.class_counts("train"),
         )
 
