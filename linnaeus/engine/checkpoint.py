@@ -42,7 +42,10 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        target = self.root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not STEP_DIR.match(name):  # only ever a step folder's name: never a path that leads elsewhere
+            raise DataError(f"{pointer}: names '{name[:80]}', not a step_<N> folder; refusing to follow it")
+        target = self.root / name
         if (target / STATE_FILE).is_file():
             return target
         # A kill between replacing a re-saved step folder and renaming its new copy leaves the pointer dangling;
@@ -183,7 +186,11 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint folder, whatever wrote it (DDP or ZeRO-1/2/3, any world size).
-    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed."""
+    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed. A link in the
+    folder that leads outside its checkpoints folder is refused."""
+    from linnaeus.engine.safe_files import checkpoint_files
+
+    checkpoint_files(ckpt)
     ds_dir = ckpt / "pytorch_model"
     if ds_dir.is_dir():
         from linnaeus.engine.zero_consolidate import zero_state_dict

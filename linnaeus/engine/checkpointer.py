@@ -75,10 +75,19 @@ def checkpoint_manager(cfg: Config, root: Path) -> CheckpointManager:
 def resume_candidate(cfg: Config, root: Path) -> Path | None:
     """The checkpoint this run continues from. With TRAIN.AUTO_RESUME (the default), the run folder's own latest
     checkpoint when it has one, so a preempted and requeued job continues its own progress; otherwise
-    TRAIN.RESUME_FROM (where a new run starts from), else nothing. Reads files, so only the main process calls it
-    and shares the answer."""
+    TRAIN.RESUME_FROM (where a new run starts from), else nothing. A folder never holds two runs: with
+    TRAIN.AUTO_RESUME False, a folder that already has checkpoints is refused (one line naming it and the choices).
+    Reads files, so only the main process calls it and shares the answer."""
     t = cfg.TRAIN
-    own = checkpoint_manager(cfg, root).latest() if t.AUTO_RESUME else None
+    manager = checkpoint_manager(cfg, root)
+    if not t.AUTO_RESUME and manager.completed():
+        newest = manager.completed()[-1][1].name
+        raise ConfigError(
+            f"TRAIN.AUTO_RESUME False: {Path(root).parent} already holds a run (checkpoints up to {newest}) and a "
+            "folder never holds two runs; choose another EXPERIMENT.NAME or EXPERIMENT.OUTPUT_DIR for a new run, "
+            "delete that folder to start it afresh, or set TRAIN.AUTO_RESUME True to continue it"
+        )
+    own = manager.latest() if t.AUTO_RESUME else None
     if own is not None:
         return own
     if t.RESUME_FROM:
@@ -139,7 +148,7 @@ class Checkpointer:
             if path is not None and asked and Path(asked).resolve() != path.resolve():
                 log.warning(
                     "TRAIN.RESUME_FROM %s: this run folder has checkpoints of its own; continuing from %s "
-                    "(TRAIN.AUTO_RESUME False starts from RESUME_FROM instead)",
+                    "(to start from RESUME_FROM, give the run another EXPERIMENT.NAME)",
                     asked,
                     path,
                 )
@@ -189,7 +198,10 @@ class Checkpointer:
         registered component's state. Returns the step to continue from."""
         saved = point.saved
         if point.exact:
-            self.accelerator.load_state(str(point.path))
+            from linnaeus.engine.safe_files import weights_only_loads
+
+            with weights_only_loads():  # DeepSpeed and accelerate ask torch.load for weights_only=False
+                self.accelerator.load_state(str(point.path))
             log.info(
                 "resumed from step %d (%s): weights, optimizer, RNG, schedules and data position",
                 point.step,

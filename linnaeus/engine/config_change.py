@@ -132,8 +132,8 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], al
         more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
         raise ConfigError(
             f"{refused[0].line()}{more}: differs from {where}, the config these checkpoints were trained with; "
-            "resume with the same value, start a new run (another EXPERIMENT.NAME, or TRAIN.AUTO_RESUME False to "
-            "start this folder afresh), or set TRAIN.RESUME_CONFIG_CHANGE allow to continue these weights anyway"
+            "resume with the same value, start a new run (another EXPERIMENT.NAME, or delete the run folder to "
+            "start it afresh), or set TRAIN.RESUME_CONFIG_CHANGE allow to continue these weights anyway"
         )
     lines = [f"resume: config changed since {where}: {c.line()}" for c in changes if c.resumable]
     lines += [

@@ -15,6 +15,7 @@ from linnaeus.engine.checkpointer import Checkpointer, resume_step
 from linnaeus.engine.schedule import StepPlan
 from linnaeus.engine.train_meter import TrainMeter
 from linnaeus.engine.windows import accumulation_windows
+from linnaeus.errors import ConfigError
 
 TASKS = ["taxa_L10", "taxa_L20"]
 
@@ -270,7 +271,21 @@ def test_a_requeued_run_continues_its_own_checkpoints_not_resume_from(tmp_path):
     assert resume_candidate(cfg, own_root) == start  # a new folder starts from RESUME_FROM
     own = checkpoint(own_root, 12)
     assert resume_candidate(cfg, own_root) == own  # after preemption, the job continues its own progress
-    assert (
-        resume_candidate(load_config(None, ["TRAIN.RESUME_FROM", str(start), "TRAIN.AUTO_RESUME", "false"]), own_root)
-        == start
-    )
+
+
+def test_auto_resume_false_never_starts_a_second_run_in_a_folder_with_checkpoints(tmp_path):
+    """Issue 26: AUTO_RESUME False into a folder with checkpoints mixed two runs (retention rotated the new run's
+    checkpoints away, export and report named different runs). It is refused with one line naming the folder."""
+    from linnaeus.engine.checkpointer import resume_candidate
+
+    root = tmp_path / "run" / "checkpoints"
+    fresh = load_config(None, ["TRAIN.AUTO_RESUME", "false"])
+    assert resume_candidate(fresh, root) is None  # an empty folder starts afresh
+    (root / "step_3").mkdir(parents=True)
+    (root / "step_3" / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    (root / "latest").write_text("step_3\n")
+    with pytest.raises(ConfigError) as err:
+        resume_candidate(fresh, root)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "run") in msg and "step_3" in msg
+    assert "EXPERIMENT.NAME" in msg and "delete" in msg and "TRAIN.AUTO_RESUME True" in msg
