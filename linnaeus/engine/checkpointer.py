@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from linnaeus.config import Config
+from linnaeus.data.splits import SPLIT_FILE
 from linnaeus.engine.checkpoint import (
     CheckpointManager,
     consolidated_state_dict,
@@ -24,7 +25,7 @@ from linnaeus.engine.config_change import schedule_change_line
 from linnaeus.engine.distributed import decide_on_main
 from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, DataError
 from linnaeus.utils.io import make_readable
 
 log = logging.getLogger("linnaeus")
@@ -117,6 +118,9 @@ class Checkpointer:
         self.files: dict[str, FileState] = {}
         self.bests: list[dict[str, Any]] = []
         self.last_saved_step = -1
+        # The train/validation split's digest (``Split.digest``), set by the trainer: saved with every checkpoint, and
+        # a resume of this folder's own checkpoint on another split is refused (it would train on validation rows).
+        self.split_digest: str | None = None
         self.save_seconds = 0.0  # wall time spent saving and exporting (for the end-of-run report)
         self.export_seconds = 0.0
 
@@ -152,7 +156,11 @@ class Checkpointer:
                     asked,
                     path,
                 )
-            return None if path is None else (str(path), read_state(path))
+            if path is None:
+                return None
+            saved = read_state(path)
+            self._check_split(path, saved)
+            return str(path), saved
 
         found = decide_on_main(self.accelerator, decide)
         if found is None:
@@ -160,6 +168,24 @@ class Checkpointer:
         path, saved = Path(found[0]), found[1]
         step, exact = resume_step(saved, self.plan, self.zero_stage)
         return ResumePoint(path=path, saved=saved, step=step, exact=exact)
+
+    def _check_split(self, path: Path, saved: dict[str, Any]) -> None:
+        """A checkpoint continues only on the split it was trained on. Its own folder's: refused (one line); another
+        run's (TRAIN.RESUME_FROM, a new run starting from its weights): a warning."""
+        was = saved.get("split_digest")
+        if was is None or self.split_digest is None or was == self.split_digest:
+            return
+        if path.resolve().parent == self.manager.root.resolve():
+            raise DataError(
+                f"{path}: was trained on another train/validation split than this run folder's {SPLIT_FILE} (split "
+                f"{str(was)[:12]}…, now {self.split_digest[:12]}…); continuing would train on validation rows, so this "
+                "folder cannot continue: start a new run (another EXPERIMENT.NAME)"
+            )
+        log.warning(
+            "TRAIN.RESUME_FROM %s: trained on another train/validation split than this run's; its weights may have "
+            "seen rows this run validates on",
+            path,
+        )
 
     def finished_step(self, export_dir: Path) -> int | None:
         """The step of a run that has nothing left to do, or None: the checkpoint a resume would continue from is at
@@ -257,6 +283,8 @@ class Checkpointer:
             "best_checkpoints": self.bests,
             "best_metric": self.manager.best_metric,
         }
+        if self.split_digest is not None:
+            state["split_digest"] = self.split_digest
         for component in self.components.values():
             state |= component.state_dict()
         path = self.manager.save(self.accelerator, step, state, self._write_files)

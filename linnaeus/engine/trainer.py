@@ -231,6 +231,7 @@ class Trainer:
         )
         self.tracking = Tracking(acc, cfg, self.run, self.plan)
         self.checkpointer = Checkpointer(acc, self.run / "checkpoints", cfg, self.plan, self.dist.zero_stage)
+        self.checkpointer.split_digest = self.data.split.digest  # a resume on another split is refused
         self.checkpointer.prepare_folder()
         self.checkpointer.register("meter", self.meter)
         d, t = self.dist, cfg.TRAIN
