@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, clip
 
 if TYPE_CHECKING:
     from linnaeus.config import Config
@@ -140,7 +140,7 @@ def resolve_image_paths(
     refused: dict[int, str] = {}
 
     def refuse(j: int, why: str) -> None:
-        refused[j] = f"{labels_path} row {int(rows[j])}: img_identifiers entry {identifiers[j]!r} {why}"
+        refused[j] = f"{labels_path} row {int(rows[j])}: img_identifiers entry {clip(repr(identifiers[j]))} {why}"
 
     for j, rel in enumerate(relatives):
         why = escape_problem(rel)
