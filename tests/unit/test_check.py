@@ -402,8 +402,10 @@ def test_an_all_missing_metadata_column_is_reported(capsys, tiny_dataset):
     temporal[:] = np.nan
     rewrite(tiny_dataset, temporal=temporal)
     rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 0 and errors == []
     warned = [line for line in out.splitlines() if line.startswith("warning:") and "TEMPORAL" in line]
     assert len(warned) == 1 and "missing (NaN or zeros) on all" in warned[0], out
     assert "DATA.META.COMPONENTS.TEMPORAL.ENABLED false" in warned[0]
     rc, out, errors = check(capsys, tiny_dataset, opts=("DATA.META.COMPONENTS.TEMPORAL.ENABLED", "false"))
+    assert rc == 0 and errors == []
     assert not any("TEMPORAL" in line for line in out.splitlines() if line.startswith("warning:"))
