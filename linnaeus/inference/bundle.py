@@ -7,7 +7,8 @@ A bundle folder (written by ``linnaeus export``) holds:
 - ``class_maps.json``: per rank, class index → taxon id, name, rank level (the run's own file);
 - ``taxonomy.json``: the tree the run used (hierarchy matrices and decoding are derived from it);
 - ``preprocessing.json``: the validation image transform and the metadata encoding, component by component;
-- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, model summary.
+- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, the sha256 of
+  every other file (``files_sha256``: config, class maps, taxonomy, preprocessing), model summary.
 
 The same :class:`Bundle` object is also built straight from a run folder (``Bundle.from_run``), so ``predict --run``
 and ``predict --bundle`` share every line after loading.
@@ -49,6 +50,7 @@ TAXONOMY = "taxonomy.json"
 PREPROCESSING = "preprocessing.json"
 INFO = "bundle.json"
 BUNDLE_FILES = (WEIGHTS, CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING, INFO)
+HASHED_FILES = (CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING)  # besides the weights (``weights_sha256``)
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -64,6 +66,18 @@ def _read_json(path: Path) -> Any:
 
 def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in _strip_prefixes(sd).items()}
+
+
+def refuse_nonfinite(sd: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Weights with NaN/inf would predict nothing (every score NaN) while exiting 0: refused with one line."""
+    for name, tensor in sd.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DataError(
+                    f"{where}: weight {name} holds {bad} non-finite values (NaN/inf); these weights cannot predict "
+                    "(did the run diverge? export another checkpoint, e.g. --which step_N)"
+                )
 
 
 def sha256_file(path: Path) -> str:
@@ -206,6 +220,7 @@ class Bundle:
             raise ConfigError(f"--run {run}: not a run folder (no {CONFIG})")
         cfg = load_config(run / CONFIG)
         sd, weights_info = resolve_weights(run, which)
+        refuse_nonfinite(sd, f"{run} ({weights_info.get('source', which)})")
         class_maps_doc = _read_json(run / CLASS_MAPS)
         class_maps = class_maps_from_json(class_maps_doc, list(cfg.DATA.TASK_KEYS_H5), str(run / CLASS_MAPS))
         tree = TaxonomyTree.from_json(run / TAXONOMY)
@@ -274,6 +289,8 @@ class Bundle:
         components = [MetaComponent.from_json(c, str(root / PREPROCESSING)) for c in raw_components]
         components.sort(key=lambda c: c.idx)
         _verify_against_info(root, info, {k: len(m) for k, m in class_maps.items()}, [c.dim for c in components])
+        _verify_files(root, info)
+        refuse_nonfinite(sd, root / WEIGHTS)
         return cls(
             cfg, _fp32(sd), class_maps, class_maps_doc, tree, tree.to_json(), components, preprocessing, info, root
         )
@@ -298,7 +315,12 @@ class Bundle:
             atomic_write_json(tmp / CLASS_MAPS, self.class_maps_doc)
             atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)
             atomic_write_json(tmp / PREPROCESSING, self.preprocessing)
-            info = dict(self.info, weights_file=WEIGHTS, weights_sha256=sha256_file(tmp / WEIGHTS))
+            info = dict(
+                self.info,
+                weights_file=WEIGHTS,
+                weights_sha256=sha256_file(tmp / WEIGHTS),
+                files_sha256={name: sha256_file(tmp / name) for name in HASHED_FILES},
+            )
             atomic_write_json(tmp / INFO, info)
             old = None
             if out.exists():
@@ -325,6 +347,26 @@ def _verify_weights_file(root: Path, info: dict[str, Any]) -> None:
             f"{root / WEIGHTS}: sha256 {actual[:16]}... does not match bundle.json's weights_sha256 "
             f"{recorded[:16]}...; the weights were changed after export"
         )
+
+
+def _verify_files(root: Path, info: dict[str, Any]) -> None:
+    """Config, class names, taxonomy and preprocessing are the ones `linnaeus export` wrote (sha256 against
+    bundle.json's ``files_sha256``; bundles written before it was recorded are not checked)."""
+    recorded = info.get("files_sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise DataError(f"{root / INFO}: files_sha256 is not a mapping of file name to sha256")
+    for name in HASHED_FILES:
+        expected = recorded.get(name)
+        if not isinstance(expected, str):
+            raise DataError(f"{root / INFO}: files_sha256 has no entry for {name}; cannot verify it")
+        actual = sha256_file(root / name)
+        if actual != expected:
+            raise DataError(
+                f"{root / name}: sha256 {actual[:16]}... does not match bundle.json's files_sha256 "
+                f"{expected[:16]}...; the file was changed after export"
+            )
 
 
 def _verify_against_info(root: Path, info: dict[str, Any], num_classes: dict[str, int], meta_dims: list[int]) -> None:
