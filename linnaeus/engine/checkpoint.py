@@ -132,11 +132,17 @@ class CheckpointManager:
         return int(size * 1.1) + (1 << 20)
 
     def _no_space(self, step: int, needed: int, free: int) -> DataError:
+        """The advice names what frees enough: retention removes old checkpoints only after a new one is complete,
+        so lowering KEEP_LAST_N / KEEP_BEST_N frees nothing for the checkpoint that did not fit."""
         latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else "none yet"
+        older = [p.name for _, p in self.completed() if p.name != latest]
+        spare = f" (older checkpoints here that a resume does not need: {', '.join(older[:5])})" if older else ""
         return DataError(
             f"{self.root}: not enough disk space for checkpoint {step_dir_name(step)} (about {needed} bytes needed, "
-            f"{free} free); latest complete checkpoint: {latest}. Free space or lower "
-            "SCHEDULE.CHECKPOINT.KEEP_LAST_N / KEEP_BEST_N, then rerun to resume"
+            f"{free} free); latest complete checkpoint: {latest}. Free at least {max(needed - free, 0)} bytes on "
+            f"that disk{spare}, or move the run to a larger one, then rerun to resume; a new checkpoint is written in "
+            "full before old ones are removed, so the disk must hold one more checkpoint than "
+            "SCHEDULE.CHECKPOINT.KEEP_LAST_N / KEEP_BEST_N keep"
         )
 
     def _retain(self, trainer_state: dict[str, Any]) -> None:
