@@ -93,6 +93,11 @@ def test_a_resume_never_trains_on_a_new_split(demo: Path, tmp_path: Path) -> Non
     launch(opts(4))
     state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert len(state["split_digest"]) == 64
+
+    # Issue 26 (5): TRAIN.AUTO_RESUME False into this folder would start a second run beside the first: refused.
+    second = _one_error(launch([*opts(8), "TRAIN.AUTO_RESUME", "False"], check=False))
+    assert str(run) in second and "never holds two runs" in second and "EXPERIMENT.NAME" in second
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_4"]
     with h5py.File(labels, "a") as fh:  # the labels change after the run started
         fh.attrs["curated"] = "v2"
 
