@@ -35,7 +35,7 @@ from linnaeus.config import Config, dump_config, load_config
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
 from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
 from linnaeus.engine.ema import EMA_FILE
-from linnaeus.errors import ConfigError, DataError
+from linnaeus.errors import ConfigError, DataError, clip
 from linnaeus.inference.metadata import COLUMNS_ASSUMED, MetaComponent, resolve_components
 from linnaeus.utils.io import atomic_write_json, make_readable
 
@@ -446,6 +446,10 @@ def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Ten
         if latest is not None:
             state = json.loads((latest / "trainer_state.json").read_text())
             bests = state.get("best_checkpoints", [])
+            if bests and not _STEP.match(str(bests[0].get("dir", ""))):  # a folder name, never a path elsewhere
+                raise DataError(
+                    f"{latest / 'trainer_state.json'}: best checkpoint {clip(bests[0].get('dir'))!r} is not a step_<N> folder"
+                )
             if bests and (ckpts / bests[0]["dir"]).is_dir():
                 if str(state.get("best_metric", "")).startswith("val_ema/"):
                     return _from_ema_file(ckpts / bests[0]["dir"] / EMA_FILE, "best")

@@ -144,3 +144,16 @@ def test_nan_weights_are_refused_at_load_and_at_export(copy: Path, tmp_path: Pat
     with pytest.raises(DataError, match="non-finite"):
         export_bundle(run, tmp_path / "nan_bundle", assume_encodings=True)
     assert not (tmp_path / "nan_bundle").exists()
+
+
+def test_a_best_checkpoint_named_outside_the_run_is_refused(tmp_path: Path) -> None:
+    from linnaeus.inference.bundle import resolve_weights
+
+    run = tmp_path / "run"
+    fake_run(write_tiny_dataset(tmp_path / "data", per_species=3).config(*TINY_MODEL, *HEADS), run)
+    step = run / "checkpoints" / "step_7"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 7, "best_checkpoints": [{"dir": "../../../x"}]}))
+    (run / "checkpoints" / "latest").write_text("step_7\n")
+    with pytest.raises(DataError, match=r"best checkpoint '\.\./\.\./\.\./x' is not a step_<N> folder"):
+        resolve_weights(run, "best")
