@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from linnaeus.data.prepare import IMAGE_SUFFIXES
-from linnaeus.errors import ConfigError, DataError
+from linnaeus.errors import ConfigError, DataError, clip
 
 
-def collect_images(args: Iterable[str]) -> list[Path]:
-    """Files as given; folders searched recursively for image files (sorted, so output order is reproducible)."""
+def collect_images(args: Iterable[str], missing: list[str] | None = None) -> list[Path]:
+    """Files as given; folders searched recursively for image files (sorted, so output order is reproducible).
+    A path that does not exist is appended to ``missing`` when given (it then costs only its own image), else
+    refused."""
     out: list[Path] = []
     for arg in args:
         p = Path(arg)
@@ -27,6 +29,8 @@ def collect_images(args: Iterable[str]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif missing is not None:
+            missing.append(str(p))
         else:
             raise DataError(f"{p}: no such image file or folder")
     return out
@@ -106,7 +110,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     start = time.monotonic()
-    images = collect_images(args.images)
+    failed: list[str] = []
+    images = collect_images(args.images, missing=failed)
+    if not images and failed:  # nothing to predict: one line, as for any refused input
+        raise DataError(
+            f"{clip(failed[0])}: no such image file or folder"
+            + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+        )
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
     # stdout holds only results: DeepSpeed prints while a run's checkpoint is consolidated, so loading talks to stderr.
@@ -120,7 +130,8 @@ def run_predict(args: argparse.Namespace) -> int:
     policy = predictor.policy(getattr(args, "policy", None), getattr(args, "cost_profile", None))
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
-    failed: list[str] = []
+    for path in failed:  # like an unreadable image: its own error line, the others are still predicted
+        print(f"error: {clip(path)}: no such image file or folder", file=sys.stderr)
     predict_stream(
         predictor,
         images,
@@ -136,7 +147,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if not sys.stderr.isatty():
         print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
-    return 1 if failed else 0  # each unreadable image already has its error line
+    return 1 if failed else 0  # each missing or unreadable image already has its error line
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -118,6 +118,9 @@ class LoadState:
     held: list[compat.Held] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     bases: list[str] = field(default_factory=list)
+    # Each file's merged tree, read once: a BASE listed many times (10 times a level, 8 levels: 10^8 reads) is
+    # merged again from here instead of being read and expanded again.
+    trees: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
 
 def _base_entries(raw: dict[str, Any], path: Path, state: LoadState) -> list[str]:
@@ -152,18 +155,22 @@ def _load_tree(path: Path, prov: Provenance, stack: tuple[Path, ...], state: Loa
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"BASE (from {stack[-1]}): inheritance cycle {chain}")
+    if path in state.trees:
+        return _copy(state.trees[path])
     raw = read_yaml_file(path)
     merged: dict[str, Any] = {}
     for base in _base_entries(raw, path, state):
         resolved = _resolve_base(base, path)
         log.info("BASE %s (from %s) -> %s", base, _display(path), resolved)
         sub = _load_tree(resolved, prov, (*stack, path), state)
-        state.bases.append(str(resolved))
+        if str(resolved) not in state.bases:
+            state.bases.append(str(resolved))
         # The recursive call records each inherited key's own file in `prov`; merging its result must not
         # overwrite that with this file's name, hence the throwaway provenance here.
         _merge(merged, sub, str(path), Provenance())
     translated = _translate(raw, _display(path), state)
     _merge(merged, translated, _display(path), prov)
+    state.trees[path] = _copy(merged)
     return merged
 
 

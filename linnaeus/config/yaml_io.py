@@ -17,6 +17,7 @@ from linnaeus.errors import ConfigError
 
 MAX_EXPANDED_NODES = 100_000
 MAX_SHOWN = 80
+MAX_FILE_BYTES = 16 << 20  # a config is a few KB; anything this large is a wrong path (or /dev/zero)
 
 
 def short(value: Any, limit: int = MAX_SHOWN) -> str:
@@ -103,6 +104,13 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; expected a YAML file")
     try:
+        if path.exists() and not path.is_file():  # a device, FIFO or socket: reading it may never end
+            raise ConfigError(f"config file {path} is not a regular file; expected a YAML file")
+        if path.exists() and path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"config file {path} is {path.stat().st_size} bytes, over {MAX_FILE_BYTES >> 20} MB; expected a YAML"
+                " config of a few KB"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None

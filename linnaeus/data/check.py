@@ -126,6 +126,12 @@ def _describe_metadata(state: DataState, r: dict[str, Any]) -> list[str]:
         stats = store.statistics(rows)
         for name, comp in stats["metadata"].items():
             r["metadata"].setdefault(name, []).append({"file": str(store.path), **comp})
+            if stats["rows"] and comp["valid"] == 0:
+                r["warnings"].append(
+                    f"{store.path}: metadata component {name} ('{comp['source']}') is missing (NaN or zeros) on all"
+                    f" {stats['rows']} rows in use; it adds nothing to training: fix the file, or set"
+                    f" DATA.META.COMPONENTS.{name}.ENABLED false"
+                )
         if stats["rows_all_ranks_null"]:
             warnings.append(
                 f"{store.path}: {stats['rows_all_ranks_null']} rows have no label at any of {keys}"

@@ -38,7 +38,7 @@ import numpy as np
 
 from linnaeus.data.encoders import encode_from_raw, encoded_bound
 from linnaeus.data.rules import raise_first
-from linnaeus.errors import DataError
+from linnaeus.errors import DataError, clip
 from linnaeus.specs.data import ComponentSpec  # re-exported: the labels' view of a metadata component
 
 IDENTIFIERS = "img_identifiers"
@@ -61,7 +61,7 @@ class DuplicateReport:
     examples: list[tuple[str, list[int]]] = field(default_factory=list)  # (identifier, rows), first few
 
     def line(self, path: Path) -> str:
-        ex = "; ".join(f"'{i}' on rows {r}" for i, r in self.examples[:3])
+        ex = "; ".join(f"'{clip(i)}' on rows {r}" for i, r in self.examples[:3])
         return f"{path}: {self.count} rows repeat an earlier img_identifiers entry (e.g. {ex})"
 
 

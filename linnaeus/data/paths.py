@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, clip
 from linnaeus.specs.data import ImageSpec, LabelsSpec
 
 # Suffixes that mark an identifier as already carrying its file extension (FILE_EXTENSION is then not added).
@@ -136,7 +136,7 @@ def resolve_image_paths(
     refused: dict[int, str] = {}
 
     def refuse(j: int, why: str) -> None:
-        refused[j] = f"{labels_path} row {int(rows[j])}: img_identifiers entry {identifiers[j]!r} {why}"
+        refused[j] = f"{labels_path} row {int(rows[j])}: img_identifiers entry {clip(repr(identifiers[j]))} {why}"
 
     for j, rel in enumerate(relatives):
         why = escape_problem(rel)

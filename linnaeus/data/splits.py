@@ -5,13 +5,15 @@ permutation with ``np.random.default_rng(TRAIN_VAL_SPLIT_SEED).permutation(n)``,
 ``floor(TRAIN_VAL_SPLIT_RATIO * n)`` positions to training and the rest to validation; both lists are then
 sorted by row. It depends only on (seed, ratio, surviving rows): not on worker count, process count or time.
 The rows are saved to ``split.npz`` so a resumed run (or ``linnaeus shard``) reads them back instead of
-recomputing; the saved labels fingerprint makes a changed labels.h5 an error rather than a silent new split.
+recomputing; the saved labels fingerprint makes a changed labels.h5 an error rather than a silent new split, and
+every checkpoint records the split's ``digest``, so a resume on any other split (the file deleted) is refused.
 
 Pre-split data (``TRAIN_LABELS_PATH``/``VAL_LABELS_PATH``): each file's surviving rows form its split as is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -33,6 +35,16 @@ class Split:
     ratio: float
     fingerprint: str  # of the labels file(s) the rows index
     presplit: bool = False
+
+    @property
+    def digest(self) -> str:
+        """Names exactly these rows of these labels: recorded in every checkpoint, so a resume on another split
+        (``split.npz`` deleted after a labels change) is refused instead of training on validation rows."""
+        h = hashlib.sha256(self.fingerprint.encode())
+        for rows in (self.train_rows, self.val_rows):
+            h.update(np.int64(len(rows)).tobytes())
+            h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+        return h.hexdigest()
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
@@ -77,12 +89,15 @@ def check_saved(split: Split, fingerprint: str, allowed_train: np.ndarray, allow
     if split.fingerprint != fingerprint:
         raise DataError(
             f"split file {path} was made from labels with fingerprint {split.fingerprint[:12]}…, but the labels now"
-            f" have {fingerprint[:12]}…; the labels changed since this run started (start a new run or delete the file)"
+            f" have {fingerprint[:12]}…; the labels changed since this run started and its checkpoints were trained"
+            " on the old split: start a new run for the new labels (another EXPERIMENT.NAME), or restore the labels"
+            " file this run was started with (deleting the split file does not help: a resume refuses another split)"
         )
     for name, rows, allowed in (("train", split.train_rows, allowed_train), ("val", split.val_rows, allowed_val)):
         bad = rows[~np.isin(rows, allowed)]
         if len(bad):
             raise DataError(
                 f"split file {path}: {len(bad)} {name} rows (first: row {int(bad[0])}) are removed by the current"
-                " filters; the filter settings changed since this run started"
+                " filters; the filter settings changed since this run started: start a new run with them (another"
+                " EXPERIMENT.NAME), or restore the settings this run was started with"
             )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from linnaeus.errors import DataError
+from linnaeus.errors import DataError, clip
 from linnaeus.specs.data import VerifyImagesSpec
 from linnaeus.utils.io import atomic_write_json
 
@@ -106,7 +106,7 @@ def verify_images(
     elif bad and not allow_missing:
         first = items[0]
         error = (
-            f"image {first['path']} (labels.h5 row {first['row']}) {first['problem']}; {bad} of {n} images are"
+            f"image {clip(first['path'])} (labels.h5 row {first['row']}) {clip(first['problem'])}; {bad} of {n} images are"
             " missing or unreadable; fix them, or set DATA.HYBRID.ALLOW_MISSING_IMAGES True and"
             " DATA.HYBRID.VERIFY_IMAGES.MAX_MISSING_COUNT/MAX_MISSING_RATIO to replace and count them (or set only"
             " the limits to leave those rows out)"
@@ -114,8 +114,8 @@ def verify_images(
     elif bad > limit:
         first = items[0]
         error = (
-            f"{bad} of {n} images are missing or unreadable (first: {first['path']}, labels.h5 row {first['row']},"
-            f" {first['problem']}), more than DATA.HYBRID.VERIFY_IMAGES allows: max(MAX_MISSING_COUNT"
+            f"{bad} of {n} images are missing or unreadable (first: {clip(first['path'])}, labels.h5 row {first['row']},"
+            f" {clip(first['problem'])}), more than DATA.HYBRID.VERIFY_IMAGES allows: max(MAX_MISSING_COUNT"
             f" {limits.max_missing_count}, MAX_MISSING_RATIO {limits.max_missing_ratio} x {n}) = {limit}"
         )
     report = {

@@ -42,7 +42,10 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        target = self.root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not STEP_DIR.match(name):  # only ever a step folder's name: never a path that leads elsewhere
+            raise DataError(f"{pointer}: names '{name[:80]}', not a step_<N> folder; refusing to follow it")
+        target = self.root / name
         if (target / STATE_FILE).is_file():
             return target
         # A kill between replacing a re-saved step folder and renaming its new copy leaves the pointer dangling;
@@ -129,11 +132,17 @@ class CheckpointManager:
         return int(size * 1.1) + (1 << 20)
 
     def _no_space(self, step: int, needed: int, free: int) -> DataError:
+        """The advice names what frees enough: retention removes old checkpoints only after a new one is complete,
+        so lowering KEEP_LAST_N / KEEP_BEST_N frees nothing for the checkpoint that did not fit."""
         latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else "none yet"
+        older = [p.name for _, p in self.completed() if p.name != latest]
+        spare = f" (older checkpoints here that a resume does not need: {', '.join(older[:5])})" if older else ""
         return DataError(
             f"{self.root}: not enough disk space for checkpoint {step_dir_name(step)} (about {needed} bytes needed, "
-            f"{free} free); latest complete checkpoint: {latest}. Free space or lower "
-            "SCHEDULE.CHECKPOINT.KEEP_LAST_N / KEEP_BEST_N, then rerun to resume"
+            f"{free} free); latest complete checkpoint: {latest}. Free at least {max(needed - free, 0)} bytes on "
+            f"that disk{spare}, or move the run to a larger one, then rerun to resume; a new checkpoint is written in "
+            "full before old ones are removed, so the disk must hold one more checkpoint than "
+            "SCHEDULE.CHECKPOINT.KEEP_LAST_N / KEEP_BEST_N keep"
         )
 
     def _retain(self, trainer_state: dict[str, Any]) -> None:
@@ -183,7 +192,11 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint folder, whatever wrote it (DDP or ZeRO-1/2/3, any world size).
-    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed."""
+    Reads files only, never unpickling code (``weights_only=True``): no process group, no DeepSpeed. A link in the
+    folder that leads outside its checkpoints folder is refused."""
+    from linnaeus.engine.safe_files import checkpoint_files
+
+    checkpoint_files(ckpt)
     ds_dir = ckpt / "pytorch_model"
     if ds_dir.is_dir():
         from linnaeus.engine.zero_consolidate import zero_state_dict

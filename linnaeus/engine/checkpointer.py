@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from linnaeus.data.splits import SPLIT_FILE
 from linnaeus.engine.checkpoint import (
     CheckpointManager,
     consolidated_state_dict,
@@ -23,7 +24,7 @@ from linnaeus.engine.config_change import schedule_change_line
 from linnaeus.engine.distributed import decide_on_main
 from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
-from linnaeus.errors import ConfigError
+from linnaeus.errors import ConfigError, DataError
 from linnaeus.specs.engine import CheckpointSpec
 from linnaeus.utils.io import atomic_save_safetensors
 
@@ -81,9 +82,18 @@ def checkpoint_manager(spec: CheckpointSpec, root: Path) -> CheckpointManager:
 def resume_candidate(spec: CheckpointSpec, root: Path) -> Path | None:
     """The checkpoint this run continues from. With TRAIN.AUTO_RESUME (the default), the run folder's own latest
     checkpoint when it has one, so a preempted and requeued job continues its own progress; otherwise
-    TRAIN.RESUME_FROM (where a new run starts from), else nothing. Reads files, so only the main process calls it
-    and shares the answer."""
-    own = checkpoint_manager(spec, root).latest() if spec.auto_resume else None
+    TRAIN.RESUME_FROM (where a new run starts from), else nothing. A folder never holds two runs: with
+    TRAIN.AUTO_RESUME False, a folder that already has checkpoints is refused (one line naming it and the choices).
+    Reads files, so only the main process calls it and shares the answer."""
+    manager = checkpoint_manager(spec, root)
+    if not spec.auto_resume and manager.completed():
+        newest = manager.completed()[-1][1].name
+        raise ConfigError(
+            f"TRAIN.AUTO_RESUME False: {Path(root).parent} already holds a run (checkpoints up to {newest}) and a "
+            "folder never holds two runs; choose another EXPERIMENT.NAME or EXPERIMENT.OUTPUT_DIR for a new run, "
+            "delete that folder to start it afresh, or set TRAIN.AUTO_RESUME True to continue it"
+        )
+    own = manager.latest() if spec.auto_resume else None
     if own is not None:
         return own
     if spec.resume_from:
@@ -109,6 +119,9 @@ class Checkpointer:
         self.files: dict[str, FileState] = {}
         self.bests: list[dict[str, Any]] = []
         self.last_saved_step = -1
+        # The train/validation split's digest (``Split.digest``), set by the trainer: saved with every checkpoint, and
+        # a resume of this folder's own checkpoint on another split is refused (it would train on validation rows).
+        self.split_digest: str | None = None
         self.save_seconds = 0.0  # wall time spent saving and exporting (for the end-of-run report)
         self.export_seconds = 0.0
 
@@ -144,11 +157,15 @@ class Checkpointer:
             if path is not None and asked and Path(asked).resolve() != path.resolve():
                 log.warning(
                     "TRAIN.RESUME_FROM %s: this run folder has checkpoints of its own; continuing from %s "
-                    "(TRAIN.AUTO_RESUME False starts from RESUME_FROM instead)",
+                    "(to start from RESUME_FROM, give the run another EXPERIMENT.NAME)",
                     asked,
                     path,
                 )
-            return None if path is None else (str(path), read_state(path))
+            if path is None:
+                return None
+            saved = read_state(path)
+            self._check_split(path, saved)
+            return str(path), saved
 
         found = decide_on_main(self.accelerator, decide)
         if found is None:
@@ -156,6 +173,24 @@ class Checkpointer:
         path, saved = Path(found[0]), found[1]
         step, exact = resume_step(saved, self.plan, self.zero_stage)
         return ResumePoint(path=path, saved=saved, step=step, exact=exact)
+
+    def _check_split(self, path: Path, saved: dict[str, Any]) -> None:
+        """A checkpoint continues only on the split it was trained on. Its own folder's: refused (one line); another
+        run's (TRAIN.RESUME_FROM, a new run starting from its weights): a warning."""
+        was = saved.get("split_digest")
+        if was is None or self.split_digest is None or was == self.split_digest:
+            return
+        if path.resolve().parent == self.manager.root.resolve():
+            raise DataError(
+                f"{path}: was trained on another train/validation split than this run folder's {SPLIT_FILE} (split "
+                f"{str(was)[:12]}…, now {self.split_digest[:12]}…); continuing would train on validation rows, so this "
+                "folder cannot continue: start a new run (another EXPERIMENT.NAME)"
+            )
+        log.warning(
+            "TRAIN.RESUME_FROM %s: trained on another train/validation split than this run's; its weights may have "
+            "seen rows this run validates on",
+            path,
+        )
 
     def finished_step(self, export_dir: Path) -> int | None:
         """The step of a run that has nothing left to do, or None: the checkpoint a resume would continue from is at
@@ -194,7 +229,10 @@ class Checkpointer:
         registered component's state. Returns the step to continue from."""
         saved = point.saved
         if point.exact:
-            self.accelerator.load_state(str(point.path))
+            from linnaeus.engine.safe_files import weights_only_loads
+
+            with weights_only_loads():  # DeepSpeed and accelerate ask torch.load for weights_only=False
+                self.accelerator.load_state(str(point.path))
             log.info(
                 "resumed from step %d (%s): weights, optimizer, RNG, schedules and data position",
                 point.step,
@@ -250,6 +288,8 @@ class Checkpointer:
             "best_checkpoints": self.bests,
             "best_metric": self.manager.best_metric,
         }
+        if self.split_digest is not None:
+            state["split_digest"] = self.split_digest
         for component in [*self.components.values(), *self.records.values()]:
             state |= component.state_dict()
         path = self.manager.save(self.accelerator, step, state, self._write_files)

@@ -85,7 +85,12 @@ class Change:
         return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
 
 
+ABSENT = "(absent)"  # shown for a key of a free-form block that only one config has
+
+
 def _show(value: Any) -> str:
+    if value is _Absent:
+        return ABSENT
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     text = text.removesuffix("\n...").removesuffix("...").strip()
     return text if len(text) <= 80 else text[:77] + "..."
@@ -103,11 +108,65 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Absent:
+    """Marks the side of a change where a free-form key does not exist."""
+
+
+def _in_free_form_block(key: str, other: Mapping[str, Any]) -> bool:
+    """Is ``key`` (which the config ``other`` lacks) a user's addition or removal? True inside a block whose keys the
+    user chooses (``dict[str, ...]`` in the schema: a loss's or model's PARAMS, timm KWARGS, a whole head of
+    MODEL.CLASSIFICATION.HEADS); False for a schema key, which only one version of Linnaeus knows."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    from linnaeus.config.defaults import Config
+
+    node: Any = Config
+    here: Any = other
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return False
+        ann = field.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):
+            ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+        here = here.get(part) if isinstance(here, Mapping) else None
+        if typing.get_origin(ann) is dict:
+            if i == len(parts) - 1:
+                return False
+            value = typing.get_args(ann)[1] if len(typing.get_args(ann)) == 2 else Any
+            entry = here.get(parts[i + 1]) if isinstance(here, Mapping) else None
+            if not (isinstance(value, type) and issubclass(value, BaseModel)) or entry is None:
+                return True  # a free-form key, or a whole entry (e.g. a head) only one side has
+            node, here, i = value, entry, i + 2
+            continue
+        node = ann
+        i += 1
+    return False
+
+
+def _one_sided(flat: dict[str, Any], missing_from: Mapping[str, Any]) -> list[str]:
+    """Keys of ``flat`` that ``missing_from`` lacks and that count as changes (an empty block is no key of its own:
+    the other side's keys under it are the change)."""
+    return [
+        k for k, v in flat.items() if not (isinstance(v, Mapping) and not v) and _in_free_form_block(k, missing_from)
+    ]
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[Change]:
-    """Keys whose values differ between two resolved configs (keys only one version of Linnaeus knows are skipped:
-    a newer release adding a key with its default is not a change of the experiment)."""
+    """Keys whose values differ between two resolved configs. A key only one side has is a change inside a
+    free-form block (e.g. ``label_smoothing`` removed from a loss's PARAMS) and skipped elsewhere: there, only one
+    version of Linnaeus knows it (a newer release adding a key with its default is not a change of the experiment)."""
     old, new = flatten(saved), flatten(current)
-    return [Change(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+    changes = [Change(k, old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]]
+    changes += [Change(k, old[k], _Absent) for k in _one_sided({k: old[k] for k in old.keys() - new.keys()}, current)]
+    changes += [Change(k, _Absent, new[k]) for k in _one_sided({k: new[k] for k in new.keys() - old.keys()}, saved)]
+    return sorted(changes, key=lambda c: c.key)
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
@@ -132,8 +191,8 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], al
         more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
         raise ConfigError(
             f"{refused[0].line()}{more}: differs from {where}, the config these checkpoints were trained with; "
-            "resume with the same value, start a new run (another EXPERIMENT.NAME, or TRAIN.AUTO_RESUME False to "
-            "start this folder afresh), or set TRAIN.RESUME_CONFIG_CHANGE allow to continue these weights anyway"
+            "resume with the same value, start a new run (another EXPERIMENT.NAME, or delete the run folder to "
+            "start it afresh), or set TRAIN.RESUME_CONFIG_CHANGE allow to continue these weights anyway"
         )
     lines = [f"resume: config changed since {where}: {c.line()}" for c in changes if c.resumable]
     lines += [

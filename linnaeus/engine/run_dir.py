@@ -61,7 +61,9 @@ def attach_run_logs(run: Path, rank: int, is_main: bool) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     buffer = next((h for h in log.handlers if isinstance(h, MemoryHandler)), None)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    file = logging.FileHandler(logs / ("train.log" if is_main else f"rank{rank}.log"), mode="a")
+    from linnaeus.engine.log_file import RunLogFile
+
+    file = RunLogFile(logs / ("train.log" if is_main else f"rank{rank}.log"), mode="a")  # a full disk: one line
     file.setFormatter(fmt)
     file.setLevel(buffer.level if buffer is not None else logging.INFO if is_main else logging.WARNING)
     if buffer is not None:

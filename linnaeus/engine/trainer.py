@@ -236,6 +236,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             acc, self.run / "checkpoints", spec.checkpoint, self.plan, self.dist.zero_stage
         )
+        self.checkpointer.split_digest = self.data.split.digest  # a resume on another split is refused
         self.checkpointer.prepare_folder()
         self.checkpointer.register("meter", self.meter.counters)
         d = self.dist

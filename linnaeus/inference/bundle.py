@@ -7,7 +7,8 @@ A bundle folder (written by ``linnaeus export``) holds:
 - ``class_maps.json``: per rank, class index → taxon id, name, rank level (the run's own file);
 - ``taxonomy.json``: the tree the run used (hierarchy matrices and decoding are derived from it);
 - ``preprocessing.json``: the validation image transform and the metadata encoding, component by component;
-- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, model summary;
+- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, the sha256 of
+  every other file (``files_sha256``: config, class maps, taxonomy, preprocessing), model summary;
 - ``calibration.json`` (optional; ``linnaeus calibrate``): per-rank temperatures, the calibration split's id, NLL/ECE
   before and after, fitted decision-policy parameters; its sha256 is recorded in bundle.json and checked on load.
 
@@ -36,7 +37,7 @@ from linnaeus.config import Config, dump_config, load_config
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree, keys_coarse_to_fine, rank_of_key
 from linnaeus.engine.checkpoint import strip_prefixes as _strip_prefixes
 from linnaeus.engine.ema import EMA_FILE
-from linnaeus.errors import ConfigError, DataError
+from linnaeus.errors import ConfigError, DataError, clip
 from linnaeus.inference.metadata import COLUMNS_ASSUMED, MetaComponent, resolve_components
 from linnaeus.utils.io import atomic_write_json, make_readable
 
@@ -52,6 +53,7 @@ PREPROCESSING = "preprocessing.json"
 INFO = "bundle.json"
 CALIBRATION = "calibration.json"  # optional: not in BUNDLE_FILES
 BUNDLE_FILES = (WEIGHTS, CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING, INFO)
+HASHED_FILES = (CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING)  # besides the weights (``weights_sha256``)
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -67,6 +69,18 @@ def _read_json(path: Path) -> Any:
 
 def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in _strip_prefixes(sd).items()}
+
+
+def refuse_nonfinite(sd: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Weights with NaN/inf would predict nothing (every score NaN) while exiting 0: refused with one line."""
+    for name, tensor in sd.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DataError(
+                    f"{where}: weight {name} holds {bad} non-finite values (NaN/inf); these weights cannot predict "
+                    "(did the run diverge? export another checkpoint, e.g. --which step_N)"
+                )
 
 
 def sha256_file(path: Path) -> str:
@@ -211,6 +225,7 @@ class Bundle:
             raise ConfigError(f"--run {run}: not a run folder (no {CONFIG})")
         cfg = load_config(run / CONFIG)
         sd, weights_info = resolve_weights(run, which)
+        refuse_nonfinite(sd, f"{run} ({weights_info.get('source', which)})")
         class_maps_doc = _read_json(run / CLASS_MAPS)
         class_maps = class_maps_from_json(class_maps_doc, list(cfg.DATA.TASK_KEYS_H5), str(run / CLASS_MAPS))
         tree = TaxonomyTree.from_json(run / TAXONOMY)
@@ -280,6 +295,8 @@ class Bundle:
         components = [MetaComponent.from_json(c, str(root / PREPROCESSING)) for c in raw_components]
         components.sort(key=lambda c: c.idx)
         _verify_against_info(root, info, {k: len(m) for k, m in class_maps.items()}, [c.dim for c in components])
+        _verify_files(root, info)
+        refuse_nonfinite(sd, root / WEIGHTS)
         calibration = _read_calibration(root, info, list(cfg.DATA.TASK_KEYS_H5))
         return cls(
             cfg,
@@ -333,7 +350,12 @@ class Bundle:
             atomic_write_json(tmp / CLASS_MAPS, self.class_maps_doc)
             atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)
             atomic_write_json(tmp / PREPROCESSING, self.preprocessing)
-            info = dict(self.info, weights_file=WEIGHTS, weights_sha256=sha256_file(tmp / WEIGHTS))
+            info = dict(
+                self.info,
+                weights_file=WEIGHTS,
+                weights_sha256=sha256_file(tmp / WEIGHTS),
+                files_sha256={name: sha256_file(tmp / name) for name in HASHED_FILES},
+            )
             info.pop("calibration_sha256", None)
             if self.calibration is not None:
                 atomic_write_json(tmp / CALIBRATION, {k: v for k, v in self.calibration.items() if k != "weights"})
@@ -401,6 +423,26 @@ def _run_calibration(run: Path, weights_info: dict[str, Any], task_keys: list[st
         return None
     check_doc(doc, task_keys, str(path))
     return doc
+
+
+def _verify_files(root: Path, info: dict[str, Any]) -> None:
+    """Config, class names, taxonomy and preprocessing are the ones `linnaeus export` wrote (sha256 against
+    bundle.json's ``files_sha256``; bundles written before it was recorded are not checked)."""
+    recorded = info.get("files_sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise DataError(f"{root / INFO}: files_sha256 is not a mapping of file name to sha256")
+    for name in HASHED_FILES:
+        expected = recorded.get(name)
+        if not isinstance(expected, str):
+            raise DataError(f"{root / INFO}: files_sha256 has no entry for {name}; cannot verify it")
+        actual = sha256_file(root / name)
+        if actual != expected:
+            raise DataError(
+                f"{root / name}: sha256 {actual[:16]}... does not match bundle.json's files_sha256 "
+                f"{expected[:16]}...; the file was changed after export"
+            )
 
 
 def _verify_against_info(root: Path, info: dict[str, Any], num_classes: dict[str, int], meta_dims: list[int]) -> None:
@@ -480,6 +522,10 @@ def resolve_weights(run: Path, which: str = "best") -> tuple[dict[str, torch.Ten
         if latest is not None:
             state = json.loads((latest / "trainer_state.json").read_text())
             bests = state.get("best_checkpoints", [])
+            if bests and not _STEP.match(str(bests[0].get("dir", ""))):  # a folder name, never a path elsewhere
+                raise DataError(
+                    f"{latest / 'trainer_state.json'}: best checkpoint {clip(bests[0].get('dir'))!r} is not a step_<N> folder"
+                )
             if bests and (ckpts / bests[0]["dir"]).is_dir():
                 if str(state.get("best_metric", "")).startswith("val_ema/"):
                     return _from_ema_file(ckpts / bests[0]["dir"] / EMA_FILE, "best")

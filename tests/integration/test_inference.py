@@ -276,6 +276,15 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
     assert main(["predict", "--bundle", str(tiny_bundle), str(tiny_run["root"] / "missing.jpg")]) == 2
     assert "no such image file or folder" in capsys.readouterr().err
+    # Issue 26: one missing path among others costs only its own image (like an unreadable one), reported per image.
+    gone = [str(tiny_run["root"] / "gone_1.jpg"), str(tiny_run["root"] / "gone_2.jpg")]
+    given = [str(images / "img_0000.jpg"), gone[0], str(images / "img_0002.jpg"), gone[1]]
+    assert main(["predict", "--bundle", str(tiny_bundle), *given]) == 1
+    captured = capsys.readouterr()
+    predicted = [ClassificationResult.model_validate_json(line) for line in captured.out.strip().splitlines()]
+    assert [r.input_context.unit_ids[0] for r in predicted] == [given[0], given[2]]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {g}: no such image file or folder" for g in gone]
     assert main(["predict", "--bundle", str(tiny_bundle), str(images), "--lat", "45"]) == 2
     assert "--lat/--lon: give both" in capsys.readouterr().err
     assert main(["predict", "--bundle", str(tiny_bundle), str(images), "--date", "June"]) == 2

@@ -61,3 +61,50 @@ def test_changed_config_is_refused_then_stretched_then_allowed(demo: Path, tmp_p
     assert f"resumed from step {2 * steps}" in allowed.stderr
     assert _latest_step(run) == 3 * steps
     assert (run / f"config.step_{2 * steps}.yaml").is_file() and "BASE_LR: 0.5" in (run / "config.yaml").read_text()
+
+
+def _one_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_resume_never_trains_on_a_new_split(demo: Path, tmp_path: Path) -> None:
+    """Issue 26: after a labels change the error said to delete split.npz; doing so resumed the old checkpoint on
+    a new split (validation rows it had trained on). The split's digest is in every checkpoint: refused."""
+    import shutil
+
+    import h5py
+
+    labels = tmp_path / "labels.h5"
+    shutil.copy(demo / "labels.h5", labels)
+    run = run_dir(tmp_path, "split")
+
+    def opts(steps: int) -> list[str]:
+        return tiny_opts(
+            demo,
+            tmp_path,
+            name="split",
+            DATA__H5__LABELS_PATH=str(labels),
+            TRAIN__MAX_STEPS=steps,
+            SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}",
+        )
+
+    launch(opts(4))
+    state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert len(state["split_digest"]) == 64
+
+    # Issue 26 (5): TRAIN.AUTO_RESUME False into this folder would start a second run beside the first: refused.
+    second = _one_error(launch([*opts(8), "TRAIN.AUTO_RESUME", "False"], check=False))
+    assert str(run) in second and "never holds two runs" in second and "EXPERIMENT.NAME" in second
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_4"]
+    with h5py.File(labels, "a") as fh:  # the labels change after the run started
+        fh.attrs["curated"] = "v2"
+
+    changed = _one_error(launch(opts(8), check=False))
+    assert "labels changed" in changed and "start a new run" in changed and "delete the file" not in changed
+
+    (run / "split.npz").unlink()  # what the old advice said to do
+    line = _one_error(launch(opts(8), check=False))
+    assert "another train/validation split" in line and str(run / "checkpoints" / "step_4") in line
+    assert _latest_step(run) == 4

@@ -103,3 +103,63 @@ def test_resume_refuses_a_poisoned_checkpoint_before_loading_it(
     assert proc.returncode != 0
     assert "refers to posix.system" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists(), "the payload ran"
+
+
+def _symlinked_payload_copy(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Issue 26's attack on a copy of the run: `pytorch_model/` moved out of the folder and linked back, with a
+    payload in `mp_rank_00_model_states.pt`. The copy sits where the same training command writes."""
+    copy = run_dir(tmp_path / "out", "z2")
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "export", ignore_errors=True)
+    step = copy / "checkpoints" / "step_4"
+    evil = tmp_path / "x" / "evil"
+    evil.parent.mkdir()
+    shutil.move(step / "pytorch_model", evil)
+    (step / "pytorch_model").symlink_to(evil, target_is_directory=True)
+    marker = tmp_path / "PWNED"
+    torch.save({"module": Payload(marker)}, evil / "mp_rank_00_model_states.pt")
+    return copy, marker
+
+
+def test_a_payload_behind_a_symlinked_folder_never_runs(demo: Path, zero2_run: Path, tmp_path: Path) -> None:
+    run, marker = _symlinked_payload_copy(zero2_run, tmp_path)
+    # Rerunning the training command (auto-resume of the folder's own checkpoint, longer plan).
+    opts = tiny_opts(demo, tmp_path / "out", name="z2", TRAIN__MAX_STEPS=8, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}")
+    proc = subprocess.run(
+        train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert "outside" in proc.stderr and "pytorch_model" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from step" not in proc.stderr
+    assert not marker.exists(), "the payload ran"
+
+    proc = _cli("export", "--run", str(run), "--out", str(tmp_path / "bundle"), "--which", "final")
+    _one_error_line(proc, "outside")
+    assert not (tmp_path / "bundle").exists()
+    proc = _cli("predict", "--run", str(run), str(write_jpeg(tmp_path / "x.jpg")), "--device", "cpu")
+    _one_error_line(proc, "outside")
+    assert not marker.exists(), "the payload ran"
+
+
+def test_a_payload_in_any_checkpoint_file_is_refused_by_every_reader(zero2_run: Path, tmp_path: Path) -> None:
+    """Every pickle a resume (scan, then DeepSpeed/accelerate under the weights-only guard), `export --run` or
+    `predict --run` (consolidation) reads: each refuses the payload with one line and it never runs."""
+    from linnaeus.engine.checkpoint import consolidated_state_dict
+    from linnaeus.engine.safe_files import verify_checkpoint_files, weights_only_loads
+    from linnaeus.errors import DataError
+
+    step = zero2_run / "checkpoints" / "step_4"
+    pickles = sorted(p.relative_to(step) for p in step.rglob("*") if p.suffix in (".pt", ".pkl", ".bin"))
+    assert len(pickles) >= 5, pickles  # model states, one optimizer shard per rank, one RNG file per rank
+    for i, relative in enumerate(pickles):
+        base = tmp_path / str(i)
+        run, marker = _poisoned_copy(zero2_run, base, str(relative))
+        ckpt = run / "checkpoints" / "step_4"
+        with pytest.raises(DataError, match=r"posix\.system"):
+            verify_checkpoint_files(ckpt)
+        with pytest.raises(DataError, match=r"posix\.system"), weights_only_loads():
+            torch.load(ckpt / relative, map_location="cpu", weights_only=False)
+        if relative.parent.name == "pytorch_model":
+            with pytest.raises(DataError, match=r"posix\.system"):
+                consolidated_state_dict(ckpt)
+        assert not marker.exists(), f"the payload in {relative} ran"

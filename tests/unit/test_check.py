@@ -377,3 +377,38 @@ def test_empty_splits(capsys, tiny_dataset):
     rewrite(tiny_dataset, in_region=np.zeros(24, np.uint8))
     with pytest.raises(DataError, match=r"the training split is empty: no labels\.h5 rows are left"):
         prepare_data(data_spec(tiny_dataset.config("DATA.IN_REGION_ONLY", "true")))
+
+
+def test_a_huge_identifier_gives_a_short_error_line(capsys, tiny_dataset):
+    """Issue 26: a 10 MB identifier gave a 10 MB error line; identifiers are clipped with an ellipsis."""
+    with h5py.File(tiny_dataset.labels_path) as f:
+        ids = list(f["img_identifiers"].asstr()[()])
+    ids[0] = "a" * 10_000_000
+    rewrite(tiny_dataset, img_identifiers=ids)
+    rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 2 and len(errors) == 1
+    assert len(errors[0]) < 1000 and "…" in errors[0] and "characters)" in errors[0], errors[0][:2000]
+    assert len(out) < 10_000
+
+
+def test_error_lines_clip_any_huge_word():
+    from linnaeus.errors import DataError
+
+    line = str(DataError(f"labels.h5 row 3: '{'x' * 50_000}' is not an identifier"))
+    assert len(line) < 500 and line.startswith("labels.h5 row 3: 'xx") and line.endswith("is not an identifier")
+
+
+def test_an_all_missing_metadata_column_is_reported(capsys, tiny_dataset):
+    """Issue 26: an all-NaN metadata column passed `check` with OK and no word about it."""
+    with h5py.File(tiny_dataset.labels_path) as f:
+        temporal = f["temporal"][()].astype(np.float32)
+    temporal[:] = np.nan
+    rewrite(tiny_dataset, temporal=temporal)
+    rc, out, errors = check(capsys, tiny_dataset)
+    assert rc == 0 and errors == []
+    warned = [line for line in out.splitlines() if line.startswith("warning:") and "TEMPORAL" in line]
+    assert len(warned) == 1 and "missing (NaN or zeros) on all" in warned[0], out
+    assert "DATA.META.COMPONENTS.TEMPORAL.ENABLED false" in warned[0]
+    rc, out, errors = check(capsys, tiny_dataset, opts=("DATA.META.COMPONENTS.TEMPORAL.ENABLED", "false"))
+    assert rc == 0 and errors == []
+    assert not any("TEMPORAL" in line for line in out.splitlines() if line.startswith("warning:"))

@@ -60,3 +60,43 @@ def test_clean_partial_removes_a_pointer_write_a_kill_interrupted(tmp_path: Path
     m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, best_metric="val/x", best_mode="max")
     m.clean_partial()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_5"]
+
+
+def test_a_full_disk_costs_the_log_file_one_line_not_a_traceback_per_record(capfd) -> None:
+    """Issue 26: filling the disk between checkpoints added a logging traceback to the one-line error."""
+    import logging
+
+    from linnaeus.engine.log_file import RunLogFile
+
+    logger = logging.getLogger("linnaeus.test_full_disk")
+    logger.propagate = False
+    handler = RunLogFile("/dev/full", mode="a")  # every write fails with ENOSPC
+    logger.addHandler(handler)
+    try:
+        for i in range(3):
+            logger.warning("record %d", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [
+        "warning: cannot write to /dev/full (No space left on device); records from here on are shown on the console only"
+    ]
+
+
+def test_disk_full_advice_names_what_frees_enough(tmp_path) -> None:
+    """Lowering KEEP_LAST_N / KEEP_BEST_N frees nothing for the checkpoint that did not fit (retention runs after a
+    checkpoint is complete): the advice names the bytes to free and the checkpoints a resume does not need."""
+    import json
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (root / "latest").write_text("step_4\n")
+    manager = CheckpointManager(root, keep_last=2, keep_best=1, best_metric="m", best_mode="max")
+    line = str(manager._no_space(6, needed=1000, free=400))
+    assert "Free at least 600 bytes" in line and "step_2" in line and "latest complete checkpoint: step_4" in line
+    assert "one more checkpoint than SCHEDULE.CHECKPOINT.KEEP_LAST_N" in line and "\n" not in line

@@ -165,3 +165,41 @@ def test_train_module_reports_config_errors_in_one_line() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: DATA.BATCH_SIZ (from --opts): unknown key; did you mean DATA.BATCH_SIZE?"
+
+
+def test_a_base_listed_many_times_at_every_level_is_read_once(tmp_path: Path) -> None:
+    """Issue 26: a BASE file listing the next one 10 times, 8 levels deep (10^8 reads) hung."""
+    import time
+
+    (tmp_path / "l8.yaml").write_text("TRAIN:\n  EPOCHS: 7\n")
+    for level in range(7, -1, -1):
+        bases = ", ".join([f"l{level + 1}.yaml"] * 10)
+        (tmp_path / f"l{level}.yaml").write_text(f"BASE: [{bases}]\nEXPERIMENT:\n  NAME: level{level}\n")
+    start = time.perf_counter()
+    cfg = load_config(tmp_path / "l0.yaml")
+    assert time.perf_counter() - start < 30
+    assert cfg.TRAIN.EPOCHS == 7 and cfg.EXPERIMENT.NAME == "level0"
+    assert len(cfg.BASE_RESOLVED) == 8  # each distinct file once, in merge order
+    assert cfg.BASE_RESOLVED[0].endswith("l8.yaml") and cfg.BASE_RESOLVED[-1].endswith("l1.yaml")
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_config_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Path, special: str) -> None:
+    """Issue 26: `--cfg /dev/zero` read until MemoryError (a FIFO would block forever)."""
+    import os
+
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / "cfg.yaml"
+        os.mkfifo(path)
+    with pytest.raises(ConfigError, match="is not a regular file") as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_huge_config_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as fh:
+        fh.truncate(64 << 20)  # sparse: nothing is written
+    with pytest.raises(ConfigError, match="over 16 MB"):
+        load_config(path)

@@ -101,3 +101,27 @@ def test_record_compares_with_the_checkpoints_own_run_folder(tmp_path: Path) -> 
     record = plan_config_record(fresh, ckpt, _cfg(), allow=True)
     assert record.write and record.keep_old_as is None and "allowed by" in record.lines[0]
     assert str(source / "config.yaml") in record.lines[0]
+
+
+def test_keys_added_or_removed_inside_free_form_blocks_are_changes():
+    """Issue 26: removing `label_smoothing` from a loss's PARAMS on resume was neither listed nor refused."""
+    import copy
+
+    from linnaeus.config import repo_root
+
+    saved = config_to_dict(load_config(repo_root() / "configs/experiments/demo.yaml", []))
+    now = copy.deepcopy(saved)
+    params = now["MODEL"]["CLASSIFICATION"]["HEADS"]["taxa_L10"]["LOSS"]["PARAMS"]
+    assert params.pop("label_smoothing") == 0.05
+    key = "MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS.PARAMS.label_smoothing"
+    assert [c.line() for c in config_changes(saved, now)] == [f"{key}: 0.05 -> (absent)"]
+    assert [c.line() for c in config_changes(now, saved)] == [f"{key}: (absent) -> 0.05"]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + r": 0\.05 -> \(absent\)"):
+        check_resume_config(saved, now, allow=False, where=Path("r/config.yaml"))
+    now["MODEL"]["PARAMS"] = {"depth_scale": 2}  # a model registered outside Linnaeus: its settings are free-form
+    assert "MODEL.PARAMS.depth_scale: (absent) -> 2" in [c.line() for c in config_changes(saved, now)]
+    now = copy.deepcopy(saved)
+    now["MODEL"]["CLASSIFICATION"]["HEADS"]["taxa_L10"]["SOME_NEW_KEY"] = 1  # a newer release's key: no change
+    assert config_changes(saved, now) == []
+    del now["MODEL"]["CLASSIFICATION"]["HEADS"]["taxa_L30"]  # a whole head removed: every key of it is listed
+    assert any(c.key.startswith("MODEL.CLASSIFICATION.HEADS.taxa_L30.") for c in config_changes(saved, now))

@@ -129,9 +129,19 @@ def test_rows_have_nulls_missing_metadata_sea_level_and_metadata_only_twins():
 
 
 def test_twins_are_drawn_by_the_same_generator():
-    rng1, rng2 = np.random.default_rng(1), np.random.default_rng(1)
-    look = demo.SPECIES[0].look
-    np.testing.assert_array_equal(demo.draw_image("circle", look, rng1), demo.draw_image("circle", look, rng2))
+    """The two species of each twin pair get the same image generator (their genus' shape and their look): from
+    the same random stream they draw the same image, while every other species draws a different one."""
+    by_id = {s.id: s for s in demo.SPECIES}
+    shape = {g.id: g.shape for g in demo.GENERA}
+
+    def draw(species_id: int) -> np.ndarray:
+        sp = by_id[species_id]
+        return demo.draw_image(shape[sp.genus], sp.look, np.random.default_rng(1))
+
+    for a, b, _ in demo.TWIN_PAIRS:
+        np.testing.assert_array_equal(draw(a), draw(b))
+        others = [s.id for s in demo.SPECIES if s.id not in (a, b)]
+        assert all(not np.array_equal(draw(a), draw(o)) for o in others), (a, b)
 
 
 def test_bad_per_species_is_a_one_line_error(tmp_path, capsys):
