@@ -18,7 +18,7 @@ import torch
 from linnaeus.config import Config, config_to_dict, dump_config
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
-from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
+from linnaeus.engine.distributed import build_accelerator, decide_on_main, device_summary, prepare_environment
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
@@ -327,6 +327,7 @@ class Trainer:
         rows = [
             ("run folder", str(self.run)),
             ("world size", f"{d.world_size} {processes} ({d.distributed_type}, {d.num_machines} machine(s))"),
+            ("device", device_summary(self.accelerator.device, d.world_size)),
             ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
             ("precision", f"{d.precision} (from {d.precision_source})"),
             (

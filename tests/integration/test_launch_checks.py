@@ -96,3 +96,83 @@ def test_shipped_deepspeed_config_works_from_another_folder(tmp_path: Path) -> N
     run = run_dir(tmp_path / "out")
     assert (run / "export" / "final.safetensors").is_file()
     assert re.search(r"ZeRO stage\s+2\b", (run / "logs" / "train.log").read_text())
+
+
+def test_a_gpu_config_without_a_usable_gpu_is_refused_unless_cpu_is_meant(tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"bf16": {"enabled": true}}')
+    asked = [
+        {"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": "0", "ACCELERATE_MIXED_PRECISION": "no"},
+        {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "bf16"},
+        {"ACCELERATE_USE_DEEPSPEED": "true", DS_CONFIG_ENV: str(ds), "LOCAL_WORLD_SIZE": "2"},
+    ]
+    for environ in asked:
+        msg = launch_problem(environ, cuda_devices=0, cpu_count=4)
+        assert msg is not None and "has no usable GPU" in msg and "LINNAEUS_ALLOW_CPU=1" in msg, environ
+        assert launch_problem({**environ, "LINNAEUS_ALLOW_CPU": "1"}, cuda_devices=0, cpu_count=4) is None
+        assert launch_problem({**environ, "ACCELERATE_USE_CPU": "true"}, cuda_devices=0, cpu_count=4) is None
+        assert launch_problem(environ, cuda_devices=2, cpu_count=4) is None
+    # the shipped CPU configs (and a plain `python -m linnaeus.train`) ask for nothing a CPU lacks
+    cpu_ds = {"ACCELERATE_USE_DEEPSPEED": "true", "LOCAL_WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "no"}
+    cpu_ds[DS_CONFIG_ENV] = str(ROOT / "accelerate_configs" / "ds_cpu_zero2.json")
+    assert launch_problem(cpu_ds, cuda_devices=0, cpu_count=4) is None
+    assert launch_problem({"CUDA_VISIBLE_DEVICES": "0"}, cuda_devices=0, cpu_count=4) is None
+
+
+@pytest.mark.slow
+def test_single_gpu_config_on_a_cpu_machine_is_one_line_and_no_run_folder(tmp_path: Path) -> None:
+    demo = ensure_demo(tmp_path, per_species=4)
+    out = tmp_path / "out"
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/single_gpu.yaml"),
+        "-m",
+        "linnaeus.train",
+        "--cfg",
+        str(DEMO_CFG),
+        "--opts",
+        *tiny_opts(demo, out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "asks for a GPU (gpu_ids 0) but this machine has no usable GPU" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_linnaeus_launch_refuses_a_gpu_config_before_spawning_with_only_our_line(tmp_path: Path) -> None:
+    cmd = [
+        str(Path(ACCELERATE).with_name("linnaeus")),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/zero2.yaml"),
+        "-m",
+        "linnaeus.train",
+        "--cfg",
+        str(DEMO_CFG),
+        "--opts",
+        "EXPERIMENT.OUTPUT_DIR",
+        str(tmp_path),
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: accelerate launch started 8 processes on this machine, which has no usable GPU")
+    assert proc.stdout.strip() == ""
+    assert not any(tmp_path.iterdir())
+    assert time.monotonic() - start < 60  # nothing was spawned
+
+
+def test_the_run_summary_names_the_device() -> None:
+    import torch
+
+    from linnaeus.engine.distributed import device_summary
+
+    assert device_summary(torch.device("cpu"), 1) == "cpu, no CUDA"  # this machine has no GPU
+    assert device_summary(torch.device("cpu"), 2) == "cpu x2, no CUDA"
