@@ -2,7 +2,7 @@
 
 An impossible launch (a GPU accelerate config on a machine without GPUs, more processes than devices) is reported
 once, by the first process of the machine, as one ``ConfigError`` line; the other processes exit quietly. Also settles the DeepSpeed config path (relative paths in the shipped accelerate configs) and announces
-DeepSpeed's one-time CPU op build.
+DeepSpeed's CPU op build (or the wait for another process's build) every time one happens.
 """
 
 from __future__ import annotations
@@ -153,11 +153,39 @@ def deepspeed_op_build_dir(name: str = DS_CPU_COMM_OP) -> Path:
     return Path(get_default_build_root()) / f"{py}_{accel}" / name
 
 
-def deepspeed_cpu_op_missing(environ: Mapping[str, str], cuda_available: bool) -> bool:
-    """True when this launch will make DeepSpeed build its CPU communication op (multi-process, CPU, not cached)."""
-    if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
+def _built_for_this_torch(folder: Path) -> bool:
+    """Whether the cached build in ``folder`` was made against this environment's torch. Environments sharing
+    ``~/.cache/torch_extensions`` (same Python, same CUDA tag) share the folder; ninja rebuilds when another one's
+    torch headers are named in ``build.ninja``."""
+    import torch
+
+    ninja = folder / "build.ninja"
+    if not ninja.is_file():
         return False
-    return not (deepspeed_op_build_dir() / f"{DS_CPU_COMM_OP}.so").is_file()
+    text = ninja.read_text(errors="replace")
+    ours = os.path.realpath(Path(torch.__file__).parent / "include")
+    for token in text.split():
+        if token.endswith(("/torch/include", "/torch/include/")) and os.path.realpath(token) == ours:
+            return True
+    return False
+
+
+def deepspeed_op_notice(environ: Mapping[str, str], cuda_available: bool) -> str | None:
+    """The line to print when this launch will make DeepSpeed build its CPU communication op, or wait for another
+    process building it (multi-process, CPU, no usable cached build); None when the cached build will load."""
+    if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
+        return None
+    folder = deepspeed_op_build_dir()
+    built = (folder / f"{DS_CPU_COMM_OP}.so").is_file() and _built_for_this_torch(folder)
+    if built:
+        return None
+    if (folder / "lock").is_file():
+        return (
+            f"linnaeus: waiting for another process's build of DeepSpeed's CPU communication op (~3 min) in {folder} "
+            f"(if no build is running, delete {folder / 'lock'})"
+        )
+    why = "" if not (folder / f"{DS_CPU_COMM_OP}.so").is_file() else " (the cached build is another environment's)"
+    return f"linnaeus: building DeepSpeed's CPU communication op (~3 min) in {folder}{why}"
 
 
 def check_launch(
@@ -189,9 +217,6 @@ def check_launch(
         # failed first would make torchrun kill the first process before its one line is printed (and list every
         # killed worker in its failure report).
         raise SystemExit(0) from None
-    if announce and _first_local_process(environ) and deepspeed_cpu_op_missing(environ, cuda_devices > 0):
-        print(
-            f"linnaeus: building DeepSpeed's CPU communication op once (~3 min; cached in {deepspeed_op_build_dir()})",
-            file=sys.stderr,
-            flush=True,
-        )
+    notice = deepspeed_op_notice(environ, cuda_devices > 0) if announce and _first_local_process(environ) else None
+    if notice is not None:
+        print(notice, file=sys.stderr, flush=True)

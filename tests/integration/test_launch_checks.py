@@ -176,3 +176,29 @@ def test_the_run_summary_names_the_device() -> None:
 
     assert device_summary(torch.device("cpu"), 1) == "cpu, no CUDA"  # this machine has no GPU
     assert device_summary(torch.device("cpu"), 2) == "cpu x2, no CUDA"
+
+
+def test_the_deepspeed_op_build_or_the_wait_for_one_is_announced_with_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from linnaeus.engine.launch_checks import DS_CPU_COMM_OP, deepspeed_op_notice
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    environ = {"ACCELERATE_USE_DEEPSPEED": "true", "LOCAL_WORLD_SIZE": "2"}
+    folder = tmp_path / DS_CPU_COMM_OP
+    assert deepspeed_op_notice(environ, cuda_available=False) == (
+        f"linnaeus: building DeepSpeed's CPU communication op (~3 min) in {folder}"
+    )
+    folder.mkdir()
+    (folder / f"{DS_CPU_COMM_OP}.so").write_bytes(b"\0")
+    (folder / "build.ninja").write_text("cflags = -isystem /elsewhere/venv/site-packages/torch/include\n")
+    assert "(the cached build is another environment's)" in str(deepspeed_op_notice(environ, cuda_available=False))
+    (folder / "lock").touch()  # another process holds torch's build lock
+    notice = deepspeed_op_notice(environ, cuda_available=False)
+    assert notice is not None and notice.startswith("linnaeus: waiting for another process's build") and str(folder) in notice
+    ours = Path(torch.__file__).parent / "include"
+    (folder / "build.ninja").write_text(f"cflags = -isystem {ours} -isystem {ours}/torch/csrc/api/include\n")
+    assert deepspeed_op_notice(environ, cuda_available=False) is None  # a build for this torch: it just loads
+    assert deepspeed_op_notice({**environ, "LOCAL_WORLD_SIZE": "1"}, cuda_available=False) is None
