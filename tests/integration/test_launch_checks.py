@@ -197,7 +197,11 @@ def test_the_deepspeed_op_build_or_the_wait_for_one_is_announced_with_its_folder
     assert "(the cached build is another environment's)" in str(deepspeed_op_notice(environ, cuda_available=False))
     (folder / "lock").touch()  # another process holds torch's build lock
     notice = deepspeed_op_notice(environ, cuda_available=False)
-    assert notice is not None and notice.startswith("linnaeus: waiting for another process's build") and str(folder) in notice
+    assert (
+        notice is not None
+        and notice.startswith("linnaeus: waiting for another process's build")
+        and str(folder) in notice
+    )
     ours = Path(torch.__file__).parent / "include"
     (folder / "build.ninja").write_text(f"cflags = -isystem {ours} -isystem {ours}/torch/csrc/api/include\n")
     assert deepspeed_op_notice(environ, cuda_available=False) is None  # a build for this torch: it just loads
