@@ -26,7 +26,7 @@ def _any_tree(parents: int, children: int):
     return h
 
 
-def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+def model_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any]:
     """Measured (not documented) size: parameters, and GMACs at 224 and 384 px for one image."""
     import torch
 
@@ -57,7 +57,7 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+def losses_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any]:
     """Each head's loss, with its PARAMS validated by the same code training uses."""
     from linnaeus.losses.task_loss import loss_config_problems
 
@@ -66,11 +66,11 @@ def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     return {"types": types, "errors": loss_config_problems(cfg)}
 
 
-def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+def pretrained_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any] | None:
     """What each MODEL.PRETRAINED* file gives the model, per group, with every skipped tensor and its reason.
 
-    The model is built for real on the CPU (the weights must be read to be checked). Head rows of a previous
-    Linnaeus model are matched by taxon id at training start; here they are reported as skipped.
+    The model is built for real on the CPU (the weights must be read to be checked), with this dataset's class maps,
+    so head rows of a previous Linnaeus model are matched by taxon id here exactly as at training start.
     """
     from linnaeus.models.pretrained import pretrained_source
 
@@ -83,11 +83,11 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
     order = coarse_to_fine(keys)
     shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
     meta_dims = [c.dim for c in components_from_config(cfg)]
-    report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes).pretrained_report
+    report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes, class_maps=class_maps).pretrained_report
     return {**report.to_json(), "lines": report.lines()}
 
 
-def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+def shards_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any] | None:
     if not cfg.DATA.SHARDS.ENABLED:
         return None
     from linnaeus.data.shards import shard_report

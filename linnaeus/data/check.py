@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 MAX_LISTED = 100  # image problems listed in a report (all are counted)
 
 # Sections the data package cannot compute itself (it must not import models or shards): the command layer passes
-# callables ``(cfg, num_classes) -> dict | None``; one raising LinnaeusError becomes one error line.
+# callables ``(cfg, num_classes, class_maps=...) -> dict | None`` (class maps as training builds them, so a section
+# can do what training will); one raising LinnaeusError becomes one error line.
 ExtraSection = Callable[..., Any]
 
 
@@ -161,7 +162,7 @@ def build_report(
     _check_images(cfg, views, check_images, decode, r)
     for name, section in (extra or {}).items():
         try:
-            r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()})
+            r[name] = section(cfg, {k: len(m) for k, m in class_maps.items()}, class_maps=class_maps)
             if isinstance(r[name], dict):  # a section may carry its own problems (e.g. a shard fingerprint)
                 errors.extend(r[name].get("errors", []))
                 r["warnings"].extend(r[name].get("warnings", []))
