@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = cs.add_parser("validate", help="list every config problem at once (and the compatibility warnings)")
     add_cfg_arguments(q)
     q.add_argument("--json", action="store_true", help="print {ok, errors, warnings} as JSON")
+    q.add_argument("--verbose", action="store_true", help="one warning per prior-system key instead of a summary")
     q = cs.add_parser("explain", help="what a key means, its default, and where it is set")
     q.add_argument("key", help="dotted key, e.g. DATA.BATCH_SIZE (Polli Linnaeus keys too)")
     add_cfg_arguments(q, required=False)

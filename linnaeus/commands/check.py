@@ -183,7 +183,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
-    from linnaeus.config import load_config_with_provenance
+    from linnaeus.config import compat, load_config_with_provenance
     from linnaeus.config.loader import problems_of
     from linnaeus.data.check import build_report
 
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         "shards": shards_section,
     }
     report = build_report(cfg, check_images=not args.no_images, decode=args.decode_images, extra=extra)
-    report["warnings"][:0] = prov.warnings
+    summary = None if args.json else compat.summary_line(prov.findings)
+    report["warnings"][:0] = [summary] if summary is not None else prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()
     for line in report["errors"]:

@@ -87,12 +87,14 @@ def render(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- validate
-def validation_report(cfg_path: str | None, opts: list[str]) -> dict[str, Any]:
-    """{ok, errors, warnings}: every config problem, each one line (also used by `linnaeus check --json`)."""
+def validation_report(cfg_path: str | None, opts: list[str], verbose: bool = True) -> dict[str, Any]:
+    """{ok, errors, warnings}: every config problem, each one line (also used by `linnaeus check --json`); the
+    compatibility findings one line each (``verbose``) or as one summary line."""
     warnings: list[str] = []
     try:
         tree, prov, problems = resolve_tree(cfg_path, opts)
-        warnings = list(prov.warnings)
+        summary = compat.summary_line(prov.findings)
+        warnings = list(prov.warnings) if verbose or summary is None else [summary]
         build_config(tree, prov, problems)
         errors: list[str] = []
     except ConfigError as err:
@@ -101,7 +103,7 @@ def validation_report(cfg_path: str | None, opts: list[str]) -> dict[str, Any]:
 
 
 def validate(args: argparse.Namespace) -> int:
-    report = validation_report(args.cfg, args.opts)
+    report = validation_report(args.cfg, args.opts, verbose=args.verbose or args.json)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
