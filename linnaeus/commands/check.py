@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
             raise  # printed as one line by the CLI
         print(json.dumps({"ok": False, "errors": problems_of(err), "warnings": []}, indent=2))
         return err.exit_code
+    from linnaeus.models.pretrained.stitched import follow_weights
+
+    follow_weights(cfg.MODEL)  # the architecture training will build (LayerScale when the stitched ViT has it)
     extra = {
         "losses": losses_section,
         "model": model_section,

@@ -113,6 +113,10 @@ class Trainer:
         # start leaves no folder behind (what was logged before is written to train.log then).
         setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
         _seed_everything(cfg.MISC.SEED, cfg.MISC.DETERMINISTIC)
+        from linnaeus.models.pretrained.stitched import follow_weights
+
+        if (note := follow_weights(cfg.MODEL)) is not None:  # recorded in config.yaml, so rebuilds match
+            log.info("%s", note)
         # Before heavy work and before config.yaml is (re)written: a resume with a changed config is refused here.
         allow = cfg.TRAIN.RESUME_CONFIG_CHANGE == "allow"
         find = lambda: resume_candidate(cfg, self.run / "checkpoints")  # noqa: E731

@@ -403,7 +403,7 @@ def test_check_reports_pretrained_heads_as_a_training_start_loads_them(capsys, t
 
     launch_utils.launch(second)
     log = (launch_utils.run_dir(tmp_path / "second") / "logs" / "train.log").read_text().splitlines()
-    logged = [line.split("] INFO ", 1)[1] if "] INFO " in line else line for line in log]
+    logged = [re.split(r"\] (?:INFO|WARNING) ", line, maxsplit=1)[-1] for line in log]
     trained = _report_block(logged)
     assert checked == trained
     heads = re.search(r"heads (\d+)/(\d+)", checked[0])

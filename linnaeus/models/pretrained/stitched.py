@@ -16,6 +16,7 @@ the original repositories' (``convnext_tiny_22k_1k_384.pth``, ``rope_mixed_deit_
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -139,6 +140,61 @@ def _stitch_ropevit(transfer: Transfer, sd: dict[str, torch.Tensor], backbone: n
         transfer.assign(target, where, f[:, block])
 
 
+# LayerScale's first value for blocks no pretrained file fills (DeiT-LS's choice for ViT-S/B); pretrained blocks
+# take their trained gamma_1/gamma_2 instead.
+LAYER_SCALE_FOR_STITCHED = 1.0e-5
+
+
+def follow_weights(cfg: ModelConfig) -> str | None:
+    """Make the architecture follow the stitched ViT file: when it has LayerScale (gamma_1/gamma_2, as DeiT-LS and
+    timm's ``vit_*_rope_mixed_*`` do) and ``MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE`` is unset, set it, so the
+    pretrained blocks keep their trained scales. Call on the run's config before it is recorded (the run folder's
+    config.yaml then rebuilds the same network). Returns the line to log, or None when nothing changed."""
+    from linnaeus.models.pretrained import pretrained_source
+
+    if pretrained_source(cfg) != "stitched_convnext_ropevit" or not cfg.PRETRAINED_ROPEVIT:
+        return None
+    if cfg.ROPE_STAGES.LAYER_SCALE_INIT_VALUE is not None or not Path(cfg.PRETRAINED_ROPEVIT).expanduser().is_file():
+        return None  # a missing file is reported by require_pretrained_files
+    if not any(k.endswith((".gamma_1", ".gamma_2")) for k in _weight_names(cfg.PRETRAINED_ROPEVIT)):
+        return None
+    cfg.ROPE_STAGES.LAYER_SCALE_INIT_VALUE = LAYER_SCALE_FOR_STITCHED
+    return (
+        f"MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE set to {LAYER_SCALE_FOR_STITCHED:g}: MODEL.PRETRAINED_ROPEVIT has "
+        "LayerScale (gamma_1/gamma_2), so the attention stages get LayerScale and the pretrained blocks keep their "
+        "trained scales"
+    )
+
+
+def _weight_names(path: str) -> list[str]:
+    """The tensor names of a weights file (a safetensors header is read without the tensors)."""
+    if Path(path).expanduser().suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(Path(path).expanduser()), "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError):
+            pass  # read_weights below gives the one-line error
+    return list(read_weights(path, "MODEL.PRETRAINED_ROPEVIT"))
+
+
+def _warn_changed_blocks(transfer: Transfer) -> None:
+    """Skipped ViT tensors of blocks that were otherwise loaded change what those pretrained blocks compute: one
+    warning per kind (the report's per-tensor lines keep the detail)."""
+    loaded_blocks = {int(m[1]) for k in transfer.assigned_sources if (m := _VIT_BLOCK.match(k))}
+    kinds: dict[str, list[str]] = {}
+    for key, reason in transfer.skipped:
+        m = _VIT_BLOCK.match(key) or re.match(r"^(?:rope\.)?freqs\[:, (\d+)\]$", key)
+        if m and int(m[1]) in loaded_blocks:
+            kinds.setdefault(reason, []).append(key)
+    for reason, keys in kinds.items():
+        transfer.warnings.append(
+            f"{len(keys)} tensors of loaded ViT blocks left out ({keys[0]}, ...): {reason}; those pretrained blocks "
+            "compute something else than they were trained to"
+        )
+
+
 def load_stitched(model: nn.Module, cfg: ModelConfig) -> LoadReport:
     if cfg.TYPE != "mFormerV1":
         raise ConfigError(
@@ -165,4 +221,5 @@ def load_stitched(model: nn.Module, cfg: ModelConfig) -> LoadReport:
             "the ViT's LayerScale (gamma_1/gamma_2) has no target: set MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE "
             "(e.g. 1.0e-5) so the pretrained blocks keep their trained scales"
         )
+    _warn_changed_blocks(transfer)
     return transfer.apply(model, "stitched_convnext_ropevit", [p for _, p in files])
