@@ -26,6 +26,7 @@ HANDLERS: dict[str, str] = {
     "bench": "linnaeus.commands.bench:run",
     "plot": "linnaeus.commands.plot:run",
     "config": "linnaeus.commands.config:run",
+    "env": "linnaeus.commands.env:run",
 }
 
 
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
     p.add_argument("--run", required=True, help="run folder")
+
+    p = sub.add_parser("env", help="versions, devices, DeepSpeed ops and trackers, for bug reports")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("config", help="render, validate, explain or migrate a config (Polli Linnaeus configs too)")
     cs = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
