@@ -100,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="folder written by `linnaeus export`")
     src.add_argument("--run", help="a run folder (its best, else final, weights)")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="*", help="image files or folders")
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="CSV or JSONL, one image per row: image (or path) plus optional latitude, longitude, date, elevation",
+    )
     p.add_argument("--lat", type=float, default=None, help="latitude in degrees")
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")
