@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import sys
@@ -59,9 +58,7 @@ def _deepspeed_ops() -> str:
     prebuilt = sorted(k for k, v in installed_ops.items() if v)
     from linnaeus.engine.launch_checks import DS_CPU_COMM_OP, deepspeed_op_build_dir
 
-    # Importing torch's extension loader on a machine without CUDA warns that no CUDA runtime is found; this report
-    # says so itself (devices), and the line would land in the middle of the user's paste.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet.install()  # torch's extension loader's "No CUDA runtime is found" would land in the middle of the paste
     root = deepspeed_op_build_dir(DS_CPU_COMM_OP).parent
     built = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.so"))) if root.is_dir() else []
     return f"prebuilt: {', '.join(prebuilt) or 'none'}; JIT-built in {root}: {', '.join(built) or 'none'}"

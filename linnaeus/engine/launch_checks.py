@@ -154,20 +154,43 @@ def deepspeed_op_build_dir(name: str = DS_CPU_COMM_OP) -> Path:
 
 
 def _built_for_this_torch(folder: Path) -> bool:
-    """Whether the cached build in ``folder`` was made against this environment's torch. Environments sharing
-    ``~/.cache/torch_extensions`` (same Python, same CUDA tag) share the folder; ninja rebuilds when another one's
-    torch headers are named in ``build.ninja``."""
+    """Whether the cached build in ``folder`` was made by this environment. Environments sharing
+    ``~/.cache/torch_extensions`` (same Python, same CUDA tag) share the folder, and ninja rebuilds when the compile
+    command changes: ``build.ninja`` names the torch headers by the path this environment imports torch from (two
+    virtual environments, or two links to one, give two paths), so the path is compared as written, not resolved."""
     import torch
 
     ninja = folder / "build.ninja"
     if not ninja.is_file():
         return False
-    text = ninja.read_text(errors="replace")
-    ours = os.path.realpath(Path(torch.__file__).parent / "include")
-    for token in text.split():
-        if token.endswith(("/torch/include", "/torch/include/")) and os.path.realpath(token) == ours:
-            return True
-    return False
+    ours = str(Path(torch.__file__).parent / "include")
+    return ours in ninja.read_text(errors="replace").split()
+
+
+def _build_lock_held(folder: Path) -> bool:
+    """Whether another process holds torch's build lock for ``folder`` (it is building there right now). Recent torch
+    takes an advisory lock on ``lock`` (the file stays behind); older torch's FileBaton lock is the file itself."""
+    import torch.utils.cpp_extension as extension
+
+    lock = folder / "lock"
+    if not lock.is_file():
+        return False
+    if not hasattr(extension, "FileLock"):
+        return True
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def deepspeed_op_notice(environ: Mapping[str, str], cuda_available: bool) -> str | None:
@@ -176,14 +199,13 @@ def deepspeed_op_notice(environ: Mapping[str, str], cuda_available: bool) -> str
     if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
         return None
     folder = deepspeed_op_build_dir()
-    built = (folder / f"{DS_CPU_COMM_OP}.so").is_file() and _built_for_this_torch(folder)
-    if built:
-        return None
-    if (folder / "lock").is_file():
+    if _build_lock_held(folder):
         return (
-            f"linnaeus: waiting for another process's build of DeepSpeed's CPU communication op (~3 min) in {folder} "
-            f"(if no build is running, delete {folder / 'lock'})"
+            f"linnaeus: waiting for another process's build of DeepSpeed's CPU communication op in {folder} "
+            "(then it is loaded, or built for this environment, ~3 min)"
         )
+    if (folder / f"{DS_CPU_COMM_OP}.so").is_file() and _built_for_this_torch(folder):
+        return None
     why = "" if not (folder / f"{DS_CPU_COMM_OP}.so").is_file() else " (the cached build is another environment's)"
     return f"linnaeus: building DeepSpeed's CPU communication op (~3 min) in {folder}{why}"
 

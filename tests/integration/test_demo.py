@@ -74,6 +74,7 @@ def test_the_demo_console_is_quiet(tmp_path: Path) -> None:
     assert "RuntimeWarning" not in console, console[-3000:]
     assert "DataLoader will create" not in console, console[-3000:]
     assert "Warning" not in console, console[-3000:]
+    assert "No CUDA runtime is found" not in console, console[-3000:]
     assert len(metrics(run_dir(tmp_path / "out"), "val")) >= 2  # the loaders' workers started more than once
     clamp = console.count("DATA.NUM_WORKERS 4 is more than the")
     assert clamp == (1 if len(os.sched_getaffinity(0)) < 4 else 0), console[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def test_the_deepspeed_op_build_or_the_wait_for_one_is_announced_with_its_folder
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
+    import torch.utils.cpp_extension as extension
 
     from linnaeus.engine.launch_checks import DS_CPU_COMM_OP, deepspeed_op_notice
 
@@ -195,14 +197,32 @@ def test_the_deepspeed_op_build_or_the_wait_for_one_is_announced_with_its_folder
     (folder / f"{DS_CPU_COMM_OP}.so").write_bytes(b"\0")
     (folder / "build.ninja").write_text("cflags = -isystem /elsewhere/venv/site-packages/torch/include\n")
     assert "(the cached build is another environment's)" in str(deepspeed_op_notice(environ, cuda_available=False))
-    (folder / "lock").touch()  # another process holds torch's build lock
-    notice = deepspeed_op_notice(environ, cuda_available=False)
-    assert (
-        notice is not None
-        and notice.startswith("linnaeus: waiting for another process's build")
-        and str(folder) in notice
-    )
+    (folder / "lock").touch()
+    if hasattr(extension, "FileLock"):  # recent torch: an advisory lock; the file alone is no build in progress
+        assert "(the cached build is another environment's)" in str(deepspeed_op_notice(environ, cuda_available=False))
+    # another process building there now holds the lock
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(folder / "lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        notice = deepspeed_op_notice(environ, cuda_available=False)
+        assert (
+            notice is not None
+            and notice.startswith("linnaeus: waiting for another process's build")
+            and str(folder) in notice
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    (folder / "lock").unlink()
     ours = Path(torch.__file__).parent / "include"
     (folder / "build.ninja").write_text(f"cflags = -isystem {ours} -isystem {ours}/torch/csrc/api/include\n")
     assert deepspeed_op_notice(environ, cuda_available=False) is None  # a build for this torch: it just loads
+    # the same torch through another path (a linked environment) makes ninja rebuild: announced
+    (folder / "build.ninja").write_text(f"cflags = -isystem {tmp_path / 'link'}/torch/include\n")
+    (tmp_path / "link").symlink_to(Path(torch.__file__).parent.parent)
+    assert "another environment's" in str(deepspeed_op_notice(environ, cuda_available=False))
     assert deepspeed_op_notice({**environ, "LOCAL_WORLD_SIZE": "1"}, cuda_available=False) is None
