@@ -70,7 +70,10 @@ def test_the_demo_console_is_quiet(tmp_path: Path) -> None:
         SCHEDULE__VALIDATION__INTERVAL="{STEPS: 2}",
     )
     proc = launch(opts, "cpu_zero2", timeout=600)
-    console = proc.stdout + proc.stderr
+    # accelerate's launcher warns when its default port is taken by another job on the machine (not ours to settle)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    port = [i for i, line in enumerate(lines) if "is already in use. Accelerate will attempt" in line]
+    console = "\n".join(line for i, line in enumerate(lines) if i not in port and i - 1 not in port)
     assert "RuntimeWarning" not in console, console[-3000:]
     assert "DataLoader will create" not in console, console[-3000:]
     assert "Warning" not in console, console[-3000:]
