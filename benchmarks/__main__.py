@@ -3,7 +3,8 @@
 Each benchmark runs in its own Python process (a crash, a leaked worker or a process group in one cannot disturb
 the next), writes its own deterministic data to a temporary folder, and prints every comparison as per-variant
 medians over interleaved repeats plus the ratios. A summary of all ratios and targets closes the run; ``--json``
-writes everything, raw samples included. Full suite < 10 min on 2 cores, ``--quick`` < 3 min.
+writes everything, raw samples included. Full suite < 10 min on 2 cores, ``--quick`` about 5 min (measured; a
+run on cores other work shares takes longer). The header says what to expect before anything runs.
 """
 
 from __future__ import annotations
@@ -171,9 +172,13 @@ def _summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+# What a whole run takes (all benchmarks) on 2 cores (--quick: as measured by a user, issue 27); said up front.
+EXPECTED = {True: "about 5 min on 2 cores", False: "under 10 min on 2 cores"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (< 3 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help=f"smaller data and fewer repeats ({EXPECTED[True]})")
     p.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
     p.add_argument("--json", type=Path, default=None, help="write all results (with raw samples) here")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per benchmark")
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print("Each comparison: per-variant min/median/max over interleaved repeats, then ratios of medians.", flush=True)
+    if len(names) == len(BENCHMARKS):  # the estimate is for the whole suite
+        print(f"Expect {EXPECTED[args.quick]}.", flush=True)
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="linnaeus-bench-") as tmp:

@@ -28,6 +28,7 @@ HANDLERS: dict[str, str] = {
     "bench": "linnaeus.commands.bench:run",
     "plot": "linnaeus.commands.plot:run",
     "config": "linnaeus.commands.config:run",
+    "env": "linnaeus.commands.env:run",
 }
 
 
@@ -118,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="folder written by `linnaeus export`")
     src.add_argument("--run", help="a run folder (its best, else final, weights)")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="*", help="image files or folders")
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="CSV or JSONL, one image per row: image (or path) plus optional latitude, longitude, date, elevation",
+    )
     p.add_argument("--lat", type=float, default=None, help="latitude in degrees")
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")
@@ -216,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's plots and report (plots/, report.html), also while it runs")
     p.add_argument("--run", required=True, help="run folder")
 
+    p = sub.add_parser("env", help="versions, devices, DeepSpeed ops and trackers, for bug reports")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("config", help="render, validate, explain or migrate a config (Polli Linnaeus configs too)")
     cs = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     q = cs.add_parser("render", help="the resolved config, each value with the file it came from")
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the accelerate config you will launch with: also check what it makes impossible (e.g. ZeRO-3 + GradNorm)",
     )
+    q.add_argument("--verbose", action="store_true", help="one warning per prior-system key instead of a summary")
     q = cs.add_parser("explain", help="what a key means, its default, and where it is set")
     q.add_argument("key", help="dotted key, e.g. DATA.BATCH_SIZE (Polli Linnaeus keys too)")
     add_cfg_arguments(q, required=False)

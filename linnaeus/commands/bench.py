@@ -14,20 +14,33 @@ import time
 import torch
 
 from linnaeus.config import load_config
+from linnaeus.errors import ConfigError
 
 
-def _time_loader(loader, batches: int) -> tuple[float, int]:
+def _time_loader(loader, batches: int) -> tuple[float, int, float]:
+    """(seconds, images) over ``batches`` batches after one warm-up batch (worker start-up is not throughput), and
+    the warm-up's own seconds. Says how long the timed part will take once the first timed batch is in."""
     it = iter(loader)
-    next(it)  # worker start-up is not throughput
+    t = time.perf_counter()
+    next(it)
+    warmup = time.perf_counter() - t
     n = 0
     start = time.perf_counter()
-    for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
+    for i in range(batches):
+        batch = next(it)
         n += batch["image"].shape[0]
-    return time.perf_counter() - start, n
+        if i == 0 and batches > 1:
+            _say(f"bench: loader about {_eta((time.perf_counter() - start) * batches)} for {batches} batches")
+    return time.perf_counter() - start, n, warmup
+
+
+def _eta(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def timed_batches(requested: int, per_epoch: int) -> int:
+    """How many batches one pass can time: one epoch holds ``per_epoch``, the first is warm-up."""
+    return max(0, min(requested, per_epoch - 1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,27 +66,32 @@ def run(args: argparse.Namespace) -> int:
         pin_memory=torch.cuda.is_available(),
     )
     sampler.set_epoch(0)
-    _say(f"bench: timing the loader, {args.batches} batches of {cfg.DATA.BATCH_SIZE} with {workers} workers ...")
-    seconds, images = _time_loader(loader, args.batches)
+    n = timed_batches(args.batches, len(loader))
+    if n < 1:
+        raise ConfigError(
+            f"--batches: the training split has {len(loader)} batch(es) of {cfg.DATA.BATCH_SIZE} per process; bench "
+            "needs at least 2 (one warm-up, one timed): lower DATA.BATCH_SIZE"
+        )
+    short = f" (one epoch holds {len(loader)} batches)" if n < args.batches else ""
+    _say(
+        f"bench: timing the loader, {n} batches of {cfg.DATA.BATCH_SIZE} with {workers} workers, then {n} training "
+        f"steps, each after one warm-up batch{short} ..."
+    )
+    seconds, images, _ = _time_loader(loader, n)
     loader_ips = images / max(seconds, 1e-9)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
     model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    _say(
-        f"bench: loader {loader_ips:.1f} img/s; timing {args.batches} training steps of {cfg.MODEL.NAME} on {device} ..."
-    )
+    _say(f"bench: loader {loader_ips:.1f} img/s; timing {n} training steps of {cfg.MODEL.NAME} on {device} ...")
     sampler.set_epoch(1)
     wait = compute = 0.0
     steps = 0
     it = iter(loader)
     t0 = time.perf_counter()
-    for i in range(args.batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
+    for i in range(n + 1):
+        batch = next(it)
         t1 = time.perf_counter()
         images_t = eval_transform(batch["image"].to(device, non_blocking=True), cfg.AUG.MEAN, cfg.AUG.STD)
         meta = batch["meta"].to(device) if batch["meta"].shape[1] else None
@@ -89,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             wait += t1 - t0
             compute += t2 - t1
             steps += 1
+        if i == 1 and n > 1:
+            _say(f"bench: training steps about {_eta((t2 - t0) * n)} for {n} steps")
         t0 = t2
     report = {
         "device": str(device),

@@ -27,7 +27,7 @@ def _any_tree(parents: int, children: int):
     return h
 
 
-def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+def model_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any]:
     """Measured (not documented) size: parameters, and GMACs at 224 and 384 px for one image."""
     import torch
 
@@ -58,7 +58,7 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
+def losses_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any]:
     """Each head's loss, with its PARAMS validated by the same code training uses."""
     from linnaeus.config.resolve_model import loss_spec
     from linnaeus.losses.task_loss import loss_config_problems
@@ -68,11 +68,11 @@ def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     return {"types": types, "errors": loss_config_problems(loss_spec(cfg), cfg.DATA.TASK_KEYS_H5)}
 
 
-def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+def pretrained_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any] | None:
     """What each MODEL.PRETRAINED* file gives the model, per group, with every skipped tensor and its reason.
 
-    The model is built for real on the CPU (the weights must be read to be checked). Head rows of a previous
-    Linnaeus model are matched by taxon id at training start; here they are reported as skipped.
+    The model is built for real on the CPU (the weights must be read to be checked), with this dataset's class maps,
+    so head rows of a previous Linnaeus model are matched by taxon id here exactly as at training start.
     """
     from linnaeus.config.resolve_model import model_spec
     from linnaeus.models.pretrained import pretrained_source
@@ -87,11 +87,11 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
     order = coarse_to_fine(keys)
     shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
     meta_dims = meta_spec(cfg).dims
-    report = build_model(spec, keys, num_classes, meta_dims, shapes).pretrained_report
+    report = build_model(spec, keys, num_classes, meta_dims, shapes, class_maps=class_maps).pretrained_report
     return {**report.to_json(), "lines": report.lines()}
 
 
-def shards_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
+def shards_section(cfg: Config, num_classes: dict[str, int], class_maps: Any = None) -> dict[str, Any] | None:
     if not cfg.DATA.SHARDS.ENABLED:
         return None
     from linnaeus.config.resolve_data import data_spec
@@ -188,10 +188,11 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
-    from linnaeus.config import load_config_with_provenance
+    from linnaeus.config import compat, load_config_with_provenance
     from linnaeus.config.loader import problems_of
     from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.check import build_report
+    from linnaeus.engine.arch_from_weights import follow_pretrained_weights
 
     try:
         cfg, prov = load_config_with_provenance(args.cfg, args.opts)
@@ -200,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             raise  # printed as one line by the CLI
         print(json.dumps({"ok": False, "errors": problems_of(err), "warnings": []}, indent=2))
         return err.exit_code
+    follow_pretrained_weights(cfg)  # the architecture training will build (LayerScale when the stitched ViT has it)
     sections = {
         "losses": losses_section,
         "model": model_section,
@@ -214,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         extra=extra,
         model=f"{cfg.MODEL.TYPE} ({cfg.MODEL.NAME})",
     )
-    report["warnings"][:0] = prov.warnings
+    summary = None if args.json else compat.summary_line(prov.findings)
+    report["warnings"][:0] = [summary] if summary is not None else prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()
     for line in report["errors"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,18 @@ def render(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- validate
-def validation_report(cfg_path: str | None, opts: list[str], accelerate_config: str | None = None) -> dict[str, Any]:
+def validation_report(
+    cfg_path: str | None, opts: list[str], accelerate_config: str | None = None, verbose: bool = True
+) -> dict[str, Any]:
     """{ok, errors, warnings}: every config problem, each one line (also used by `linnaeus check --json`); with an
-    accelerate config, also what that launch makes impossible (ZeRO-3 with GradNorm, ...)."""
+    accelerate config, also what that launch makes impossible (ZeRO-3 with GradNorm, ...). The compatibility
+    findings come one line each (``verbose``) or as one summary line."""
     warnings: list[str] = []
     try:
         launch = from_accelerate_config(accelerate_config) if accelerate_config else None
         tree, prov, problems = resolve_tree(cfg_path, opts)
-        warnings = list(prov.warnings)
+        summary = compat.summary_line(prov.findings)
+        warnings = list(prov.warnings) if verbose or summary is None else [summary]
         build_config(tree, prov, problems, launch)
         errors: list[str] = []
     except ConfigError as err:
@@ -103,7 +108,7 @@ def validation_report(cfg_path: str | None, opts: list[str], accelerate_config: 
 
 
 def validate(args: argparse.Namespace) -> int:
-    report = validation_report(args.cfg, args.opts, args.accelerate_config)
+    report = validation_report(args.cfg, args.opts, args.accelerate_config, verbose=args.verbose or args.json)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -131,12 +136,13 @@ def explain_lines(key: str, cfg_path: str | None = None, opts: list[str] | None 
         raise ConfigError(f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
     model, name = found
     info = model.model_fields[name]
-    default = info.get_default(call_default_factory=True)
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
     if hasattr(default, "model_dump"):
         default = default.model_dump(mode="json")
     lines.append(f"{key}: {info.description or '(see docs: linnaeus/config/defaults.py)'}")
     lines.append(f"  type: {_type_name(info.annotation)}")
-    lines.append(f"  default: {json.dumps(default)}")
+    lines.append(f"  default: {'none (required)' if info.is_required() else json.dumps(default)}")
+    lines.append(f"  allowed: {allowed_values(info)}")
     if cfg_path is not None or opts:
         tree, prov, problems = resolve_tree(cfg_path, opts)
         cfg = build_config(tree, prov, problems)
@@ -150,6 +156,55 @@ def explain_lines(key: str, cfg_path: str | None = None, opts: list[str] | None 
             else f"  value: {json.dumps(value)}  (default)"
         )
     return lines
+
+
+def allowed_values(info: Any) -> str:
+    """What a field accepts, from the schema itself: Literal choices, registered names, numeric bounds, null."""
+    import typing
+
+    import annotated_types as at
+
+    from linnaeus import registry
+
+    annotation = info.annotation
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    options = [a for a in args if a is not type(None)] or [annotation]
+    nullable = type(None) in args
+    parts: list[str] = []
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            parts.append(", ".join(json.dumps(v) for v in typing.get_args(option)))
+        elif option is bool:
+            parts.append("true, false")
+    from linnaeus.config import defaults
+
+    named = {
+        id(typing.get_args(alias)[1]): reg
+        for alias, reg in (
+            (defaults.ModelName, registry.MODELS),
+            (defaults.HeadName, registry.HEADS),
+            (defaults.LossName, registry.LOSSES),
+        )
+    }
+    bounds = []
+    for meta in info.metadata:
+        if id(meta) in named:
+            reg = named[id(meta)]
+            parts.append(f"a registered {reg.kind}: {', '.join(reg.names())}")
+        for cls, attr, sign in (
+            (at.Ge, "ge", ">="),
+            (at.Gt, "gt", ">"),
+            (at.Le, "le", "<="),
+            (at.Lt, "lt", "<"),
+            (at.MinLen, "min_length", "length >="),
+        ):
+            if isinstance(meta, cls):
+                bounds.append(f"{sign} {getattr(meta, attr)}")
+    if bounds:
+        parts.append(" and ".join(bounds))
+    if not parts:
+        parts.append(f"any {_type_name(options[0] if len(options) == 1 else annotation)}")
+    return "; ".join(parts) + (" (or null)" if nullable else "")
 
 
 def _type_name(annotation: Any) -> str:

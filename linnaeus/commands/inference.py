@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -62,35 +63,69 @@ def predict_stream(
 
     An image that cannot be decoded gets one ``error:`` line on stderr (its path is appended to ``failed``) and the
     rest of its batch is still predicted. Returns the number of images predicted."""
+    items = ((image, metadata) for image in images)
+    return predict_items(
+        predictor, items, len(images), out, top_k=top_k, batch_size=batch_size, consistent=consistent,
+        progress=progress, fmt=fmt, failed=failed, policy=policy,
+    )  # fmt: skip
+
+
+def predict_items(
+    predictor: Any,
+    items: Iterable[tuple[Path, Mapping[str, Any] | None]],
+    total: int | None,
+    out: TextIO,
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    consistent: bool = True,
+    progress: bool = True,
+    fmt: str = "json",
+    failed: list[str] | None = None,
+    policy: Any = None,
+) -> int:
+    """``predict_stream`` over (image, its own metadata) pairs, read lazily (``--manifest``): one batch in memory.
+    A missing image file is one ``error:`` line like an unreadable one."""
     from tqdm.auto import tqdm
 
     from linnaeus.data.images import ImageDecodeError
     from linnaeus.inference.table import format_result
 
-    def run(chunk: list[Path]) -> list[Any]:
-        meta = None if metadata is None else [metadata] * len(chunk)
+    def run(chunk: list[tuple[Path, Mapping[str, Any] | None]]) -> list[Any]:
+        paths = [p for p, _ in chunk]
+        metas = [m for _, m in chunk]
+        meta = None if all(m is None for m in metas) else metas
         return predictor.predict(
-            chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk], policy=policy
+            paths, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in paths], policy=policy
         )
 
+    def left_out(image: Path, err: BaseException | str, bar: Any) -> None:
+        bar.write(f"error: {err}", file=sys.stderr)
+        if failed is not None:
+            failed.append(str(image))
+
     done = 0
+    it = iter(items)
     with tqdm(
-        total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
+        total=total, desc="predict", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
     ) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
+        while chunk := list(itertools.islice(it, batch_size)):
+            present = []
+            for image, meta in chunk:
+                if Path(image).is_file():
+                    present.append((image, meta))
+                else:
+                    left_out(image, f"{image}: no such image file", bar)
             try:
-                results = run(chunk)
+                results = run(present) if present else []
             except ImageDecodeError:
                 # Rare: redo this batch one image at a time so only the unreadable ones are left out.
                 results = []
-                for image in chunk:
+                for item in present:
                     try:
-                        results += run([image])
+                        results += run([item])
                     except ImageDecodeError as err:
-                        bar.write(f"error: {err}", file=sys.stderr)
-                        if failed is not None:
-                            failed.append(str(image))
+                        left_out(item[0], err, bar)
             for result in results:
                 if fmt == "table":
                     bar.write(format_result(json.loads(result.to_json())) + "\n", file=out)
@@ -110,9 +145,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     start = time.monotonic()
+    manifest = getattr(args, "manifest", None)
+    if manifest and (args.images or metadata_from_args(args) is not None):
+        raise ConfigError("--manifest: give images and their metadata in the manifest, not also on the command line")
+    if not manifest and not args.images:
+        raise ConfigError("predict: give image files or folders, or --manifest FILE")
     failed: list[str] = []
-    images = collect_images(args.images, missing=failed)
-    if not images and failed:  # nothing to predict: one line, as for any refused input
+    images = [] if manifest else collect_images(args.images, missing=failed)
+    if not manifest and not images and failed:  # nothing to predict: one line, as for any refused input
         raise DataError(
             f"{clip(failed[0])}: no such image file or folder"
             + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
@@ -132,10 +172,19 @@ def run_predict(args: argparse.Namespace) -> int:
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
     for path in failed:  # like an unreadable image: its own error line, the others are still predicted
         print(f"error: {clip(path)}: no such image file or folder", file=sys.stderr)
-    predict_stream(
+    if manifest:
+        from linnaeus.inference.manifest import read_manifest
+
+        items: Iterable[tuple[Path, Mapping[str, Any] | None]] = (
+            (r.image, r.metadata) for r in read_manifest(manifest)
+        )
+        total = None
+    else:
+        items, total = ((image, metadata) for image in images), len(images)
+    n = predict_items(
         predictor,
-        images,
-        metadata,
+        items,
+        total,
         sys.stdout,
         top_k=args.top_k,
         batch_size=args.batch_size,
@@ -146,7 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
         policy=policy,
     )
     if not sys.stderr.isatty():
-        print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        print(f"predict: {n + len(failed)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0  # each missing or unreadable image already has its error line
 
 

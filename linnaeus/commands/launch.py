@@ -23,10 +23,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from linnaeus.errors import PREEMPTED_EXIT_CODE
+from linnaeus.errors import PREEMPTED_EXIT_CODE, LinnaeusError
 
 MARKER_ENV = "LINNAEUS_PREEMPTED_MARKER"
 SHUTDOWN_TIMEOUT_S = 100
@@ -51,6 +51,37 @@ def _exit_codes(err: BaseException) -> list[int]:
     return []
 
 
+def launch_environ(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The launch-related environment accelerate will give each rank of this machine, from its resolved arguments
+    (config file and flags), so the ranks' launch checks can run here, before any process is spawned."""
+    import copy
+
+    from accelerate.commands.launch import _validate_launch_command
+
+    from linnaeus.engine.launch_checks import DS_CONFIG_ENV
+
+    a, _, _ = _validate_launch_command(copy.deepcopy(args))  # fills the arguments from the config file, no output
+    out = dict(environ)
+    out["ACCELERATE_MIXED_PRECISION"] = str(a.mixed_precision or "no")
+    out["ACCELERATE_USE_CPU"] = str(bool(a.cpu or getattr(a, "use_cpu", False)))
+    if a.gpu_ids not in (None, "all"):
+        out["CUDA_VISIBLE_DEVICES"] = str(a.gpu_ids)
+    if a.use_deepspeed:
+        out["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if getattr(a, "deepspeed_config_file", None):
+            out[DS_CONFIG_ENV] = str(a.deepspeed_config_file)
+    out["LOCAL_WORLD_SIZE"] = str(max(1, int(a.num_processes or 1) // max(1, int(a.num_machines or 1))))
+    return out
+
+
+def check_before_spawning(args: argparse.Namespace) -> None:
+    """The ranks' launch checks (``check_launch``), run once here: an impossible launch is one line before torch
+    elastic spawns anything (it would otherwise add its own notices and a traceback per failed rank)."""
+    from linnaeus.engine.launch_checks import check_launch
+
+    check_launch(launch_environ(args, os.environ), announce=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from linnaeus.utils import quiet
 
@@ -59,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        check_before_spawning(args)
+    except LinnaeusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     marker_dir = Path(tempfile.mkdtemp(prefix="linnaeus-launch-"))
     marker = marker_dir / "preempted"
     os.environ[MARKER_ENV] = str(marker)

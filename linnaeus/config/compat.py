@@ -331,6 +331,23 @@ class Finding:
         return f"{self.key} (from {self.origin}): {self.message}"
 
 
+LIST_HINT = "`linnaeus config validate --cfg FILE --verbose` lists them"
+
+
+def summary_line(findings: list[Finding]) -> str | None:
+    """One line for all of a config's compat findings (None when there are none): how many prior-system keys were
+    read under our names and how many were ignored, and the two commands that migrate or list them."""
+    if not findings:
+        return None
+    ignored = sum(f.message.startswith(("ignored", "accepted, not needed")) or "dropped" in f.message for f in findings)
+    read = len(findings) - ignored
+    noun = "key" if len(findings) == 1 else "keys"
+    return (
+        f"{len(findings)} prior-system {noun}: {read} read under new names, {ignored} ignored; "
+        f"`linnaeus config migrate FILE` rewrites them; {LIST_HINT}"
+    )
+
+
 @dataclass
 class Held:
     """A per-task list held back until DATA.TASK_KEYS_H5 is final."""

@@ -59,9 +59,9 @@ class Interval(Node):
 class Ramp(Node):
     """A probability that moves linearly from START_PROB to END_PROB, then stays at END_PROB."""
 
-    ENABLED: bool = True
-    START_PROB: float = Field(1.0, ge=0, le=1)
-    END_PROB: float = Field(0.0, ge=0, le=1)
+    ENABLED: bool = Field(True, description="turn this ramp (and what it drives) on or off")
+    START_PROB: float = Field(1.0, ge=0, le=1, description="probability at the start of training")
+    END_PROB: float = Field(0.0, ge=0, le=1, description="probability reached at the ramp's end and kept after it")
     END_STEPS: int | None = Field(None, ge=0, description="ramp length in optimizer steps")
     END_FRACTION: float | None = Field(None, ge=0, le=1, description="ramp length as a fraction of training")
 
@@ -74,24 +74,30 @@ class Ramp(Node):
 
 # --------------------------------------------------------------------------------------------------- EXPERIMENT
 class WandbConfig(Node):
-    ENABLED: bool = False
+    ENABLED: bool = Field(False, description="log to Weights & Biases (adds wandb to EXPERIMENT.TRACKERS)")
     PROJECT: str | None = Field(None, description="W&B project; defaults to EXPERIMENT.PROJECT")
-    ENTITY: str | None = None
+    ENTITY: str | None = Field(None, description="W&B team or user; None: your default entity")
     MODE: Literal["online", "offline", "disabled"] | None = Field(
         None, description="overrides WANDB_MODE; None keeps the environment's choice"
     )
     RUN_ID: str | None = Field(None, description="attach to this run id; resumed runs reuse the saved id")
-    TAGS: list[str] = Field(default_factory=list)
+    TAGS: list[str] = Field(default_factory=list, description="W&B tags, added to EXPERIMENT.TAGS")
 
 
 class ExperimentConfig(Node):
-    PROJECT: str = "linnaeus"
-    GROUP: str = "default"
-    NAME: str = "run"
-    TAGS: list[str] = Field(default_factory=list)
-    NOTES: str = ""
+    PROJECT: str = Field(
+        "linnaeus", description="project name: second level of the run folder, and the tracker project"
+    )
+    GROUP: str = Field(
+        "default", description="group name: third level of the run folder (e.g. the hardware or a sweep)"
+    )
+    NAME: str = Field("run", description="run name: last level of the run folder; rerunning the same name resumes it")
+    TAGS: list[str] = Field(default_factory=list, description="free-form tags passed to the trackers")
+    NOTES: str = Field("", description="free-form notes passed to the trackers")
     OUTPUT_DIR: str = Field("outputs", description="runs go to OUTPUT_DIR/PROJECT/GROUP/NAME")
-    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="console and logs/train.log verbosity"
+    )
     WANDB: WandbConfig = Field(default_factory=WandbConfig)
     TRACKERS: list[str] = Field(
         default_factory=list,
@@ -117,7 +123,7 @@ class HeadLossConfig(Node):
 class HeadConfig(Node):
     TYPE: HeadName = Field("LinearHead", description="a registered head: linnaeus.models.list_heads()")
     NUM_CLASSES: int | None = Field(None, ge=1, description="checked against labels.h5; inferred when omitted")
-    USE_BIAS: bool = True
+    USE_BIAS: bool = Field(True, description="the head's linear layer has a bias")
     PARAMS: dict[str, Any] = Field(default_factory=dict, description="settings of a head registered outside Linnaeus")
     ROUTING: Literal["soft", "gumbel", "hard"] = Field("soft", description="ConditionalClassifier only")
     TEMPERATURE: float = Field(1.0, gt=0, description="ConditionalClassifier routing temperature")
@@ -130,16 +136,21 @@ class ClassificationConfig(Node):
 
 class ConvNeXtStages(Node):
     DEPTHS: list[int] = Field(default_factory=lambda: [3, 3, 9, 3], description="only the first two are built")
-    DIMS: list[int] = Field(default_factory=lambda: [96, 192, 384, 768])
-    LAYER_SCALE_INIT_VALUE: float = 1e-6
+    DIMS: list[int] = Field(
+        default_factory=lambda: [96, 192, 384, 768],
+        description="channels of the four ConvNeXt stages (only the first two are built)",
+    )
+    LAYER_SCALE_INIT_VALUE: float = Field(1e-6, description="initial LayerScale of the ConvNeXt blocks")
 
 
 class RopeStages(Node):
-    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2])
-    DIMS: list[int] = Field(default_factory=lambda: [384, 768])
-    NUM_HEADS: list[int] = Field(default_factory=lambda: [6, 12])
-    MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
-    ROPE_THETA: float = 10000.0
+    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2], description="blocks per RoPE-ViT attention stage")
+    DIMS: list[int] = Field(default_factory=lambda: [384, 768], description="embedding width per attention stage")
+    NUM_HEADS: list[int] = Field(default_factory=lambda: [6, 12], description="attention heads per attention stage")
+    MLP_RATIO: list[float] = Field(
+        default_factory=lambda: [4.0, 4.0], description="MLP hidden width / embedding width, per attention stage"
+    )
+    ROPE_THETA: float = Field(10000.0, description="base frequency of the rotary position embedding")
     ROPE_MIXED: bool = Field(True, description="learnable mixed 2-D frequencies (False: fixed axial)")
     LAYER_SCALE_INIT_VALUE: float | None = Field(
         None,
@@ -152,20 +163,22 @@ class RopeStages(Node):
 class ConvStages(Node):
     """mFormerV0 stem + MBConv stages."""
 
-    STEM_DIMS: list[int] = Field(default_factory=lambda: [48, 64])
-    OUT_CHANNELS: list[int] = Field(default_factory=lambda: [96, 192])
-    DEPTHS: list[int] = Field(default_factory=lambda: [2, 3])
-    EXPAND_RATIO: float = 4.0
-    SE_RATIO: float = 0.25
+    STEM_DIMS: list[int] = Field(default_factory=lambda: [48, 64], description="channels of the two stem convolutions")
+    OUT_CHANNELS: list[int] = Field(default_factory=lambda: [96, 192], description="channels of the MBConv stages")
+    DEPTHS: list[int] = Field(default_factory=lambda: [2, 3], description="blocks per MBConv stage")
+    EXPAND_RATIO: float = Field(4.0, description="MBConv inverted-bottleneck expansion")
+    SE_RATIO: float = Field(0.25, description="squeeze-and-excitation reduction ratio")
 
 
 class AttentionStages(Node):
     """mFormerV0 relative-position attention stages."""
 
-    DIMS: list[int] = Field(default_factory=lambda: [384, 768])
-    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2])
-    NUM_HEADS: list[int] = Field(default_factory=lambda: [8, 8])
-    MLP_RATIO: list[float] = Field(default_factory=lambda: [4.0, 4.0])
+    DIMS: list[int] = Field(default_factory=lambda: [384, 768], description="embedding width per attention stage")
+    DEPTHS: list[int] = Field(default_factory=lambda: [5, 2], description="blocks per attention stage")
+    NUM_HEADS: list[int] = Field(default_factory=lambda: [8, 8], description="attention heads per attention stage")
+    MLP_RATIO: list[float] = Field(
+        default_factory=lambda: [4.0, 4.0], description="MLP hidden width / embedding width, per attention stage"
+    )
 
 
 class TimmModelConfig(Node):
@@ -181,14 +194,24 @@ class TimmModelConfig(Node):
 
 class ModelConfig(Node):
     TYPE: ModelName = Field("mFormerV1", description="a registered model: linnaeus.models.list_models()")
-    NAME: str = "mFormerV1_sm"
+    NAME: str = Field(
+        "mFormerV1_sm",
+        description="the architecture variant's name (e.g. mFormerV1_sm); recorded with the run and the bundle",
+    )
     IMG_SIZE: int = Field(384, ge=32, description="must equal DATA.IMG_SIZE; mFormerV0/V1 need a multiple of 32")
-    IN_CHANS: int = 3
-    DROP_PATH_RATE: float = Field(0.2, ge=0, lt=1)
-    DROP_RATE: float = Field(0.0, ge=0, lt=1)
-    ATTN_DROP_RATE: float = Field(0.0, ge=0, lt=1)
-    ONLY_LAST_CLS: bool = False
-    GRADIENT_CHECKPOINTING: bool = False
+    IN_CHANS: int = Field(3, description="input image channels")
+    DROP_PATH_RATE: float = Field(
+        0.2, ge=0, lt=1, description="stochastic depth: the largest drop-path rate, reached at the last block"
+    )
+    DROP_RATE: float = Field(0.0, ge=0, lt=1, description="dropout rate inside the blocks (MLP and projection outputs)")
+    ATTN_DROP_RATE: float = Field(0.0, ge=0, lt=1, description="dropout on the attention weights")
+    ONLY_LAST_CLS: bool = Field(
+        False,
+        description="heads read only the last attention stage's class token (False: both stages' class tokens aggregated)",
+    )
+    GRADIENT_CHECKPOINTING: bool = Field(
+        False, description="recompute block activations in backward: less memory, slower steps"
+    )
     COMPILE: OnOffAuto = Field(
         "auto", description="torch.compile the model's forward; auto: on CUDA (a failed compile warns, runs eager)"
     )
@@ -221,7 +244,7 @@ class ModelConfig(Node):
 
 # --------------------------------------------------------------------------------------------------------- DATA
 class MetaComponentConfig(Node):
-    ENABLED: bool = True
+    ENABLED: bool = Field(True, description="feed this component to the model (False: left out)")
     SOURCE: str = Field(..., description="dataset name in labels.h5, e.g. 'temporal'")
     COLUMNS: list[str] = Field(default_factory=list, description="column_names to select; [] = all columns")
     DIM: int = Field(..., ge=1, description="number of (selected) columns")
@@ -239,12 +262,15 @@ def default_components() -> dict[str, MetaComponentConfig]:
 
 
 class MetaConfig(Node):
-    ACTIVE: bool = True
-    COMPONENTS: dict[str, MetaComponentConfig] = Field(default_factory=default_components)
+    ACTIVE: bool = Field(True, description="use metadata (time, place, elevation) as model inputs")
+    COMPONENTS: dict[str, MetaComponentConfig] = Field(
+        default_factory=default_components,
+        description="metadata components by name (TEMPORAL, SPATIAL, ELEVATION, ...): SOURCE, DIM, IDX, ...",
+    )
 
 
 class VerifyImagesConfig(Node):
-    ENABLED: bool = False
+    ENABLED: bool = Field(False, description="check every image file before training (missing, optionally corrupt)")
     DECODE: bool = Field(False, description="also decode every image (slower; finds corrupt files)")
     MAX_MISSING_RATIO: float = Field(
         0.0,
@@ -254,7 +280,7 @@ class VerifyImagesConfig(Node):
         "else their rows are left out",
     )
     MAX_MISSING_COUNT: int = Field(0, ge=0, description="see MAX_MISSING_RATIO; 0 and 0 tolerate none")
-    NUM_WORKERS: int = Field(8, ge=1)
+    NUM_WORKERS: int = Field(8, ge=1, description="threads checking images")
     REPORT_PATH: str | None = Field(
         None, description="JSON report; default: the run folder. '{output_dir}' is replaced by the run folder"
     )
@@ -262,7 +288,9 @@ class VerifyImagesConfig(Node):
 
 class HybridConfig(Node):
     USE_HYBRID: bool = Field(True, description="images are files under IMAGES_DIR; False (images in HDF5) is refused")
-    IMAGES_DIR: str = ""
+    IMAGES_DIR: str = Field(
+        "", description="folder holding the image files named by labels.h5's img_identifiers (required)"
+    )
     ALLOW_SYMLINKS_OUTSIDE: bool = Field(False, description="follow symbolic links that lead out of IMAGES_DIR")
     FILE_EXTENSION: str = Field(".jpg", description="appended to img_identifiers that have no extension")
     ALLOW_MISSING_IMAGES: bool = Field(False, description="replace unreadable images and count them (else fail)")
@@ -270,15 +298,17 @@ class HybridConfig(Node):
 
 
 class H5Config(Node):
-    LABELS_PATH: str | None = None
+    LABELS_PATH: str | None = Field(
+        None, description="labels.h5 with every row; split into train/val by TRAIN_VAL_SPLIT_RATIO"
+    )
     TRAIN_LABELS_PATH: str | None = Field(None, description="pre-split alternative to LABELS_PATH")
-    VAL_LABELS_PATH: str | None = None
-    TRAIN_VAL_SPLIT_RATIO: float = Field(0.9, gt=0, le=1)
-    TRAIN_VAL_SPLIT_SEED: int = 42
+    VAL_LABELS_PATH: str | None = Field(None, description="pre-split validation labels (with TRAIN_LABELS_PATH)")
+    TRAIN_VAL_SPLIT_RATIO: float = Field(0.9, gt=0, le=1, description="share of LABELS_PATH rows used for training")
+    TRAIN_VAL_SPLIT_SEED: int = Field(42, description="seed of the train/val split (saved in split.npz)")
 
 
 class ShardsConfig(Node):
-    ENABLED: bool = False
+    ENABLED: bool = Field(False, description="train from WebDataset shards in DIR instead of image files")
     DIR: str | None = Field(None, description="folder written by `linnaeus shard`")
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
     VERIFY: Literal["none", "open", "full"] = Field(
@@ -287,24 +317,32 @@ class ShardsConfig(Node):
 
 
 class DatasetInfo(Node):
-    NAME: str = ""
-    VERSION: str = ""
+    NAME: str = Field("", description="descriptive dataset name; recorded in bundle.json")
+    VERSION: str = Field("", description="descriptive dataset version; recorded in bundle.json")
     CLADE: str = Field("", description="descriptive; recorded in bundle.json with NAME and VERSION")
 
 
 class DataConfig(Node):
     BATCH_SIZE: int = Field(64, ge=1, description="per process; TRAIN.BATCH_SIZE is an alias")
-    BATCH_SIZE_VAL: int = Field(128, ge=1)
-    IMG_SIZE: int = Field(384, ge=32)
+    BATCH_SIZE_VAL: int = Field(128, ge=1, description="validation batch size per process")
+    IMG_SIZE: int = Field(
+        384, ge=32, description="training and validation image side in pixels (square); must equal MODEL.IMG_SIZE"
+    )
     VAL_CROP_PCT: float = Field(0.875, gt=0, le=1, description="validation: resize to IMG_SIZE/CROP_PCT, centre crop")
-    NUM_WORKERS: int = Field(4, ge=0)
-    PIN_MEMORY: bool = True
-    PREFETCH_FACTOR: int = Field(2, ge=1)
+    NUM_WORKERS: int = Field(
+        4, ge=0, description="DataLoader worker processes per training process (clamped to the usable CPU cores)"
+    )
+    PIN_MEMORY: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
+    PREFETCH_FACTOR: int = Field(2, ge=1, description="batches each loader worker prepares ahead")
     DECODE: Literal["auto", "cpu", "device"] = Field(
         "auto",
         description="JPEG decode in loader workers (cpu) or batched on the training device; auto: device on CUDA",
     )
-    TASK_KEYS_H5: list[str] = Field(default_factory=lambda: ["taxa_L10", "taxa_L20"], min_length=1)
+    TASK_KEYS_H5: list[str] = Field(
+        default_factory=lambda: ["taxa_L10", "taxa_L20"],
+        min_length=1,
+        description="the rank datasets of labels.h5 to train on (taxa_L10 species, taxa_L20 genus, ...)",
+    )
     NUM_CLASSES_PER_LEVEL: dict[str, int] | None = Field(None, description="checked against labels.h5 when set")
     TAXONOMY_PATH: str | None = Field(None, description="taxonomy.json; inferred from labels.h5 when unset")
     REQUIRE_ALL_RANKS: bool = Field(False, description="drop rows with a null at any configured rank (counted)")
@@ -318,32 +356,47 @@ class DataConfig(Node):
 
 # ---------------------------------------------------------------------------------------------------------- AUG
 class RandomEraseConfig(Node):
-    PROB: float = Field(0.25, ge=0, le=1)
-    AREA_RANGE: list[float] = Field(default_factory=lambda: [0.02, 0.33])
-    ASPECT_RATIO: list[float] = Field(default_factory=lambda: [0.3, 3.3])
+    PROB: float = Field(0.25, ge=0, le=1, description="probability of erasing one random rectangle")
+    AREA_RANGE: list[float] = Field(
+        default_factory=lambda: [0.02, 0.33], description="erased area as a share of the image, range"
+    )
+    ASPECT_RATIO: list[float] = Field(
+        default_factory=lambda: [0.3, 3.3], description="erased rectangle aspect-ratio range"
+    )
 
 
 class AugConfig(Node):
     RRC_SCALE: list[float] = Field(default_factory=lambda: [0.35, 1.0], description="random-resized-crop area range")
-    RRC_RATIO: list[float] = Field(default_factory=lambda: [0.75, 1.3333])
-    HFLIP_PROB: float = Field(0.5, ge=0, le=1)
+    RRC_RATIO: list[float] = Field(
+        default_factory=lambda: [0.75, 1.3333], description="random-resized-crop aspect-ratio range"
+    )
+    HFLIP_PROB: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     COLOR_JITTER: float = Field(0.3, ge=0, description="brightness/contrast/saturation strength; 0 disables")
     RANDOM_ERASE: RandomEraseConfig = Field(default_factory=RandomEraseConfig)
-    MEAN: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    STD: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    MEAN: list[float] = Field(
+        default_factory=lambda: [0.485, 0.456, 0.406], description="per-channel normalisation mean (RGB, 0-1 scale)"
+    )
+    STD: list[float] = Field(
+        default_factory=lambda: [0.229, 0.224, 0.225],
+        description="per-channel normalisation standard deviation (RGB, 0-1 scale)",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- TRAIN
 class EmaConfig(Node):
     """Exponential moving average of the weights (timm ModelEmaV3), validated as its own phase ``val_ema``."""
 
-    ENABLED: bool = False
-    DECAY: float = Field(0.9998, gt=0, lt=1)
+    ENABLED: bool = Field(
+        False, description="keep an exponential moving average of the weights (validated as val_ema, exported)"
+    )
+    DECAY: float = Field(0.9998, gt=0, lt=1, description="EMA decay per optimizer step")
     WARMUP: bool = Field(True, description="decay ramps up as 1 - (1 + step/gamma)^-power early in training")
 
 
 class TrainConfig(Node):
-    EPOCHS: float = Field(50, gt=0)
+    EPOCHS: float = Field(
+        50, gt=0, description="length of training in epochs (fractions allowed); TRAIN.MAX_STEPS overrides"
+    )
     MAX_STEPS: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides EPOCHS)")
     BATCH_SIZE: int | None = Field(
         None, ge=1, description="alias of DATA.BATCH_SIZE (as the prior system's user guide calls it)"
@@ -354,7 +407,7 @@ class TrainConfig(Node):
     )
     ACCUMULATION_STEPS: int = Field(1, ge=0, description="0 is read as 1")
     CLIP_GRAD: float = Field(5.0, description="max global grad norm; <= 0 disables")
-    AUTO_RESUME: bool = True
+    AUTO_RESUME: bool = Field(True, description="continue from the run folder's latest checkpoint when there is one")
     RESUME_FROM: str | None = Field(None, description="a checkpoints/step_N folder to resume from")
     RESUME_CONFIG_CHANGE: Literal["refuse", "allow"] = Field(
         "refuse",
@@ -372,11 +425,13 @@ class TrainConfig(Node):
 
 # ---------------------------------------------------------------------------------------------------- OPTIMIZER
 class OptimizerConfig(Node):
-    NAME: Literal["adamw"] = "adamw"
+    NAME: Literal["adamw"] = Field("adamw", description="the optimizer")
     FUSED: OnOffAuto = Field("auto", description="fused AdamW kernel; auto: where torch has one (CUDA, CPU)")
-    WEIGHT_DECAY: float = Field(0.05, ge=0)
-    BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999])
-    EPS: float = 1e-8
+    WEIGHT_DECAY: float = Field(
+        0.05, ge=0, description="AdamW decoupled weight decay (not applied to norms, biases, tokens)"
+    )
+    BETAS: list[float] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW beta1, beta2")
+    EPS: float = Field(1e-8, description="AdamW epsilon")
     HEAD_LR_MULTIPLIER: float = Field(1.0, gt=0, description="LR multiplier for classification heads")
     LAYER_DECAY: float | None = Field(
         None, gt=0, le=1, description="layer-wise LR decay: layer i of L gets LAYER_DECAY^(L+1-i) (timm layer ids)"
@@ -384,17 +439,23 @@ class OptimizerConfig(Node):
 
 
 class LRSchedulerConfig(Node):
-    NAME: Literal["cosine", "wsd", "constant"] = "cosine"
-    BASE_LR: float = Field(1e-4, gt=0)
-    WARMUP_LR: float = Field(5e-7, ge=0)
-    MIN_LR: float = Field(1e-5, ge=0)
-    WARMUP_STEPS: int | None = Field(None, ge=0)
-    WARMUP_EPOCHS: float | None = Field(None, ge=0)
+    NAME: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="LR schedule: cosine decay, wsd (warmup-stable-decay) or constant, all after warmup"
+    )
+    BASE_LR: float = Field(1e-4, gt=0, description="peak learning rate (after warmup)")
+    WARMUP_LR: float = Field(5e-7, ge=0, description="learning rate at the first step of warmup")
+    MIN_LR: float = Field(1e-5, ge=0, description="learning rate at the end of the decay")
+    WARMUP_STEPS: int | None = Field(
+        None, ge=0, description="warmup length in optimizer steps (set one of WARMUP_STEPS/EPOCHS/FRACTION)"
+    )
+    WARMUP_EPOCHS: float | None = Field(
+        None, ge=0, description="warmup length in epochs (set one of WARMUP_STEPS/EPOCHS/FRACTION)"
+    )
     WARMUP_FRACTION: float | None = Field(None, ge=0, le=1, description="default when none is set: 0.05")
     STABLE_FRACTION: float = Field(0.8, ge=0, le=1, description="wsd: share of post-warmup steps at BASE_LR")
-    DECAY_TYPE: Literal["cosine", "linear"] = "cosine"
+    DECAY_TYPE: Literal["cosine", "linear"] = Field("cosine", description="wsd: shape of the final decay")
     SCALE_WITH_BATCH: bool = Field(False, description="LR = BASE_LR * effective_batch / REFERENCE_BS")
-    REFERENCE_BS: int = Field(512, ge=1)
+    REFERENCE_BS: int = Field(512, ge=1, description="with SCALE_WITH_BATCH: the effective batch BASE_LR is meant for")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> LRSchedulerConfig:
@@ -406,17 +467,19 @@ class LRSchedulerConfig(Node):
 
 # --------------------------------------------------------------------------------------------------------- LOSS
 class GradNormConfig(Node):
-    ENABLED: bool = False
-    ALPHA: float = Field(1.5, ge=0)
-    UPDATE_INTERVAL: int = Field(100, ge=1)
-    WARMUP_STEPS: int = Field(0, ge=0)
+    ENABLED: bool = Field(False, description="balance the ranks' loss weights with GradNorm")
+    ALPHA: float = Field(1.5, ge=0, description="GradNorm asymmetry: higher pulls slow-learning ranks harder")
+    UPDATE_INTERVAL: int = Field(100, ge=1, description="update the weights every N optimizer steps")
+    WARMUP_STEPS: int = Field(0, ge=0, description="steps before the first update")
     LR: float = Field(0.025, gt=0, description="step size of the weight update")
 
 
 class ClassWeightingConfig(Node):
-    TYPE: Literal["none", "smoothing", "capping", "logarithmic"] = "none"
-    CAP: float = Field(20.0, gt=0)
-    SMOOTHING: float = Field(0.1, ge=0)
+    TYPE: Literal["none", "smoothing", "capping", "logarithmic"] = Field(
+        "none", description="per-class loss weights from train counts: none, smoothing, capping or logarithmic"
+    )
+    CAP: float = Field(20.0, gt=0, description="capping: weights min(N / n_c, CAP)")
+    SMOOTHING: float = Field(0.1, ge=0, description="smoothing: weights N / (n_c + SMOOTHING)")
 
 
 class LossConfig(Node):
@@ -426,35 +489,39 @@ class LossConfig(Node):
 
 # ----------------------------------------------------------------------------------------------------- SCHEDULE
 class PartialMetaMaskingConfig(Node):
-    ENABLED: bool = False
-    PROB: float = Field(0.3, ge=0, le=1)
+    ENABLED: bool = Field(False, description="also hide some metadata components (not all) of unmasked samples")
+    PROB: float = Field(0.3, ge=0, le=1, description="probability of a partial mask")
     WHITELIST: list[list[str]] = Field(default_factory=list, description="component-name subsets to mask together")
 
 
 class MetaMaskingConfig(Ramp):
-    START_PROB: float = Field(1.0, ge=0, le=1)
-    END_PROB: float = Field(0.05, ge=0, le=1)
+    START_PROB: float = Field(
+        1.0, ge=0, le=1, description="probability a sample's metadata is hidden at the start of training"
+    )
+    END_PROB: float = Field(0.05, ge=0, le=1, description="probability a sample's metadata is hidden after the ramp")
     END_FRACTION: float | None = Field(None, ge=0, le=1, description="default when neither END_* is set: 0.5")
     PARTIAL: PartialMetaMaskingConfig = Field(default_factory=PartialMetaMaskingConfig)
 
 
 class NullMaskingConfig(Ramp):
-    ENABLED: bool = False
+    ENABLED: bool = Field(False, description="ramp in the loss of samples whose label is null at a rank")
     START_PROB: float = Field(0.0, ge=0, le=1, description="probability a null-labelled sample is kept in the loss")
-    END_PROB: float = Field(1.0, ge=0, le=1)
+    END_PROB: float = Field(
+        1.0, ge=0, le=1, description="probability a null-labelled sample is kept in the loss after the ramp"
+    )
 
 
 class MixAlgo(Node):
-    ENABLED: bool = False
-    ALPHA: float = Field(1.0, gt=0)
+    ENABLED: bool = Field(False, description="use this mixing method")
+    ALPHA: float = Field(1.0, gt=0, description="Beta(alpha, alpha) distribution of the mixing share")
 
 
 class MixProbConfig(Ramp):
     """Probability that a batch is mixed at all (then SWITCH_PROB picks Mixup or CutMix)."""
 
-    ENABLED: bool = False
-    START_PROB: float = Field(1.0, ge=0, le=1)
-    END_PROB: float = Field(0.2, ge=0, le=1)
+    ENABLED: bool = Field(False, description="mix samples within a batch (Mixup/CutMix)")
+    START_PROB: float = Field(1.0, ge=0, le=1, description="probability a batch is mixed at the start of training")
+    END_PROB: float = Field(0.2, ge=0, le=1, description="probability a batch is mixed after the ramp")
     END_FRACTION: float | None = Field(None, ge=0, le=1, description="default when neither END_* is set: 1.0")
 
 
@@ -473,10 +540,10 @@ class ValidationSchedule(Node):
 
 class CheckpointSchedule(Node):
     INTERVAL: Interval = Field(default_factory=lambda: Interval(EPOCHS=1))
-    KEEP_LAST_N: int = Field(2, ge=1)
-    KEEP_BEST_N: int = Field(1, ge=0)
+    KEEP_LAST_N: int = Field(2, ge=1, description="newest checkpoints kept")
+    KEEP_BEST_N: int = Field(1, ge=0, description="best checkpoints kept by BEST_METRIC (0: none)")
     BEST_METRIC: str = Field("val/chain_accuracy", description="a metrics.jsonl key, phase-prefixed")
-    BEST_MODE: Literal["max", "min"] = "max"
+    BEST_MODE: Literal["max", "min"] = Field("max", description="whether BEST_METRIC is better high (max) or low (min)")
 
 
 class MetricsSchedule(Node):

@@ -431,9 +431,9 @@ def load_config_with_provenance(
 ) -> tuple[Config, Provenance]:
     tree, prov, problems = resolve_tree(cfg_path, opts)
     cfg = build_config(tree, prov, problems)
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, one copy of each warning (from the main process)
-        for line in prov.warnings:
-            log.warning("%s", line)
+    summary = compat.summary_line(prov.findings)
+    if summary is not None and os.environ.get("RANK", "0") == "0":  # under a launcher, from the main process only
+        log.warning("%s", summary)  # one line; `config validate --verbose` lists every key
     return cfg, prov
 
 

@@ -18,8 +18,9 @@ from linnaeus.errors import LinnaeusError
 from linnaeus.specs.data import DataSpec
 
 # Sections the data package cannot compute itself (it must not import models or shards): the command layer passes
-# callables ``(num_classes) -> dict | None``; one raising LinnaeusError becomes one error line.
-ExtraSection = Callable[[dict[str, int]], Any]
+# callables ``(num_classes, class_maps=...) -> dict | None`` (class maps as training builds them, so a section can do
+# what training will); one raising LinnaeusError becomes one error line.
+ExtraSection = Callable[..., Any]
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -67,7 +68,7 @@ def build_report(
     r["warnings"][images_at:images_at] = _describe_metadata(state, r)  # before the image warnings, as listed
     for name, section in (extra or {}).items():
         try:
-            r[name] = section({k: len(m) for k, m in state.class_maps.items()})
+            r[name] = section({k: len(m) for k, m in state.class_maps.items()}, class_maps=state.class_maps)
             if isinstance(r[name], dict):  # a section may carry its own problems (e.g. a shard fingerprint)
                 r["errors"].extend(r[name].get("errors", []))
                 r["warnings"].extend(r[name].get("warnings", []))

@@ -16,10 +16,11 @@ got, so the caller passes the number of batches it actually finished to ``state_
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import multiprocessing
+import os
 import signal
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from linnaeus.data.encoded import collate_samples
 from linnaeus.errors import LinnaeusError
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, int, bool]
 
@@ -201,12 +204,9 @@ def worker_context(num_workers: int, requested: Any = None) -> Any:
     ctx = multiprocessing.get_context("forkserver")
     from multiprocessing import forkserver, resource_tracker
 
-    main_module = getattr(sys.modules["__main__"], "__spec__", None)
-    main_name = getattr(main_module, "name", None)  # `-m linnaeus.train`: imported, so its main block stays idle
-    preload = list(_SERVER_PRELOAD)
-    if main_name and not main_name.endswith("__main__"):
-        preload.append(main_name)
-    ctx.set_forkserver_preload(preload)
+    # Not the `-m` main module either (`linnaeus.train`): each worker runs it again as "__mp_main__" through runpy,
+    # which warns "'linnaeus.train' found in sys.modules ... unpredictable behaviour" when the server imported it.
+    ctx.set_forkserver_preload(list(_SERVER_PRELOAD))
     # The server starts its resource tracker first; starting that unblocks SIGTERM/SIGINT in this thread again
     # (it protects itself by ignoring them), so it is started before our block.
     resource_tracker.ensure_running()
@@ -228,6 +228,27 @@ def worker_init(num_workers: int) -> Any:
         atexit.register(_end_leftover_workers)
         _exit_guard = True
     return ignore_stop_signals
+
+
+_clamp_said: set[tuple[int, int]] = set()
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` loader workers, at most the CPU cores this process may use (torch's own bound: it warns "will
+    create N worker processes ... suggested max" beyond it). Says so once per (requested, usable) pair."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested <= cores:
+        return requested
+    if (requested, cores) not in _clamp_said:
+        _clamp_said.add((requested, cores))
+        log.info(
+            "DATA.NUM_WORKERS %d is more than the %d CPU core%s this process may use: %d loader workers",
+            requested,
+            cores,
+            "s" if cores != 1 else "",
+            cores,
+        )
+    return cores
 
 
 def build_loader(
@@ -257,7 +278,7 @@ def build_loader(
         pad=pad,
         batch_size=batch_size,
     )
-    workers = int(num_workers)
+    workers = usable_workers(int(num_workers))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

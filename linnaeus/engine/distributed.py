@@ -154,6 +154,17 @@ def build_accelerator(loop: LoopSpec, tracker_kwargs: dict[str, Any] | None = No
     return accelerator, info
 
 
+def device_summary(device: torch.device, world_size: int) -> str:
+    """The devices a run trains on, for the run summary: "cuda x8, NVIDIA H100 80GB HBM3" / "cpu, no CUDA"."""
+    count = f" x{world_size}" if world_size > 1 else ""
+    if device.type == "cuda":
+        return f"cuda{count}, {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        why = "CUDA available but not used" if torch.cuda.is_available() else "no CUDA"
+        return f"cpu{count}, {why}"
+    return f"{device.type}{count}"
+
+
 def decide_on_main(accelerator: Any, decide: Callable[[], Any]) -> Any:
     """``decide()`` run on the main process only (file reads that every rank must agree on), its result on every
     process. Collective. A ``LinnaeusError`` it raises is raised on every process, so a refusal (a tampered

@@ -2,11 +2,12 @@
 
 An impossible launch (a GPU accelerate config on a machine without GPUs, more processes than devices) is reported
 once, by the first process of the machine, as one ``ConfigError`` line; the other processes exit quietly. Also settles the DeepSpeed config path (relative paths in the shipped accelerate configs) and announces
-DeepSpeed's one-time CPU op build.
+DeepSpeed's CPU op build (or the wait for another process's build) every time one happens.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -18,6 +19,9 @@ DS_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 # DeepSpeed's CPU accelerator builds this shared-memory communication op with torch's C++ extension loader the
 # first time a multi-process job starts; later jobs load the cached library.
 DS_CPU_COMM_OP = "deepspeed_shm_comm"
+# Set to 1 to train on the CPU with an accelerate config written for GPUs (bf16, gpu_ids, a GPU DeepSpeed JSON).
+ALLOW_CPU_ENV = "LINNAEUS_ALLOW_CPU"
+CPU_CONFIGS = "accelerate_configs/cpu_ddp.yaml or cpu_zero2.yaml"
 
 
 def _uses_deepspeed(environ: Mapping[str, str]) -> bool:
@@ -28,10 +32,50 @@ def local_processes(environ: Mapping[str, str]) -> int:
     return int(environ.get("LOCAL_WORLD_SIZE") or 1)
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def gpu_request(environ: Mapping[str, str]) -> str | None:
+    """What in the accelerate launch asks for GPUs (None when nothing does, or the user said CPU is meant).
+
+    The shipped CPU configs also say ``use_cpu: false`` (accelerate's CPU mode would change the launcher), so the
+    signals are the ones only a GPU config carries: ``gpu_ids``, fp16/bf16 from the launcher, a DeepSpeed JSON with
+    fp16/bf16 ``enabled: true``."""
+    if _truthy(environ.get("ACCELERATE_USE_CPU")) or _truthy(environ.get(ALLOW_CPU_ENV)):
+        return None
+    gpus = environ.get("CUDA_VISIBLE_DEVICES")
+    launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in environ)
+    if gpus and gpus.strip() not in ("", "-1", "all") and launched_by_accelerate:
+        return f"gpu_ids {gpus}"
+    precision = (environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    if precision in ("fp16", "bf16"):
+        return f"mixed_precision {precision}"
+    if _uses_deepspeed(environ):
+        raw = environ.get(DS_CONFIG_ENV)
+        path = Path(raw) if raw and raw != "none" else None
+        if path is not None and path.is_file():
+            try:
+                ds = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None  # DeepSpeed reports an unreadable JSON itself, with its path
+            for key in ("bf16", "fp16"):
+                if isinstance(ds.get(key), dict) and ds[key].get("enabled") is True:
+                    return f"DeepSpeed JSON {path.name} with {key} enabled"
+    return None
+
+
 def launch_problem(environ: Mapping[str, str], cuda_devices: int, cpu_count: int) -> str | None:
     """Why this launch cannot work on this machine, or None. Pure: every process reaches the same answer."""
     n = local_processes(environ)
     if n <= 1:
+        asked = gpu_request(environ) if cuda_devices == 0 else None
+        if asked is not None:
+            return (
+                f"the accelerate config asks for a GPU ({asked}) but this machine has no usable GPU "
+                f"(torch.cuda.is_available() is False); use {CPU_CONFIGS}, or set {ALLOW_CPU_ENV}=1 to train on "
+                "the CPU anyway"
+            )
         return None
     noun = "process" if n == 1 else "processes"
     on_cpu = cuda_devices == 0 or environ.get("ACCELERATE_USE_CPU", "false").lower() == "true"
@@ -40,6 +84,13 @@ def launch_problem(environ: Mapping[str, str], cuda_devices: int, cpu_count: int
             f"accelerate launch started {n} {noun} on this machine, which has no usable GPU and {cpu_count} CPU "
             f"core{'s' if cpu_count != 1 else ''}: the accelerate config is for GPUs or asks for more processes than "
             f"cores; use accelerate_configs/cpu_zero2.yaml or cpu_ddp.yaml, or --num_processes {max(1, min(2, cpu_count))}"
+        )
+    asked = gpu_request(environ) if cuda_devices == 0 else None
+    if asked is not None:
+        return (
+            f"the accelerate config asks for GPUs ({asked}) but this machine has no usable GPU "
+            f"(torch.cuda.is_available() is False); use {CPU_CONFIGS}, or set {ALLOW_CPU_ENV}=1 to train on the CPU "
+            "anyway"
         )
     if not on_cpu and n > cuda_devices:
         visible = environ.get("CUDA_VISIBLE_DEVICES")
@@ -102,19 +153,71 @@ def deepspeed_op_build_dir(name: str = DS_CPU_COMM_OP) -> Path:
     return Path(get_default_build_root()) / f"{py}_{accel}" / name
 
 
-def deepspeed_cpu_op_missing(environ: Mapping[str, str], cuda_available: bool) -> bool:
-    """True when this launch will make DeepSpeed build its CPU communication op (multi-process, CPU, not cached)."""
-    if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
+def _built_for_this_torch(folder: Path) -> bool:
+    """Whether the cached build in ``folder`` was made by this environment. Environments sharing
+    ``~/.cache/torch_extensions`` (same Python, same CUDA tag) share the folder, and ninja rebuilds when the compile
+    command changes: ``build.ninja`` names the torch headers by the path this environment imports torch from (two
+    virtual environments, or two links to one, give two paths), so the path is compared as written, not resolved."""
+    import torch
+
+    ninja = folder / "build.ninja"
+    if not ninja.is_file():
         return False
-    return not (deepspeed_op_build_dir() / f"{DS_CPU_COMM_OP}.so").is_file()
+    ours = str(Path(torch.__file__).parent / "include")
+    return ours in ninja.read_text(errors="replace").split()
+
+
+def _build_lock_held(folder: Path) -> bool:
+    """Whether another process holds torch's build lock for ``folder`` (it is building there right now). Recent torch
+    takes an advisory lock on ``lock`` (the file stays behind); older torch's FileBaton lock is the file itself."""
+    import torch.utils.cpp_extension as extension
+
+    lock = folder / "lock"
+    if not lock.is_file():
+        return False
+    if not hasattr(extension, "FileLock"):
+        return True
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def deepspeed_op_notice(environ: Mapping[str, str], cuda_available: bool) -> str | None:
+    """The line to print when this launch will make DeepSpeed build its CPU communication op, or wait for another
+    process building it (multi-process, CPU, no usable cached build); None when the cached build will load."""
+    if not _uses_deepspeed(environ) or cuda_available or local_processes(environ) <= 1:
+        return None
+    folder = deepspeed_op_build_dir()
+    if _build_lock_held(folder):
+        return (
+            f"linnaeus: waiting for another process's build of DeepSpeed's CPU communication op in {folder} "
+            "(then it is loaded, or built for this environment, ~3 min)"
+        )
+    if (folder / f"{DS_CPU_COMM_OP}.so").is_file() and _built_for_this_torch(folder):
+        return None
+    why = "" if not (folder / f"{DS_CPU_COMM_OP}.so").is_file() else " (the cached build is another environment's)"
+    return f"linnaeus: building DeepSpeed's CPU communication op (~3 min) in {folder}{why}"
 
 
 def check_launch(
     environ: MutableMapping[str, str] | None = None,
     cuda_devices: int | None = None,
     cpu_count: int | None = None,
+    announce: bool = True,
 ) -> None:
-    """Call first in the training entry point, on every process, before the Accelerator or DeepSpeed exist.
+    """Call first in the training entry point, on every process, before the Accelerator or DeepSpeed exist
+    (``linnaeus launch`` also calls it once, with the ranks' environment, before spawning; ``announce=False``).
 
     Raises ConfigError on the machine's first process and SystemExit(0), printing nothing, on the others."""
     environ = os.environ if environ is None else environ
@@ -125,10 +228,10 @@ def check_launch(
     if cpu_count is None:
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
+        resolve_deepspeed_config(environ)  # first: the GPU check reads the DeepSpeed JSON
         problem = launch_problem(environ, cuda_devices, cpu_count)
         if problem is not None:
             raise ConfigError(problem)
-        resolve_deepspeed_config(environ)
     except ConfigError:
         if _first_local_process(environ):
             raise
@@ -136,9 +239,6 @@ def check_launch(
         # failed first would make torchrun kill the first process before its one line is printed (and list every
         # killed worker in its failure report).
         raise SystemExit(0) from None
-    if _first_local_process(environ) and deepspeed_cpu_op_missing(environ, cuda_devices > 0):
-        print(
-            f"linnaeus: building DeepSpeed's CPU communication op once (~3 min; cached in {deepspeed_op_build_dir()})",
-            file=sys.stderr,
-            flush=True,
-        )
+    notice = deepspeed_op_notice(environ, cuda_devices > 0) if announce and _first_local_process(environ) else None
+    if notice is not None:
+        print(notice, file=sys.stderr, flush=True)

@@ -9,7 +9,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from linnaeus.engine.run_metrics import METRICS_FILE, VAL, VAL_MASKED, read_metrics, rows_of, task_keys_of
+from linnaeus.engine.run_metrics import (
+    METRICS_FILE,
+    VAL,
+    VAL_MASKED,
+    rank_labels,
+    read_metrics,
+    rows_of,
+    task_keys_of,
+)
 
 PLOTS_DIR = "plots"
 
@@ -31,6 +39,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _gap_lines(
+    val: list[dict], masked: list[dict], keys: list[str], label: dict[str, str]
+) -> list[tuple[str, list[int], list[float]]]:
+    """Per step where both ran: validation with metadata minus validation with it masked (chain, then each rank)."""
+    masked_by_step = {int(r["step"]): r for r in masked}
+    lines = []
+    for key in ["chain_accuracy", *(f"{k}/top1" for k in keys)]:
+        xs, ys = [], []
+        for r in val:
+            m = masked_by_step.get(int(r["step"]))
+            if m is not None and isinstance(r.get(key), float | int) and isinstance(m.get(key), float | int):
+                xs.append(int(r["step"]))
+                ys.append(float(r[key]) - float(m[key]))
+        name = "chain accuracy" if key == "chain_accuracy" else f"{label[key.split('/')[0]]} top-1"
+        lines.append((name, xs, ys))
+    return lines
+
+
 def draw_plots(run: Path) -> list[Path]:
     """Draw every plot the run's metrics support; return the PNG paths written."""
     import matplotlib
@@ -46,6 +72,7 @@ def draw_plots(run: Path) -> list[Path]:
     val = rows_of(rows, VAL)
     masked = rows_of(rows, VAL_MASKED)
     keys = task_keys_of(val) or sorted({k[: -len("/loss")] for r in train for k in r if k.endswith("/loss")}, key=str)
+    label = rank_labels(run, keys)  # legends say "species (taxa_L10)" where the taxonomy names the rank
     written: list[Path] = []
 
     def plot(name: str, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float]]]) -> None:
@@ -68,26 +95,17 @@ def draw_plots(run: Path) -> list[Path]:
         "loss",
         "training loss",
         "loss",
-        [("total", *_series(train, "loss")), *((k, *_series(train, f"{k}/loss")) for k in keys)],
+        [("total", *_series(train, "loss")), *((label[k], *_series(train, f"{k}/loss")) for k in keys)],
     )
     plot("lr", "learning rate", "lr", [("lr", *_series(train, "lr"))])
-    plot("val_top1", "validation top-1 per rank", "top-1", [(k, *_series(val, f"{k}/top1")) for k in keys])
+    plot("val_top1", "validation top-1 per rank", "top-1", [(label[k], *_series(val, f"{k}/top1")) for k in keys])
     plot(
         "chain_accuracy",
         "validation chain accuracy",
         "accuracy",
         [("with metadata", *_series(val, "chain_accuracy")), ("metadata masked", *_series(masked, "chain_accuracy"))],
     )
-    masked_by_step = {int(r["step"]): r for r in masked}
-    gap_lines = []
-    for key in ["chain_accuracy", *(f"{k}/top1" for k in keys)]:
-        xs, ys = [], []
-        for r in val:
-            m = masked_by_step.get(int(r["step"]))
-            if m is not None and isinstance(r.get(key), float | int) and isinstance(m.get(key), float | int):
-                xs.append(int(r["step"]))
-                ys.append(float(r[key]) - float(m[key]))
-        gap_lines.append((key, xs, ys))
+    gap_lines = _gap_lines(val, masked, keys, label)
     plot("metadata_gap", "metadata-masked gap (with - without metadata)", "accuracy difference", gap_lines)
     plot("images_per_sec", "training throughput", "images/s", [("images/s", *_series(train, "images_per_sec"))])
     return written

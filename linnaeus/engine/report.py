@@ -8,6 +8,7 @@ a short console summary. It works on any run folder, finished, crashed or still 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -19,7 +20,15 @@ from typing import Any
 
 import yaml
 
-from linnaeus.engine.run_metrics import METRICS_FILE, VAL, VAL_MASKED, read_metrics, rows_of, task_keys_of
+from linnaeus.engine.run_metrics import (
+    METRICS_FILE,
+    VAL,
+    VAL_MASKED,
+    rank_labels,
+    read_metrics,
+    rows_of,
+    task_keys_of,
+)
 from linnaeus.utils.io import atomic_write_json, atomic_write_text
 
 DEFAULT_BEST_METRIC = "val/chain_accuracy"
@@ -122,6 +131,8 @@ def build_report(run: Path, timings: Timings | None = None) -> dict[str, Any]:
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "last_step": int(rows[-1]["step"]) if rows else None,
         "task_keys": keys,
+        "rank_labels": rank_labels(run, keys),
+        "setup": run_setup(run, config),
         "ranking": {
             "metric": metric,
             "mode": mode,
@@ -176,6 +187,66 @@ def _timings(
     return timing
 
 
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def run_setup(run: Path, config: Mapping[str, Any]) -> dict[str, str]:
+    """What was trained on what, in a few rows (dataset, model, training): the top of report.html."""
+    rows: dict[str, str] = {}
+    stats: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        stats = json.loads((Path(run) / "stats.json").read_text())
+    name = " ".join(str(v) for v in (_get(config, "DATA.DATASET.NAME"), _get(config, "DATA.DATASET.VERSION")) if v)
+    labels = [str(f.get("path")) for f in stats.get("labels", []) if isinstance(f, Mapping)]
+    labels = labels or [
+        str(v) for v in (_get(config, "DATA.H5.LABELS_PATH"), _get(config, "DATA.H5.TRAIN_LABELS_PATH")) if v
+    ]
+    splits = stats.get("splits", {})
+    sizes = ", ".join(f"{s} {splits[s]['rows']}" for s in ("train", "val") if isinstance(splits.get(s), Mapping))
+    rows["dataset"] = "; ".join(x for x in (name, ", ".join(labels), sizes and f"rows: {sizes}") if x) or "-"
+    num = stats.get("num_classes") or {}
+    keys = list(num) or list(_get(config, "DATA.TASK_KEYS_H5") or [])
+    labelled = rank_labels(run, keys)
+    if num:
+        rows["classes"] = ", ".join(f"{labelled[k]}: {num[k]}" for k in keys)
+    meta = _get(config, "DATA.META.COMPONENTS") or {}
+    active = [k for k, v in meta.items() if isinstance(v, Mapping) and v.get("ENABLED", True)]
+    rows["metadata"] = ", ".join(active) if _get(config, "DATA.META.ACTIVE") and active else "none"
+    m = _get(config, "MODEL") or {}
+    pretrained = m.get("PRETRAINED") or m.get("PRETRAINED_ROPEVIT") or m.get("PRETRAINED_CONVNEXT")
+    rows["model"] = f"{m.get('TYPE', '-')} ({m.get('NAME', '-')}), {m.get('IMG_SIZE', '-')} px" + (
+        f", from {pretrained}" if pretrained else ", random start"
+    )
+    steps = _get(config, "TRAIN.MAX_STEPS")
+    length = f"{steps} steps" if steps else f"{_get(config, 'TRAIN.EPOCHS')} epochs"
+    rows["training"] = (
+        f"{length}, batch {_get(config, 'DATA.BATCH_SIZE')} per process, {_get(config, 'LR_SCHEDULER.NAME')} LR "
+        f"from {_get(config, 'LR_SCHEDULER.BASE_LR')}, seed {_get(config, 'MISC.SEED')}"
+    )
+    rows["config"] = str(Path(run) / "config.yaml")
+    return rows
+
+
+# What each plot shows and what to read from it, under the plot in report.html.
+PLOT_CAPTIONS = {
+    "loss": "Training loss, total and per rank. It should fall and flatten; a rank whose loss stays flat is not being "
+    "learned (check its labels and class counts), a sudden jump is instability (lower the LR).",
+    "lr": "The learning rate per step: warmup, then the schedule's decay. Use it to line up changes in the other plots "
+    "with the schedule.",
+    "val_top1": "Validation top-1 per rank. Coarse ranks should sit above fine ones; a curve that falls while training "
+    "loss still falls is overfitting.",
+    "chain_accuracy": "Share of validation images with every rank right, with and without metadata. The gap between the "
+    "two lines is what metadata (place, date) adds.",
+    "metadata_gap": "Accuracy with metadata minus accuracy with it masked, per step. Positive: the model uses "
+    "metadata; near zero: it ignores it.",
+    "images_per_sec": "Training throughput. Dips are validation, checkpoints or a slow disk; a low plateau points at the "
+    "input pipeline (`linnaeus bench`).",
+}
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _finite(v) else "-"
 
@@ -196,11 +267,12 @@ def summary_text(report: Mapping[str, Any]) -> str:
     else:
         lines.append(f"  best {r['metric']}: no validation recorded")
     if report["ranks"]:
-        width = max(len(k) for k in report["ranks"])
+        label = {**{k: k for k in report["ranks"]}, **report.get("rank_labels", {})}
+        width = max(len(label[k]) for k in report["ranks"])
         lines.append(f"  {'rank':<{width}}  top1 final/best   top5 final/best")
         for key, e in report["ranks"].items():
             lines.append(
-                f"  {key:<{width}}  {_fmt(e['final_top1'])} / {_fmt(e['best_top1'])}    "
+                f"  {label[key]:<{width}}  {_fmt(e['final_top1'])} / {_fmt(e['best_top1'])}    "
                 f"{_fmt(e['final_top5'])} / {_fmt(e['best_top5'])}"
             )
     c = report["chain_accuracy"]
@@ -233,22 +305,28 @@ def summary_text(report: Mapping[str, Any]) -> str:
 
 def _html(report: Mapping[str, Any], pngs: list[Path]) -> str:
     esc = html.escape
+    label = report.get("rank_labels", {})
     rows = "".join(
-        f"<tr><td>{esc(k)}</td><td>{_fmt(e['final_top1'])}</td><td>{_fmt(e['best_top1'])}</td>"
+        f"<tr><td>{esc(label.get(k, k))}</td><td>{_fmt(e['final_top1'])}</td><td>{_fmt(e['best_top1'])}</td>"
         f"<td>{_fmt(e['final_top5'])}</td><td>{_fmt(e['best_top5'])}</td></tr>"
         for k, e in report["ranks"].items()
     )
+    setup = "".join(
+        f"<tr><th>{esc(k)}</th><td class='l'>{esc(v)}</td></tr>" for k, v in report.get("setup", {}).items()
+    )
     images = "".join(
         f'<figure><img alt="{esc(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{esc(p.stem)}</figcaption></figure>"
+        f"<figcaption>{esc(PLOT_CAPTIONS.get(p.stem, p.stem))}</figcaption></figure>"
         for p in pngs
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Linnaeus run report</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}figure{display:inline-block;margin:8px}"
-        "img{width:480px}pre{background:#f6f6f6;padding:1em}</style></head><body>"
-        f"<h1>Run report</h1><pre>{esc(summary_text(report))}</pre>"
+        "img{width:480px}pre{background:#f6f6f6;padding:1em}figcaption{width:480px;font-size:small}"
+        "td.l{text-align:left}</style></head><body>"
+        f"<h1>Run report</h1><h2>What was trained</h2><table>{setup}</table>"
+        f"<h2>Summary</h2><pre>{esc(summary_text(report))}</pre>"
         "<h2>Validation per rank</h2><table><tr><th>rank</th><th>top1 final</th><th>top1 best</th>"
         f"<th>top5 final</th><th>top5 best</th></tr>{rows}</table>"
         f"<h2>Plots</h2>{images or '<p>no plots</p>'}"

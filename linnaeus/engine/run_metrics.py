@@ -47,3 +47,17 @@ def task_keys_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
             if k.endswith("/top1") and k[: -len("/top1")] not in keys:
                 keys.append(k[: -len("/top1")])
     return keys
+
+
+def rank_labels(run: Path, keys: Iterable[str]) -> dict[str, str]:
+    """Task key -> "species (taxa_L10)", with the rank names the run's taxonomy gave (class_maps.json); the bare key
+    where the run folder has no class maps (yet)."""
+    names: dict[str, str] = {}
+    path = Path(run) / "class_maps.json"
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            names = {k: str(v["rank"]) for k, v in doc.items() if isinstance(v, dict) and v.get("rank")}
+        except (OSError, ValueError):
+            names = {}  # a torn file while the run writes it: plain keys this time
+    return {k: f"{names[k]} ({k})" if k in names and names[k] != k else k for k in keys}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import csv
+import importlib
 import netrc
 import os
 from collections.abc import Mapping
@@ -23,6 +24,20 @@ from linnaeus.specs.engine import TrackingSpec
 CSV_FILE = "tracker_metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_FIX = "set WANDB_MODE=offline (sync later with `wandb sync`) or EXPERIMENT.WANDB.ENABLED False"
+
+# Per tracker: the modules accelerate's tracker imports (any one will do) and the pyproject extra that installs it.
+# accelerate drops a tracker whose package it cannot find without a word, so the run would log nothing there.
+TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "comet_ml": (("comet_ml",), "comet"),
+    "aim": (("aim",), "aim"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "trackio": (("trackio",), "trackio"),
+}
 
 
 def _accelerate_tracker_names() -> list[str]:
@@ -146,7 +161,33 @@ def plan_trackers(spec: TrackingSpec, run: Path, wandb_run_id: str | None = None
     return TrackerPlan(names=names, run=Path(run), project=project, init=init)
 
 
-# ------------------------------------------------------------------------------------------------ W&B pre-flight
+# ------------------------------------------------------------------------------------------------ pre-flights
+def missing_tracker(name: str) -> str | None:
+    """Why ``name``'s package cannot be used here (None when one of its modules imports)."""
+    modules, _ = TRACKER_PACKAGES.get(name, ((), ""))
+    why = None
+    for module in modules:
+        try:
+            importlib.import_module(module)
+            return None
+        except ImportError as err:  # a broken install counts as missing: accelerate would fail on it too
+            why = why or f"import {module}: {err}"
+    return why
+
+
+def trackers_preflight(spec: TrackingSpec) -> None:
+    """Before any heavy work: every named tracker's package imports, then the W&B credentials check."""
+    for name in tracker_names(spec):
+        why = missing_tracker(name)
+        if why is not None:
+            extra = TRACKER_PACKAGES[name][1]
+            raise ConfigError(
+                f"EXPERIMENT.TRACKERS: tracker {name!r} is named but its package is not installed ({why}); "
+                f"pip install 'linnaeus[{extra}]' or drop it from EXPERIMENT.TRACKERS"
+            )
+    wandb_preflight(spec)
+
+
 def _wandb_host(environ: Mapping[str, str]) -> str:
     base = environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     return urlparse(base).hostname or base

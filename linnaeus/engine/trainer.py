@@ -18,9 +18,10 @@ import torch
 from linnaeus.config import Config, config_to_dict, dump_config
 from linnaeus.config.resolve import batch_fill_problem, cross_key_problems, raise_problems, resolve
 from linnaeus.engine.after_step import AfterStep, always, run_after_step
+from linnaeus.engine.arch_from_weights import follow_pretrained_weights
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
-from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
+from linnaeus.engine.distributed import build_accelerator, decide_on_main, device_summary, prepare_environment
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
@@ -82,6 +83,8 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         # The config read once (every rule between keys checked); the engine's components read ``self.spec``.
+        # Before the config is resolved and recorded: the architecture follows the pretrained weights it receives.
+        self.arch_note = follow_pretrained_weights(cfg)
         self.specs, problems = resolve(cfg)
         raise_problems(problems)
         self.spec = self.specs.engine
@@ -110,6 +113,8 @@ class Trainer:
         # The rules between the config and this launch (ZeRO stage, precision), before anything heavy is built.
         raise_problems(cross_key_problems(cfg, launch=self.dist.launch_facts))
         acc = self.accelerator
+        if self.arch_note is not None:
+            log.info("%s", self.arch_note)
         # Before heavy work and before config.yaml is (re)written: a resume with a changed config is refused here.
         find = lambda: resume_candidate(spec.checkpoint, self.run / "checkpoints")  # noqa: E731
         record = agree_config_record(acc, self.run, config_to_dict(cfg), spec.checkpoint.allow_config_change, find)
@@ -346,6 +351,7 @@ class Trainer:
         rows = [
             ("run folder", str(self.run)),
             ("world size", f"{d.world_size} {processes} ({d.distributed_type}, {d.num_machines} machine(s))"),
+            ("device", device_summary(self.accelerator.device, d.world_size)),
             ("ZeRO stage", str(d.zero_stage) if d.zero_stage else "none"),
             ("precision", f"{d.precision} (from {d.precision_source})"),
             (

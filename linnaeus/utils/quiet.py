@@ -5,6 +5,7 @@ Call ``install()`` once, first thing, in every entry point that may import torch
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -24,6 +25,12 @@ def install() -> None:
     # from the weight's only on the size-1 dimension: the same memory layout, but DDP compares strides literally
     # and warns on the first backward of every run. Nothing to fix on our side; the layout is torch's choice.
     warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides", category=UserWarning)
+    # torch's C++ extension loader logs "No CUDA runtime is found, using CUDA_HOME=..." from every process that
+    # imports it (DeepSpeed does) on a machine without CUDA; it is not a problem there, and the run summary's
+    # device row says what the run trains on.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found")
+    )
 
 
 def settle_deepspeed_accelerator() -> None:

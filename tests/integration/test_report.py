@@ -224,3 +224,35 @@ def test_exported_bundle_weights_are_group_readable(real_run: Path, tmp_path: Pa
         assert stat.S_IMODE(f.stat().st_mode) == 0o640  # the umask is respected
     finally:
         os.umask(old)
+
+
+def test_report_names_ranks_opens_with_the_setup_and_says_what_each_plot_shows(
+    real_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.axes import Axes
+
+    from linnaeus.engine.report import PLOT_CAPTIONS
+
+    labels: list[str] = []
+    original = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    text = write_report(real_run)
+    assert "species (taxa_L10)" in labels and "genus (taxa_L20)" in labels and "taxa_L10" not in labels
+    assert "species (taxa_L10) top-1" in labels  # the metadata-gap legend
+    assert "  species (taxa_L10)  " in text  # the summary's rank table
+    report = json.loads((real_run / "report.json").read_text())
+    assert report["rank_labels"]["taxa_L30"] == "family (taxa_L30)"
+    setup = report["setup"]
+    assert set(setup) >= {"dataset", "classes", "metadata", "model", "training", "config"}
+    assert "labels.h5" in setup["dataset"] and "rows: train " in setup["dataset"]
+    assert setup["classes"].startswith("species (taxa_L10): 12")
+    assert setup["model"].startswith("mFormerV1 (") and "random start" in setup["model"]
+    page = (real_run / "report.html").read_text()
+    assert page.index("What was trained") < page.index("Summary") < page.index("Plots")
+    for stem in PLOTS:
+        assert PLOT_CAPTIONS[stem] in page.replace("&#x27;", "'")  # a reading guide under each plot, not its file name

@@ -14,10 +14,10 @@ import pytest
 
 from linnaeus.config import load_config
 from linnaeus.config.resolve_engine import engine_spec
-from linnaeus.engine.trackers import plan_trackers, tracker_names, wandb_preflight
+from linnaeus.engine.trackers import TRACKER_PACKAGES, plan_trackers, tracker_names, wandb_preflight
 from linnaeus.errors import ConfigError
 
-from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, tiny_opts
+from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, launch, run_dir, tiny_opts
 
 
 def _cfg(*opts: str):
@@ -34,6 +34,12 @@ def test_tracker_names_merge_the_wandb_switch_and_reject_unknown_names() -> None
     ]
     with pytest.raises(ConfigError, match=r"EXPERIMENT.TRACKERS: unknown tracker 'tensorbord'"):
         tracker_names(_cfg("EXPERIMENT.TRACKERS", "[tensorbord]"))
+    from accelerate.utils import LoggerType
+
+    # every tracker accelerate supports can be named, and each has a package check and an extra to name
+    assert set(TRACKER_PACKAGES) == {t.value for t in LoggerType} - {"all"}
+    for name in TRACKER_PACKAGES:
+        assert tracker_names(_cfg("EXPERIMENT.TRACKERS", f"[{name}]")) == [name]
 
 
 def test_tensorboard_and_csv_write_files_through_a_real_accelerator(tmp_path: Path) -> None:
@@ -133,3 +139,37 @@ def test_wandb_without_credentials_never_prompts_on_a_terminal(wandb_cmd, tmp_pa
     lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: EXPERIMENT.WANDB.ENABLED"), lines
     assert b"Enter your choice" not in out
+
+
+def test_a_named_tracker_that_does_not_import_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    """A path shim stands for a machine without tensorboard: its import fails as an uninstalled package's would."""
+    shim = tmp_path / "shim"
+    (shim / "tensorboard").mkdir(parents=True)
+    (shim / "tensorboard" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n")
+    demo = ensure_demo(tmp_path, per_species=4)
+    out = tmp_path / "out"
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [e.get("PYTHONPATH")])])
+    opts = tiny_opts(demo, out, EXPERIMENT__TRACKERS="[tensorboard, csv]")
+    proc = subprocess.run(
+        [sys.executable, "-m", "linnaeus.train", "--cfg", str(DEMO_CFG), "--opts", *opts],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: EXPERIMENT.TRACKERS: tracker 'tensorboard' is named but its package")
+    assert "pip install 'linnaeus[tensorboard]'" in lines[0]
+    assert not out.exists()
+
+
+def test_a_training_run_with_tensorboard_writes_event_files(tmp_path: Path) -> None:
+    demo = ensure_demo(tmp_path, per_species=4)
+    out = tmp_path / "out"
+    launch(tiny_opts(demo, out, EXPERIMENT__TRACKERS="[tensorboard]", TRAIN__MAX_STEPS=3))
+    events = list((run_dir(out) / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and any(p.stat().st_size > 100 for p in events)

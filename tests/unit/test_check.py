@@ -412,3 +412,37 @@ def test_an_all_missing_metadata_column_is_reported(capsys, tiny_dataset):
     rc, out, errors = check(capsys, tiny_dataset, opts=("DATA.META.COMPONENTS.TEMPORAL.ENABLED", "false"))
     assert rc == 0 and errors == []
     assert not any("TEMPORAL" in line for line in out.splitlines() if line.startswith("warning:"))
+
+
+def _report_block(lines: list[str]) -> list[str]:
+    """The pretrained load report: its 'pretrained (' line and the indented lines under it."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("pretrained ("))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        block.append(line)
+    return block
+
+
+@pytest.mark.slow
+def test_check_reports_pretrained_heads_as_a_training_start_loads_them(capsys, tmp_path):
+    """`check` knows the class maps: its per-group load report is the one the training start logs, heads included."""
+    demo = launch_utils.ensure_demo(tmp_path, per_species=4)
+    first = launch_utils.tiny_opts(demo, tmp_path / "first", TRAIN__MAX_STEPS=1)
+    launch_utils.launch(first)
+    export = launch_utils.run_dir(tmp_path / "first") / "export" / "final.safetensors"
+    second = launch_utils.tiny_opts(demo, tmp_path / "second", TRAIN__MAX_STEPS=1, MODEL__PRETRAINED=str(export))
+
+    code = main(["check", "--cfg", str(launch_utils.DEMO_CFG), "--no-images", "--opts", *second])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    checked = _report_block(out.splitlines())
+
+    launch_utils.launch(second)
+    log = (launch_utils.run_dir(tmp_path / "second") / "logs" / "train.log").read_text().splitlines()
+    logged = [re.split(r"\] (?:INFO|WARNING) ", line, maxsplit=1)[-1] for line in log]
+    trained = _report_block(logged)
+    assert checked == trained
+    heads = re.search(r"heads (\d+)/(\d+)", checked[0])
+    assert heads is not None and heads[1] == heads[2] != "0", checked[0]

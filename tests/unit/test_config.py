@@ -203,3 +203,40 @@ def test_a_huge_config_file_is_refused_before_reading(tmp_path: Path) -> None:
         fh.truncate(64 << 20)  # sparse: nothing is written
     with pytest.raises(ConfigError, match="over 16 MB"):
         load_config(path)
+
+
+def _every_key(model: type, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema; open maps (HEADS, COMPONENTS) walked through one example name."""
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        args = typing.get_args(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _every_key(ann, f"{prefix}{name}.")
+        elif typing.get_origin(ann) is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+            keys += _every_key(args[1], f"{prefix}{name}.example.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_config_explain_describes_every_key() -> None:
+    from linnaeus.commands.config import explain_lines
+    from linnaeus.config.defaults import Config
+
+    keys = _every_key(Config)
+    assert len(keys) > 150 and "DATA.IMG_SIZE" in keys and "MODEL.CLASSIFICATION.HEADS.example.USE_BIAS" in keys
+    undescribed = []
+    for key in keys:
+        lines = explain_lines(key)
+        meaning = lines[0].split(": ", 1)[1]
+        if "see docs" in meaning or not meaning.strip():
+            undescribed.append(key)
+        assert [line.split(":")[0].strip() for line in lines[1:]] == ["type", "default", "allowed"], lines
+    assert not undescribed, f"{len(undescribed)} keys without a description: {undescribed}"
+    assert explain_lines("LR_SCHEDULER.NAME")[-1] == '  allowed: "cosine", "wsd", "constant"'
+    assert explain_lines("DATA.NUM_WORKERS")[-1] == "  allowed: >= 0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -395,3 +396,33 @@ def test_no_section_default_differs_from_its_class_except_interval_alternatives(
     assert differing == []
     cfg = load_config(None, ["SCHEDULE.VALIDATION.INTERVAL", "{STEPS: 100}"])
     assert (cfg.SCHEDULE.VALIDATION.INTERVAL.STEPS, cfg.SCHEDULE.VALIDATION.INTERVAL.EPOCHS) == (100, None)
+
+
+def test_a_prior_config_gives_one_summary_line_and_verbose_lists_every_key(
+    polli_checkout: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    exp = "configs/experiments/generic_mformer_example.yaml"
+    _, prov = load_config_with_provenance(exp)
+    n = len(prov.findings)
+    assert n > 50
+    assert main(["config", "validate", "--cfg", exp]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1, warned
+    m = re.match(r"warning: (\d+) prior-system keys: (\d+) read under new names, (\d+) ignored; ", warned[0])
+    assert m is not None and int(m[1]) == n == int(m[2]) + int(m[3]) and int(m[2]) > 0 and int(m[3]) > 0, warned
+    assert "`linnaeus config migrate FILE` rewrites them" in warned[0] and "--verbose` lists them" in warned[0]
+    assert main(["config", "validate", "--cfg", exp, "--verbose"]) == 0
+    verbose = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert verbose == [f"warning: {w}" for w in prov.warnings] and len(verbose) == n
+    # what training logs when it loads the config: the same one line
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="linnaeus"):
+        logger = logging.getLogger("linnaeus")
+        old, logger.propagate = logger.propagate, True
+        try:
+            load_config_with_provenance(exp)
+        finally:
+            logger.propagate = old
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [warned[0][len("warning: ") :]]

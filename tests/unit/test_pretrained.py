@@ -175,6 +175,45 @@ def test_stitched_without_layer_scale_reports_the_gammas(tmp_path, convnext_sd, 
     report = build_model(model_spec(cfg), TASKS, NUM_CLASSES, []).pretrained_report
     assert "blocks.0.gamma_1" in dict(report.skipped)
     assert any("LAYER_SCALE_INIT_VALUE" in n for n in report.notes)
+    # pretrained blocks that lose their scales compute something else: a warning, and the summary says what was left
+    assert any("blocks.0.gamma_1" in w and "tensors of loaded ViT blocks left out" in w for w in report.warnings)
+    assert any(line.startswith("  warning: ") for line in report.lines())
+    assert re.search(r"; \d+ left out \(\d+ no counterpart", report.lines()[0]), report.lines()[0]
+
+
+POLLI_V1_SM = Path(__file__).resolve().parents[1] / "fixtures/polli/configs/model/archs/mFormerV1/mFormerV1_sm.yaml"
+
+
+def test_stitching_into_the_prior_arch_follows_the_weights_layer_scale(tmp_path, convnext_sd, ropevit_sd):
+    """The prior system's mFormerV1_sm arch (no LAYER_SCALE_INIT_VALUE) with timm's RoPE-ViT (LayerScale): the
+    attention stages get LayerScale, and every tensor of the stitched blocks 0-4, gammas included, is bit-equal."""
+    from linnaeus.config import dump_config
+    from linnaeus.engine.arch_from_weights import follow_pretrained_weights
+
+    cn, rv = tmp_path / "c.safetensors", tmp_path / "r.safetensors"
+    save_file(convnext_sd, cn)
+    save_file(ropevit_sd, rv)
+    opts = ["MODEL.PRETRAINED_SOURCE", "stitched_convnext_ropevit", "MODEL.PRETRAINED_CONVNEXT", str(cn),
+            "MODEL.PRETRAINED_ROPEVIT", str(rv)]  # fmt: skip
+    cfg = load_config(POLLI_V1_SM, opts)
+    assert cfg.MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE is None
+    note = follow_pretrained_weights(cfg)
+    assert note is not None and "gamma_1/gamma_2" in note
+    assert follow_pretrained_weights(cfg) is None  # once set, nothing more to follow
+    model = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2, 3])
+    sd = model.state_dict()
+    vit_block_keys = [k for k in ropevit_sd if (m := re.match(r"blocks\.(\d+)\.", k)) and int(m[1]) < 5]
+    assert any(k.endswith(".gamma_1") for k in vit_block_keys) and any(k.endswith(".gamma_2") for k in vit_block_keys)
+    wrong = [k for k in vit_block_keys if not torch.equal(sd[f"backbone.attn_stages.0.{k}"], ropevit_sd[k])]
+    assert not wrong, wrong[:5]
+    _assert_all_bit_equal(model, expected_pairs(convnext_sd, ropevit_sd))
+    assert model.pretrained_report.warnings == []
+    # what the run records (config.yaml) builds the same network again
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_config(cfg))
+    assert (
+        load_config(recorded).MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE == cfg.MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE
+    )
 
 
 def test_missing_file_and_hub_name_are_one_line_errors(tmp_path):

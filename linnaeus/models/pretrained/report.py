@@ -52,14 +52,28 @@ class LoadReport:
     loaded: dict[str, int]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source key, reason)
     notes: list[str] = field(default_factory=list)
+    # Skips that change what loaded pretrained parts compute (logged as warnings, not INFO).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_loaded(self) -> int:
         return sum(self.loaded.values())
 
+    def left_out(self) -> str:
+        """What of the file(s) was left and why, by kind of reason: "12 left out (8 no counterpart, 4 shape)"."""
+        if not self.skipped:
+            return "nothing left out"
+        kinds: dict[str, int] = {}
+        for _, reason in self.skipped:
+            kind = "shape mismatch" if reason.startswith("shape ") else reason.split(":")[0].split(" (")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return f"{len(self.skipped)} left out ({', '.join(f'{n} {k}' for k, n in kinds.items())})"
+
     def lines(self) -> list[str]:
+        """The summary line, then warnings (``  warning: ...``), notes and every skipped tensor."""
         groups = ", ".join(f"{g} {self.loaded.get(g, 0)}/{n}" for g, n in self.totals.items() if n)
-        out = [f"pretrained ({self.source}, {', '.join(self.files)}): {groups}"]
+        out = [f"pretrained ({self.source}, {', '.join(self.files)}): {groups}; {self.left_out()}"]
+        out += [f"  warning: {w}" for w in self.warnings]
         out += [f"  {note}" for note in self.notes]
         out += [f"  skipped {key}: {reason}" for key, reason in self.skipped]
         return out
@@ -71,6 +85,7 @@ class LoadReport:
             "groups": {g: {"loaded": self.loaded.get(g, 0), "total": n} for g, n in self.totals.items() if n},
             "skipped": [{"key": k, "reason": r} for k, r in self.skipped],
             "notes": self.notes,
+            "warnings": self.warnings,
         }
 
 
@@ -82,6 +97,8 @@ class Transfer:
         self.assigned: dict[str, torch.Tensor] = {}
         self.skipped: list[tuple[str, str]] = []
         self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.assigned_sources: list[str] = []  # source keys whose tensors were accepted
 
     def assign(self, target: str, source_key: str, tensor: torch.Tensor) -> bool:
         have = self.targets.get(target)
@@ -97,6 +114,7 @@ class Transfer:
             self.skipped.append((source_key, f"{target} already loaded from another tensor"))
             return False
         self.assigned[target] = tensor
+        self.assigned_sources.append(source_key)
         return True
 
     def skip(self, source_key: str, reason: str) -> None:
@@ -117,4 +135,4 @@ class Transfer:
         for name, tensor in self.assigned.items():
             self.targets[name].copy_(tensor.to(self.targets[name].dtype))
             loaded[group_of(name)] += 1
-        return LoadReport(source, files, totals, loaded, list(self.skipped), list(self.notes))
+        return LoadReport(source, files, totals, loaded, list(self.skipped), list(self.notes), list(self.warnings))

@@ -16,6 +16,7 @@ the original repositories' (``convnext_tiny_22k_1k_384.pth``, ``rope_mixed_deit_
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -139,6 +140,47 @@ def _stitch_ropevit(transfer: Transfer, sd: dict[str, torch.Tensor], backbone: n
         transfer.assign(target, where, f[:, block])
 
 
+# LayerScale's first value for blocks no pretrained file fills (DeiT-LS's choice for ViT-S/B); pretrained blocks
+# take their trained gamma_1/gamma_2 instead.
+LAYER_SCALE_FOR_STITCHED = 1.0e-5
+
+
+def vit_has_layer_scale(path: str) -> bool:
+    """Does the ViT weights file carry LayerScale (``gamma_1``/``gamma_2``, as DeiT-LS and timm's
+    ``vit_*_rope_mixed_*`` do)? The run then gives its attention stages LayerScale (see
+    ``linnaeus.engine.arch_from_weights``), so the pretrained blocks keep their trained scales."""
+    return any(k.endswith((".gamma_1", ".gamma_2")) for k in _weight_names(path))
+
+
+def _weight_names(path: str) -> list[str]:
+    """The tensor names of a weights file (a safetensors header is read without the tensors)."""
+    if Path(path).expanduser().suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(Path(path).expanduser()), "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError):
+            pass  # read_weights below gives the one-line error
+    return list(read_weights(path, "MODEL.PRETRAINED_ROPEVIT"))
+
+
+def _warn_changed_blocks(transfer: Transfer) -> None:
+    """Skipped ViT tensors of blocks that were otherwise loaded change what those pretrained blocks compute: one
+    warning per kind (the report's per-tensor lines keep the detail)."""
+    loaded_blocks = {int(m[1]) for k in transfer.assigned_sources if (m := _VIT_BLOCK.match(k))}
+    kinds: dict[str, list[str]] = {}
+    for key, reason in transfer.skipped:
+        m = _VIT_BLOCK.match(key) or re.match(r"^(?:rope\.)?freqs\[:, (\d+)\]$", key)
+        if m and int(m[1]) in loaded_blocks:
+            kinds.setdefault(reason, []).append(key)
+    for reason, keys in kinds.items():
+        transfer.warnings.append(
+            f"{len(keys)} tensors of loaded ViT blocks left out ({keys[0]}, ...): {reason}; those pretrained blocks "
+            "compute something else than they were trained to"
+        )
+
+
 def load_stitched(model: nn.Module, spec: ModelSpec) -> LoadReport:
     if spec.type != "mFormerV1":
         raise ConfigError(
@@ -165,4 +207,5 @@ def load_stitched(model: nn.Module, spec: ModelSpec) -> LoadReport:
             "the ViT's LayerScale (gamma_1/gamma_2) has no target: set MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE "
             "(e.g. 1.0e-5) so the pretrained blocks keep their trained scales"
         )
+    _warn_changed_blocks(transfer)
     return transfer.apply(model, "stitched_convnext_ropevit", [p for _, p in files])
