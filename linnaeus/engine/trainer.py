@@ -18,7 +18,7 @@ import torch
 from linnaeus.config import Config, config_to_dict, dump_config
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
-from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
+from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment, process_identities
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
@@ -134,9 +134,11 @@ class Trainer:
             cfg, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
         )
 
+        ranks = process_identities(acc)  # named by the lock, so a refused second run can tell whom to stop
+
         def take_folder() -> None:
             self.run.mkdir(parents=True, exist_ok=True)
-            RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit
+            RunLock.acquire(self.run, ranks=ranks)  # refuses a folder another run is using; released at exit
 
         decide_on_main(acc, take_folder)  # a busy folder stops every rank with the same line
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)
