@@ -160,6 +160,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (orphans are reaped by whoever is pid 1, maybe never)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def signal_tree(proc: subprocess.Popen, sig: int) -> None:
     for pid in [proc.pid, *descendants(proc.pid)]:
         try:
