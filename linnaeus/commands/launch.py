@@ -11,9 +11,10 @@ rank does can change that, so this command runs accelerate's own launcher in-pro
   exits 75; otherwise, when the first rank to fail exited with a status of its own (2: a user error, 3: a
   non-finite stop), the command exits with that status; any other failure propagates unchanged.
 
-Signals: a SIGTERM to this process (or its process group) reaches torch elastic's handler, which forwards it to the
-ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them (default here: 100, inside SLURM's 120 s
-warning) before killing them; the ranks use that time to agree, checkpoint and exit 75.
+Signals: a SIGTERM (SIGINT, SIGHUP; SIGUSR1/2 become a SIGTERM) to this process or its process group reaches torch
+elastic's handler, which forwards it to the ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them
+(default here: 100, inside SLURM's 120 s warning) before killing them; the ranks use that time to agree, checkpoint
+and exit 75. A SIGKILL of this process leaves the ranks to notice on their own (``preemption.watch_launcher``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    # torch elastic forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the ranks; SIGUSR1/SIGUSR2 (`--signal=USR1@120`)
+    # would kill the launcher itself. They become a SIGTERM to this process, which the agent forwards.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     marker_dir = Path(tempfile.mkdtemp(prefix="linnaeus-launch-"))
     marker = marker_dir / "preempted"
     os.environ[MARKER_ENV] = str(marker)
