@@ -17,6 +17,7 @@ from launch_utils import (
     descendants,
     env,
     final_weights,
+    free_port,
     metrics,
     run_dir,
     running,
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 
 def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:
-    cmd = train_cmd(opts, accelerate_config)
+    cmd = train_cmd(opts, accelerate_config, extra=["--main_process_port", str(free_port())])
     assert cmd[1] == "launch"
     return [PY, "-m", "linnaeus.launch", *cmd[2:]]
 
@@ -189,7 +190,8 @@ def test_sigkill_of_the_launcher_group_ends_every_process_and_the_rerun_resumes(
     ranks and their loaders must notice on their own, checkpoint, and leave the folder to the rerun."""
     opts = tiny_opts(demo, tmp_path, name="orphan", TRAIN__MAX_STEPS=4000, DATA__NUM_WORKERS=1)
     run = run_dir(tmp_path, "orphan")
-    proc = spawn_cmd(train_cmd(opts, "cpu_zero2"))
+    port = ["--main_process_port", str(free_port())]
+    proc = spawn_cmd(train_cmd(opts, "cpu_zero2", extra=port))
     wait_for(lambda: _train_rows(run) >= 3, proc, timeout=600)
     everything = descendants(proc.pid)
     assert len(everything) >= 4, _describe(everything)  # 2 ranks and their loader processes
@@ -205,7 +207,7 @@ def test_sigkill_of_the_launcher_group_ends_every_process_and_the_rerun_resumes(
     assert stopped is not None and stopped == metrics(run, "train")[-1]["step"]
     assert not (run / "run.lock").exists()
 
-    again = spawn_cmd(train_cmd(opts, "cpu_zero2"))
+    again = spawn_cmd(train_cmd(opts, "cpu_zero2", extra=port))  # the same command
     log = run / "logs" / "train.log"
     wait_for(lambda: f"resumed from step {stopped}" in log.read_text(), again, timeout=600)
     signal_tree(again, signal.SIGTERM)
