@@ -131,16 +131,18 @@ def watch_launcher(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(poll_s)
-        print(
-            f"linnaeus: the launcher (pid {launcher}) is gone; stopping as on SIGTERM (checkpoint, exit 75)",
-            file=sys.stderr,
-            flush=True,
-        )
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
-        print(
-            f"linnaeus: still running {grace:.0f} s after the launcher was gone; exit 75", file=sys.stderr, flush=True
-        )
+        _say(f"linnaeus: the launcher (pid {launcher}) is gone; stopping as on SIGTERM (checkpoint, exit 75)")
+        time.sleep(grace)  # the main thread may be stuck in C++ (a collective, a rendezvous) and never see the flag
+        _say(f"linnaeus: still running {grace:.0f} s after the launcher was gone; exit {PREEMPTED_EXIT_CODE}")
         os._exit(PREEMPTED_EXIT_CODE)
 
     threading.Thread(target=watch, name="linnaeus-launcher-watch", daemon=True).start()
+
+
+def _say(message: str) -> None:
+    # stderr was often a pipe to the launcher that is gone: a broken pipe must not end the watch before its exit.
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
