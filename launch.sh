@@ -54,12 +54,32 @@ if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; fi
 
 echo "launch.sh: $NNODES nodes x $GPUS_PER_NODE processes, main $MAIN_ADDR:$MAIN_PORT, config $ACCELERATE_CONFIG"
 
+# Stop signals: `--signal=TERM@120` (or USR1/USR2/HUP, whichever the job asks for) reaches every process of the
+# step, these shells included. A shell without a trap dies of it, and srun would report 143 before the ranks had
+# checkpointed, so no requeue. Both shells below trap the stop signals and keep waiting for their child, which
+# checkpoints and exits 75. `wait` returns early (status > 128) when a trapped signal arrives: wait_for waits again
+# until the child is really gone and returns its own status.
+WAIT_FOR='wait_for() {
+  local status again
+  wait "$1"; status=$?
+  while kill -0 "$1" 2>/dev/null; do wait "$1"; status=$?; done
+  if [ "$status" -gt 128 ]; then
+    wait "$1" 2>/dev/null; again=$?
+    if [ "$again" -ne 127 ]; then status=$again; fi
+  fi
+  return "$status"
+}'
+eval "$WAIT_FOR"
+STOP_SIGNALS="TERM INT HUP USR1 USR2"
+
 # Single quotes: \$SLURM_NODEID must expand inside each task, so every node gets its own machine rank.
 # `linnaeus launch` is `accelerate launch` whose exit status is 75 when the ranks checkpointed on SIGTERM (plain
 # `accelerate launch` would say 1). The first node requeues the job on 75 itself: the checkpoint is complete once
 # its ranks have exited 75, and with --kill-on-bad-exit the other tasks may be ended before srun could report 75.
+trap 'echo "launch.sh: stop signal received; waiting for the ranks to checkpoint" >&2' $STOP_SIGNALS
 set +e
-srun --kill-on-bad-exit=1 bash -c '
+srun --kill-on-bad-exit=1 bash -c "$WAIT_FOR"'
+  trap ":" '"$STOP_SIGNALS"'  # survive the stop signal: linnaeus launch forwards it to the ranks and reports 75
   linnaeus launch \
     --config_file "'"$ACCELERATE_CONFIG"'" \
     --num_machines '"$NNODES"' \
@@ -67,14 +87,16 @@ srun --kill-on-bad-exit=1 bash -c '
     --machine_rank "$SLURM_NODEID" \
     --main_process_ip '"$MAIN_ADDR"' \
     --main_process_port '"$MAIN_PORT"' \
-    -m linnaeus.train --cfg "$0" "$@"
+    -m linnaeus.train --cfg "$0" "$@" &
+  wait_for $!
   status=$?
   if [ "$status" -eq 75 ] && [ "$SLURM_NODEID" = 0 ]; then
     echo "launch.sh: preempted and checkpointed (exit 75); requeueing job $SLURM_JOB_ID" >&2
     scontrol requeue "$SLURM_JOB_ID"
   fi
   exit "$status"
-' "$CFG" "$@"
+' "$CFG" "$@" &
+wait_for $!
 status=$?
 set -e
 if [ "$status" -eq 75 ]; then

@@ -160,6 +160,25 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: a launch's rendezvous port, so that launches running side by side on one
+    machine (other test sessions) do not meet at accelerate's default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (orphans are reaped by whoever is pid 1, maybe never)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def signal_tree(proc: subprocess.Popen, sig: int) -> None:
     for pid in [proc.pid, *descendants(proc.pid)]:
         try:

@@ -8,11 +8,13 @@ rank does can change that, so this command runs accelerate's own launcher in-pro
 - it names a marker file in ``LINNAEUS_PREEMPTED_MARKER`` (inherited by every rank); a rank whose job ended with the
   preemption checkpoint written writes that file (``note_preempted``) before exiting 75;
 - if the launch ends with the marker present (or every failed rank exited 75), the command prints one line and
-  exits 75; any other failure propagates unchanged.
+  exits 75; otherwise, when the first rank to fail exited with a status of its own (2: a user error, 3: a
+  non-finite stop), the command exits with that status; any other failure propagates unchanged.
 
-Signals: a SIGTERM to this process (or its process group) reaches torch elastic's handler, which forwards it to the
-ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them (default here: 100, inside SLURM's 120 s
-warning) before killing them; the ranks use that time to agree, checkpoint and exit 75.
+Signals: a SIGTERM (SIGINT, SIGHUP; SIGUSR1/2 become a SIGTERM) to this process or its process group reaches torch
+elastic's handler, which forwards it to the ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them
+(default here: 100, inside SLURM's 120 s warning) before killing them; the ranks use that time to agree, checkpoint
+and exit 75. A SIGKILL of this process leaves the ranks to notice on their own (``preemption.watch_launcher``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,18 @@ def note_preempted(step: int | None = None) -> None:
     from linnaeus.utils.io import atomic_write_text
 
     atomic_write_text(Path(target), f"{'' if step is None else step}\n")
+
+
+def _first_failure(err: BaseException) -> tuple[int, int] | None:
+    """(rank, exit status) of the rank that failed first, when it exited with a status of its own (not a signal)."""
+    if isinstance(err, subprocess.CalledProcessError):
+        return (0, err.returncode) if err.returncode > 0 else None
+    first = getattr(err, "get_first_failure", None)
+    if not callable(first) or not getattr(err, "failures", None):
+        return None
+    rank, failure = first()
+    code = int(getattr(failure, "exitcode", 1))
+    return (int(rank), code) if code > 0 else None
 
 
 def _exit_codes(err: BaseException) -> list[int]:
@@ -90,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    # torch elastic forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the ranks; SIGUSR1/SIGUSR2 (`--signal=USR1@120`)
+    # would kill the launcher itself. They become a SIGTERM to this process, which the agent forwards.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     try:
         check_before_spawning(args)
     except LinnaeusError as err:
@@ -111,7 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return PREEMPTED_EXIT_CODE
-            raise
+            first = _first_failure(err)
+            if first is None:
+                raise
+            # The rank's own status (2: a user error it printed as one line, 3: a non-finite stop, ...), instead of
+            # torch elastic's 1 and its traceback; the rank's error line is above.
+            print(f"linnaeus launch: rank {first[0]} exited {first[1]} (its error is above)", file=sys.stderr)
+            return first[1]
         return PREEMPTED_EXIT_CODE if marker.is_file() else 0
     finally:
         shutil.rmtree(marker_dir, ignore_errors=True)

@@ -161,12 +161,15 @@ def _schedule_rules(cfg: Config, fail: Fail) -> None:
 
 
 def _launch_rules(cfg: Config, launch: LaunchFacts, fail: Fail) -> None:
-    """What the launch makes impossible: GradNorm under ZeRO-3, skipping non-finite steps inside DeepSpeed."""
-    if cfg.LOSS.GRADNORM.ENABLED and launch.zero_stage == 3:
+    """What the launch makes impossible: GradNorm under DeepSpeed, skipping non-finite steps inside DeepSpeed."""
+    if cfg.LOSS.GRADNORM.ENABLED and launch.deepspeed:
+        # GradNorm takes per-rank gradient norms with torch.autograd.grad; DeepSpeed's engine hooks every gradient
+        # and takes that for a backward pass (ZeRO-1/2 reduce and fail; ZeRO-3 partitions the parameters too).
         fail(
             "LOSS.GRADNORM.ENABLED",
-            f"GradNorm needs whole parameters for its per-rank gradient norms, which ZeRO-3 ({launch.source}) "
-            "partitions; use DDP or ZeRO-1/2, or disable GradNorm",
+            f"GradNorm's per-task gradient norms cannot run under DeepSpeed ({launch.source}), whose engine takes "
+            "them for a backward pass; launch with DDP (accelerate_configs/cpu_ddp.yaml, multi_gpu_ddp.yaml) or "
+            "disable GradNorm",
         )
     if cfg.TRAIN.NONFINITE == "skip" and launch.deepspeed and _precision(cfg, launch) not in ("fp16", None):
         fail(

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,13 +73,30 @@ class ImageDecodeError(DataError):
 def _read(source: str | bytes | Path) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
-    name = str(source)
+    return read_image_file(source), str(source)
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of a regular file. Anything else named like an image (a FIFO, a device, a socket) is refused
+    before it is read: reading a FIFO nobody writes to would wait forever."""
+    name = str(path)
     try:
-        return Path(source).read_bytes(), name
+        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageDecodeError(name, "file not found") from None
     except OSError as err:
         raise ImageDecodeError(name, f"cannot read ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageDecodeError(
+                name, "not a regular file (a FIFO, device, socket or folder); expected an image file"
+            )
+        os.set_blocking(fd, True)
+        try:
+            return fh.read()
+        except OSError as err:
+            raise ImageDecodeError(name, f"cannot read ({err.strerror or err})") from None
 
 
 def random_resized_crop_box(

@@ -16,11 +16,14 @@ got, so the caller passes the number of batches it actually finished to ``state_
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from linnaeus.data.encoded import collate_samples
 from linnaeus.errors import LinnaeusError
+from linnaeus.utils.signals import STOP_SIGNALS, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +159,29 @@ class EpochSampler(Sampler[Key]):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT. SLURM (and Ctrl-C) signal every process of a
-    job; a worker that died of it would crash its rank before the rank could write its preemption checkpoint. The
-    rank ends its workers itself when it stops iterating. Seeding is untouched (it happens before this runs)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1/2). SLURM
+    (and Ctrl-C, a closed terminal) signal every process of a job; a worker that died of it would crash its rank
+    before the rank could write its preemption checkpoint. The rank ends its workers itself when it stops
+    iterating. Seeding is untouched (it happens before this runs)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _start_worker(rank_pid: int, worker_id: int) -> None:
+    """The ``worker_init_fn`` proper: ignore stop signals, and end this worker when its rank is gone.
+
+    Workers are children of the forkserver, not of the rank, and each holds the server's "a client is alive" pipe,
+    so after a SIGKILL of the rank (the OOM killer's choice) neither the server nor the workers would ever notice:
+    torch's worker watchdog watches the parent, which is the server. A thread here watches the rank itself; when
+    the workers exit, the server reads the end of its pipe and exits, and the resource tracker with them."""
+    ignore_stop_signals(worker_id)
+    threading.Thread(target=_exit_without, args=(rank_pid,), name="linnaeus-rank-watch", daemon=True).start()
+
+
+def _exit_without(rank_pid: int, poll_s: float = 1.0) -> None:
+    while process_alive(rank_pid):
+        time.sleep(poll_s)
+    os._exit(0)  # nobody is left to read what this worker makes
 
 
 def _end_leftover_workers() -> None:
@@ -193,9 +215,10 @@ def worker_context(num_workers: int, requested: Any = None) -> Any:
     is a fresh interpreter with no such threads; workers are forked from it and receive the dataset pickled, its
     large arrays as shared memory (``worker_share``).
 
-    The server is started with SIGTERM/SIGINT blocked, and its workers inherit that: a preemption signal sent to
+    The server is started with the stop signals blocked, and its workers inherit that: a preemption signal sent to
     every process of the job must not end the server or its workers before the rank has written its checkpoint
-    (the workers ignore both signals anyway, ``ignore_stop_signals``). It exits when this process does.
+    (the workers ignore them anyway, ``ignore_stop_signals``). It exits when this process and its workers are gone
+    (the workers watch this process, ``_start_worker``).
     """
     if num_workers <= 0 or requested is not None:
         return requested if num_workers > 0 else None
@@ -210,7 +233,7 @@ def worker_context(num_workers: int, requested: Any = None) -> Any:
     # The server starts its resource tracker first; starting that unblocks SIGTERM/SIGINT in this thread again
     # (it protects itself by ignoring them), so it is started before our block.
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         forkserver.ensure_running()  # a no-op while it runs; the signal mask passes to it through exec
     finally:
@@ -219,15 +242,16 @@ def worker_context(num_workers: int, requested: Any = None) -> Any:
 
 
 def worker_init(num_workers: int) -> Any:
-    """The ``worker_init_fn`` of every Linnaeus DataLoader (None without workers): ``ignore_stop_signals``, plus,
-    in this process, an exit handler that ends workers left running (atexit runs it before multiprocessing's)."""
+    """The ``worker_init_fn`` of every Linnaeus DataLoader (None without workers): ``ignore_stop_signals`` and an
+    exit when this process is gone (``_start_worker``), plus, in this process, an exit handler that ends workers
+    left running (atexit runs it before multiprocessing's)."""
     global _exit_guard
     if num_workers <= 0:
         return None
     if not _exit_guard:
         atexit.register(_end_leftover_workers)
         _exit_guard = True
-    return ignore_stop_signals
+    return functools.partial(_start_worker, os.getpid())
 
 
 _clamp_said: set[tuple[int, int]] = set()

@@ -185,3 +185,15 @@ def decide_on_main(accelerator: Any, decide: Callable[[], Any]) -> Any:
     if box[0][0] == "error":
         raise getattr(errors, box[0][1], errors.LinnaeusError)(box[0][2])
     return box[0][1]
+
+
+def process_identities(accelerator: Any) -> list[tuple[str, int]]:
+    """(host, pid) of every process, by rank, on every process. Collective."""
+    import socket
+
+    mine = [(socket.gethostname(), os.getpid())]
+    if accelerator.num_processes == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return [(str(h), int(p)) for h, p in gather_object(mine)]

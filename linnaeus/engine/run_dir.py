@@ -92,11 +92,14 @@ class MetricsWriter:
 
 
 class RunLock:
-    """``<run>/run.lock``: which process trains into this folder (host, pid, heartbeat refreshed by a thread).
+    """``<run>/run.lock``: which job trains into this folder (host, pid, process start time, ``SLURM_JOB_ID``, every
+    rank's host and pid; a heartbeat refreshed by a thread).
 
     Taken by the main process at setup and removed at exit. A second run into a busy folder is refused with one line
-    naming the holder. A lock is stale, and taken over with a warning, when its process is gone (same host: the pid
-    no longer exists) or its heartbeat is older than ``STALE_AFTER_S`` (another host, which we cannot ask).
+    naming every rank it knows. A lock is stale, and taken over with a warning, when
+    - it was written by this same SLURM job (a requeue, on any node: the job's earlier processes are gone);
+    - on this host, its pid no longer exists or now belongs to a process started later (a reused pid);
+    - its heartbeat is older than ``STALE_AFTER_S`` (another host, which we cannot ask, or a reused pid on this one).
     """
 
     FILE = "run.lock"
@@ -110,9 +113,18 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="linnaeus-run-lock", daemon=True)
 
     @classmethod
-    def acquire(cls, run: Path) -> RunLock:
+    def acquire(cls, run: Path | str, ranks: list[tuple[str, int]] | None = None) -> RunLock:
+        """``ranks``: (host, pid) of every process of the run, by rank (named in a refusal of a second run)."""
         path = Path(run) / cls.FILE
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time()}
+        record: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "job": os.environ.get("SLURM_JOB_ID") or None,
+            "ranks": [[str(h), int(p)] for h, p in ranks or []],
+            "started": time.time(),
+            "heartbeat": time.time(),
+        }
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -120,10 +132,9 @@ class RunLock:
             mine = holder.get("pid") == os.getpid() and holder.get("host") == record["host"]
             why_stale = "an earlier run in this process" if mine else cls._stale_reason(holder)
             if why_stale is None:
-                age = time.time() - float(holder.get("heartbeat", 0))
                 raise ConfigError(
-                    f"{run}: in use by pid {holder.get('pid')} on {holder.get('host')} (heartbeat {age:.0f} s ago, "
-                    f"{path}); wait for that run to end, stop it, or choose another EXPERIMENT.NAME"
+                    f"{run}: in use by {cls._describe(holder)} ({path}); wait for that run to end, "
+                    "stop it, or choose another EXPERIMENT.NAME"
                 ) from None
             if not mine:
                 log.warning("%s: taking over a stale lock (%s)", path, why_stale)
@@ -140,6 +151,17 @@ class RunLock:
         return lock
 
     @staticmethod
+    def _describe(holder: dict[str, Any]) -> str:
+        age = time.time() - float(holder.get("heartbeat", 0) or 0)
+        text = f"pid {holder.get('pid')} on {holder.get('host')}"
+        ranks = holder.get("ranks")
+        if isinstance(ranks, list) and len(ranks) > 1:
+            text += " (" + ", ".join(f"rank {r}: pid {p} on {h}" for r, (h, p) in enumerate(ranks)) + ")"
+        if holder.get("job"):
+            text += f", SLURM job {holder['job']}"
+        return f"{text} (heartbeat {age:.0f} s ago)"
+
+    @staticmethod
     def _read(path: Path) -> dict[str, Any]:
         try:
             doc = json.loads(path.read_text())
@@ -152,17 +174,25 @@ class RunLock:
         pid, host = holder.get("pid"), holder.get("host")
         if not isinstance(pid, int) or not isinstance(host, str):
             return "unreadable lock file"
-        if host == socket.gethostname():
+        job = os.environ.get("SLURM_JOB_ID")
+        here = host == socket.gethostname()
+        age = time.time() - float(holder.get("heartbeat", 0) or 0)
+        if job and holder.get("job") == job and not here:
+            # SLURM ends every process of a job before it requeues it; the heartbeat has not gone stale yet.
+            return f"written by this SLURM job {job} on {host} before it was requeued"
+        if here:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return f"pid {pid} on this host no longer exists"
             except PermissionError:
                 pass  # exists, owned by someone else
-            return None
-        age = time.time() - float(holder.get("heartbeat", 0) or 0)
+            started = holder.get("pid_start")
+            if started is not None and _process_start(pid) not in (None, started):
+                return f"pid {pid} on this host now belongs to another process"
         if age > cls.STALE_AFTER_S:
-            return f"pid {pid} on {host} has not refreshed its heartbeat for {age:.0f} s"
+            where = "this host" if here else host
+            return f"pid {pid} on {where} has not refreshed its heartbeat for {age:.0f} s"
         return None
 
     def _beat(self) -> None:
@@ -182,3 +212,13 @@ class RunLock:
             and self._read(self.path).get("host") == self.record["host"]
         ):
             self.path.unlink(missing_ok=True)
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, Linux ``/proc``), None where unknown: a pid with another start
+    time than the lock records is a reused one."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5); the fields after the name start at field 3
+    except (OSError, IndexError, ValueError):
+        return None

@@ -21,7 +21,13 @@ from linnaeus.engine.after_step import AfterStep, always, run_after_step
 from linnaeus.engine.arch_from_weights import follow_pretrained_weights
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
-from linnaeus.engine.distributed import build_accelerator, decide_on_main, device_summary, prepare_environment
+from linnaeus.engine.distributed import (
+    build_accelerator,
+    decide_on_main,
+    device_summary,
+    prepare_environment,
+    process_identities,
+)
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
@@ -135,9 +141,11 @@ class Trainer:
             self.specs.data, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
         )
 
+        ranks = process_identities(acc)  # named by the lock, so a refused second run can tell whom to stop
+
         def take_folder() -> None:
             self.run.mkdir(parents=True, exist_ok=True)
-            RunLock.acquire(self.run)  # refuses a folder another run is using; released at exit
+            RunLock.acquire(self.run, ranks=ranks)  # refuses a folder another run is using; released at exit
 
         decide_on_main(acc, take_folder)  # a busy folder stops every rank with the same line
         attach_run_logs(self.run, acc.process_index, acc.is_main_process)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,11 @@ from launch_utils import (
     descendants,
     env,
     final_weights,
+    free_port,
     metrics,
     run_dir,
+    running,
+    signal_tree,
     spawn_cmd,
     tiny_opts,
     train_cmd,
@@ -28,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 
 def _linnaeus_launch(opts: list[str], accelerate_config: str) -> list[str]:
-    cmd = train_cmd(opts, accelerate_config)
+    cmd = train_cmd(opts, accelerate_config, extra=["--main_process_port", str(free_port())])
     assert cmd[1] == "launch"
     return [PY, "-m", "linnaeus.launch", *cmd[2:]]
 
@@ -70,7 +74,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("target", ["group", "everything", "ranks"])
+@pytest.mark.parametrize("target", ["group", "everything", "ranks", "hangup"])
 def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
     demo: Path, tmp_path: Path, straight: dict, target: str
 ) -> None:
@@ -81,6 +85,9 @@ def test_sigterm_with_workers_exits_75_from_the_launcher_and_resumes_exactly(
     if target == "group":
         # What a person's Ctrl-C or `kill -TERM -PGID` reaches: the launcher (ranks run in their own sessions).
         os.killpg(proc.pid, signal.SIGTERM)
+    elif target == "hangup":
+        # A dropped ssh session or a closed terminal: SIGHUP to the launcher's process group.
+        os.killpg(proc.pid, signal.SIGHUP)
     elif target == "ranks":
         ranks = [c for c in _children(proc.pid) if b"linnaeus.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(ranks) == 2
@@ -122,3 +129,89 @@ def test_single_process_train_with_workers_exits_75(demo: Path, tmp_path: Path) 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-4000:]
     assert _latest_step(run) == metrics(run, "train")[-1]["step"]
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The pids of ``pids`` still running after ``seconds`` (zombies count as gone: nobody may reap orphans here)."""
+    deadline = time.time() + seconds
+    while True:
+        left = [p for p in pids if running(p)]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for p in pids:
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().replace(bytes(1), b" ")[:200]
+            out.append(f"{p}: {cmdline!r}")
+        except OSError:
+            out.append(f"{p}: ?")
+    return out
+
+
+def test_sigkill_of_a_training_process_ends_its_loader_processes(demo: Path, tmp_path: Path) -> None:
+    """The OOM killer's choice: the loader's forkserver, its workers and the resource tracker must not live on."""
+    opts = tiny_opts(demo, tmp_path, name="oom", TRAIN__MAX_STEPS=4000, DATA__NUM_WORKERS=1)
+    run = run_dir(tmp_path, "oom")
+    proc = spawn_cmd([PY, "-m", "linnaeus.train", *train_cmd(opts)[3:]])
+    try:
+        wait_for(lambda: _train_rows(run) >= 2, proc, timeout=300)
+        loader = descendants(proc.pid)
+        assert len(loader) >= 3, _describe(loader)  # forkserver, resource tracker, worker(s)
+    finally:
+        proc.kill()
+    proc.wait(timeout=60)
+    left = _gone_within(loader, 30)
+    described = _describe(left)
+    for pid in left:  # do not leave them to the next test (they hold its output pipes, too)
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not left, described
+
+
+def test_sigterm_during_setup_exits_75_and_releases_the_lock(demo: Path, tmp_path: Path) -> None:
+    opts = tiny_opts(demo, tmp_path, name="early", TRAIN__MAX_STEPS=400, DATA__NUM_WORKERS=1)
+    run = run_dir(tmp_path, "early")
+    proc = spawn_cmd([PY, "-m", "linnaeus.train", *train_cmd(opts)[3:]])
+    wait_for(lambda: (run / "run.lock").is_file(), proc, timeout=300)  # taken mid-setup, before the model exists
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-4000:]
+    assert "during setup" in err and "Traceback" not in err, err[-4000:]
+    assert not (run / "run.lock").exists()
+    assert _train_rows(run) == 0
+
+
+def test_sigkill_of_the_launcher_group_ends_every_process_and_the_rerun_resumes(demo: Path, tmp_path: Path) -> None:
+    """An OOM-killed launcher or a killed terminal: torch elastic runs each rank in a session of its own, so the
+    ranks and their loaders must notice on their own, checkpoint, and leave the folder to the rerun."""
+    opts = tiny_opts(demo, tmp_path, name="orphan", TRAIN__MAX_STEPS=4000, DATA__NUM_WORKERS=1)
+    run = run_dir(tmp_path, "orphan")
+    port = ["--main_process_port", str(free_port())]
+    proc = spawn_cmd(train_cmd(opts, "cpu_zero2", extra=port))
+    wait_for(lambda: _train_rows(run) >= 3, proc, timeout=600)
+    everything = descendants(proc.pid)
+    assert len(everything) >= 4, _describe(everything)  # 2 ranks and their loader processes
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = _gone_within(everything, 60)
+    described = _describe(left)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not left, described
+    stopped = _latest_step(run)
+    assert stopped is not None and stopped == metrics(run, "train")[-1]["step"]
+    assert not (run / "run.lock").exists()
+
+    again = spawn_cmd(train_cmd(opts, "cpu_zero2", extra=port))  # the same command
+    log = run / "logs" / "train.log"
+    wait_for(lambda: f"resumed from step {stopped}" in log.read_text(), again, timeout=600)
+    signal_tree(again, signal.SIGTERM)
+    again.communicate(timeout=300)
+    left = _gone_within([again.pid, *descendants(again.pid)], 60)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)

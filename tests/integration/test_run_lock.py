@@ -106,3 +106,64 @@ def test_second_training_run_into_a_busy_folder_is_refused(tmp_path_factory, tmp
     assert "Traceback" not in second.stderr
     assert first.returncode == 75
     assert not (run / "run.lock").exists()  # released by the first run at its exit
+
+
+def _plant(run: Path, **record: object) -> None:
+    (run / "run.lock").write_text(json.dumps(record))
+
+
+def test_lock_of_the_same_slurm_job_on_another_host_is_taken_over_at_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A requeued job restarts on another node while its hard-killed predecessor's heartbeat is still fresh."""
+    _plant(tmp_path, host="gpu-node-017", pid=4242, heartbeat=time.time() - 53, job="777")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    with caplog.at_level(logging.WARNING, logger="linnaeus"):
+        lock = RunLock.acquire(tmp_path)
+    assert "SLURM job 777" in caplog.text and "gpu-node-017" in caplog.text
+    record = json.loads((tmp_path / "run.lock").read_text())
+    assert record["job"] == "777" and record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    lock.release()
+
+
+def test_lock_of_another_slurm_job_is_refused(tmp_path: Path, monkeypatch) -> None:
+    _plant(tmp_path, host="gpu-node-017", pid=4242, heartbeat=time.time() - 53, job="777")
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    with pytest.raises(ConfigError, match=r"in use by pid 4242 on gpu-node-017.*SLURM job 777"):
+        RunLock.acquire(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(ConfigError, match=r"in use by pid 4242 on gpu-node-017"):
+        RunLock.acquire(tmp_path)
+
+
+def test_reused_pid_on_this_host_does_not_block_forever(tmp_path: Path, caplog) -> None:
+    """The pid in the lock now belongs to an unrelated live process (here: our parent)."""
+    reused = os.getppid()
+    # An old heartbeat: stale whatever the pid is doing now.
+    _plant(tmp_path, host=socket.gethostname(), pid=reused, heartbeat=time.time() - RunLock.STALE_AFTER_S - 60)
+    with caplog.at_level(logging.WARNING, logger="linnaeus"):
+        RunLock.acquire(tmp_path).release()
+    assert f"pid {reused} on this host has not refreshed its heartbeat" in caplog.text
+    # A fresh heartbeat but another process start time: that pid was reused, taken over at once.
+    caplog.clear()
+    _plant(tmp_path, host=socket.gethostname(), pid=reused, pid_start=1, heartbeat=time.time())
+    with caplog.at_level(logging.WARNING, logger="linnaeus"):
+        RunLock.acquire(tmp_path).release()
+    assert f"pid {reused} on this host now belongs to another process" in caplog.text
+
+
+def test_refusal_names_every_rank(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from linnaeus.engine.run_dir import RunLock; "
+        "RunLock.acquire(sys.argv[1], ranks=[('node-a', 101), ('node-b', 202)]); print('held', flush=True); "
+        "time.sleep(600)"
+    )
+    holder = _python(code, str(tmp_path))
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        with pytest.raises(ConfigError) as err:
+            RunLock.acquire(tmp_path)
+        text = str(err.value)
+        assert f"in use by pid {holder.pid} on {socket.gethostname()}" in text
+        assert "rank 0: pid 101 on node-a" in text and "rank 1: pid 202 on node-b" in text, text
+    finally:
+        holder.send_signal(signal.SIGINT)
+        holder.communicate(timeout=30)

@@ -707,3 +707,69 @@ def test_png_member_falls_back_and_unreadable_header_is_skipped_with_device_deco
     # the PNG fell back to the CPU path itself with the same planned box: bit-identical to CPU decode
     i = rows.index(int(a.rows[0]))
     assert torch.equal(batches[i // 3]["image"][i % 3], cpu_batches[i // 3]["image"][i % 3])
+
+
+def _shard_cli(ds, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "linnaeus", "shard", "--cfg", str(ds.config_path), "--out", str(out), *extra]
+
+
+def test_fifo_named_like_an_image_is_one_line_not_a_hang(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "data", per_species=2)
+    row = int(prepare_data(ds.config()).train.rows[3])
+    ds.image_file(row).unlink()
+    os.mkfifo(ds.image_file(row))  # nobody ever writes to it: reading it would wait forever
+    cmd = _shard_cli(ds, tmp_path / "out", "--samples-per-shard", str(SPS), "--workers", "1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ds.image_file(row).name in errors[0] and "not a regular file" in errors[0], errors
+
+
+def test_second_shard_run_into_a_busy_out_is_one_line(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "data", per_species=2)
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        _shard_cli(ds, out, "--samples-per-shard", str(SPS), "--workers", "1"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        progress = out / ".progress.jsonl"  # its first shard written: the run holds the folder
+        while not (progress.is_file() and progress.read_text().strip()):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # holds the folder, mid-run
+        for extra in ([], ["--part", "0/2"], ["--merge"]):
+            second = subprocess.run(
+                _shard_cli(ds, out, "--samples-per-shard", str(SPS), *extra),
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+            assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+            assert "Traceback" not in second.stderr and "another `linnaeus shard` run" in errors[0], errors
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+    assert (out / "manifest.json").is_file()
+
+
+def test_parts_share_the_out_folder_but_one_part_runs_once(tmp_path):
+    from linnaeus.data.shards.folder_lock import ShardFolderLock
+    from linnaeus.data.shards.manifest import Part
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with ShardFolderLock(out, Part(0, 2)), ShardFolderLock(out, Part(1, 2)):
+        with pytest.raises(DataError, match="part 0/2"):
+            ShardFolderLock(out, Part(0, 2)).__enter__()
+        with pytest.raises(DataError, match="another `linnaeus shard`"):
+            ShardFolderLock(out, None).__enter__()
+    with ShardFolderLock(out, None):
+        pass

@@ -51,8 +51,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from linnaeus.data.images import ImageDecodeError, load_image
+from linnaeus.data.images import ImageDecodeError, load_image, read_image_file
 from linnaeus.data.shards import manifest as mf
+from linnaeus.data.shards.folder_lock import ShardFolderLock
 from linnaeus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -155,12 +156,7 @@ def plan_split(
 
 # ------------------------------------------------------------------------------------------------ encoding
 def _read_bytes(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except OSError as err:
-        raise ImageDecodeError(path, f"cannot read ({err.strerror or err})") from None
+    return read_image_file(path)
 
 
 def _reencode(data: bytes, max_side: int | None, path: str) -> bytes:
@@ -416,13 +412,19 @@ def plan_shards(spec: DataSpec, out: Path, opts: ShardOptions) -> ShardPlan:
 def write_shards(spec: DataSpec, out_dir: str | os.PathLike, options: ShardOptions | None = None) -> dict[str, Any]:
     """Shard the run's split of ``spec`` into ``out_dir``; return the manifest (also written as manifest.json).
 
-    With ``options.part``, write only that part's shards and return a summary instead (no manifest)."""
-    from tqdm.auto import tqdm
-
+    With ``options.part``, write only that part's shards and return a summary instead (no manifest). One run per
+    folder (``folder_lock``): parts of one plan side by side, a full run or merge alone."""
     opts = options or ShardOptions()
     opts.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with ShardFolderLock(out, opts.part):
+        return _write_shards(spec, out, opts)
+
+
+def _write_shards(spec: DataSpec, out: Path, opts: ShardOptions) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     plan = plan_shards(spec, out, opts)
     part = opts.part
     mine = plan.tasks if part is None else plan.tasks[part.index :: part.count]
@@ -467,6 +469,13 @@ def merge_parts(spec: DataSpec, out_dir: str | os.PathLike, options: ShardOption
     opts = options or ShardOptions()
     opts.validate()
     out = Path(out_dir)
+    if not out.is_dir():
+        raise DataError(f"--out {out}: no such folder; run the parts first")
+    with ShardFolderLock(out, None):
+        return _merge_parts(spec, out, opts)
+
+
+def _merge_parts(spec: DataSpec, out: Path, opts: ShardOptions) -> dict[str, Any]:
     plan = plan_shards(spec, out, opts)
     records, missing = [], []
     for t in plan.tasks:
