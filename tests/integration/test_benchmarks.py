@@ -216,3 +216,14 @@ def test_gpu_script_smoke_run_writes_every_section(tmp_path: Path) -> None:
         assert res["loader"][label]["cpu"]["images_per_sec"] > 0
         assert "unavailable" in res["loader"][label]["gpu_decode"]  # no CUDA here
     assert 0 <= res["end_to_end"]["data_wait_share"] <= 1 and res["end_to_end"]["steps_timed"] > 0
+
+
+def test_evaluate_benchmark_times_both_loops_on_the_same_images() -> None:
+    """Issue 24's benchmark line: evaluate's loop (scoring + every figure) against predict's on the same images."""
+    from benchmarks import evaluate_cpu
+
+    (comp,) = evaluate_cpu.run(quick=True)
+    assert set(comp.samples) == {"predict", "evaluate"} and all(len(v) == 2 for v in comp.samples.values())
+    assert comp.facts["images"] >= 96
+    (ratio,) = comp.ratios.values()
+    assert ratio > 0 and comp.targets[0].threshold == 0.9  # reported with its target; met or not is the table's news
