@@ -47,6 +47,7 @@ def tiny_opts(demo: Path, out_dir: Path, name: str = "run", **overrides: object)
         "SCHEDULE.VALIDATION.INTERVAL": "{STEPS: 1000}",
         "SCHEDULE.VALIDATION.MASK_META_INTERVAL": "{STEPS: 1000}",
         "SCHEDULE.CHECKPOINT.INTERVAL": "{STEPS: 1000}",
+        "TRAIN.CALIBRATE": False,  # its own test (test_evaluate.py); a validation pass more per run otherwise
     }
     opts.update({k.replace("__", "."): v for k, v in overrides.items()})
     flat: list[str] = []

@@ -89,6 +89,37 @@ def calibrate_bundle(
     return doc
 
 
+def calibrate_finished_run(run: Path) -> None:
+    """``TRAIN.CALIBRATE``: when training ends, fit the best weights' temperatures and policies on the run's own
+    validation split (``export/calibration.json``; a rerun of a finished run finds it and does nothing). A data
+    problem (e.g. a rank with no labelled validation row) is one warning line saying how to calibrate later; the run
+    itself has succeeded."""
+    import logging
+
+    from linnaeus.errors import LinnaeusError
+    from linnaeus.inference import eval_data
+    from linnaeus.inference.bundle import Bundle
+
+    log = logging.getLogger("linnaeus")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            bundle = Bundle.from_run(run, "best")
+        if bundle.calibration is not None:
+            return
+        doc = calibrate_bundle(bundle, eval_data.from_split(bundle, "val"))
+    except LinnaeusError as err:
+        log.warning("calibration after training left out (%s); `linnaeus calibrate --run %s` fits it later", err, run)
+        return
+    temps = ", ".join(f"{k} {r['temperature']:.2f}" for k, r in doc["per_rank"].items())
+    log.info(
+        "calibrated the best weights (step %s) on %d validation rows: temperatures %s -> %s",
+        bundle.info.get("step"),
+        doc["rows"],
+        temps,
+        run / "export" / "calibration.json",
+    )
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     _check_common(args)
     bundle = _bundle(args)

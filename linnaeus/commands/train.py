@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,4 +53,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.cfg, args.opts)
     # before any heavy work: a missing tracker package or W&B login is one line, never a prompt
     trackers_preflight(engine_spec(cfg).tracking)
-    return train(cfg)
+    code = train(cfg)
+    if code == 0 and cfg.TRAIN.CALIBRATE and os.environ.get("RANK", "0") == "0":  # one process does it, after all
+        from linnaeus.commands.evaluate import calibrate_finished_run
+
+        calibrate_finished_run(cfg.EXPERIMENT.run_folder())
+    return code

@@ -420,6 +420,12 @@ class TrainConfig(Node):
         "skip that optimizer step (costs one GPU-to-host read, a full sync, per optimizer step)",
     )
     NONFINITE_MAX_SKIPS: int = Field(10, ge=0, description="with NONFINITE skip: stop once more steps than this fail")
+    CALIBRATE: bool = Field(
+        True,
+        description="when training ends: fit one temperature per rank (and the threshold/climb decision policies for "
+        "95 % accuracy) on the validation split for the best weights, into export/calibration.json, which `linnaeus "
+        "export` puts in the bundle (`linnaeus calibrate` does it again later, with other settings)",
+    )
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())
 
 

@@ -339,3 +339,23 @@ def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
     # failed to decode shows none.
     coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60
     assert coloured.mean() > 0.002, f"no plot visible ({coloured.mean():.4%} coloured pixels)"
+
+
+def test_training_ends_calibrated_and_export_carries_it(demo: Path, tmp_path: Path, capsys) -> None:
+    """TRAIN.CALIBRATE (on by default): the finished run's best weights get their temperatures and fitted policies on
+    its own validation split; `linnaeus export` puts them in the bundle and predictions say they are calibrated."""
+    launch(tiny_opts(demo, tmp_path / "out", TRAIN__MAX_STEPS=6, TRAIN__CALIBRATE=True))
+    run = run_dir(tmp_path / "out")
+    doc = json.loads((run / "export" / "calibration.json").read_text())
+    assert doc["weights"]["which"] == "best" and set(doc["temperature_by_rank"]) == {"taxa_L10", "taxa_L20", "taxa_L30"}
+    assert all(t > 0 for t in doc["temperature_by_rank"].values())
+    assert {"threshold", "climb"} <= set(doc["policies"])
+    assert "calibrated the best weights" in (run / "logs" / "train.log").read_text()
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    assert Bundle.load(bundle).calibration["temperature_by_rank"] == doc["temperature_by_rank"]
+    capsys.readouterr()
+    image = next((demo / "images").glob("*.jpg"))
+    assert main(["predict", "--bundle", str(bundle), str(image)]) == 0
+    r = ClassificationResult.model_validate_json(capsys.readouterr().out.strip())
+    assert r.provenance.calibration is not None
