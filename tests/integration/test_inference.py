@@ -432,7 +432,8 @@ def test_cuda_predictor_agrees_with_cpu(demo_run) -> None:
         h = gpu.log_probs(images, meta)
         for key in a:
             torch.testing.assert_close(a[key], h[key], rtol=0.05, atol=0.05)
-        same = [x == y for x, y in zip(map(committed, gpu.predict(paths)), map(committed, cpu.predict(paths)))]
+        ours, cpus = map(committed, gpu.predict(paths)), map(committed, cpu.predict(paths))
+        same = [x == y for x, y in zip(ours, cpus, strict=True)]
         assert sum(same) >= 0.98 * len(same)
 
 
