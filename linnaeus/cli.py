@@ -134,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-species", type=int, default=200, help="images per species (12 species)")
+    p.add_argument(
+        "--observations", action="store_true", help="group each species' images into observations of 2-4 photos"
+    )
+    p.add_argument(
+        "--views",
+        default="distinct",
+        help="with --observations, how an observation's photos differ: distinct | near-duplicate (burst shots) |"
+        " detail-in-one (the species shows in one photo only)",
+    )
 
     p = sub.add_parser("bench", help="measure the input pipeline on your own data and disk")
     add_cfg_arguments(p)

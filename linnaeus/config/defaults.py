@@ -275,6 +275,14 @@ class H5Config(Node):
     VAL_LABELS_PATH: str | None = None
     TRAIN_VAL_SPLIT_RATIO: float = Field(0.9, gt=0, le=1)
     TRAIN_VAL_SPLIT_SEED: int = 42
+    SPLIT_BY: Literal["observation", "row"] = Field(
+        "observation",
+        description="observation: every observation's photos (labels.h5 observation_ids) fall on one side, no leak;"
+        " row: each row drawn alone. Without observation_ids the split is by row",
+    )
+    SPLIT_STRATIFY: bool = Field(
+        False, description="draw per class of the finest rank so every class with >= 2 observations (rows) trains"
+    )
 
 
 class ShardsConfig(Node):

@@ -191,6 +191,8 @@ def compute_stats(state: DataState, fingerprint: str) -> dict[str, Any]:
             str(s.path): {"rows": s.duplicates.count, "examples": s.duplicates.examples} for s, _ in stores
         },
         "taxonomy": None if tree is None else {"source": tree.source, "nodes": len(tree), "edges": len(tree.parent)},
+        "split": state.split.describe() if state.split is not None else None,
+        "observations": state.observations,
     }
     if state.image_report is not None:
         stats["images"] = {k: v for k, v in state.image_report.items() if k != "items"}

@@ -7,6 +7,12 @@ sorted by row. It depends only on (seed, ratio, surviving rows): not on worker c
 The rows are saved to ``split.npz`` so a resumed run (or ``linnaeus shard``) reads them back instead of
 recomputing; the saved labels fingerprint makes a changed labels.h5 an error rather than a silent new split.
 
+Observations (labels.h5 ``observation_ids``, ``DATA.H5.SPLIT_BY: observation``, the default): the same draw
+over observations instead of rows (:func:`linnaeus.data.observations.grouped_split`), so every observation's photos
+fall on one side. ``DATA.H5.SPLIT_STRATIFY`` draws per class of the finest configured rank, so every class with
+two or more observations (rows, when split by row) has one in training. ``split.npz`` records how it was drawn
+(``by``, ``stratify``); a file from before these keys reads as a row split.
+
 Pre-split data (``TRAIN_LABELS_PATH``/``VAL_LABELS_PATH``): each file's surviving rows form its split as is.
 """
 
@@ -33,6 +39,15 @@ class Split:
     ratio: float
     fingerprint: str  # of the labels file(s) the rows index
     presplit: bool = False
+    by: str = "row"  # "row" or "observation": what the draw kept together
+    stratify: str = ""  # the task key the draw was stratified by ("" = not stratified)
+
+    def describe(self) -> str:
+        """How the split was drawn, for the run summary and ``linnaeus check``."""
+        if self.presplit:
+            return "pre-split files"
+        strat = f", stratified by {self.stratify}" if self.stratify else ""
+        return f"by {self.by}, seed {self.seed}, ratio {self.ratio}{strat}"
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
@@ -44,6 +59,8 @@ class Split:
             ratio=np.float64(self.ratio),
             fingerprint=np.array(self.fingerprint),
             presplit=np.bool_(self.presplit),
+            by=np.array(self.by),
+            stratify=np.array(self.stratify),
         )
         atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -58,6 +75,8 @@ class Split:
                     ratio=float(z["ratio"]),
                     fingerprint=str(z["fingerprint"]),
                     presplit=bool(z["presplit"]),
+                    by=str(z["by"]) if "by" in z.files else "row",
+                    stratify=str(z["stratify"]) if "stratify" in z.files else "",
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"split file {path}: cannot be read ({exc}); delete it to recompute the split") from None

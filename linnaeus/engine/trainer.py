@@ -340,6 +340,7 @@ class Trainer:
                 f"{p.global_batch} effective",
             ),
             ("dataset", f"{len(self.data.view('train').rows)} train / {len(self.data.view('val').rows)} val samples"),
+            ("split", self.data.split.describe()),
             ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
             ("metadata", ", ".join(f"{n}({dim})" for n, dim in meta) or "none"),
             ("model", f"{cfg.MODEL.NAME} ({params:.2f} M parameters)"),

@@ -50,6 +50,8 @@ class LabelsSpec:
 class SplitSpec:
     ratio: float = 0.9  # DATA.H5.TRAIN_VAL_SPLIT_RATIO (one file split by seed)
     seed: int = 42  # DATA.H5.TRAIN_VAL_SPLIT_SEED
+    by: str = "observation"  # DATA.H5.SPLIT_BY (observation | row; row when labels.h5 has no observation_ids)
+    stratify: bool = False  # DATA.H5.SPLIT_STRATIFY (by the finest configured rank)
 
 
 @dataclass(frozen=True)
