@@ -294,6 +294,16 @@ class ShardsConfig(Node):
     )
 
 
+class ObservationsConfig(Node):
+    ENABLED: bool = Field(
+        False, description="a sample is one observation (labels.h5 observation_ids) with up to VIEWS photos"
+    )
+    VIEWS: int = Field(4, ge=1, description="photos read per observation (K); fewer are masked out")
+    SELECT: Literal["random", "first"] = Field(
+        "random", description="which photos when an observation has more than VIEWS (validation: first)"
+    )
+
+
 class DatasetInfo(Node):
     NAME: str = ""
     VERSION: str = ""
@@ -321,6 +331,7 @@ class DataConfig(Node):
     H5: H5Config = Field(default_factory=H5Config)
     META: MetaConfig = Field(default_factory=MetaConfig)
     SHARDS: ShardsConfig = Field(default_factory=ShardsConfig)
+    OBSERVATIONS: ObservationsConfig = Field(default_factory=ObservationsConfig)
     DATASET: DatasetInfo = Field(default_factory=DatasetInfo)
 
 

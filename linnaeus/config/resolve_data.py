@@ -12,6 +12,7 @@ from linnaeus.specs.data import (
     LabelsSpec,
     LoaderSpec,
     MetaSpec,
+    ObservationsSpec,
     ShardSpec,
     SplitSpec,
     VerifyImagesSpec,
@@ -112,6 +113,9 @@ def data_spec(cfg: Config) -> DataSpec:
             dir=d.SHARDS.DIR,
             shuffle_buffer=d.SHARDS.SHUFFLE_BUFFER,
             verify=d.SHARDS.VERIFY,
+        ),
+        observations=ObservationsSpec(
+            enabled=d.OBSERVATIONS.ENABLED, views=d.OBSERVATIONS.VIEWS, select=d.OBSERVATIONS.SELECT
         ),
         seed=cfg.MISC.SEED,
     )

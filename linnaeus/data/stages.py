@@ -284,6 +284,16 @@ class Stage:
 def _storage_rules(state: DataState, sink: Sink) -> None:
     spec = state.spec
     sink.add(storage_problems(spec.images) + task_key_problems(spec.task_keys))  # config rules, before any reading
+    if spec.observations.enabled and spec.shards.enabled:
+        sink.add(
+            [
+                Problem(
+                    "DATA.OBSERVATIONS.ENABLED and DATA.SHARDS.ENABLED: shards hold one image per sample, not"
+                    " observations; turn one of them off",
+                    ConfigError,
+                )
+            ]
+        )
     label_paths(spec.labels)  # raises its one line: which labels keys are set wrongly
 
 
@@ -339,9 +349,16 @@ def describe_observations(
 
 def _observations(state: DataState, sink: Sink) -> None:
     """Photos of one observation should agree on labels and metadata; each observation whose rows do not is one
-    warning (a multi-view sample takes its first row's labels and metadata)."""
+    warning (a multi-view sample takes its first row's labels and metadata). Multi-view samples need the ids."""
     for store, rows in per_store(state.views):
         if store.observation_ids is None:
+            if state.spec.observations.enabled:
+                sink.add(
+                    [
+                        f"DATA.OBSERVATIONS.ENABLED needs dataset 'observation_ids' (N,) integers or strings,"
+                        f" which {store.path} does not have"
+                    ]
+                )
             continue
         info, lines = describe_observations(store, rows, state.spec.task_keys)
         state.observations.append(info)

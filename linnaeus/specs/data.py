@@ -134,6 +134,15 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class ObservationsSpec:
+    """``DATA.OBSERVATIONS``: multi-view samples (one observation, up to ``views`` photos)."""
+
+    enabled: bool = False  # ENABLED
+    views: int = 4  # VIEWS
+    select: str = "random"  # SELECT
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """Everything ``linnaeus.data`` needs from the config (filled by ``linnaeus.config.resolve_data``)."""
 
@@ -145,6 +154,7 @@ class DataSpec:
     crop: CropSpec = field(default_factory=CropSpec)
     loader: LoaderSpec = field(default_factory=LoaderSpec)
     shards: ShardSpec = field(default_factory=ShardSpec)
+    observations: ObservationsSpec = field(default_factory=ObservationsSpec)
     seed: int = 0  # MISC.SEED: sample order and augmentation draws
 
     @property
