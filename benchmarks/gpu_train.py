@@ -4,7 +4,8 @@ Each variant is a real ``accelerate launch -m linnaeus.train`` for a fixed numbe
 reads what the run itself logged (metrics.jsonl, config.yaml). Variants (in priority order; later ones are
 skipped when the time budget would be exceeded):
 
-- launcher: ``single_gpu.yaml`` (bf16) and ``zero2.yaml --num_processes 1`` (DeepSpeed ZeRO-2, bf16);
+- launcher: ``single_gpu.yaml`` (bf16), ``multi_gpu_ddp.yaml --num_processes 1`` (DDP, bf16) and
+  ``zero2.yaml --num_processes 1`` (DeepSpeed ZeRO-2, bf16);
 - ``DATA.DECODE``: ``cpu`` (decode + crop in loader workers) vs ``device`` (workers read bytes, the GPU decodes);
 - ``MODEL.COMPILE``: eager vs compiled; image size 224 and 384;
 - the other fast-step settings one at a time (``-no_cl``: ``MODEL.CHANNELS_LAST false``; ``-no_fused``:
@@ -15,7 +16,9 @@ skipped when the time budget would be exceeded):
 Per variant: images/s (median of the logged windows after warm-up), MFU (3x the forward FLOPs of the run's own
 model from ``linnaeus.models.model_size``, against the datasheet bf16 peak and the measured bf16 matmul rate,
 both from ``benchmarks.gpu``), the data-wait share and peak memory the trainer logs (``data_wait_share``,
-``max_memory_gib`` in train rows), device-decode fallbacks, and the wall time of the launch. ``fed_vs_compute``
+``max_memory_gib`` in train rows), device-decode fallbacks, GPU utilisation (``nvidia-smi`` sampled twice a second
+during the launch; the median of the samples in its second half, after start-up and compilation) and the wall
+time of the launch. ``fed_vs_compute``
 (1 - data-wait share) estimates end-to-end images/s against the same step fed from memory: the step's own time
 is what remains when the waits for data are taken out. Each section is guarded as in ``benchmarks.gpu``: a
 failure is recorded and the next variant runs; the JSON is rewritten after every section. A table closes the run.
@@ -52,7 +55,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 @dataclass(frozen=True)
 class Variant:
-    launcher: str  # "single" (bf16, no distribution) or "zero2" (DeepSpeed ZeRO-2, one process)
+    launcher: str  # "single" (bf16, no distribution), "ddp" (DDP, one process) or "zero2" (ZeRO-2, one process)
     decode: str  # DATA.DECODE
     compiled: bool
     img_size: int
@@ -99,6 +102,8 @@ def _variants(smoke: bool) -> tuple[Variant, ...]:
         v("single", "device", False, 224, "jpeg1mp"),
         v("zero2", "device", True, 224, "jpeg500"),
         v("zero2", "cpu", False, 224, "jpeg500"),
+        v("ddp", "device", False, 224, "jpeg500"),
+        v("zero2", "device", False, 224, "jpeg500"),
         v("single", "device", True, 384, "jpeg500"),
         v("single", "cpu", True, 384, "jpeg500"),
         v("single", "cpu", False, 224, "shards"),
@@ -187,11 +192,51 @@ def write_experiment(folder: Path, smoke: bool) -> Path:
 # ------------------------------------------------------------------------------------------------------ launch
 def launch_args(plan: TrainPlan, launcher: str) -> list[str]:
     if plan.smoke:  # CPU stand-ins: one process, gloo / DeepSpeed on CPU
-        config = "cpu_ddp.yaml" if launcher == "single" else "cpu_zero2.yaml"
+        config = "cpu_zero2.yaml" if launcher == "zero2" else "cpu_ddp.yaml"
         return ["--config_file", str(CONFIGS / config), "--num_processes", "1"]
     if launcher == "single":
         return ["--config_file", str(CONFIGS / "single_gpu.yaml")]
-    return ["--config_file", str(CONFIGS / "zero2.yaml"), "--num_processes", "1"]
+    config = "multi_gpu_ddp.yaml" if launcher == "ddp" else "zero2.yaml"
+    return ["--config_file", str(CONFIGS / config), "--num_processes", "1"]
+
+
+class GpuUtilisation:
+    """``nvidia-smi``'s utilisation.gpu sampled every ``every`` seconds in a thread while a launch runs; None where
+    there is no ``nvidia-smi`` (the CPU smoke run)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import shutil
+        import threading
+
+        self.every = every
+        self.samples: list[float] = []
+        self._smi = shutil.which("nvidia-smi")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if self._smi else None
+
+    def _run(self) -> None:
+        cmd = [str(self._smi), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+        while not self._stop.wait(self.every):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
+                self.samples.append(float(out.splitlines()[0]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                continue  # a missed sample; the others still tell
+
+    def __enter__(self) -> GpuUtilisation:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def steady_percent(self) -> float | None:
+        """Median of the second half of the samples: start-up, data writing and compilation come first."""
+        late = self.samples[len(self.samples) // 2 :]
+        return statistics.median(late) if late else None
 
 
 def run_variant(
@@ -241,16 +286,20 @@ def run_variant(
     if plan.smoke:
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
-    proc = subprocess.run(
-        [*cmd, "--opts", *opts], cwd=ROOT, env=env, capture_output=True, text=True, timeout=plan.launch_timeout
-    )
+    with GpuUtilisation() as util:
+        proc = subprocess.run(
+            [*cmd, "--opts", *opts], cwd=ROOT, env=env, capture_output=True, text=True, timeout=plan.launch_timeout
+        )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"launch failed ({proc.returncode}): {failure_line(proc.stderr or proc.stdout)}")
     runs = sorted(out.glob(f"*/*/{variant.name}"))
     if len(runs) != 1:
         raise RuntimeError(f"expected one run folder named {variant.name} under {out}, found {len(runs)}")
-    return summarise(runs[0], plan, variant, batch) | {"launch_wall_s": round(wall, 1)}
+    return summarise(runs[0], plan, variant, batch) | {
+        "launch_wall_s": round(wall, 1),
+        "gpu_util_pct": util.steady_percent(),
+    }
 
 
 def failure_line(output: str) -> str:
@@ -319,17 +368,18 @@ def _fmt(value: Any, spec: str) -> str:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| variant | img/s | MFU (peak) | MFU (matmul) | data wait | peak GiB | fallbacks | launch s |",
-        "|---|---|---|---|---|---|---|---|",  # fed / from memory = 1 - data wait
+        "| variant | img/s | MFU (peak) | MFU (matmul) | data wait | peak GiB | GPU util | fallbacks | launch s |",
+        "|---|---|---|---|---|---|---|---|---|",  # fed / from memory = 1 - data wait
     ]
     for name, res in results.get("variants", {}).items():
         if "error" in res or "skipped" in res:
-            lines.append(f"| {name} | {res.get('error') or res.get('skipped')} |||||||")
+            lines.append(f"| {name} | {res.get('error') or res.get('skipped')} ||||||||")
             continue
         lines.append(
             f"| {name} | {_fmt(res.get('images_per_sec'), ',.0f')} | {_fmt(res.get('mfu_vs_nominal_peak'), '.1%')} "
             f"| {_fmt(res.get('mfu_vs_measured_matmul'), '.1%')} | {_fmt(res.get('data_wait_share'), '.0%')} "
-            f"| {_fmt(res.get('max_memory_gib'), '.1f')} | {_fmt(res.get('decode_fallbacks'), '.0f')} "
+            f"| {_fmt(res.get('max_memory_gib'), '.1f')} | {_fmt(res.get('gpu_util_pct'), '.0f')}"
+            f"{'' if res.get('gpu_util_pct') is None else '%'} | {_fmt(res.get('decode_fallbacks'), '.0f')} "
             f"| {_fmt(res.get('launch_wall_s'), '.0f')} |"
         )
     return "\n".join(lines)
@@ -341,9 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, two variants (tests)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds; variants that would not fit are skipped")
     p.add_argument("--only", default="", help="comma-separated substrings of variant names to run")
+    p.add_argument("--variants", default="", help="comma-separated exact variant names, run in this order")
     args = p.parse_args(argv)
 
     plan = make_train_plan(args.smoke)
+    if args.variants:
+        by_name = {v.name: v for v in plan.variants}
+        names = [s.strip() for s in args.variants.split(",") if s.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(by_name)}")
+        plan = replace(plan, variants=tuple(by_name[n] for n in names))
     if args.only:
         keep = [s.strip() for s in args.only.split(",") if s.strip()]
         plan = replace(plan, variants=tuple(v for v in plan.variants if any(k in v.name for k in keep)))

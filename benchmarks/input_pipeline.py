@@ -12,7 +12,8 @@ All three use the same crop boxes (``sample_rng(seed, 0, index)``), so they do t
 
 Decode paths on a CPU training device (``compare_decode_paths``): the same loader with ``DATA.DECODE cpu`` against
 ``DATA.DECODE device`` as it runs when training on the CPU (workers plan the crop, decode with torchvision and
-resize with ``resize_boxes``; the main process's ``DeviceDecoder`` only counts). Target: device/cpu >= 1/1.1.
+resize with ``resize_boxes``; the main process's ``DeviceDecoder`` only counts). The device/cpu ratio is reported,
+not targeted: device decode is a GPU feature (``DATA.DECODE auto`` picks the CPU decoder without CUDA).
 """
 
 from __future__ import annotations
@@ -259,7 +260,6 @@ def compare_decode_paths(
         unit="s/img",
         samples=samples,
         ratios={"device/cpu (img/s)": ratio},
-        targets=[Target("device decode on CPU within 1.1x of CPU decode (device/cpu >= 0.909)", ratio, 1 / 1.1)],
         facts={"images": len(data.view("train").rows), "batch": batch_size, "workers": workers, "img_size": img_size},
         notes=[f"decoded by the device path: {decoder.decoded}, fallbacks: {decoder.fallbacks}"],
     )

@@ -22,11 +22,30 @@ HANDLERS: dict[str, str] = {
     "check": "linnaeus.commands.check:run",
     "predict": "linnaeus.commands.inference:run_predict",
     "export": "linnaeus.commands.inference:run_export",
+    "calibrate": "linnaeus.commands.evaluate:run_calibrate",
+    "evaluate": "linnaeus.commands.evaluate:run_evaluate",
     "demo-data": "linnaeus.commands.demo_data:run",
     "bench": "linnaeus.commands.bench:run",
     "plot": "linnaeus.commands.plot:run",
     "config": "linnaeus.commands.config:run",
 }
+
+
+COST_PROFILES = ("v0_conservative", "v0_balanced", "v0_aggressive")
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy",
+        default=None,
+        choices=["repair", "threshold", "climb", "cost"],
+        help="decision policy (default: the model's stored default, else repair); threshold/climb need "
+        "`linnaeus calibrate`",
+    )
+    p.add_argument("--cost-profile", default=None, choices=list(COST_PROFILES), help="with --policy cost")
+    p.add_argument(
+        "--no-calibration", action="store_true", help="raw softmax scores even when the model has temperatures"
+    )
 
 
 def add_cfg_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -54,7 +73,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linnaeus",
-        description="Hierarchical taxonomic image classification: train, shard, check, predict, export.",
+        description="Hierarchical taxonomic image classification: train, shard, check, predict, export, calibrate, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -114,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="per-rank top-k without hierarchy-consistent decoding")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_policy_arguments(p)
 
     p = sub.add_parser("export", help="write a self-contained inference bundle from a run")
     p.add_argument("--run", required=True, help="run folder")
@@ -129,6 +149,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="export even when a metadata component's columns are unknown (no COLUMNS, no column_names): use the "
         "built-in encoding, warn, and record the assumption in bundle.json",
     )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also fit the temperatures and the threshold/climb policies on the run's validation split "
+        "(as `linnaeus calibrate`) and store them in the bundle",
+    )
+    p.add_argument("--target-accuracy", type=float, default=0.95, help="with --calibrate (default 0.95)")
+    p.add_argument(
+        "--default-policy",
+        default="repair",
+        choices=["repair", "threshold", "climb", "cost"],
+        help="with --calibrate: the policy the bundle answers with by default",
+    )
+
+    for name, text in (
+        ("calibrate", "fit per-rank temperatures and the threshold/climb policies on a labelled split"),
+        ("evaluate", "metrics.json, report.html and plots of a model on a labelled test set or the val split"),
+    ):
+        p = sub.add_parser(name, help=text)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--bundle", help="folder written by `linnaeus export`")
+        src.add_argument("--run", help="a run folder")
+        p.add_argument("--which", default="best", help="with --run: best | final | ema | step_N (default best)")
+        p.add_argument("--split", default=None, help="val: the run's saved validation split (default)")
+        p.add_argument("--labels", default=None, help="a labels file in the labels.h5 schema (e.g. test.h5)")
+        p.add_argument("--images", default=None, help="the image folder of --labels")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--workers", type=int, default=0, help="image loader worker processes (default 0)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        if name == "calibrate":
+            p.add_argument(
+                "--target-accuracy",
+                type=float,
+                default=0.95,
+                help="accuracy of committed answers the threshold and climb policies are fitted for (default 0.95)",
+            )
+            p.add_argument(
+                "--default-policy",
+                default="repair",
+                choices=["repair", "threshold", "climb", "cost"],
+                help="the policy predict/evaluate use when none is given (stored with the weights)",
+            )
+            p.add_argument("--cost-profile", default=None, choices=list(COST_PROFILES))
+        else:
+            p.add_argument(
+                "--out",
+                default=None,
+                help="folder for metrics.json, report.html, plots/ (default: metrics as JSON on stdout)",
+            )
+            p.add_argument("--metadata", default="on", choices=["on", "masked", "both"])
+            p.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl (typus)")
+            add_policy_arguments(p)
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset (images, labels.h5, taxonomy.json)")
     p.add_argument("--out", required=True, help="output folder")
@@ -190,7 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from linnaeus.utils import quiet
 
     quiet.install()
-    if args.command in ("train", "predict", "export"):  # the commands that may import DeepSpeed
+    if args.command in (
+        "train",
+        "predict",
+        "export",
+        "calibrate",
+        "evaluate",
+    ):  # the commands that may import DeepSpeed
         quiet.settle_deepspeed_accelerator()
     handler = _resolve(HANDLERS[args.command])
     try:

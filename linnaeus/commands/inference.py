@@ -52,6 +52,7 @@ def predict_stream(
     progress: bool = True,
     fmt: str = "json",
     failed: list[str] | None = None,
+    policy: Any = None,
 ) -> int:
     """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes.
 
@@ -64,7 +65,9 @@ def predict_stream(
 
     def run(chunk: list[Path]) -> list[Any]:
         meta = None if metadata is None else [metadata] * len(chunk)
-        return predictor.predict(chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk])
+        return predictor.predict(
+            chunk, meta, top_k, consistent, batch_size=batch_size, ids=[str(p) for p in chunk], policy=policy
+        )
 
     done = 0
     with tqdm(
@@ -107,10 +110,14 @@ def run_predict(args: argparse.Namespace) -> int:
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
     # stdout holds only results: DeepSpeed prints while a run's checkpoint is consolidated, so loading talks to stderr.
+    calibrate = not getattr(args, "no_calibration", False)
     with contextlib.redirect_stdout(sys.stderr):
         predictor = (
-            Predictor.from_bundle(args.bundle, device) if args.bundle else Predictor.from_run(args.run, device=device)
+            Predictor.from_bundle(args.bundle, device, calibrate=calibrate)
+            if args.bundle
+            else Predictor.from_run(args.run, device=device, calibrate=calibrate)
         )
+    policy = predictor.policy(getattr(args, "policy", None), getattr(args, "cost_profile", None))
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
     failed: list[str] = []
@@ -125,6 +132,7 @@ def run_predict(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),  # a bar in a log file is only carriage returns
         fmt=getattr(args, "format", "json"),
         failed=failed,
+        policy=policy,
     )
     if not sys.stderr.isatty():
         print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
@@ -137,4 +145,21 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_bundle(args.run, args.out, args.which, assume_encodings=args.assume_encodings)
     info = json.loads((path / INFO).read_text())
     print(f"export: {info['which']} weights (step {info['step']}) of {args.run} -> {path}", file=sys.stderr)
+    if getattr(args, "calibrate", False):
+        from linnaeus.commands.evaluate import calibrate_bundle
+        from linnaeus.inference.bundle import Bundle
+        from linnaeus.inference.eval_data import from_split
+
+        bundle = Bundle.load(path)
+        doc = calibrate_bundle(
+            bundle,
+            from_split(bundle, "val"),
+            target_accuracy=args.target_accuracy,
+            default_policy=args.default_policy,
+        )
+        temps = ", ".join(f"{k} {t:.3f}" for k, t in doc["temperature_by_rank"].items())
+        print(
+            f"export: calibrated on {doc['rows']} validation rows (T: {temps}); default policy {args.default_policy}",
+            file=sys.stderr,
+        )
     return 0

@@ -381,7 +381,9 @@ class TrainConfig(Node):
         "LR, augmentation): refuse (default) or allow; epochs, intervals, workers and loggers may always change",
     )
     NONFINITE: Literal["stop", "skip"] = Field(
-        "stop", description="a non-finite loss or gradient: stop the run there (exit 3), or skip that optimizer step"
+        "stop",
+        description="a non-finite loss or gradient: stop the run there (exit 3; checked a step late, no GPU wait), or "
+        "skip that optimizer step (costs one GPU-to-host read, a full sync, per optimizer step)",
     )
     NONFINITE_MAX_SKIPS: int = Field(10, ge=0, description="with NONFINITE skip: stop once more steps than this fail")
     EMA: EmaConfig = Field(default_factory=lambda: EmaConfig())

@@ -7,7 +7,9 @@ A bundle folder (written by ``linnaeus export``) holds:
 - ``class_maps.json``: per rank, class index → taxon id, name, rank level (the run's own file);
 - ``taxonomy.json``: the tree the run used (hierarchy matrices and decoding are derived from it);
 - ``preprocessing.json``: the validation image transform and the metadata encoding, component by component;
-- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, model summary.
+- ``bundle.json``: format version, which weights (best / final / step_N), their step and sha256, model summary;
+- ``calibration.json`` (optional; ``linnaeus calibrate``): per-rank temperatures, the calibration split's id, NLL/ECE
+  before and after, fitted decision-policy parameters; its sha256 is recorded in bundle.json and checked on load.
 
 The same :class:`Bundle` object is also built straight from a run folder (``Bundle.from_run``), so ``predict --run``
 and ``predict --bundle`` share every line after loading.
@@ -48,6 +50,7 @@ CLASS_MAPS = "class_maps.json"
 TAXONOMY = "taxonomy.json"
 PREPROCESSING = "preprocessing.json"
 INFO = "bundle.json"
+CALIBRATION = "calibration.json"  # optional: not in BUNDLE_FILES
 BUNDLE_FILES = (WEIGHTS, CONFIG, CLASS_MAPS, TAXONOMY, PREPROCESSING, INFO)
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -161,6 +164,7 @@ class Bundle:
     preprocessing: dict[str, Any]
     info: dict[str, Any]
     path: Path | None = None  # the bundle folder, or None when built from a run folder
+    calibration: dict[str, Any] | None = None  # calibration.json (temperatures, fitted policies), when fitted
 
     @property
     def task_keys(self) -> list[str]:
@@ -240,6 +244,7 @@ class Bundle:
             components=components,
             preprocessing=preprocessing_doc(cfg, components),
             info=info,
+            calibration=_run_calibration(run, weights_info, list(cfg.DATA.TASK_KEYS_H5)),
         )
 
     # -------------------------------------------------------------------------------------------- from a folder
@@ -274,9 +279,38 @@ class Bundle:
         components = [MetaComponent.from_json(c, str(root / PREPROCESSING)) for c in raw_components]
         components.sort(key=lambda c: c.idx)
         _verify_against_info(root, info, {k: len(m) for k, m in class_maps.items()}, [c.dim for c in components])
+        calibration = _read_calibration(root, info, list(cfg.DATA.TASK_KEYS_H5))
         return cls(
-            cfg, _fp32(sd), class_maps, class_maps_doc, tree, tree.to_json(), components, preprocessing, info, root
+            cfg,
+            _fp32(sd),
+            class_maps,
+            class_maps_doc,
+            tree,
+            tree.to_json(),
+            components,
+            preprocessing,
+            info,
+            root,
+            calibration,
         )
+
+    def set_calibration(self, doc: dict[str, Any]) -> Path:
+        """Store a calibration document with these weights: in the bundle folder (calibration.json, its sha256
+        in bundle.json), or for a run in ``export/calibration.json`` tagged with the weights it was fitted on."""
+        from linnaeus.inference.calibration import check_doc
+
+        check_doc(doc, self.task_keys, "calibration")
+        self.calibration = doc
+        if self.path is not None:
+            atomic_write_json(self.path / CALIBRATION, doc)
+            self.info = dict(self.info, calibration_sha256=sha256_file(self.path / CALIBRATION))
+            atomic_write_json(self.path / INFO, self.info)
+            return self.path / CALIBRATION
+        run = Path(self.info["run"])
+        (run / "export").mkdir(parents=True, exist_ok=True)
+        weights = {k: self.info.get(k) for k in ("which", "step", "source")}
+        atomic_write_json(run / "export" / CALIBRATION, {**doc, "weights": weights})
+        return run / "export" / CALIBRATION
 
     # -------------------------------------------------------------------------------------------- writing
     def save(self, out: str | os.PathLike) -> Path:
@@ -299,6 +333,10 @@ class Bundle:
             atomic_write_json(tmp / TAXONOMY, self.taxonomy_doc)
             atomic_write_json(tmp / PREPROCESSING, self.preprocessing)
             info = dict(self.info, weights_file=WEIGHTS, weights_sha256=sha256_file(tmp / WEIGHTS))
+            info.pop("calibration_sha256", None)
+            if self.calibration is not None:
+                atomic_write_json(tmp / CALIBRATION, {k: v for k, v in self.calibration.items() if k != "weights"})
+                info["calibration_sha256"] = sha256_file(tmp / CALIBRATION)
             atomic_write_json(tmp / INFO, info)
             old = None
             if out.exists():
@@ -325,6 +363,43 @@ def _verify_weights_file(root: Path, info: dict[str, Any]) -> None:
             f"{root / WEIGHTS}: sha256 {actual[:16]}... does not match bundle.json's weights_sha256 "
             f"{recorded[:16]}...; the weights were changed after export"
         )
+
+
+def _read_calibration(root: Path, info: dict[str, Any], task_keys: list[str]) -> dict[str, Any] | None:
+    """calibration.json when present, verified against bundle.json's calibration_sha256."""
+    from linnaeus.inference.calibration import check_doc
+
+    path = root / CALIBRATION
+    recorded = info.get("calibration_sha256")
+    if not path.is_file():
+        if recorded:
+            raise DataError(f"{path}: missing, but bundle.json records a calibration (calibration_sha256)")
+        return None
+    actual = sha256_file(path)
+    if recorded != actual:
+        raise DataError(
+            f"{path}: sha256 {actual[:16]}... does not match bundle.json's calibration_sha256 {str(recorded)[:16]}...; "
+            "the calibration was changed outside `linnaeus calibrate`"
+        )
+    doc = _read_json(path)
+    check_doc(doc, task_keys, str(path))
+    return doc
+
+
+def _run_calibration(run: Path, weights_info: dict[str, Any], task_keys: list[str]) -> dict[str, Any] | None:
+    """A run's export/calibration.json, used only when it was fitted on exactly these weights."""
+    from linnaeus.inference.calibration import check_doc
+
+    path = run / "export" / CALIBRATION
+    if not path.is_file():
+        return None
+    doc = _read_json(path)
+    fitted_on = doc.get("weights") if isinstance(doc, dict) else None
+    if not isinstance(fitted_on, dict) or any(fitted_on.get(k) != weights_info.get(k) for k in ("which", "step")):
+        log.info("%s: fitted on other weights (%s); not applied", path, fitted_on)
+        return None
+    check_doc(doc, task_keys, str(path))
+    return doc
 
 
 def _verify_against_info(root: Path, info: dict[str, Any], num_classes: dict[str, int], meta_dims: list[int]) -> None:

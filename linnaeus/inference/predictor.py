@@ -17,13 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from typus import CalibrationMethod, CalibrationProvenance, ScoreSemantics
 
 from linnaeus.aug import eval_transform
 from linnaeus.data.images import load_image
+from linnaeus.data.taxonomy import rank_of_key
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.bundle import WEIGHTS, Bundle
+from linnaeus.inference.calibration import scale_all
 from linnaeus.inference.decoding import Decoded, Hierarchy, decode
 from linnaeus.inference.metadata import encode_records
+from linnaeus.inference.policies import PolicySpec, check_policy
 from linnaeus.inference.typus_output import ResultBuilder, model_evidence, taxonomy_context
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -58,7 +62,10 @@ def _pil_to_bytes(image: Image.Image) -> bytes:
 class Predictor:
     """Loads the model once; :meth:`predict` returns one ``typus.ClassificationResult`` per image."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None, *, calibrate: bool = True) -> None:
+        """``calibrate``: divide each head's logits by the bundle's fitted temperature (when it has one)."""
+        from linnaeus.inference.calibration import check_doc
+
         self.bundle = bundle
         self.cfg = bundle.cfg
         self.device = resolve_device(device)
@@ -69,6 +76,15 @@ class Predictor:
         self.hierarchy = Hierarchy.build(bundle.class_maps, bundle.tree, {k: h.TYPE for k, h in heads.items()})
         routing = next((h for h in heads.values() if h.TYPE == "ConditionalClassifier"), None)
         info = bundle.info
+        cal = bundle.calibration if calibrate else None
+        self.temperatures: dict[str, float] = check_doc(cal, self.task_keys, "calibration") if cal else {}
+        calibration = None
+        if cal:
+            calibration = CalibrationProvenance(
+                method=CalibrationMethod.TEMPERATURE_SCALING,
+                calibration_set_id=cal.get("calibration_set_id"),
+                parameters={"temperature_by_rank": {str(rank_of_key(k)): t for k, t in self.temperatures.items()}},
+            )
         self.results = ResultBuilder(
             class_maps=bundle.class_maps,
             tree=bundle.tree,
@@ -85,23 +101,34 @@ class Predictor:
                 "checkpoint_uri": str(bundle.path / WEIGHTS) if bundle.path else info.get("source"),
                 "checkpoint_sha": info.get("weights_sha256") or info.get("source_sha256"),
                 "handler_version": f"linnaeus {info.get('linnaeus_version', '')}".strip(),
+                "calibration": calibration,
             },
             model_evidence=model_evidence(
                 {k: h.TYPE for k, h in heads.items()},
                 routing.ROUTING if routing else "soft",
                 routing.TEMPERATURE if routing else 1.0,
             ),
+            score_semantics=ScoreSemantics.TEMPERATURE_SCALED_RANK_PROBABILITY
+            if cal
+            else ScoreSemantics.RANK_SOFTMAX_PROBABILITY,
         )
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Predictor:
-        return cls(Bundle.load(path), device)
+    def from_bundle(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, *, calibrate: bool = True
+    ) -> Predictor:
+        return cls(Bundle.load(path), device, calibrate=calibrate)
 
     @classmethod
     def from_run(
-        cls, run_dir: str | os.PathLike, which: str = "best", device: str | torch.device | None = None
+        cls,
+        run_dir: str | os.PathLike,
+        which: str = "best",
+        device: str | torch.device | None = None,
+        *,
+        calibrate: bool = True,
     ) -> Predictor:
-        return cls(Bundle.from_run(run_dir, which), device)
+        return cls(Bundle.from_run(run_dir, which), device, calibrate=calibrate)
 
     # ---------------------------------------------------------------------------------------------- inputs
     def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -139,7 +166,13 @@ class Predictor:
 
     @torch.inference_mode()
     def log_probs(self, images_uint8: torch.Tensor, meta: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per task key, (B, K) log-softmax of the model's (refined) logits; the model sees what validation feeds it."""
+        """Per task key, (B, K) log-softmax of the model's (refined) logits divided by the rank's temperature (over
+        every class, when calibrated); the model sees what validation feeds it."""
+        return scale_all(self.raw_log_probs(images_uint8, meta), self.temperatures)
+
+    @torch.inference_mode()
+    def raw_log_probs(self, images_uint8: torch.Tensor, meta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per task key, (B, K) log-softmax of the model's (refined) logits, uncalibrated."""
         x = eval_transform(images_uint8.to(self.device), self.cfg.AUG.MEAN, self.cfg.AUG.STD)
         meta_in = None if meta is None or meta.shape[1] == 0 else meta.to(self.device, torch.float32)
         logits = self.model(x, meta_in)
@@ -170,14 +203,18 @@ class Predictor:
         *,
         batch_size: int = 32,
         ids: Sequence[str] | None = None,
+        policy: PolicySpec | None = None,
     ) -> list[Any]:
         """One ``typus.ClassificationResult`` per image (validated by its schema), processed ``batch_size`` at a time.
 
         ``metadata``: per image a dict with any of lat, lon (degrees), date (ISO 8601), elevation (metres), or None
         (one dict applies to every image).
         ``consistent=False`` gives raw per-rank top-k (``--raw``). ``ids`` name the images in the results
-        (default: the path, or ``<bytes:i>`` / ``<image:i>``).
+        (default: the path, or ``<bytes:i>`` / ``<image:i>``). ``policy``: the decision policy (default: the
+        bundle's, else ``repair``; see :mod:`linnaeus.inference.policies`); ``consistent=False`` ignores it.
         """
+        if policy is None:
+            policy = self.default_policy
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         if isinstance(metadata, Mapping):  # one dict: the same observation metadata for every image
@@ -188,12 +225,78 @@ class Predictor:
         out = []
         for start in range(0, len(images), batch_size):
             end = start + batch_size
-            decoded = self.decode(
-                images[start:end],
-                None if metadata is None else metadata[start:end],
-                top_k,
-                consistent,
-                names[start:end],
+            if not consistent or policy.kind == "repair":
+                decoded = self.decode(
+                    images[start:end],
+                    None if metadata is None else metadata[start:end],
+                    top_k,
+                    consistent,
+                    names[start:end],
+                )
+                out += [self.results.build(d, names[start + i], top_k) for i, d in enumerate(decoded)]
+                continue
+            meta, _ = self.encode_metadata(
+                None if metadata is None else metadata[start:end], len(images[start:end]), names[start:end]
             )
-            out += [self.results.build(d, names[start + i], top_k) for i, d in enumerate(decoded)]
+            lp = self.log_probs(self.load_images(images[start:end]), meta)
+            out += self.results_with_policy(lp, policy, names[start:end], top_k)
+        return out
+
+    @property
+    def default_policy(self) -> PolicySpec:
+        """The bundle's stored default (``calibration.json`` ``default_policy``), else ``repair``."""
+        cal = self.bundle.calibration or {}
+        name = cal.get("default_policy") if self.temperatures or cal.get("default_policy") == "cost" else None
+        if not name:
+            return PolicySpec("repair")
+        return check_policy(name, cal.get("policies"), cal.get("cost_profile"))
+
+    def policy(self, name: str | None, cost_profile: str | None = None) -> PolicySpec:
+        """``--policy NAME`` resolved against the bundle's fitted parameters (None: the bundle's default)."""
+        if name is None:
+            return self.default_policy
+        return check_policy(name, (self.bundle.calibration or {}).get("policies"), cost_profile)
+
+    def results_with_policy(
+        self, log_probs: Mapping[str, torch.Tensor], policy: PolicySpec, names: Sequence[str], top_k: int
+    ) -> list[Any]:
+        """typus results of one batch of (calibrated) log-probs under a threshold / climb / cost policy."""
+        from linnaeus.inference import policy_output as po
+        from linnaeus.inference.policies import climb
+
+        h = self.hierarchy
+        decoded = decode(log_probs, h, top_k, consistent=False)
+        decisions = None
+        if policy.kind == "climb":
+            decisions = climb([log_probs[k].exp() for k in h.keys], h, float(policy.parameters["theta"]))
+            for i, d in enumerate(decoded):  # a committed taxon is always listed among its rank's candidates
+                for r, rd in enumerate(d.ranks):
+                    c = int(decisions.chosen[i, r])
+                    if c >= 0 and c not in {x for x, _ in rd.candidates}:
+                        rd.candidates.append((c, float(log_probs[rd.key][i, c].exp())))
+        out = []
+        for i, d in enumerate(decoded):
+            raw = self.results.build(d, names[i], top_k)
+            if policy.kind == "threshold":
+                out.append(po.threshold_result(raw, policy))
+            elif policy.kind == "cost":
+                out.append(po.cost_result(raw, policy))
+            else:
+                assert decisions is not None
+                levels = h.levels
+                chosen = {
+                    levels[r]: (
+                        self.results.taxon_id(k, int(decisions.chosen[i, r])) if decisions.chosen[i, r] >= 0 else None
+                    )
+                    for r, k in enumerate(h.keys)
+                }
+                out.append(
+                    po.climb_result(
+                        raw,
+                        policy,
+                        chosen,
+                        {levels[r]: int(decisions.reason[i, r]) for r in range(len(levels))},
+                        {levels[r]: float(decisions.score[i, r]) for r in range(len(levels))},
+                    )
+                )
         return out

@@ -82,6 +82,8 @@ class ResultBuilder:
     context: TaxonomyContext
     provenance: dict[str, Any]  # ClassificationProvenance fields other than the per-call ones
     model_evidence: ModelEvidenceProvenance | None = None
+    # TEMPERATURE_SCALED_RANK_PROBABILITY when the predictor applies the bundle's calibration
+    score_semantics: ScoreSemantics = ScoreSemantics.RANK_SOFTMAX_PROBABILITY
 
     def __post_init__(self) -> None:
         # Candidate fields that never change per image, built once per class.
@@ -137,7 +139,7 @@ class ResultBuilder:
                         rank_level=level,
                         rank_name=name,
                         score=0.0,
-                        score_semantics=ScoreSemantics.RANK_SOFTMAX_PROBABILITY,
+                        score_semantics=self.score_semantics,
                         null_taxon_id=NULL_TAXON_ID,
                     )
                 )
@@ -150,7 +152,7 @@ class ResultBuilder:
                     TaxonCandidate(
                         **self._static[d.key][index],
                         score=float(prob),
-                        score_semantics=ScoreSemantics.RANK_SOFTMAX_PROBABILITY,
+                        score_semantics=self.score_semantics,
                     )
                 )
             ranks.append(RankBelief(rank_level=level, rank_name=name, candidates=candidates))

@@ -137,8 +137,8 @@ def test_decode_paths_comparison_times_the_worker_decode(bench_ds: common.BenchD
 
     comp = compare_decode_paths(bench_ds, label="320x240", img_size=64, batch_size=4, workers=1, reps=1)
     assert set(comp.samples) == {"cpu", "device"} and all(v > 0 for vs in comp.samples.values() for v in vs)
-    assert comp.targets[0].threshold == pytest.approx(1 / 1.1)
-    assert comp.ratios["device/cpu (img/s)"] == comp.targets[0].value > 0
+    assert comp.targets == []  # a GPU feature: the CPU figure is reported, not targeted (issue #28)
+    assert comp.ratios["device/cpu (img/s)"] > 0
     # the device side really ran the device decoder (in the worker; counted by the main process), no fallbacks
     batches = comp.facts["images"] // 4
     assert comp.notes == [f"decoded by the device path: {2 * batches * 4}, fallbacks: 0"]

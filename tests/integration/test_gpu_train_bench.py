@@ -18,7 +18,7 @@ def test_full_plan_covers_the_issue_matrix() -> None:
     variants = make_train_plan(smoke=False).variants
     names = {v.name for v in variants}
     assert len(names) == len(variants)
-    assert {v.launcher for v in variants} == {"single", "zero2"}
+    assert {v.launcher for v in variants} == {"single", "ddp", "zero2"}
     assert {v.decode for v in variants} == {"cpu", "device"}
     assert {v.compiled for v in variants} == {True, False}
     assert {v.img_size for v in variants} == {224, 384}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from linnaeus.config import load_config
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward, resolve_auto
 from linnaeus.errors import ConfigError
 
+from host_reads import watch
 from launch_utils import DEMO_CFG, tiny_opts
-
-LINNAEUS = str(Path(__file__).resolve().parents[2] / "linnaeus")
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -121,12 +119,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_default_kernel() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ host syncs
-# Reads of tensors that live on the host on every device: the loader's batch before it is moved (the image_ok
-# count, the device decoder's offsets and boxes), HostReadback's pinned copy (read after its own event, a step
-# later) and mixing's numbers drawn from a CPU generator. Anything else read from Linnaeus code in a step is a sync.
-HOST_SIDE = {("train_meter.py", "count_missing"), ("readback.py", "values"), ("mix.py", "draw_mix_numbers")}
-HOST_SIDE_FILES = (str(Path(LINNAEUS) / "data"),)
-READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# What counts as a host read, and which reads are host-side on every device: tests/host_reads.py.
 
 
 # Every optional per-step feature at once: mixing at every step (both algorithms), erasing, partial metadata masking,
@@ -174,37 +167,23 @@ def _windows(trainer):
 
 
 @contextlib.contextmanager
-def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Records every device-to-host read (``READS``) made directly from Linnaeus code outside ``HOST_SIDE``."""
+def host_reads() -> Iterator[list[str]]:
+    """Records every host read (``host_reads.READS``) charged to Linnaeus code outside ``host_reads.HOST_SIDE``,
+    made directly or through torch, accelerate or DeepSpeed on its behalf."""
     found: list[str] = []
-
-    def watch(name: str) -> None:
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1)
-            where, func = caller.f_code.co_filename, caller.f_code.co_name
-            if where.startswith(LINNAEUS) and not where.startswith(HOST_SIDE_FILES):
-                if (Path(where).name, func) not in HOST_SIDE:
-                    found.append(f"{Path(where).relative_to(LINNAEUS)}:{caller.f_lineno} {func}() Tensor.{name}")
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, read)
-
-    for name in READS:
-        watch(name)
+    undo = watch(found.append)
     try:
         yield found
     finally:
-        monkeypatch.undo()
+        undo()
 
 
-def test_a_training_step_never_reads_back_from_the_device(step_ready_trainer, monkeypatch) -> None:
+def test_a_training_step_never_reads_back_from_the_device(step_ready_trainer) -> None:
     trainer = step_ready_trainer
     windows = _windows(trainer)
     trainer.train_step(next(windows))  # first step: lazy setup is allowed to look at values
     assert not trainer.after_step()
-    with host_reads(monkeypatch) as found:
+    with host_reads() as found:
         for _ in range(3):
             trainer.train_step(next(windows))
             assert not trainer.after_step()
@@ -213,12 +192,12 @@ def test_a_training_step_never_reads_back_from_the_device(step_ready_trainer, mo
 
 
 @pytest.mark.parametrize("step_ready_trainer", ["demo"], indirect=True)
-def test_the_audit_reports_a_step_that_waits_for_the_device(step_ready_trainer, monkeypatch) -> None:
+def test_the_audit_reports_a_step_that_waits_for_the_device(step_ready_trainer) -> None:
     """The audit can fail: TRAIN.NONFINITE skip must read its flags before the optimizer step, and is reported."""
     trainer = step_ready_trainer
     windows = _windows(trainer)
     trainer.nonfinite.mode = "skip"
-    with host_reads(monkeypatch) as found:
+    with host_reads() as found:
         trainer.train_step(next(windows))
     # exactly one read per optimizer step, and it is the guard's
     assert len(found) == 1 and found[0].startswith("engine/nonfinite.py:") and " check() " in found[0], found

@@ -1,0 +1,280 @@
+"""``linnaeus calibrate`` and ``linnaeus evaluate`` (arguments are declared in ``linnaeus.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linnaeus.errors import ConfigError
+
+
+def _bundle(args: argparse.Namespace) -> Any:
+    from linnaeus.inference.bundle import Bundle
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed may print while a checkpoint is consolidated
+        if args.bundle:
+            return Bundle.load(args.bundle)
+        return Bundle.from_run(args.run, args.which)
+
+
+def _evalset(args: argparse.Namespace, bundle: Any) -> Any:
+    from linnaeus.inference import eval_data
+
+    if args.labels or args.images:
+        if not (args.labels and args.images):
+            raise ConfigError("--labels/--images: give both (a labels file and its image folder)")
+        if args.split:
+            raise ConfigError("--split and --labels: choose one data source")
+        return eval_data.from_labels(bundle, args.labels, args.images)
+    return eval_data.from_split(bundle, args.split or "val")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers: expected an integer >= 0, got {args.workers}")
+
+
+def calibrate_bundle(
+    bundle: Any,
+    evalset: Any,
+    *,
+    target_accuracy: float = 0.95,
+    default_policy: str = "repair",
+    cost_profile: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fit per-rank temperatures on ``evalset`` (its known rows), then the threshold and climb policies on the
+    calibrated probabilities for ``target_accuracy``; store everything with the bundle's weights."""
+    import torch
+
+    from linnaeus.inference import calibration, eval_data, policies
+    from linnaeus.inference.predictor import Predictor
+
+    if not 0.0 < target_accuracy < 1.0:
+        raise ConfigError(f"--target-accuracy: expected a number in (0, 1), got {target_accuracy}")
+    if default_policy not in policies.POLICIES:
+        raise ConfigError(f"--default-policy {default_policy!r}: expected one of {', '.join(policies.POLICIES)}")
+    predictor = Predictor(bundle, device, calibrate=False)
+    lp = eval_data.score(
+        predictor, evalset, batch_size=batch_size, workers=workers, progress=progress, desc="calibrate"
+    )
+    known = ~evalset.novel
+    h = predictor.hierarchy
+    targets = {k: evalset.table.targets[k][known] for k in h.keys}
+    doc = calibration.fit({k: lp[k][known] for k in h.keys}, targets, evalset.set_id)
+    cal_lps = [calibration.scale(torch.as_tensor(lp[k][known]), doc["temperature_by_rank"][k]) for k in h.keys]
+    ys = [targets[k] for k in h.keys]
+    doc["policies"] = {
+        "threshold": policies.fit_threshold(cal_lps, ys, h, target_accuracy).to_json(),
+        "climb": policies.fit_climb(cal_lps, ys, h, target_accuracy).to_json(),
+    }
+    doc["default_policy"] = default_policy
+    if cost_profile:
+        doc["cost_profile"] = cost_profile
+    policies.check_policy(default_policy, doc["policies"], cost_profile)
+    doc["rows"] = int(known.sum())
+    bundle.set_calibration(doc)
+    return doc
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    _check_common(args)
+    bundle = _bundle(args)
+    evalset = _evalset(args, bundle)
+    start = time.monotonic()
+    doc = calibrate_bundle(
+        bundle,
+        evalset,
+        target_accuracy=args.target_accuracy,
+        default_policy=args.default_policy,
+        cost_profile=args.cost_profile,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
+    for key, r in doc["per_rank"].items():
+        print(
+            f"calibrate: {key} T={r['temperature']:.3f}  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}  "
+            f"ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}",
+            file=sys.stderr,
+        )
+    for name, spec in doc["policies"].items():
+        fit = spec["parameters"]["fit"]
+        print(
+            f"calibrate: {name} policy for accuracy {args.target_accuracy}: coverage {fit['coverage']:.3f}, "
+            f"accuracy {fit['accuracy']:.3f} on {doc['rows']} rows",
+            file=sys.stderr,
+        )
+    where = bundle.path or Path(bundle.info["run"]) / "export"
+    print(f"calibrate: {doc['rows']} rows in {time.monotonic() - start:.1f} s -> {where}", file=sys.stderr)
+    return 0
+
+
+def decisions_from_results(results: list[Any], predictor: Any) -> Any:
+    """A policy's typus outcomes back to array decisions (the ``cost`` policy runs on results only)."""
+    from linnaeus.inference.policies import BELOW, COMMIT, Decisions
+
+    h = predictor.hierarchy
+    n, r_count = len(results), len(h.keys)
+    chosen = np.full((n, r_count), -1, np.int64)
+    reason = np.full((n, r_count), BELOW, np.int8)
+    for i, res in enumerate(results):
+        outs = {o.rank_level: o for o in res.outcomes or []}
+        for r, key in enumerate(h.keys):
+            o = outs.get(h.levels[r])
+            if o is not None and o.decision == "commit" and o.resolved_to is not None:
+                tid = getattr(o.resolved_to.match, "taxon_id", None)
+                idx = predictor.bundle.class_maps[key].index(np.asarray([tid or 0], np.int64))[0]
+                chosen[i, r] = idx
+                reason[i, r] = COMMIT
+    return Decisions(chosen, reason, np.zeros((n, r_count)))
+
+
+def _results(predictor: Any, lp_raw: dict[str, np.ndarray], policy: Any, ids: list[str], top_k: int = 5) -> list:
+    """typus results of already scored rows (calibrated here, as the Predictor would)."""
+    import torch
+
+    from linnaeus.inference.calibration import scale_all
+    from linnaeus.inference.decoding import decode
+
+    out = []
+    for start in range(0, len(ids), 256):
+        lp = scale_all({k: torch.as_tensor(v[start : start + 256]) for k, v in lp_raw.items()}, predictor.temperatures)
+        names = ids[start : start + 256]
+        if policy.kind == "repair":
+            out += [
+                predictor.results.build(d, names[i], top_k)
+                for i, d in enumerate(decode(lp, predictor.hierarchy, top_k))
+            ]
+        else:
+            out += predictor.results_with_policy(lp, policy, names, top_k)
+    return out
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from linnaeus.inference import eval_data, eval_metrics, eval_report, evaluation
+    from linnaeus.inference.predictor import Predictor
+
+    _check_common(args)
+    start = time.monotonic()
+    bundle = _bundle(args)
+    predictor = Predictor(bundle, args.device, calibrate=not args.no_calibration)
+    policy = predictor.policy(args.policy, args.cost_profile)
+    evalset = _evalset(args, bundle)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    modes = {"on": [False], "masked": [True], "both": [False, True]}[args.metadata]
+    h = predictor.hierarchy
+    names = {k: list(bundle.class_maps[k].names or [None] * len(bundle.class_maps[k])) for k in h.keys}
+    ids = [str(p) for p in evalset.table.paths]
+    metrics: dict[str, Any] = {
+        "set": {
+            "name": evalset.name,
+            "rows": len(evalset),
+            "calibration_set_id": evalset.set_id,
+            "novel_rows": int(evalset.novel.sum()),
+        },
+        "model": {k: bundle.info.get(k) for k in ("which", "step", "weights_sha256", "source")}
+        | {"name": bundle.cfg.MODEL.NAME, "bundle": str(bundle.path) if bundle.path else None},
+        "calibration": None
+        if not predictor.temperatures
+        else {k: bundle.calibration.get(k) for k in ("calibration_set_id", "temperature_by_rank", "per_rank")},
+        "frequency_thresholds": {"many": f"> {eval_metrics.MANY_ABOVE}", "few": f"< {eval_metrics.FEW_BELOW}"},
+        "metadata": {},
+    }
+    curves: dict[str, Any] = {}
+    counts = eval_data.train_counts(bundle)
+    progress = sys.stderr.isatty()
+    for masked in modes:
+        mode = "masked" if masked else "on"
+        t0 = time.monotonic()
+        lp = eval_data.score(
+            predictor,
+            evalset,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            masked=masked,
+            progress=progress,
+            desc=f"evaluate ({mode})",
+        )
+        if not progress:
+            took = time.monotonic() - t0
+            print(
+                f"evaluate ({mode}): scored {len(evalset)} images in {took:.1f} s ({len(evalset) / max(took, 1e-9):.0f} "
+                "img/s)",
+                file=sys.stderr,
+            )
+        results = None
+        save = args.save_predictions and out is not None and masked == modes[0]  # the first mode's predictions
+        if policy.kind == "cost" or save:
+            results = _results(predictor, lp, policy, ids)
+        decisions = decisions_from_results(results, predictor) if policy.kind == "cost" else None
+        figs = evaluation.figures(
+            lp,
+            evalset.table.targets,
+            evalset.taxa,
+            evalset.novel,
+            h,
+            names,
+            predictor.temperatures,
+            policy,
+            counts,
+            decisions,
+        )
+        metrics["metadata"][mode] = figs
+        curves[mode] = {}
+        known = ~evalset.novel
+        for k in h.keys:
+            y = evalset.table.targets[k][known]
+            lab = y >= 0
+            p = evaluation._probs(lp[k][known][lab], predictor.temperatures.get(k, 1.0))
+            cov, risk, _ = eval_metrics.risk_coverage(p.max(axis=1), p.argmax(axis=1) == y[lab])
+            step = max(len(cov) // 200, 1)
+            curves[mode][k] = (cov[::step], risk[::step])
+        if save and results is not None:
+            with open(out / "predictions.jsonl", "w") as fh:
+                for r in results:
+                    fh.write(r.to_json() + "\n")
+    metrics["seconds"] = time.monotonic() - start
+    print(eval_report.summary_table(metrics), file=sys.stderr)
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, default=_json_default))
+        plots = eval_report.write_plots(metrics, curves, out)
+        eval_report.write_html(json.loads((out / "metrics.json").read_text()), plots, out)
+        print(f"evaluate: wrote {out / 'metrics.json'}, {out / 'report.html'}, {len(plots)} plots", file=sys.stderr)
+    else:
+        print(json.dumps(_clean(metrics), default=_json_default))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN / inf (an empty bin, no rows in a bucket) as null, so metrics.json is strict JSON."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
