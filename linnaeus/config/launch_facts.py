@@ -12,24 +12,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from linnaeus.checkout import repo_root
 from linnaeus.errors import ConfigError
+from linnaeus.specs.launch import LaunchFacts
 
 DS_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 
-
-@dataclass(frozen=True)
-class LaunchFacts:
-    source: str  # where the facts were read, for error lines
-    deepspeed: bool = False
-    zero_stage: int = 0
-    precision: str | None = None  # "bf16" / "fp16" / "no" when the launch fixes it; None: TRAIN.AMP_OPT_LEVEL decides
-    processes: int = 1
+__all__ = ["LaunchFacts", "from_accelerate_config", "from_environment"]
 
 
 def _deepspeed_json(path: Path, source: str) -> tuple[int, str | None]:

@@ -202,14 +202,6 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def export_weights(ckpt: Path, out_file: Path, metadata: dict[str, str] | None = None) -> Path:
     """One consolidated fp32 safetensors file, loadable into the model without DeepSpeed."""
-    from safetensors.torch import save_file
+    from linnaeus.utils.io import atomic_save_safetensors
 
-    sd = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt).items()}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    save_file(sd, str(tmp), metadata=metadata or {})
-    tmp.replace(out_file)
-    from linnaeus.utils.io import make_readable
-
-    make_readable(out_file)  # safetensors writes 0600; exported weights are meant to be shared
-    return out_file
+    return atomic_save_safetensors(consolidated_state_dict(ckpt), out_file, metadata)

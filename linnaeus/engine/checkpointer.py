@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from linnaeus.config import Config
 from linnaeus.engine.checkpoint import (
     CheckpointManager,
     consolidated_state_dict,
@@ -25,7 +24,8 @@ from linnaeus.engine.distributed import decide_on_main
 from linnaeus.engine.ema import EMA_FILE
 from linnaeus.engine.schedule import StepPlan, fires, interval_steps
 from linnaeus.errors import ConfigError
-from linnaeus.utils.io import make_readable
+from linnaeus.specs.engine import CheckpointSpec
+from linnaeus.utils.io import atomic_save_safetensors
 
 log = logging.getLogger("linnaeus")
 
@@ -37,6 +37,13 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Recorded(Protocol):
+    """A component whose state is written with every checkpoint for the record only: it reads the saved value from
+    the resume point itself (``ResumePoint.saved``), so nothing is handed back on restore."""
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 class FileState(Protocol):
@@ -65,24 +72,22 @@ def resume_step(saved: dict[str, Any], plan: StepPlan, zero_stage: int) -> tuple
     return plan.step_for_samples(int(saved["samples_seen"])), False
 
 
-def checkpoint_manager(cfg: Config, root: Path) -> CheckpointManager:
-    c = cfg.SCHEDULE.CHECKPOINT
+def checkpoint_manager(spec: CheckpointSpec, root: Path) -> CheckpointManager:
     return CheckpointManager(
-        root, keep_last=c.KEEP_LAST_N, keep_best=c.KEEP_BEST_N, best_metric=c.BEST_METRIC, best_mode=c.BEST_MODE
+        root, keep_last=spec.keep_last, keep_best=spec.keep_best, best_metric=spec.best_metric, best_mode=spec.best_mode
     )
 
 
-def resume_candidate(cfg: Config, root: Path) -> Path | None:
+def resume_candidate(spec: CheckpointSpec, root: Path) -> Path | None:
     """The checkpoint this run continues from. With TRAIN.AUTO_RESUME (the default), the run folder's own latest
     checkpoint when it has one, so a preempted and requeued job continues its own progress; otherwise
     TRAIN.RESUME_FROM (where a new run starts from), else nothing. Reads files, so only the main process calls it
     and shares the answer."""
-    t = cfg.TRAIN
-    own = checkpoint_manager(cfg, root).latest() if t.AUTO_RESUME else None
+    own = checkpoint_manager(spec, root).latest() if spec.auto_resume else None
     if own is not None:
         return own
-    if t.RESUME_FROM:
-        path = Path(t.RESUME_FROM)
+    if spec.resume_from:
+        path = Path(spec.resume_from)
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"TRAIN.RESUME_FROM: {path} is not a complete checkpoint folder (no trainer_state.json)")
         return path
@@ -92,19 +97,15 @@ def resume_candidate(cfg: Config, root: Path) -> Path | None:
 class Checkpointer:
     """Every method that saves or restores is collective (each process calls it at the same step)."""
 
-    def __init__(self, accelerator: Any, root: Path, cfg: Config, plan: StepPlan, zero_stage: int) -> None:
-        c = cfg.SCHEDULE.CHECKPOINT
+    def __init__(self, accelerator: Any, root: Path, spec: CheckpointSpec, plan: StepPlan, zero_stage: int) -> None:
         self.accelerator = accelerator
-        self.manager = checkpoint_manager(cfg, root)
-        self.cfg = cfg
+        self.manager = checkpoint_manager(spec, root)
+        self.spec = spec
         self.plan = plan
         self.zero_stage = zero_stage
-        self.every = interval_steps(c.INTERVAL, plan)
-        if ranks_ema(c.BEST_METRIC) and not cfg.TRAIN.EMA.ENABLED:
-            raise ConfigError(
-                f"SCHEDULE.CHECKPOINT.BEST_METRIC: '{c.BEST_METRIC}' ranks the EMA weights; set TRAIN.EMA.ENABLED: true"
-            )
+        self.every = interval_steps(spec.every, plan)
         self.components: dict[str, Stateful] = {}
+        self.records: dict[str, Recorded] = {}
         self.files: dict[str, FileState] = {}
         self.bests: list[dict[str, Any]] = []
         self.last_saved_step = -1
@@ -114,6 +115,10 @@ class Checkpointer:
     def register(self, name: str, component: Stateful) -> None:
         """Save ``component.state_dict()`` with every checkpoint and hand the saved state back on resume."""
         self.components[name] = component
+
+    def register_record(self, name: str, component: Recorded) -> None:
+        """Save ``component.state_dict()`` with every checkpoint; nothing is restored (see ``Recorded``)."""
+        self.records[name] = component
 
     def register_file(self, filename: str, component: FileState) -> None:
         """Save ``component`` as ``<checkpoint>/<filename>`` (main process) and load it from there on resume."""
@@ -134,8 +139,8 @@ class Checkpointer:
         (or through stale NFS caches) must never choose different checkpoints or read different states."""
 
         def decide() -> tuple[str, dict[str, Any]] | None:
-            path = resume_candidate(self.cfg, self.manager.root)
-            asked = self.cfg.TRAIN.RESUME_FROM
+            path = resume_candidate(self.spec, self.manager.root)
+            asked = self.spec.resume_from
             if path is not None and asked and Path(asked).resolve() != path.resolve():
                 log.warning(
                     "TRAIN.RESUME_FROM %s: this run folder has checkpoints of its own; continuing from %s "
@@ -158,7 +163,7 @@ class Checkpointer:
         main process and broadcast (it decides whether any collective runs)."""
 
         def decide() -> int | None:
-            path = resume_candidate(self.cfg, self.manager.root)
+            path = resume_candidate(self.spec, self.manager.root)
             final = export_dir / "final.safetensors"
             if path is None or not final.is_file():
                 return None
@@ -245,7 +250,7 @@ class Checkpointer:
             "best_checkpoints": self.bests,
             "best_metric": self.manager.best_metric,
         }
-        for component in self.components.values():
+        for component in [*self.components.values(), *self.records.values()]:
             state |= component.state_dict()
         path = self.manager.save(self.accelerator, step, state, self._write_files)
         self.last_saved_step = step
@@ -265,7 +270,7 @@ class Checkpointer:
             return
         start = time.perf_counter()
         latest = self.manager.latest()
-        meta = {"model": self.cfg.MODEL.NAME, "step": str(step)}
+        meta = {"model": self.spec.model_name, "step": str(step)}
         if latest is not None:
             export_weights(latest, out_dir / "final.safetensors", meta)
             if (latest / EMA_FILE).is_file():
@@ -301,12 +306,7 @@ def ranks_ema(best_metric: str) -> bool:
 
 
 def copy_weights(src: Path, dst: Path, metadata: dict[str, str]) -> Path:
-    """A safetensors file rewritten with ``metadata`` (temp + rename)."""
-    from safetensors.torch import load_file, save_file
+    """A safetensors file rewritten with ``metadata`` (temp + rename; readable by the group, like any export)."""
+    from safetensors.torch import load_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    save_file(load_file(str(src)), str(tmp), metadata=metadata)
-    tmp.replace(dst)
-    make_readable(dst)  # safetensors writes 0600; exports are for others to read
-    return dst
+    return atomic_save_safetensors(load_file(str(src)), dst, metadata)

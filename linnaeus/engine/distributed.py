@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from linnaeus.config import Config
-from linnaeus.config.launch_facts import LaunchFacts
+from linnaeus.specs.engine import LoopSpec
+from linnaeus.specs.launch import LaunchFacts
 
 log = logging.getLogger("linnaeus")
 
@@ -49,7 +49,7 @@ def _deepspeed_json_precision() -> str | None:
     return None
 
 
-def resolve_precision(cfg: Config) -> tuple[str, str]:
+def resolve_precision(amp_opt_level: str | None) -> tuple[str, str]:
     """(mixed_precision, why). The accelerate/DeepSpeed config wins when it asks for half precision;
     otherwise TRAIN.AMP_OPT_LEVEL decides (O0 = fp32, O1-O3 = bf16 where supported, else fp16)."""
     from_json = _deepspeed_json_precision()
@@ -58,7 +58,7 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launcher in ("bf16", "fp16", "fp8"):
         return launcher, "accelerate config"
-    level = cfg.TRAIN.AMP_OPT_LEVEL
+    level = amp_opt_level
     if level in (None, "O0"):
         return "no", "TRAIN.AMP_OPT_LEVEL" if level else "default"
     if torch.cuda.is_available():
@@ -100,7 +100,7 @@ class DistInfo:
         return torch.float32
 
 
-def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[str, Any] | None = None):
+def build_accelerator(loop: LoopSpec, tracker_kwargs: dict[str, Any] | None = None):
     """Create the Accelerator. DeepSpeed's "auto" entries are filled from the experiment config here, so batch size,
     accumulation and clipping have one source of truth (the experiment YAML). ``tracker_kwargs``:
     ``TrackerPlan.accelerator_kwargs()`` (engine/trackers.py)."""
@@ -108,8 +108,8 @@ def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[s
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-    precision, source = resolve_precision(cfg)
-    accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
+    precision, source = resolve_precision(loop.amp_opt_level)
+    accum, micro_batch_size = max(1, loop.accumulation), loop.micro_batch
     kwargs_handlers = [
         # Generous timeout: startup scans (labels, image verification) can be long on big datasets.
         InitProcessGroupKwargs(
@@ -139,7 +139,7 @@ def build_accelerator(cfg: Config, micro_batch_size: int, tracker_kwargs: dict[s
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
         ds["gradient_accumulation_steps"] = accum
         ds["train_batch_size"] = micro_batch_size * accum * accelerator.num_processes
-        clip = cfg.TRAIN.CLIP_GRAD
+        clip = loop.clip_grad
         ds["gradient_clipping"] = float(clip) if clip and clip > 0 else 0.0
         plugin.gradient_accumulation_steps = accum
     info = DistInfo(

@@ -2,7 +2,7 @@
 
 The loop calls::
 
-    ema = EmaComponent.maybe_create(cfg, model, device=accelerator.device)  # before accelerator.prepare
+    ema = EmaComponent.maybe_create(spec, model, device=accelerator.device)  # spec: EmaSpec; before prepare
     ema.update(model, step)                          # after each optimizer step (after the sync point)
     ema.module                                       # the averaged LinnaeusModel, eval mode, for `val_ema`
     ema.save(path) / ema.load(path)                  # <checkpoint>/ema.safetensors, counter in its metadata
@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from linnaeus.config import Config
 from linnaeus.errors import ConfigError
 from linnaeus.models.param_groups import unwrap
+from linnaeus.specs.engine import EmaSpec
+from linnaeus.utils.io import atomic_save_safetensors
 
 EMA_FILE = "ema.safetensors"
 
@@ -59,12 +60,12 @@ class EmaComponent:
 
     @classmethod
     def maybe_create(
-        cls, cfg: Config, model: nn.Module, device: torch.device | str | None = None
+        cls, spec: EmaSpec, model: nn.Module, device: torch.device | str | None = None
     ) -> EmaComponent | None:
-        """The EMA of ``model`` when ``TRAIN.EMA.ENABLED``, else None. Create it before ``accelerator.prepare`` (the
-        model is still a plain module with whole parameters) and give the device training will run on."""
-        ema_cfg = cfg.TRAIN.EMA
-        return cls(model, ema_cfg.DECAY, ema_cfg.WARMUP, device=device) if ema_cfg.ENABLED else None
+        """The EMA of ``model`` when ``spec.enabled`` (``TRAIN.EMA``), else None. Create it before
+        ``accelerator.prepare`` (the model is still a plain module with whole parameters) and give the device
+        training will run on."""
+        return cls(model, spec.decay, spec.warmup, device=device) if spec.enabled else None
 
     @property
     def module(self) -> nn.Module:
@@ -104,14 +105,8 @@ class EmaComponent:
 
     def save(self, path: str | os.PathLike) -> Path:
         """EMA weights as safetensors (names as the bare model's, usable as export weights), counter in metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
-        save_file(tensors, str(tmp), metadata={"ema_updates": str(self.updates), "ema_step": str(self.step)})
-        os.replace(tmp, path)
-        return path
+        meta = {"ema_updates": str(self.updates), "ema_step": str(self.step)}
+        return atomic_save_safetensors(self.module.state_dict(), Path(path), meta)
 
     def load(self, path: str | os.PathLike) -> None:
         from safetensors import safe_open

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from linnaeus.specs.engine import SpeedupSpec
+
 log = logging.getLogger("linnaeus")
 
 
@@ -49,13 +51,13 @@ class StepSpeedups:
     channels_last_weights: bool = False  # also the parameters (not under DeepSpeed)
 
     @classmethod
-    def resolve(cls, cfg: Any, device: torch.device, uses_deepspeed: bool = False) -> StepSpeedups:
+    def resolve(cls, spec: SpeedupSpec, device: torch.device, uses_deepspeed: bool = False) -> StepSpeedups:
         kind = torch.device(device).type
-        channels_last = resolve_auto(cfg.MODEL.CHANNELS_LAST, kind == "cuda")
+        channels_last = resolve_auto(spec.channels_last, kind == "cuda")
         return cls(
-            compile=resolve_auto(cfg.MODEL.COMPILE, kind == "cuda"),
+            compile=resolve_auto(spec.compile, kind == "cuda"),
             channels_last=channels_last,
-            fused_optimizer=resolve_auto(cfg.OPTIMIZER.FUSED, kind in FUSED_ADAMW_DEVICES),
+            fused_optimizer=resolve_auto(spec.fused_optimizer, kind in FUSED_ADAMW_DEVICES),
             channels_last_weights=channels_last and not uses_deepspeed,
         )
 

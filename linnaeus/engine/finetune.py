@@ -8,38 +8,35 @@ from typing import Any
 
 from torch import nn
 
-from linnaeus.config import Config
 from linnaeus.engine.schedule import StepPlan, interval_steps
-from linnaeus.errors import ConfigError
 from linnaeus.models.param_groups import param_groups, set_backbone_frozen
+from linnaeus.specs.engine import FreezeSpec, OptimizerSpec
 
 
-def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
+def optimizer_groups(model: nn.Module, spec: OptimizerSpec) -> list[dict]:
     """``param_groups`` with the OPTIMIZER keys; frozen parameters are in no group (no optimizer state)."""
-    opt = cfg.OPTIMIZER
     return [
         g
-        for g in param_groups(model, opt.WEIGHT_DECAY, opt.HEAD_LR_MULTIPLIER, layer_decay=opt.LAYER_DECAY)
+        for g in param_groups(model, spec.weight_decay, spec.head_lr_multiplier, layer_decay=spec.layer_decay)
         if g["params"]
     ]
 
 
-def unfreeze_step(cfg: Config, plan: StepPlan) -> int | None:
-    """The optimizer step after which the backbone becomes trainable, or None (never / not frozen)."""
-    interval = cfg.MODEL.UNFREEZE_BACKBONE_AFTER
-    step = interval_steps(interval, plan)
-    if step is not None and not cfg.MODEL.FREEZE_BACKBONE:
-        raise ConfigError("MODEL.UNFREEZE_BACKBONE_AFTER: set only together with MODEL.FREEZE_BACKBONE: true")
-    return step
+def unfreeze_step(spec: FreezeSpec, plan: StepPlan) -> int | None:
+    """The optimizer step after which the backbone becomes trainable, or None (never / not frozen). That it is set
+    only with FREEZE_BACKBONE is a rule of ``linnaeus.config.resolve``."""
+    return interval_steps(spec.unfreeze_after, plan) if spec.freeze_backbone else None
 
 
 class FreezeState:
     """Whether the backbone is frozen at a given step, applied to a freshly built model; checkpointed as
-    ``backbone_frozen`` so a resume can tell whether the saved optimizer has the same parameters as the new one."""
+    ``backbone_frozen`` so a resume can tell whether the saved optimizer has the same parameters as the new one.
+    Nothing is restored from a checkpoint: the frozen state follows from the step and the saved value, which
+    ``apply`` and ``same_optimizer_layout`` read from the resume point (a record, not a restored state)."""
 
-    def __init__(self, cfg: Config, plan: StepPlan) -> None:
-        self.initially_frozen = bool(cfg.MODEL.FREEZE_BACKBONE)
-        self.unfreeze_at = unfreeze_step(cfg, plan)
+    def __init__(self, spec: FreezeSpec, plan: StepPlan) -> None:
+        self.initially_frozen = bool(spec.freeze_backbone)
+        self.unfreeze_at = unfreeze_step(spec, plan)
         self.frozen = self.initially_frozen
 
     def frozen_at(self, step: int) -> bool:
@@ -63,6 +60,3 @@ class FreezeState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"backbone_frozen": self.frozen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass  # the frozen state follows from the step (``apply``); the saved value is read by same_optimizer_layout

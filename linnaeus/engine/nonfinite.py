@@ -22,9 +22,12 @@ from typing import Any
 import torch
 
 from linnaeus.engine.readback import HostReadback
-from linnaeus.errors import ConfigError, LinnaeusError
+from linnaeus.errors import LinnaeusError
+from linnaeus.specs.engine import NonFiniteSpec
 
 log = logging.getLogger("linnaeus")
+
+STOP = NonFiniteSpec(mode="stop", max_skips=0)
 
 
 class NonFiniteError(LinnaeusError):
@@ -61,17 +64,12 @@ class NonFiniteGuard:
         self,
         task_keys: Iterable[str],
         device: torch.device,
-        mode: str = "stop",
-        max_skips: int = 0,
+        spec: NonFiniteSpec = STOP,
         reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        step_applied_in_backward: bool = False,
         scaler_skips: bool = False,
     ) -> None:
-        if mode == "skip" and step_applied_in_backward and not scaler_skips:
-            raise ConfigError(
-                "TRAIN.NONFINITE: skip is not possible under DeepSpeed in bf16/fp32 (the engine applies the step "
-                "inside backward, before it can be checked); use stop"
-            )
+        mode, max_skips = spec.mode, spec.max_skips
+        # skip where DeepSpeed steps inside backward (bf16/fp32) is refused by linnaeus.config.resolve's launch rules
         self.names = [f"{k} loss" for k in task_keys] + ["total loss", "gradients"]
         self.device = device
         self.mode = mode

@@ -107,19 +107,6 @@ def build_report(run: Path, timings: Timings | None = None) -> dict[str, Any]:
     ]
     best = best_of(rows, metric, mode)
     chain = [(float(r["chain_accuracy"]), int(r["step"])) for r in val_rows if _finite(r.get("chain_accuracy"))]
-
-    # Metadata-masked gap: validation with metadata minus validation with it masked, at steps where both ran.
-    masked_by_step = {int(r["step"]): r for r in masked_rows}
-    gap: dict[str, Any] = {}
-    common = [r for r in val_rows if int(r["step"]) in masked_by_step]
-    if common:
-        last = common[-1]
-        other = masked_by_step[int(last["step"])]
-        gap["step"] = int(last["step"])
-        for k in ["chain_accuracy", *(f"{t}/top1" for t in keys)]:
-            if _finite(last.get(k)) and _finite(other.get(k)):
-                gap[k] = float(last[k]) - float(other[k])
-
     export = run / "export"
     weights = {
         name: str(export / f"{name}.safetensors")
@@ -130,13 +117,6 @@ def build_report(run: Path, timings: Timings | None = None) -> dict[str, Any]:
         (p.name for p in (run / "checkpoints").glob("step_*") if p.is_dir()),
         key=lambda n: int(n.split("_")[1]) if n.split("_")[1].isdigit() else -1,
     )
-    ips = [float(r["images_per_sec"]) for r in train_rows if _finite(r.get("images_per_sec"))]
-    timing = (timings or Timings()).to_dict()
-    if timing["mean_images_per_sec"] is None and ips:
-        timing["mean_images_per_sec"] = sum(ips) / len(ips)
-    if timing["total_seconds"] is None and rows and _finite(rows[0].get("time")) and _finite(rows[-1].get("time")):
-        # From files alone: first to last metrics row (setup before the first row is not counted).
-        timing["total_seconds_from_metrics"] = float(rows[-1]["time"]) - float(rows[0]["time"])
     return {
         "run": str(run),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -156,12 +136,44 @@ def build_report(run: Path, timings: Timings | None = None) -> dict[str, Any]:
             "best": max(chain, key=lambda t: (t[0], -t[1]))[0] if chain else None,
             "best_step": max(chain, key=lambda t: (t[0], -t[1]))[1] if chain else None,
         },
-        "metadata_masked_gap": gap,
-        "timings": timing,
+        "metadata_masked_gap": _masked_gap(val_rows, masked_rows, keys),
+        "timings": _timings(rows, train_rows, timings),
         "weights": weights,
         "checkpoints": checkpoints,
         "export_command": f"linnaeus export --run {run} --out {run / 'bundle'}",
     }
+
+
+def _masked_gap(
+    val_rows: list[Mapping[str, Any]], masked_rows: list[Mapping[str, Any]], keys: list[str]
+) -> dict[str, Any]:
+    """Validation with metadata minus validation with it masked, at the last step where both ran."""
+    masked_by_step = {int(r["step"]): r for r in masked_rows}
+    gap: dict[str, Any] = {}
+    common = [r for r in val_rows if int(r["step"]) in masked_by_step]
+    if common:
+        last = common[-1]
+        other = masked_by_step[int(last["step"])]
+        gap["step"] = int(last["step"])
+        for k in ["chain_accuracy", *(f"{t}/top1" for t in keys)]:
+            if _finite(last.get(k)) and _finite(other.get(k)):
+                gap[k] = float(last[k]) - float(other[k])
+    return gap
+
+
+def _timings(
+    rows: list[dict[str, Any]], train_rows: list[Mapping[str, Any]], timings: Timings | None
+) -> dict[str, Any]:
+    """The trainer's timings, completed from ``metrics.jsonl`` where the trainer gave none (a report rebuilt from
+    files alone)."""
+    ips = [float(r["images_per_sec"]) for r in train_rows if _finite(r.get("images_per_sec"))]
+    timing = (timings or Timings()).to_dict()
+    if timing["mean_images_per_sec"] is None and ips:
+        timing["mean_images_per_sec"] = sum(ips) / len(ips)
+    if timing["total_seconds"] is None and rows and _finite(rows[0].get("time")) and _finite(rows[-1].get("time")):
+        # From files alone: first to last metrics row (setup before the first row is not counted).
+        timing["total_seconds_from_metrics"] = float(rows[-1]["time"]) - float(rows[0]["time"])
+    return timing
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

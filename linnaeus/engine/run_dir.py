@@ -13,15 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linnaeus.config import Config
 from linnaeus.errors import ConfigError
 from linnaeus.utils.io import atomic_write_json
 
 log = logging.getLogger("linnaeus")
-
-
-def run_path(cfg: Config) -> Path:
-    return cfg.EXPERIMENT.run_folder()
 
 
 # A record with this attribute set goes to the log files only: the CLI prints the same error as its ``error:`` line.

@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from linnaeus.config import Config
-from linnaeus.config.defaults import Interval, Ramp
 from linnaeus.errors import ConfigError
+from linnaeus.specs.engine import LoopSpec, LRSpec, OpsSpec, Period, Ramp
 
 DEFAULT_WARMUP_FRACTION = 0.05
 DEFAULT_META_MASK_END_FRACTION = 0.5
@@ -54,20 +53,20 @@ class StepPlan:
         return samples // self.global_batch
 
 
-def plan_steps(cfg: Config, batches_per_epoch: int, world_size: int = 1) -> StepPlan:
+def plan_steps(loop: LoopSpec, batches_per_epoch: int, world_size: int = 1) -> StepPlan:
     """The plan for ``batches_per_epoch`` micro-batches per process and epoch (what the training stream yields)."""
-    accum = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
+    accum = max(1, loop.accumulation)
     if batches_per_epoch < accum:
         raise ConfigError(
             f"TRAIN.ACCUMULATION_STEPS: {accum} micro-batches per optimizer step, but an epoch has only "
-            f"{batches_per_epoch} batches of {cfg.DATA.BATCH_SIZE} per process; lower one of them"
+            f"{batches_per_epoch} batches of {loop.micro_batch} per process; lower one of them"
         )
     steps_per_epoch = batches_per_epoch // accum
-    total = cfg.TRAIN.MAX_STEPS or _epoch_steps(cfg.TRAIN.EPOCHS, steps_per_epoch)
+    total = loop.max_steps or _epoch_steps(loop.epochs, steps_per_epoch)
     return StepPlan(
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        micro_batch=cfg.DATA.BATCH_SIZE,
+        micro_batch=loop.micro_batch,
         accumulation=accum,
         world_size=world_size,
     )
@@ -86,14 +85,14 @@ def _epoch_steps(epochs: float, steps_per_epoch: int) -> int:
     return max(1, math.ceil(steps))
 
 
-def interval_steps(interval: Interval, plan: StepPlan) -> int | None:
-    """Resolve an interval to a period in steps (None = never)."""
-    if interval.STEPS is not None:
-        return interval.STEPS
-    if interval.EPOCHS is not None:
-        return max(1, round(interval.EPOCHS * plan.steps_per_epoch))
-    if interval.FRACTION is not None:
-        return max(1, round(interval.FRACTION * plan.total_steps))
+def interval_steps(period: Period, plan: StepPlan) -> int | None:
+    """Resolve a period to a number of steps (None = never)."""
+    if period.steps is not None:
+        return period.steps
+    if period.epochs is not None:
+        return max(1, round(period.epochs * plan.steps_per_epoch))
+    if period.fraction is not None:
+        return max(1, round(period.fraction * plan.total_steps))
     return None
 
 
@@ -105,52 +104,51 @@ def fires(period: int | None, step: int, plan: StepPlan) -> bool:
 
 
 def ramp_end_steps(ramp: Ramp, plan: StepPlan, default_fraction: float = 1.0) -> int:
-    if ramp.END_STEPS is not None:
-        return ramp.END_STEPS
-    fraction = ramp.END_FRACTION if ramp.END_FRACTION is not None else default_fraction
+    if ramp.end_steps is not None:
+        return ramp.end_steps
+    fraction = ramp.end_fraction if ramp.end_fraction is not None else default_fraction
     return round(fraction * plan.total_steps)
 
 
 def ramp_value(ramp: Ramp, step: int, plan: StepPlan, default_fraction: float = 1.0, off_value: float = 0.0) -> float:
-    """Linear from START_PROB at step 0 to END_PROB at the ramp's end, constant afterwards."""
-    if not ramp.ENABLED:
+    """Linear from ``start_prob`` at step 0 to ``end_prob`` at the ramp's end, constant afterwards."""
+    if not ramp.enabled:
         return off_value
     end = ramp_end_steps(ramp, plan, default_fraction)
     if end <= 0 or step >= end:
-        return ramp.END_PROB
+        return ramp.end_prob
     t = step / end
-    return ramp.START_PROB + t * (ramp.END_PROB - ramp.START_PROB)
+    return ramp.start_prob + t * (ramp.end_prob - ramp.start_prob)
 
 
-def scaled_base_lr(cfg: Config, plan: StepPlan) -> float:
+def scaled_base_lr(spec: LRSpec, plan: StepPlan) -> float:
     """BASE_LR, scaled linearly by global batch / REFERENCE_BS when ``LR_SCHEDULER.SCALE_WITH_BATCH``."""
-    sc = cfg.LR_SCHEDULER
-    if not sc.SCALE_WITH_BATCH:
-        return sc.BASE_LR
-    return sc.BASE_LR * plan.global_batch / sc.REFERENCE_BS
+    if not spec.scale_with_batch:
+        return spec.base_lr
+    return spec.base_lr * plan.global_batch / spec.reference_batch
 
 
 class LRSchedule:
     """LR per optimizer step: linear warmup from WARMUP_LR, then cosine, warmup-stable-decay or constant. Each param
     group gets it times its own ``lr_scale`` (e.g. the head LR multiplier)."""
 
-    def __init__(self, cfg: Config, plan: StepPlan, base_lr: float) -> None:
-        sc = cfg.LR_SCHEDULER
-        self.name = sc.NAME
-        self.base_lr = base_lr
+    def __init__(self, spec: LRSpec, plan: StepPlan, base_lr: float | None = None) -> None:
+        """``base_lr``: default ``scaled_base_lr(spec, plan)``."""
+        self.name = spec.name
+        self.base_lr = scaled_base_lr(spec, plan) if base_lr is None else base_lr
         self.total = plan.total_steps
-        if sc.WARMUP_STEPS is not None:
-            self.warmup = sc.WARMUP_STEPS
-        elif sc.WARMUP_EPOCHS is not None:
-            self.warmup = round(sc.WARMUP_EPOCHS * plan.steps_per_epoch)
+        if spec.warmup_steps is not None:
+            self.warmup = spec.warmup_steps
+        elif spec.warmup_epochs is not None:
+            self.warmup = round(spec.warmup_epochs * plan.steps_per_epoch)
         else:
-            frac = sc.WARMUP_FRACTION if sc.WARMUP_FRACTION is not None else DEFAULT_WARMUP_FRACTION
+            frac = spec.warmup_fraction if spec.warmup_fraction is not None else DEFAULT_WARMUP_FRACTION
             self.warmup = round(frac * plan.total_steps)
         self.warmup = min(self.warmup, max(0, self.total - 1))
-        self.warmup_lr = sc.WARMUP_LR
-        self.min_lr = min(sc.MIN_LR, base_lr)
-        self.stable_fraction = sc.STABLE_FRACTION
-        self.decay_type = sc.DECAY_TYPE
+        self.warmup_lr = spec.warmup_lr
+        self.min_lr = min(spec.min_lr, self.base_lr)
+        self.stable_fraction = spec.stable_fraction
+        self.decay_type = spec.decay_type
 
     def lr(self, step: int) -> float:
         """LR used for optimizer step `step` (0-based count of steps already taken)."""
@@ -171,52 +169,39 @@ class LRSchedule:
 
 
 class OpsSchedule:
-    """Everything that changes with the step besides the LR, resolved once: masking ramps, mix probability and the
-    validation/checkpoint periods."""
+    """Everything that changes with the step besides the LR: masking ramps, null-label keeping, mix probability."""
 
-    def __init__(self, cfg: Config, plan: StepPlan) -> None:
-        s = cfg.SCHEDULE
-        self.cfg = cfg
+    def __init__(self, spec: OpsSpec, plan: StepPlan) -> None:
+        self.spec = spec
         self.plan = plan
-        self.val_every = interval_steps(s.VALIDATION.INTERVAL, plan)
-        self.val_mask_meta_every = (
-            interval_steps(s.VALIDATION.MASK_META_INTERVAL, plan) if cfg.DATA.META.ACTIVE else None
-        )
-        self.ckpt_every = interval_steps(s.CHECKPOINT.INTERVAL, plan)
-        self.log_every = s.METRICS.LOG_INTERVAL_STEPS
 
     def meta_mask_prob(self, step: int) -> float:
-        mm = self.cfg.SCHEDULE.META_MASKING
-        if not self.cfg.DATA.META.ACTIVE:
+        if not self.spec.meta_active:
             return 0.0
-        return ramp_value(mm, step, self.plan, DEFAULT_META_MASK_END_FRACTION)
+        return ramp_value(self.spec.meta_masking, step, self.plan, DEFAULT_META_MASK_END_FRACTION)
 
     def partial_meta_mask_prob(self, step: int) -> float:
-        p = self.cfg.SCHEDULE.META_MASKING.PARTIAL
-        return p.PROB if (p.ENABLED and self.cfg.DATA.META.ACTIVE) else 0.0
+        s = self.spec
+        return s.partial_meta_prob if (s.partial_meta_masking and s.meta_active) else 0.0
 
     def null_keep_prob(self, step: int) -> float:
         """Probability a null-labelled sample stays in that rank's loss (0 = always masked, the default)."""
-        return ramp_value(self.cfg.SCHEDULE.NULL_MASKING, step, self.plan, 1.0)
+        return ramp_value(self.spec.null_masking, step, self.plan, 1.0)
 
     def mix_prob(self, step: int) -> float:
-        mix = self.cfg.SCHEDULE.MIX
-        if not (mix.MIXUP.ENABLED or mix.CUTMIX.ENABLED):
+        if not self.spec.mixing:
             return 0.0
-        return ramp_value(mix.PROB, step, self.plan, 1.0, off_value=1.0)
+        return ramp_value(self.spec.mix_prob, step, self.plan, 1.0, off_value=1.0)
 
     def summary(self) -> list[tuple[str, str]]:
-        def period(p: int | None) -> str:
-            return "never" if p is None else f"every {p} steps ({p / self.plan.steps_per_epoch:.2f} epochs)"
-
         last = self.plan.total_steps
-        rows = [
-            ("steps", f"{last} ({self.plan.steps_per_epoch} per epoch)"),
-            ("validation", period(self.val_every)),
-            ("validation, metadata masked", period(self.val_mask_meta_every)),
-            ("checkpoint", period(self.ckpt_every)),
+        return [
             ("meta masking p", f"{self.meta_mask_prob(0):.2f} -> {self.meta_mask_prob(last):.2f}"),
             ("null loss keep p", f"{self.null_keep_prob(0):.2f} -> {self.null_keep_prob(last):.2f}"),
             ("mix p", f"{self.mix_prob(0):.2f} -> {self.mix_prob(last):.2f}"),
         ]
-        return rows
+
+
+def period_summary(period: int | None, plan: StepPlan) -> str:
+    """A resolved period as the run summary shows it."""
+    return "never" if period is None else f"every {period} steps ({period / plan.steps_per_epoch:.2f} epochs)"

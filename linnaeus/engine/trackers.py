@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from linnaeus.config import Config
 from linnaeus.errors import ConfigError
+from linnaeus.specs.engine import TrackingSpec
 
 CSV_FILE = "tracker_metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,11 +31,9 @@ def _accelerate_tracker_names() -> list[str]:
     return [t.value for t in LoggerType if t.value != "all"]
 
 
-def tracker_names(cfg: Config) -> list[str]:
+def tracker_names(spec: TrackingSpec) -> list[str]:
     """The trackers this run logs to, in config order, without repeats; wandb included when W&B is enabled."""
-    wanted = [str(n).lower() for n in (getattr(cfg.EXPERIMENT, "TRACKERS", None) or [])]
-    if cfg.EXPERIMENT.WANDB.ENABLED:
-        wanted.append("wandb")
+    wanted = list(spec.trackers)
     known = ["csv", *_accelerate_tracker_names()]
     names: list[str] = []
     for n in wanted:
@@ -128,25 +126,23 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def plan_trackers(cfg: Config, run: Path, wandb_run_id: str | None = None) -> TrackerPlan:
+def plan_trackers(spec: TrackingSpec, run: Path, wandb_run_id: str | None = None) -> TrackerPlan:
     """What to log to and how. ``wandb_run_id`` (saved in the trainer state) reattaches a resumed run."""
-    names = tracker_names(cfg)
-    e = cfg.EXPERIMENT
+    names = tracker_names(spec)
     init: dict[str, dict[str, Any]] = {}
     if "wandb" in names:
-        w = e.WANDB
         init["wandb"] = {
-            "name": e.NAME,
-            "group": e.GROUP,
-            "tags": list(e.TAGS) + list(w.TAGS),
-            "notes": e.NOTES,
-            "entity": w.ENTITY,
-            "id": wandb_run_id or w.RUN_ID,
+            "name": spec.name,
+            "group": spec.group,
+            "tags": list(spec.tags) + list(spec.wandb_tags),
+            "notes": spec.notes,
+            "entity": spec.wandb_entity,
+            "id": wandb_run_id or spec.wandb_run_id,
             "resume": "allow",
             "dir": str(run),
-            **({"mode": w.MODE} if w.MODE else {}),
+            **({"mode": spec.wandb_mode} if spec.wandb_mode else {}),
         }
-    project = (e.WANDB.PROJECT if "wandb" in names and e.WANDB.PROJECT else None) or e.PROJECT
+    project = (spec.wandb_project if "wandb" in names and spec.wandb_project else None) or spec.project
     return TrackerPlan(names=names, run=Path(run), project=project, init=init)
 
 
@@ -184,16 +180,16 @@ def _settings_mode(environ: Mapping[str, str], home: Path) -> str | None:
     return parser.get("default", "mode", fallback=None)
 
 
-def wandb_preflight(cfg: Config, environ: Mapping[str, str] | None = None, home: Path | None = None) -> None:
+def wandb_preflight(spec: TrackingSpec, environ: Mapping[str, str] | None = None, home: Path | None = None) -> None:
     """Before any heavy work: W&B on, online, and no credentials -> ConfigError with the two fixes.
 
     wandb would otherwise prompt on a terminal (the job hangs) or fail with long tracebacks after the model is built.
     Credentials: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, or a ~/.netrc (or $NETRC) entry for the W&B host."""
     environ = os.environ if environ is None else environ
     home = Path(environ.get("HOME") or Path.home()) if home is None else home
-    if "wandb" not in tracker_names(cfg):
+    if "wandb" not in tracker_names(spec):
         return
-    mode = (cfg.EXPERIMENT.WANDB.MODE or environ.get("WANDB_MODE") or _settings_mode(environ, home) or "online").lower()
+    mode = (spec.wandb_mode or environ.get("WANDB_MODE") or _settings_mode(environ, home) or "online").lower()
     if environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         mode = "disabled"
     if mode in ("offline", "disabled", "dryrun"):

@@ -4,37 +4,37 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from linnaeus.config import Config
 from linnaeus.engine.run_dir import MetricsWriter
 from linnaeus.engine.schedule import StepPlan
 from linnaeus.engine.trackers import plan_trackers
+from linnaeus.specs.engine import TrackingSpec
 
 
 class Tracking:
-    def __init__(self, accelerator: Any, cfg: Config, run: Path, plan: StepPlan) -> None:
+    def __init__(self, accelerator: Any, spec: TrackingSpec, run: Path, plan: StepPlan) -> None:
         self.accelerator = accelerator
-        self.cfg = cfg
+        self.spec = spec
         self.run = run
         self.plan = plan
         self.writer = MetricsWriter(run / "metrics.jsonl", enabled=accelerator.is_main_process)
-        self.trackers = plan_trackers(cfg, run)
+        self.trackers = plan_trackers(spec, run)
         self.wandb = "wandb" in self.trackers.names
         self.wandb_run_id: str | None = None
         self.started = False
 
-    def start(self) -> None:
-        """Open the trackers (after a resume has restored the W&B run id, so a resumed run reattaches to its run)."""
+    def start(self, config: Mapping[str, Any]) -> None:
+        """Open the trackers (after a resume has restored the W&B run id, so a resumed run reattaches to its run);
+        ``config``: the whole config as a dict, recorded as the trackers' hyperparameters."""
         if not self.trackers.enabled:
             return
         if self.wandb and self.wandb_run_id is None:
-            self.wandb_run_id = self.cfg.EXPERIMENT.WANDB.RUN_ID or uuid.uuid4().hex[:12]
-        from linnaeus.config import config_to_dict
-
-        self.trackers = plan_trackers(self.cfg, self.run, self.wandb_run_id)
-        self.accelerator.init_trackers(**self.trackers.init_kwargs(config_to_dict(self.cfg)))
+            self.wandb_run_id = self.spec.wandb_run_id or uuid.uuid4().hex[:12]
+        self.trackers = plan_trackers(self.spec, self.run, self.wandb_run_id)
+        self.accelerator.init_trackers(**self.trackers.init_kwargs(config))
         self.started = True
 
     def log(self, phase: str, step: int, metrics: dict[str, float]) -> None:

@@ -1,8 +1,9 @@
 """The training job: one Accelerator, one nn.Module, one optimizer, a step-based loop with epochs as a view.
 
 ``fit`` reads top to bottom: take the next accumulation window, take one optimizer step over it, then let the
-components that decide their own cadence act (train meter, validator, preemption, checkpointer). Each component lives
-in its own module; this file builds and wires them.
+registered after-step actions that are due act (train row, progress, EMA, validation, checkpoint, unfreeze). Each
+component lives in its own module and takes its own spec (``linnaeus.specs.engine``); this file is the only engine
+code that reads the config: it builds and wires them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from linnaeus.config import Config, config_to_dict, dump_config
-from linnaeus.config.resolve import raise_problems, resolve
+from linnaeus.config.resolve import batch_fill_problem, cross_key_problems, raise_problems, resolve
+from linnaeus.engine.after_step import AfterStep, always, run_after_step
 from linnaeus.engine.checkpointer import Checkpointer, ResumePoint, resume_candidate
 from linnaeus.engine.config_change import agree_config_record, write_config_record
 from linnaeus.engine.distributed import build_accelerator, decide_on_main, prepare_environment
@@ -24,13 +25,14 @@ from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward
 from linnaeus.engine.nonfinite import NonFiniteGuard, step_grad_norm
 from linnaeus.engine.preemption import Preemption
 from linnaeus.engine.progress import Progress, announce
-from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, run_path, setup_logging
-from linnaeus.engine.schedule import LRSchedule, OpsSchedule, plan_steps, scaled_base_lr
+from linnaeus.engine.run_dir import FILE_ONLY_ATTR, RunLock, attach_run_logs, setup_logging
+from linnaeus.engine.schedule import LRSchedule, OpsSchedule, period_summary, plan_steps
 from linnaeus.engine.tracking import Tracking
 from linnaeus.engine.train_meter import TrainMeter
 from linnaeus.engine.validation import Validator
-from linnaeus.engine.windows import Batch, accumulation_windows, to_device
+from linnaeus.engine.windows import Batch, accumulation_windows
 from linnaeus.errors import PREEMPTED_EXIT_CODE, ConfigError, LinnaeusError
+from linnaeus.utils.seeds import seed_of
 
 log = logging.getLogger("linnaeus")
 
@@ -38,13 +40,12 @@ __all__ = ["PREEMPTED_EXIT_CODE", "Trainer", "train"]
 
 
 def _seed_everything(seed: int, deterministic: bool = False) -> None:
-    import random
+    """Python, NumPy and torch (every device) seeded by accelerate; ``MISC.DETERMINISTIC`` asks torch for
+    deterministic kernels, warning (not stopping) where one has no deterministic variant."""
+    from accelerate.utils import set_seed
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed % 2**64)  # any int the config accepts; torch takes 64 bits
+    set_seed(seed)  # MISC.SEED < 2**32, which NumPy needs
     if deterministic:
-        # warn_only: a few kernels have no deterministic variant; say so instead of stopping the run.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
@@ -80,7 +81,11 @@ class LossState:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.run = run_path(cfg)
+        # The config read once (every rule between keys checked); the engine's components read ``self.spec``.
+        self.specs, problems = resolve(cfg)
+        raise_problems(problems)
+        self.spec = self.specs.engine
+        self.run = cfg.EXPERIMENT.run_folder()
         self.step = 0  # optimizer steps taken
         self.started = time.perf_counter()
         self.finished_step: int | None = None  # set when a rerun finds nothing left to do
@@ -88,13 +93,11 @@ class Trainer:
 
     def _from_main(self, value: Any) -> Any:
         """The main process's ``value`` on every process (every process calls this at the same point)."""
-        if self.accelerator.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
+        return decide_on_main(self.accelerator, lambda: value)
 
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Collective: ``t`` summed over the processes."""
+        return self.accelerator.reduce(t, "sum")
 
     @property
     def task_keys(self) -> list[str]:
@@ -102,30 +105,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self.cfg
-        prepare_environment()
-        from linnaeus.engine.trackers import plan_trackers
-
-        trackers = plan_trackers(cfg, self.run).accelerator_kwargs()
-        self.accelerator, self.dist = build_accelerator(cfg, cfg.DATA.BATCH_SIZE, trackers)
-        # Every cross-key rule, the launch's included (ZeRO stage, precision), before anything heavy is built.
-        self.spec, problems = resolve(cfg, launch=self.dist.launch_facts)
-        raise_problems(problems)
+        cfg, spec = self.cfg, self.spec
+        self._start_accelerator()
+        # The rules between the config and this launch (ZeRO stage, precision), before anything heavy is built.
+        raise_problems(cross_key_problems(cfg, launch=self.dist.launch_facts))
         acc = self.accelerator
-        self.speedups = StepSpeedups.resolve(cfg, acc.device, uses_deepspeed=self.dist.uses_deepspeed)
-        # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
-        # start leaves no folder behind (what was logged before is written to train.log then).
-        setup_logging(None, acc.process_index, acc.is_main_process, cfg.EXPERIMENT.LOG_LEVEL)
-        _seed_everything(cfg.MISC.SEED, cfg.MISC.DETERMINISTIC)
         # Before heavy work and before config.yaml is (re)written: a resume with a changed config is refused here.
-        allow = cfg.TRAIN.RESUME_CONFIG_CHANGE == "allow"
-        find = lambda: resume_candidate(cfg, self.run / "checkpoints")  # noqa: E731
-        record = agree_config_record(acc, self.run, config_to_dict(cfg), allow, find)
+        find = lambda: resume_candidate(spec.checkpoint, self.run / "checkpoints")  # noqa: E731
+        record = agree_config_record(acc, self.run, config_to_dict(cfg), spec.checkpoint.allow_config_change, find)
         if not torch.cuda.is_available():
             # Near-zero values (LayerScale starts at 1e-6) become denormals in CPU kernels, which run ~4x slower.
             torch.set_flush_denormal(True)
 
-        from linnaeus.config.resolve_data import data_spec
         from linnaeus.data.paths import IMAGES_DIR_UNSET
         from linnaeus.data.prepare import prepare_data
 
@@ -136,7 +127,7 @@ class Trainer:
         if not cfg.DATA.HYBRID.IMAGES_DIR:  # validation always reads image files, shards or not
             raise ConfigError(IMAGES_DIR_UNSET)
         self.data = prepare_data(
-            data_spec(cfg), split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
+            self.specs.data, split_file=self.run / "split.npz", check_images=acc.is_main_process, share=self._from_main
         )
 
         def take_folder() -> None:
@@ -161,6 +152,21 @@ class Trainer:
         if acc.is_main_process and not record_now:
             write_config_record(record, self.run, dump_config(cfg))
 
+    def _start_accelerator(self) -> None:
+        """The accelerator (with its trackers), the step speedups, console logging and the seeds."""
+        prepare_environment()
+        from linnaeus.engine.trackers import plan_trackers
+
+        spec = self.spec
+        trackers = plan_trackers(spec.tracking, self.run).accelerator_kwargs()
+        self.accelerator, self.dist = build_accelerator(spec.loop, trackers)
+        acc = self.accelerator
+        self.speedups = StepSpeedups.resolve(spec.speedups, acc.device, uses_deepspeed=self.dist.uses_deepspeed)
+        # Console logging now; the run folder and its log files only after the data preflight passed, so a failed
+        # start leaves no folder behind (what was logged before is written to train.log then).
+        setup_logging(None, acc.process_index, acc.is_main_process, self.cfg.EXPERIMENT.LOG_LEVEL)
+        _seed_everything(spec.loop.seed, spec.loop.deterministic)
+
     def _build_data(self) -> None:
         from linnaeus.data.device_decode import DeviceDecoder, resolve_decode_mode
         from linnaeus.data.loader import build_loader
@@ -171,19 +177,16 @@ class Trainer:
         # (on a CPU device by the same decoder in the workers, "worker"; the decoder below then only counts).
         decode = resolve_decode_mode(cfg.DATA.DECODE, self.accelerator.device)
         self.decoder = DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES)
-        n_train = len(self.data.view("train").rows)
-        if n_train < d.world_size * cfg.DATA.BATCH_SIZE:
-            raise ConfigError(
-                f"DATA.BATCH_SIZE: {n_train} training samples cannot fill one batch of "
-                f"{cfg.DATA.BATCH_SIZE} on each of {d.world_size} processes"
-            )
+        problem = batch_fill_problem(len(self.data.view("train").rows), self.spec.loop.micro_batch, d.world_size)
+        if problem:
+            raise ConfigError(problem)
         pin_memory = cfg.DATA.PIN_MEMORY and torch.cuda.is_available()
         # Shards: a plain per-rank loader (never dispatched through rank 0 by accelerate); resampled epochs with a
         # fixed number of batches per rank. Validation stays on files so its metrics are exact.
         self.train_batches = build_train_batches(
             self.data.spec, self.data, world_size=d.world_size, rank=d.rank, pin_memory=pin_memory, decode=decode
         )
-        self.plan = plan_steps(cfg, self.train_batches.batches_per_epoch, world_size=d.world_size)
+        self.plan = plan_steps(self.spec.loop, self.train_batches.batches_per_epoch, world_size=d.world_size)
         val_loader, val_sampler = build_loader(
             self.data.dataset("val", train=False, decode=decode),  # validation decodes like training
             batch_size=cfg.DATA.BATCH_SIZE_VAL,
@@ -197,19 +200,16 @@ class Trainer:
             pin_memory=pin_memory,
             prefetch_factor=cfg.DATA.PREFETCH_FACTOR,
         )
-        self.ops = OpsSchedule(cfg, self.plan)
+        self.ops = OpsSchedule(self.spec.ops, self.plan)
         self.validator = Validator(
             val_loader,
             val_sampler,
             self.task_keys,
-            mean=tuple(cfg.AUG.MEAN),
-            std=tuple(cfg.AUG.STD),
+            self.spec.validation,
             device=self.accelerator.device,
             dtype=d.model_dtype,
             plan=self.plan,
-            every=self.ops.val_every,
-            masked_every=self.ops.val_mask_meta_every,
-            reduce_sum=lambda t: self.accelerator.reduce(t, "sum"),
+            reduce_sum=self._reduce_sum,
             memory_format=self.speedups.memory_format,
             # its own decoder, so the decode_fallbacks of train rows count training batches only
             decode=DeviceDecoder(allow_missing=cfg.DATA.HYBRID.ALLOW_MISSING_IMAGES).decode,
@@ -218,7 +218,7 @@ class Trainer:
     def _build_components(self) -> None:
         from linnaeus.aug import BatchAugment, MetaMasking
 
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc, spec = self.cfg, self.accelerator, self.spec
         self.augment = BatchAugment(cfg.AUG, cfg.SCHEDULE.MIX, self.task_keys, self.data.num_classes)
         self.meta_masking = MetaMasking(
             self.data.meta_components, self.data.meta_dims, cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
@@ -226,26 +226,23 @@ class Trainer:
         self.generator = torch.Generator(device=acc.device)
         # Mixing's batch-level draws (gate, algorithm, box) are made on the host so deciding never waits for the GPU.
         self.host_generator = self.generator if acc.device.type == "cpu" else torch.Generator()
-        self.lr_schedule = LRSchedule(cfg, self.plan, scaled_base_lr(cfg, self.plan))
+        self.lr_schedule = LRSchedule(spec.lr, self.plan)
+        decoder = self.decoder
         self.meter = TrainMeter(
-            self.task_keys,
-            acc.device,
-            self.plan,
-            cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS,
-            reduce_sum=lambda t: acc.reduce(t, "sum"),
+            self.task_keys, acc.device, self.plan, spec.loop.log_every, decode_fallbacks=lambda: decoder.fallbacks
         )
-        self.tracking = Tracking(acc, cfg, self.run, self.plan)
-        self.checkpointer = Checkpointer(acc, self.run / "checkpoints", cfg, self.plan, self.dist.zero_stage)
+        self.tracking = Tracking(acc, spec.tracking, self.run, self.plan)
+        self.checkpointer = Checkpointer(
+            acc, self.run / "checkpoints", spec.checkpoint, self.plan, self.dist.zero_stage
+        )
         self.checkpointer.prepare_folder()
-        self.checkpointer.register("meter", self.meter)
-        d, t = self.dist, cfg.TRAIN
+        self.checkpointer.register("meter", self.meter.counters)
+        d = self.dist
         self.nonfinite = NonFiniteGuard(
             self.task_keys,
             acc.device,
-            t.NONFINITE,
-            t.NONFINITE_MAX_SKIPS,
+            spec.nonfinite,
             reduce_max=None if acc.num_processes == 1 else lambda x: acc.reduce(x, "max"),
-            step_applied_in_backward=d.uses_deepspeed,
             scaler_skips=d.precision == "fp16",
         )
         self.checkpointer.register("nonfinite", self.nonfinite)
@@ -255,64 +252,20 @@ class Trainer:
     def _build_model_and_optimizer(self, resume: ResumePoint | None = None) -> None:
         """Model, optimizer and loss, prepared; resumed from ``resume`` (default: the checkpointer's choice). Also
         called at ``MODEL.UNFREEZE_BACKBONE_AFTER`` with the checkpoint just saved there (see ``_unfreeze``)."""
-        import dataclasses
-
-        from linnaeus.engine.ema import EMA_FILE, EmaComponent
-        from linnaeus.engine.finetune import FreezeState, optimizer_groups
-        from linnaeus.losses import build_task_loss, needs_distance_matrices
-        from linnaeus.models import build_model
-
-        cfg = self.cfg
         resume = resume or self.checkpointer.find_resume()
-        hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
-        model = build_model(
-            cfg.MODEL,
-            self.task_keys,
-            self.data.num_classes,
-            self.data.meta_dims,
-            hierarchy,
-            class_maps=self.data.class_maps,
-            load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
-        )
-        self.freeze = FreezeState(cfg, self.plan)
-        self.freeze.apply(model, resume.step if resume is not None else 0, resume.saved if resume is not None else None)
-        if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):
-            # The checkpoint's optimizer covers other parameters (saved before the unfreeze step): weights only.
-            resume = dataclasses.replace(
-                resume, exact=False, relayout="set of trainable parameters (backbone unfrozen)"
-            )
-        loss_fn = build_task_loss(
-            cfg,
-            self.task_keys,
-            self.data.num_classes,
-            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
-            self.data.class_counts("train"),
-        )
+        model, resume = self._build_model(resume)
+        loss_fn = self._build_loss()
         fast = self.speedups
         if fast.channels_last_weights:  # before the optimizer and the EMA copy see the parameters
             model = model.to(memory_format=torch.channels_last)
-        base_lr = self.lr_schedule.base_lr
-        groups = optimizer_groups(model, cfg)
-        for g in groups:
-            g["lr"] = base_lr * g.get("lr_scale", 1.0)
-        b1, b2 = cfg.OPTIMIZER.BETAS
-        optimizer = adamw(groups, lr=base_lr, betas=(b1, b2), eps=cfg.OPTIMIZER.EPS, fused=fast.fused_optimizer)
+        optimizer = self._build_optimizer(model)
         if resume is not None and not resume.exact:
             self.checkpointer.load_weights(model, resume)
-        if self.ema is None and cfg.TRAIN.EMA.ENABLED:  # plain module, whole parameters: before prepare
-            self.ema = EmaComponent.maybe_create(cfg, model, device=self.accelerator.device)
-            if self.ema is not None:
-                self.checkpointer.register_file(EMA_FILE, self.ema)
-                self.validator.ema = self.ema.module
-        self.checkpointer.register("freeze", self.freeze)
+        self._attach_ema(model)  # plain module, whole parameters: before prepare
+        self.checkpointer.register_record("freeze", self.freeze)
         if fast.compile:  # after the EMA copy, which stays eager
             announce("torch.compile: the first training and validation steps compile the model", "about 1-3 min")
             compile_forward(model)
-        if cfg.LOSS.GRADNORM.ENABLED and self.dist.zero_stage == 3:
-            raise ConfigError(
-                "LOSS.GRADNORM.ENABLED: GradNorm needs whole parameters for its per-rank gradient norms, which ZeRO-3 "
-                "partitions; use DDP or ZeRO-1/2, or disable GradNorm"
-            )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # what clipping and the norm see
         self.shared_params = (
@@ -323,9 +276,68 @@ class Trainer:
         if resume is not None:
             self.step = self.checkpointer.restore(resume)
 
+    def _build_model(self, resume: ResumePoint | None) -> tuple[torch.nn.Module, ResumePoint | None]:
+        """The model with its backbone frozen as of the resume step; the resume point downgraded to weights only
+        when the checkpoint's optimizer covers other parameters (saved before the unfreeze step)."""
+        import dataclasses
+
+        from linnaeus.engine.finetune import FreezeState
+        from linnaeus.models import build_model
+
+        hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
+        model = build_model(
+            self.cfg.MODEL,
+            self.task_keys,
+            self.data.num_classes,
+            self.data.meta_dims,
+            hierarchy,
+            class_maps=self.data.class_maps,
+            load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
+        )
+        self.freeze = FreezeState(self.spec.freeze, self.plan)
+        self.freeze.apply(model, resume.step if resume is not None else 0, resume.saved if resume is not None else None)
+        if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):
+            resume = dataclasses.replace(
+                resume, exact=False, relayout="set of trainable parameters (backbone unfrozen)"
+            )
+        return model, resume
+
+    def _build_loss(self) -> Any:
+        from linnaeus.losses import build_task_loss, needs_distance_matrices
+
+        cfg = self.cfg
+        return build_task_loss(
+            cfg,
+            self.task_keys,
+            self.data.num_classes,
+            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
+            self.data.class_counts("train"),
+        )
+
+    def _build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from linnaeus.engine.finetune import optimizer_groups
+
+        opt, base_lr = self.spec.optimizer, self.lr_schedule.base_lr
+        groups = optimizer_groups(model, opt)
+        for g in groups:
+            g["lr"] = base_lr * g.get("lr_scale", 1.0)
+        return adamw(groups, lr=base_lr, betas=opt.betas, eps=opt.eps, fused=self.speedups.fused_optimizer)
+
+    def _attach_ema(self, model: torch.nn.Module) -> None:
+        """``TRAIN.EMA``: the EMA copy (once per run; an unfreeze rebuild keeps it), checkpointed as a file and
+        validated as ``val_ema``."""
+        from linnaeus.engine.ema import EMA_FILE, EmaComponent
+
+        if self.ema is not None:
+            return
+        self.ema = EmaComponent.maybe_create(self.spec.ema, model, device=self.accelerator.device)
+        if self.ema is not None:
+            self.checkpointer.register_file(EMA_FILE, self.ema)
+            self.validator.ema = self.ema.module
+
     # -------------------------------------------------------------------------------------------------- summary
     def _summary(self) -> str:
-        cfg, d, p = self.cfg, self.dist, self.plan
+        d, p = self.dist, self.plan
         params = sum(q.numel() for q in self.accelerator.unwrap_model(self.model).parameters()) / 1e6
         meta = zip(self.data.meta_components, self.data.meta_dims, strict=True)
         processes = "process" if d.world_size == 1 else "processes"
@@ -343,12 +355,16 @@ class Trainer:
             ("split", self.data.split.describe()),
             ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
             ("metadata", ", ".join(f"{n}({dim})" for n, dim in meta) or "none"),
-            ("model", f"{cfg.MODEL.NAME} ({params:.2f} M parameters)"),
+            ("model", f"{self.spec.checkpoint.model_name} ({params:.2f} M parameters)"),
             ("fast step", self.speedups.summary()),
             (
                 "lr",
-                f"{cfg.LR_SCHEDULER.NAME}, base {self.lr_schedule.base_lr:.3g}, warmup {self.lr_schedule.warmup} steps",
+                f"{self.lr_schedule.name}, base {self.lr_schedule.base_lr:.3g}, warmup {self.lr_schedule.warmup} steps",
             ),
+            ("steps", f"{p.total_steps} ({p.steps_per_epoch} per epoch)"),
+            ("validation", period_summary(self.validator.every, p)),
+            ("validation, metadata masked", period_summary(self.validator.masked_every, p)),
+            ("checkpoint", period_summary(self.checkpointer.every, p)),
             *self.ops.summary(),
         ]
         width = max(len(k) for k, _ in rows)
@@ -356,48 +372,66 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- one step
     def train_step(self, window: list[Batch]) -> None:
-        """One optimizer step over an accumulation window.
-
-        Every micro-batch is augmented and its loss inclusion drawn first; the included counts of the whole window
-        are summed over all processes (one all-reduce), so each rank's loss is the mean over every included sample
-        of the step, however the labels fall into micro-batches and processes. Then forward/backward per
-        micro-batch, the optimizer stepping on the last one."""
-        acc, step = self.accelerator, self.step
+        """One optimizer step over an accumulation window, top to bottom: zero the gradients; augment every
+        micro-batch and draw its loss inclusion; sum the window's included counts over all processes (one
+        all-reduce), so each rank's loss is the mean over every included sample of the step however the labels fall
+        into micro-batches and processes; forward/backward per micro-batch (gradients reduced across processes only
+        on the last one); then clip, check for non-finite values and step, once, after the loop."""
+        step = self.step
+        self.optimizer.zero_grad(set_to_none=True)
+        self._set_lr(step)
         micro = [self._augment(batch, step, i) for i, batch in enumerate(window)]
         denominators = self._denominators(micro)
-        lr = self.lr_schedule.lr(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        gradnorm, losses = self.loss_fn.gradnorm, []
-        for i, m in enumerate(micro):
-            with acc.accumulate(self.model):
-                total, per_task = self._forward_backward(
-                    m, denominators, gradnorm_due=gradnorm is not None and i == 0 and gradnorm.due(step)
-                )
-                self.nonfinite.add(total, per_task)
-                if acc.sync_gradients:
-                    d = self.dist
-                    norm = step_grad_norm(
-                        acc, self.model, self.trainable, self.cfg.TRAIN.CLIP_GRAD, d.uses_deepspeed, d.precision
-                    )
-                    if self.nonfinite.check(step, norm):  # collective; raises when the run must stop
-                        self.optimizer.zero_grad(set_to_none=True)  # nothing left to apply
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            losses.append((total, per_task))
+        gradnorm = self.loss_fn.gradnorm
+        losses = [
+            self._accumulate(m, denominators, gradnorm_due=gradnorm is not None and i == 0 and gradnorm.due(step))
+            for i, m in enumerate(micro)
+        ]
+        self._optimizer_step(step)
         if not self.nonfinite.step_dropped:  # a skipped step's losses would make the logged mean NaN (fp16 too)
             for total, per_task in losses:
                 self.meter.add(total, per_task)
         self.step += 1
 
+    def _set_lr(self, step: int) -> None:
+        lr = self.lr_schedule.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    def _accumulate(
+        self, m: MicroBatch, denominators: dict[str, torch.Tensor], gradnorm_due: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward/backward of one micro-batch under accelerate's ``accumulate``: DDP reduces gradients only on the
+        window's last micro-batch (its sync step); DeepSpeed's engine counts micro-batches itself and applies the
+        step inside that backward."""
+        with self.accelerator.accumulate(self.model):
+            total, per_task = self._forward_backward(m, denominators, gradnorm_due)
+        self.nonfinite.add(total, per_task)
+        return total, per_task
+
+    def _optimizer_step(self, step: int) -> None:
+        """Collective. The window is whole, so its last micro-batch was accelerate's sync step and the gradients
+        are complete: clip (and read the norm), check for non-finite losses and gradients, step. Under DeepSpeed the
+        engine already clipped and stepped inside the last backward (accelerate's optimizer wrapper no-ops ``step``
+        and ``zero_grad`` there); the check reads the engine's norm of that step."""
+        acc, d = self.accelerator, self.dist
+        if not acc.sync_gradients:  # a host flag: would mean a window and accelerate's counter disagree
+            raise RuntimeError(f"step {step + 1}: the accumulation window did not end on accelerate's sync step")
+        norm = step_grad_norm(acc, self.model, self.trainable, self.spec.loop.clip_grad, d.uses_deepspeed, d.precision)
+        if self.nonfinite.check(step, norm):  # collective; raises when the run must stop
+            self.optimizer.zero_grad(set_to_none=True)  # skipped: nothing left to apply
+        self.optimizer.step()
+
     def _augment(self, batch: Batch, step: int, micro: int) -> MicroBatch:
+        from accelerate.utils import send_to_device
+
         batch = self.decoder.decode(batch, self.accelerator.device)  # no-op for batches decoded in workers
-        self.meter.count_missing(batch)
-        self.meter.decode_fallbacks_local = self.decoder.fallbacks
-        batch = to_device(batch, self.accelerator.device)
+        self.meter.counters.count_missing(batch)
+        batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
         ops, gen = self.ops, self.generator
-        # Augmentation randomness is a pure function of (seed, rank, step, micro-batch): exact on resume.
-        seed = hash((self.cfg.MISC.SEED, self.dist.rank, step, micro)) % 2**63
+        # Augmentation randomness is a pure function of (seed, rank, step, micro-batch), by the rule the loader's
+        # workers follow for their crops (linnaeus.utils.seeds): exact on resume.
+        seed = seed_of(self.spec.loop.seed, self.dist.rank, step, micro)
         gen.manual_seed(seed)
         if self.host_generator is not gen:
             self.host_generator.manual_seed(seed)
@@ -423,7 +457,7 @@ class Trainer:
         from linnaeus.losses import included_counts, step_denominators
 
         counts = torch.stack([included_counts(m.included, self.task_keys) for m in micro]).sum(0)
-        counts = self.accelerator.reduce(counts, "sum")
+        counts = self._reduce_sum(counts)
         return step_denominators(counts, self.task_keys, self.plan.accumulation, self.plan.world_size)
 
     def _forward_backward(
@@ -464,43 +498,53 @@ class Trainer:
         return self._finish()
 
     def after_step(self) -> bool:
-        """The components that act after an optimizer step, each on its own cadence. True: stop (preempted)."""
-        step = self.step
-        stop = self.preemption.agreed(step)
-        if (
-            stop
-            or self.meter.due(step)
-            or self.validator.due(step)
-            or self.checkpointer.due(step)
-            or self.freeze.due(step)
-        ):
-            self.nonfinite.settle()  # nothing from a non-finite step is logged, validated or saved
-        if self.meter.due(step):
-            self._log_train(step, self.meter.flush())
-        self.progress.update(step, **self.last_train)
-        if self.ema is not None:
-            self.ema.update(self.model, step)
-        with self.meter.paused():  # validation and checkpoints are not training throughput
-            self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
-            if stop or self.checkpointer.due(step):
-                self.checkpointer.save(step, self.validator.metrics_at(step))
-            if not stop and self.freeze.due(step):
-                self._unfreeze(step)
+        """The registered after-step actions that are due, in order; the non-finite guard is settled first when any
+        of them publishes (see ``linnaeus.engine.after_step``). True: stop (preempted, checkpoint saved)."""
+        stop = self.preemption.agreed(self.step)
+        run_after_step(self.after_actions, self.step, stop, settle=self.nonfinite.settle)
         return stop
+
+    def _after_actions(self) -> list[AfterStep]:
+        """What acts after an optimizer step, in order. ``publishes=False`` only for actions that keep everything
+        in this process (the console progress line shows the last logged row)."""
+        ema = self.ema
+        return [
+            AfterStep("train row", lambda s, stop: self.meter.due(s), lambda s, stop: self._log_train(s)),
+            AfterStep("progress", always, lambda s, stop: self.progress.update(s, **self.last_train), publishes=False),
+            *([AfterStep("ema", always, lambda s, stop: ema.update(self.model, s), publishes=False)] if ema else []),
+            AfterStep("validation", lambda s, stop: self.validator.due(s), lambda s, stop: self._validate(s)),
+            AfterStep("checkpoint", lambda s, stop: stop or self.checkpointer.due(s), lambda s, stop: self._save(s)),
+            AfterStep("unfreeze", lambda s, stop: not stop and self.freeze.due(s), lambda s, stop: self._unfreeze(s)),
+        ]
+
+    def _validate(self, step: int) -> None:
+        with self.meter.paused():  # validation is not training throughput
+            self.validator.maybe_run(step, self.model, lambda phase, m: self.tracking.log(phase, step, m))
+
+    def _save(self, step: int) -> None:
+        """Collective: the run counters summed over the processes, then the checkpoint of ``step``."""
+        with self.meter.paused():  # checkpoints are not training throughput
+            self.meter.counters.sync(self._reduce_sum)
+            self.checkpointer.save(step, self.validator.metrics_at(step))
 
     def _unfreeze(self, step: int) -> None:
         """``MODEL.UNFREEZE_BACKBONE_AFTER``: DDP registers only the parameters that require grad when it wraps the
         model and DeepSpeed cannot add parameters to its optimizer, so the run checkpoints here and rebuilds model
         and optimizer from that checkpoint with the backbone trainable (as a resume from it would). Collective."""
         if self.checkpointer.last_saved_step != step:
-            self.checkpointer.save(step, self.validator.metrics_at(step))
+            self._save(step)
+        with self.meter.paused():  # rebuilding is not training throughput
+            self._rebuild_unfrozen(step)
+
+    def _rebuild_unfrozen(self, step: int) -> None:
         self.model = self.optimizer = None
         self.accelerator.free_memory()
         self._build_model_and_optimizer(self.checkpointer.point_at(step))
         self.model.train()
         log.info("backbone unfrozen after step %d: model and optimizer rebuilt with every parameter trainable", step)
 
-    def _log_train(self, step: int, row: dict[str, float]) -> None:
+    def _log_train(self, step: int) -> None:
+        row = self.meter.flush(self._reduce_sum)  # collective
         row |= {"lr": self.lr_schedule.lr(step - 1), "meta_mask_prob": self.ops.meta_mask_prob(step)}
         if self.loss_fn.gradnorm is not None:
             weights = self.loss_fn.task_weights.tolist()
@@ -510,16 +554,17 @@ class Trainer:
 
     def _begin(self) -> None:
         log.info("%s", self._summary())
-        self.tracking.start()
+        self.tracking.start(config_to_dict(self.cfg))
         acc = self.accelerator
         alone = acc.num_processes == 1
         self.preemption = Preemption(acc.device, reduce_max=None if alone else lambda t: acc.reduce(t, "max"))
         total = self.plan.total_steps
-        every = max(self.cfg.SCHEDULE.METRICS.LOG_INTERVAL_STEPS, total // 20)  # ~20 progress lines a run
+        every = max(self.spec.loop.log_every, total // 20)  # ~20 progress lines a run
         self.progress = Progress(total=total, initial=self.step, is_main=acc.is_main_process, every_steps=every)
         self.last_train: dict[str, float] = {}
         self.setup_seconds = time.perf_counter() - self.started
         self.model.train()
+        self.after_actions = self._after_actions()
         self.meter.restart()
 
     def _stop_preempted(self) -> int:
@@ -537,17 +582,17 @@ class Trainer:
     def _finish(self) -> int:
         self.nonfinite.settle()
         self.progress.close()
-        with self.meter.paused():  # the last save and the export are not training time (report, mean img/s)
-            if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: a collective
-                self.checkpointer.save(self.step, self.validator.metrics_at(self.step))
+        if self.checkpointer.last_saved_step != self.step:  # in-memory, identical on every rank: a collective
+            self._save(self.step)
+        with self.meter.paused():  # the export is not training time (report, mean img/s)
             self.checkpointer.export(self.run / "export", self.step)
         skipped = self.train_batches.skipped_samples
         if skipped:
             log.warning("%d corrupt shard members were skipped during training", int(skipped))
-        if self.meter.missing_images:
+        missing = self.meter.counters.missing_images
+        if missing:
             log.warning(
-                "%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)",
-                self.meter.missing_images,
+                "%d unreadable images were replaced during training (DATA.HYBRID.ALLOW_MISSING_IMAGES)", missing
             )
         if self.accelerator.is_main_process:
             self._report()
@@ -559,7 +604,7 @@ class Trainer:
         """The end-of-run report (report.json, report.html, plots/), its summary in the log, and the W&B summary."""
         from linnaeus.engine.report import Timings, summary_values, write_report
 
-        meter, ckpt = self.meter, self.checkpointer
+        meter, ckpt = self.meter.counters, self.checkpointer
         phases = {
             "setup": self.setup_seconds,
             "train": meter.train_seconds,

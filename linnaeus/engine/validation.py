@@ -12,8 +12,8 @@ from torch import nn
 
 from linnaeus.engine.metrics import ValidationMeter
 from linnaeus.engine.report import format_table_with_history, update_bests
-from linnaeus.engine.schedule import StepPlan, fires
-from linnaeus.engine.windows import to_device
+from linnaeus.engine.schedule import StepPlan, fires, interval_steps
+from linnaeus.specs.engine import ValidationSpec
 
 log = logging.getLogger("linnaeus")
 
@@ -23,8 +23,8 @@ LogFn = Callable[[str, dict[str, float]], None]
 
 
 class Validator:
-    """Runs ``val`` every ``every`` steps and ``val_mask_meta`` (every metadata component zeroed) every
-    ``masked_every`` steps, and remembers the last ``val`` metrics with their step, so a checkpoint is ranked only by
+    """Runs ``val`` every ``spec.every`` and ``val_mask_meta`` (every metadata component zeroed) every
+    ``spec.mask_meta_every`` (both resolved against ``plan`` to ``every`` / ``masked_every`` steps), and remembers the last ``val`` metrics with their step, so a checkpoint is ranked only by
     a validation of exactly its weights.
 
     Per phase it keeps the previous evaluation and the best value so far of every metric, so each table shows the
@@ -37,14 +37,11 @@ class Validator:
         loader: Iterable[dict[str, Any]],
         sampler: Any,
         task_keys: list[str],
+        spec: ValidationSpec,
         *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
         device: torch.device,
         dtype: torch.dtype,
         plan: StepPlan,
-        every: int | None,
-        masked_every: int | None,
         reduce_sum: Reduce | None = None,
         decode: Callable[[dict[str, Any], torch.device], dict[str, Any]] | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -52,11 +49,12 @@ class Validator:
         self.loader, self.sampler = loader, sampler
         self.decode = decode  # DATA.DECODE device: turns encoded batches into images on the device
         self.task_keys = list(task_keys)
-        self.mean, self.std = mean, std
+        self.mean, self.std = spec.mean, spec.std
         self.device, self.dtype = device, dtype
         self.memory_format = memory_format  # the training step's image layout (MODEL.CHANNELS_LAST)
         self.plan = plan
-        self.every, self.masked_every = every, masked_every
+        self.every = interval_steps(spec.every, plan)
+        self.masked_every = interval_steps(spec.mask_meta_every, plan)
         self.reduce_sum = reduce_sum
         self.last: dict[str, float] = {}  # flat "val/<key>" metrics of the last normal validation
         self.last_step = -1
@@ -111,6 +109,8 @@ class Validator:
         """One pass over the validation set: each batch is decoded and moved once, then run once per phase
         (phase name -> whether every metadata component is masked). ``others``: phases that run another module
         (already in eval mode, in its own parameters' dtype) instead of ``model``. Collective."""
+        from accelerate.utils import send_to_device
+
         from linnaeus.aug import eval_transform
 
         was_training = model.training
@@ -122,7 +122,7 @@ class Validator:
         for batch in self.loader:
             if self.decode is not None:
                 batch = self.decode(batch, self.device)
-            batch = to_device(batch, self.device)
+            batch = send_to_device(batch, self.device, non_blocking=True)
             images = eval_transform(batch["image"], self.mean, self.std)
             meta = batch["meta"]
             for name, masked in phases.items():

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import torch
-
 from linnaeus.engine.schedule import StepPlan
 
 Batch = dict[str, Any]
@@ -44,16 +42,3 @@ def accumulation_windows(stream: TrainBatches, plan: StepPlan, start_step: int =
                 window.append(batch)
             yield window
             step += 1
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Tensors (and dicts of tensors) moved to ``device``; anything else as is."""
-    out: Batch = {}
-    for k, v in batch.items():
-        if isinstance(v, dict):
-            out[k] = {kk: vv.to(device, non_blocking=True) for kk, vv in v.items()}
-        elif isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        else:
-            out[k] = v
-    return out

@@ -42,3 +42,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """``tensors`` as a safetensors file at ``path`` (temp + rename; contiguous CPU copies), readable like a file
+    written by open(): safetensors itself creates 0600 files, and weights are meant to be shared."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    make_readable(path)
+    return path

@@ -307,10 +307,20 @@ def test_export_can_calibrate_and_store_the_default_policy(trained, tmp_path: Pa
     assert r.provenance.decision_policies[-1].parameters["algorithm"] == "hierarchical_climb"
 
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHROMIUM = next(
+    (
+        shutil.which(n)
+        for n in ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
+        if shutil.which(n)
+    ),
+    None,
+)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (Debian package: chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no headless Chromium on this machine (Debian package: chromium-headless-shell; .ci/run installs it)",
+)
 def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     assert main(["evaluate", "--bundle", str(trained["bundle"]), "--split", "val", "--out", str(out)]) == 0
@@ -323,5 +333,9 @@ def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
     assert pixels.std() > 5  # text and plots drawn, not a blank page
+    # The plots are the only coloured things on the page (text is black on white): a page whose embedded images
+    # failed to decode shows none.
+    coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60
+    assert coloured.mean() > 0.002, f"no plot visible ({coloured.mean():.4%} coloured pixels)"

@@ -43,11 +43,11 @@ def test_meter_measures_the_share_of_training_time_spent_waiting_for_batches() -
         meter.add(torch.tensor(1.0), {"a": torch.tensor(1.0)})
     with meter.paused():
         clock.now += 100.0  # validation: neither training nor waiting
-    row = meter.flush()
+    row = meter.flush(reduce_sum=None)
     assert row["data_wait_share"] == pytest.approx(3 / 12)
-    assert meter.train_seconds == pytest.approx(12.0)
-    assert meter.data_wait_share == pytest.approx(0.25)
-    assert meter.mean_images_per_sec == pytest.approx(3 * 4 / 12)
+    assert meter.counters.train_seconds == pytest.approx(12.0)
+    assert meter.counters.data_wait_share == pytest.approx(0.25)
+    assert meter.counters.mean_images_per_sec == pytest.approx(3 * 4 / 12)
 
 
 def _port() -> list[str]:
@@ -169,6 +169,7 @@ def test_validation_tables_show_change_and_best_and_keep_them_across_a_resume() 
     import logging
 
     from linnaeus.engine.validation import Validator
+    from linnaeus.specs.engine import Period, ValidationSpec
 
     batch = {
         "image": torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
@@ -180,8 +181,8 @@ def test_validation_tables_show_change_and_best_and_keep_them_across_a_resume() 
 
     def validator() -> Validator:
         return Validator(
-            [batch], Sampler(), ["a"], mean=(0.5,) * 3, std=(0.5,) * 3, device=torch.device("cpu"),
-            dtype=torch.float32, plan=plan, every=1, masked_every=None,
+            [batch], Sampler(), ["a"], ValidationSpec(every=Period(steps=1), mean=(0.5,) * 3, std=(0.5,) * 3),
+            device=torch.device("cpu"), dtype=torch.float32, plan=plan,
         )  # fmt: skip
 
     model, logged = Guess(), []

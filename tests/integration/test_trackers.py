@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.trackers import plan_trackers, tracker_names, wandb_preflight
 from linnaeus.errors import ConfigError
 
@@ -20,7 +21,8 @@ from launch_utils import DEMO_CFG, ROOT, ensure_demo, env, tiny_opts
 
 
 def _cfg(*opts: str):
-    return load_config(DEMO_CFG, list(opts))
+    """The demo config's tracking spec, with ``opts``."""
+    return engine_spec(load_config(DEMO_CFG, list(opts))).tracking
 
 
 def test_tracker_names_merge_the_wandb_switch_and_reject_unknown_names() -> None:

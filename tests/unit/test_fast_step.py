@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.fast_step import StepSpeedups, adamw, compile_forward, resolve_auto
 from linnaeus.errors import ConfigError
 
@@ -29,11 +30,13 @@ from launch_utils import DEMO_CFG, tiny_opts
 def test_auto_turns_each_speedup_on_for_cuda_only(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CFG, ["EXPERIMENT.OUTPUT_DIR", str(tmp_path)])
     assert (cfg.MODEL.COMPILE, cfg.MODEL.CHANNELS_LAST, cfg.OPTIMIZER.FUSED) == ("auto", "auto", "auto")
-    assert StepSpeedups.resolve(cfg, torch.device("cuda", 0)) == StepSpeedups(True, True, True, True)
-    cpu = StepSpeedups.resolve(cfg, torch.device("cpu"))  # the fused AdamW kernel exists on the CPU too
+    speed = engine_spec(cfg).speedups
+    assert StepSpeedups.resolve(speed, torch.device("cuda", 0)) == StepSpeedups(True, True, True, True)
+    cpu = StepSpeedups.resolve(speed, torch.device("cpu"))  # the fused AdamW kernel exists on the CPU too
     assert cpu == StepSpeedups(False, False, True, False) and cpu.memory_format == torch.contiguous_format
     assert resolve_auto(True, auto=False) and not resolve_auto(False, auto=True) and resolve_auto("auto", True)
     forced = load_config(DEMO_CFG, ["MODEL.COMPILE", "false", "MODEL.CHANNELS_LAST", "true"])
+    forced = engine_spec(forced).speedups
     assert StepSpeedups.resolve(forced, torch.device("cuda")) == StepSpeedups(False, True, True, True)
     # DeepSpeed keeps parameters as views into its flat buffers (it refuses channels_last weights): images only
     zero = StepSpeedups.resolve(forced, torch.device("cuda"), uses_deepspeed=True)

@@ -8,6 +8,7 @@ import pytest
 
 from linnaeus.config import load_config
 from linnaeus.config.defaults import Interval
+from linnaeus.config.resolve_engine import engine_spec, period
 from linnaeus.engine.schedule import (
     LRSchedule,
     OpsSchedule,
@@ -18,18 +19,19 @@ from linnaeus.engine.schedule import (
     scaled_base_lr,
 )
 from linnaeus.errors import ConfigError
+from linnaeus.specs.engine import Period
 
 PLAN = StepPlan(steps_per_epoch=10, total_steps=100)
 
 
 def test_plan_counts_optimizer_steps() -> None:
     cfg = load_config(None, ["TRAIN.EPOCHS", "3", "TRAIN.ACCUMULATION_STEPS", "2", "DATA.BATCH_SIZE", "4"])
-    plan = plan_steps(cfg, batches_per_epoch=21, world_size=3)
+    plan = plan_steps(engine_spec(cfg).loop, batches_per_epoch=21, world_size=3)
     assert plan == StepPlan(steps_per_epoch=10, total_steps=30, micro_batch=4, accumulation=2, world_size=3)
     assert plan.global_batch == 24
     assert plan.batches_per_epoch == 20  # whole windows only: the 21st batch is never taken
     cfg = load_config(None, ["TRAIN.MAX_STEPS", "7"])
-    assert plan_steps(cfg, batches_per_epoch=21).total_steps == 7
+    assert plan_steps(engine_spec(cfg).loop, batches_per_epoch=21).total_steps == 7
 
 
 def test_plan_positions_are_a_view_over_steps() -> None:
@@ -44,7 +46,7 @@ def test_plan_positions_are_a_view_over_steps() -> None:
 def test_plan_refuses_accumulation_longer_than_an_epoch() -> None:
     cfg = load_config(None, ["TRAIN.ACCUMULATION_STEPS", "4"])
     with pytest.raises(ConfigError, match=r"TRAIN\.ACCUMULATION_STEPS: 4 micro-batches per optimizer step"):
-        plan_steps(cfg, batches_per_epoch=3)
+        plan_steps(engine_spec(cfg).loop, batches_per_epoch=3)
 
 
 def test_lr_scales_with_the_global_batch() -> None:
@@ -53,7 +55,7 @@ def test_lr_scales_with_the_global_batch() -> None:
         ["LR_SCHEDULER.SCALE_WITH_BATCH", "True", "LR_SCHEDULER.BASE_LR", "1e-3", "LR_SCHEDULER.REFERENCE_BS", "512"],
     )
     plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=64, accumulation=2, world_size=8)
-    assert scaled_base_lr(cfg, plan) == pytest.approx(2e-3)
+    assert scaled_base_lr(engine_spec(cfg).lr, plan) == pytest.approx(2e-3)
 
 
 def test_warmup_then_cosine_to_min_lr() -> None:
@@ -70,7 +72,7 @@ def test_warmup_then_cosine_to_min_lr() -> None:
             "0",
         ],
     )
-    s = LRSchedule(cfg, PLAN, base_lr=1e-3)
+    s = LRSchedule(engine_spec(cfg).lr, PLAN, base_lr=1e-3)
     lrs = [s.lr(i) for i in range(100)]
     assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # rising through warmup
     assert lrs[10] == pytest.approx(1e-3)
@@ -94,18 +96,18 @@ def test_warmup_stable_decay() -> None:
             "0",
         ],
     )
-    s = LRSchedule(cfg, PLAN, base_lr=1.0)
+    s = LRSchedule(engine_spec(cfg).lr, PLAN, base_lr=1.0)
     assert s.lr(0) == s.lr(49) == 1.0
     assert s.lr(75) == pytest.approx(0.5)
     assert s.lr(100) == pytest.approx(0.0)
 
 
 def test_intervals_resolve_and_fire_mid_epoch() -> None:
-    assert interval_steps(Interval(STEPS=7), PLAN) == 7
-    assert interval_steps(Interval(EPOCHS=0.5), PLAN) == 5
-    assert interval_steps(Interval(FRACTION=0.25), PLAN) == 25
-    assert interval_steps(Interval(), PLAN) is None
-    fired = [s for s in range(1, 101) if fires(interval_steps(Interval(EPOCHS=0.5), PLAN), s, PLAN)]
+    assert interval_steps(period(Interval(STEPS=7)), PLAN) == 7
+    assert interval_steps(period(Interval(EPOCHS=0.5)), PLAN) == 5
+    assert interval_steps(period(Interval(FRACTION=0.25)), PLAN) == 25
+    assert interval_steps(period(Interval()), PLAN) is None
+    fired = [s for s in range(1, 101) if fires(interval_steps(period(Interval(EPOCHS=0.5)), PLAN), s, PLAN)]
     assert fired[:3] == [5, 10, 15] and fired[-1] == 100
     with pytest.raises(Exception, match="set only one"):
         Interval(STEPS=1, EPOCHS=1)
@@ -123,13 +125,13 @@ def test_ramps() -> None:
             "50",
         ],
     )
-    ops = OpsSchedule(cfg, PLAN)
+    ops = OpsSchedule(engine_spec(cfg).ops, PLAN)
     assert ops.meta_mask_prob(0) == 1.0
     assert ops.meta_mask_prob(25) == pytest.approx(0.5)
     assert ops.meta_mask_prob(80) == 0.0
     assert ops.null_keep_prob(10) == 0.0  # nulls masked by default
     cfg = load_config(None, ["SCHEDULE.NULL_MASKING.ENABLED", "True", "SCHEDULE.NULL_MASKING.END_FRACTION", "0.5"])
-    assert OpsSchedule(cfg, PLAN).null_keep_prob(25) == pytest.approx(0.5)
+    assert OpsSchedule(engine_spec(cfg).ops, PLAN).null_keep_prob(25) == pytest.approx(0.5)
     cfg = load_config(None, ["DATA.META.ACTIVE", "False"])
-    assert OpsSchedule(cfg, PLAN).meta_mask_prob(0) == 0.0
-    assert OpsSchedule(cfg, PLAN).val_mask_meta_every is None
+    assert OpsSchedule(engine_spec(cfg).ops, PLAN).meta_mask_prob(0) == 0.0
+    assert engine_spec(cfg).validation.mask_meta_every == Period()  # no masked validation without metadata

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from linnaeus.config import load_config, save_config
 from linnaeus.config.resolve_data import data_spec
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.engine.ema import EmaComponent
 from linnaeus.engine.finetune import optimizer_groups, unfreeze_step
@@ -76,7 +77,7 @@ def test_frozen_backbone_gets_no_gradients_and_no_optimizer_state(ds):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters() if n.startswith("backbone.model.")}
     assert any(n.startswith("backbone.aggregate.meta_tokens.") for n, p in model.named_parameters() if p.requires_grad)
-    groups = optimizer_groups(model, cfg)
+    groups = optimizer_groups(model, engine_spec(cfg).optimizer)
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert not any(id(p) in in_groups for n, p in model.named_parameters() if n in frozen)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -93,17 +94,17 @@ def test_frozen_backbone_gets_no_gradients_and_no_optimizer_state(ds):
 def test_unfreeze_after_resolves_to_a_step(ds):
     plan = StepPlan(steps_per_epoch=10, total_steps=100)
     cfg = ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true", "MODEL.UNFREEZE_BACKBONE_AFTER", "{EPOCHS: 2.5}")
-    assert unfreeze_step(cfg, plan) == 25
-    assert unfreeze_step(ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true"), plan) is None
-    with pytest.raises(ConfigError, match=r"MODEL\.UNFREEZE_BACKBONE_AFTER"):
-        unfreeze_step(ds.config(*TIMM_TINY, "MODEL.UNFREEZE_BACKBONE_AFTER", "{STEPS: 5}"), plan)
+    assert unfreeze_step(engine_spec(cfg).freeze, plan) == 25
+    assert unfreeze_step(engine_spec(ds.config(*TIMM_TINY, "MODEL.FREEZE_BACKBONE", "true")).freeze, plan) is None
+    with pytest.raises(ConfigError, match=r"MODEL\.UNFREEZE_BACKBONE_AFTER \(from --opts\): set only together"):
+        ds.config(*TIMM_TINY, "MODEL.UNFREEZE_BACKBONE_AFTER", "{STEPS: 5}")  # refused as the config loads
 
 
 def test_layer_decay_groups_follow_depth(ds):
     cfg = ds.config(*TIMM_TINY, "OPTIMIZER.LAYER_DECAY", "0.5", "OPTIMIZER.HEAD_LR_MULTIPLIER", "3.0")
     data = prepare_data(data_spec(cfg))
     model = build(cfg, data)
-    scale = {id(p): g["lr_scale"] for g in optimizer_groups(model, cfg) for p in g["params"]}
+    scale = {id(p): g["lr_scale"] for g in optimizer_groups(model, engine_spec(cfg).optimizer) for p in g["params"]}
     named = dict(model.named_parameters())
     depth = len(model.backbone.model.blocks)
     # timm ids: 0 = patch embedding and tokens, 1..depth = blocks (the final norm joins the last); fusion after.
@@ -194,8 +195,8 @@ def test_ema_update_math_counter_and_resume(ds, tmp_path):
     cfg = _ema_cfg(ds)
     data = prepare_data(data_spec(cfg))
     model = build(cfg, data)
-    assert EmaComponent.maybe_create(ds.config(*TIMM_TINY), model) is None
-    ema = EmaComponent.maybe_create(cfg, model)
+    assert EmaComponent.maybe_create(engine_spec(ds.config(*TIMM_TINY)).ema, model) is None
+    ema = EmaComponent.maybe_create(engine_spec(cfg).ema, model)
     key = "head.heads.taxa_L10.fc.weight"
     p0 = model.state_dict()[key].clone()
     assert ema.update(model, step=1) == 0.0  # the first update copies the model
@@ -209,7 +210,7 @@ def test_ema_update_math_counter_and_resume(ds, tmp_path):
     assert all(not p.requires_grad for p in ema.module.parameters()) and not ema.module.training
 
     path = ema.save(tmp_path / "ema.safetensors")
-    resumed = EmaComponent.maybe_create(cfg, build(cfg, data))
+    resumed = EmaComponent.maybe_create(engine_spec(cfg).ema, build(cfg, data))
     resumed.load(path)
     assert (resumed.updates, resumed.step) == (2, 2)
     with torch.no_grad():
@@ -225,7 +226,7 @@ def test_ema_update_math_counter_and_resume(ds, tmp_path):
 
 def test_ema_warmup_follows_timm_schedule(ds):
     cfg = ds.config(*TIMM_TINY, "TRAIN.EMA", "{ENABLED: true, DECAY: 0.999, WARMUP: true}")
-    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(data_spec(cfg))))
+    ema = EmaComponent.maybe_create(engine_spec(cfg).ema, build(cfg, prepare_data(data_spec(cfg))))
     assert ema.decay_at(1) == 0.0
     assert ema.decay_at(11) == pytest.approx(1 - (1 + 10) ** (-2 / 3))
     assert ema.decay_at(10**7) == 0.999
@@ -233,7 +234,7 @@ def test_ema_warmup_follows_timm_schedule(ds):
 
 def test_ema_load_rejects_other_files(ds, tmp_path):
     cfg = _ema_cfg(ds)
-    ema = EmaComponent.maybe_create(cfg, build(cfg, prepare_data(data_spec(cfg))))
+    ema = EmaComponent.maybe_create(engine_spec(cfg).ema, build(cfg, prepare_data(data_spec(cfg))))
     save_file({"x": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ConfigError, match="not an EMA file"):
         ema.load(tmp_path / "x.safetensors")
@@ -286,12 +287,13 @@ def test_frozen_vit_example_config_is_the_dinov3_recipe():
 
 
 def test_ema_ranking_and_export_need_ema_weights(ds, tmp_path):
-    from linnaeus.engine.checkpointer import Checkpointer
     from linnaeus.inference.bundle import resolve_weights
 
-    cfg = ds.config(*TIMM_TINY, "SCHEDULE.CHECKPOINT.BEST_METRIC", "val_ema/taxa_L10/top1")
-    with pytest.raises(ConfigError, match=r"BEST_METRIC: 'val_ema/taxa_L10/top1' ranks the EMA weights"):
-        Checkpointer(None, tmp_path / "ckpt", cfg, StepPlan(steps_per_epoch=10, total_steps=100), 0)
+    # Ranking by the EMA weights without EMA is a rule between keys: the config is refused as it loads.
+    with pytest.raises(
+        ConfigError, match=r"BEST_METRIC \(from --opts\): 'val_ema/taxa_L10/top1' ranks the EMA weights"
+    ):
+        ds.config(*TIMM_TINY, "SCHEDULE.CHECKPOINT.BEST_METRIC", "val_ema/taxa_L10/top1")
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     save_file({"w": torch.zeros(2)}, run / "export" / "final.safetensors", metadata={"step": "5"})

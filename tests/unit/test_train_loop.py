@@ -11,6 +11,7 @@ import torch
 
 from linnaeus.aug import MetaMasking
 from linnaeus.config import load_config
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.checkpointer import Checkpointer, resume_step
 from linnaeus.engine.schedule import StepPlan
 from linnaeus.engine.train_meter import TrainMeter
@@ -85,7 +86,7 @@ def _twice(t: torch.Tensor) -> torch.Tensor:
 def test_meter_row_is_the_mean_step_loss_and_throughput_leaves_out_pauses() -> None:
     plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=8, accumulation=2, world_size=2)
     clock = Clock()
-    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=2, reduce_sum=_twice, clock=clock)
+    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=2, clock=clock)
     meter.restart()
     # Two steps of two micro-batches. A micro-batch's loss is its share of the step loss (x accumulation x world).
     for loss in (4.0, 8.0, 2.0, 6.0):
@@ -94,7 +95,7 @@ def test_meter_row_is_the_mean_step_loss_and_throughput_leaves_out_pauses() -> N
     with meter.paused():  # a validation: not training time
         clock.now += 50.0
     assert not meter.due(1) and meter.due(2) and meter.due(100)
-    row = meter.flush()
+    row = meter.flush(_twice)
     # Step losses: (4 + 8) x 2 processes / (2 x 2) = 6 and (2 + 6) x 2 / 4 = 4; their mean is 5.
     assert row["loss"] == pytest.approx(5.0)
     assert row["taxa_L10/loss"] == pytest.approx(row["loss"] / 2)
@@ -102,23 +103,28 @@ def test_meter_row_is_the_mean_step_loss_and_throughput_leaves_out_pauses() -> N
     assert row["images_per_sec"] == pytest.approx(4 * 8 * 2 / 2.0)
     clock.now += 1.0
     meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)})
-    assert meter.flush()["images_per_sec"] == pytest.approx(1 * 8 * 2 / 1.0)  # a fresh window
+    assert meter.flush(_twice)["images_per_sec"] == pytest.approx(1 * 8 * 2 / 1.0)  # a fresh window
 
 
 def test_meter_counts_unreadable_images_exactly_at_every_save() -> None:
     plan = StepPlan(steps_per_epoch=10, total_steps=100, micro_batch=4, world_size=2)
-    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10, reduce_sum=_twice)
-    meter.count_missing({"image_ok": torch.tensor([True, False, False, True])})
-    meter.count_missing({"image": torch.zeros(1)})  # a stream without the flag counts nothing
-    assert meter.state_dict() == {"missing_images": 4}  # a save between two log steps: both processes' counts
-    meter.count_missing({"image_ok": torch.tensor([False, True, True, True])})
+    meter = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10, decode_fallbacks=lambda: 3)
+    counters = meter.counters
+    counters.count_missing({"image_ok": torch.tensor([True, False, False, True])})
+    counters.count_missing({"image": torch.zeros(1)})  # a stream without the flag counts nothing
+    assert counters.state_dict() == {"missing_images": 0}  # a plain read: nothing summed over processes yet
+    counters.sync(_twice)  # before a save between two log steps: both processes' counts
+    assert counters.state_dict() == {"missing_images": 4}
+    counters.count_missing({"image_ok": torch.tensor([False, True, True, True])})
     meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)})
-    meter.flush()
-    assert meter.missing_images == 6
-    assert meter.state_dict() == {"missing_images": 6}  # nothing counted twice
-    resumed = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10)
+    assert meter.flush(_twice)["decode_fallbacks"] == 6  # the decoder's own counter, both processes
+    assert counters.missing_images == 6
+    counters.sync(_twice)
+    assert counters.state_dict() == {"missing_images": 6}  # nothing counted twice
+    resumed = TrainMeter(TASKS, torch.device("cpu"), plan, log_every=10).counters
     resumed.load_state_dict({"missing_images": 6, "step": 3})
     resumed.count_missing({"image_ok": torch.tensor([False])})
+    resumed.sync(None)
     assert resumed.state_dict() == {"missing_images": 7}
 
 
@@ -198,7 +204,7 @@ def test_checkpointer_saves_components_and_bests_then_restores_them(tmp_path: Pa
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     model, opt = acc.prepare(model, opt)
-    ckpt = Checkpointer(acc, tmp_path / "checkpoints", cfg, plan, zero_stage=0)
+    ckpt = Checkpointer(acc, tmp_path / "checkpoints", engine_spec(cfg).checkpoint, plan, zero_stage=0)
     ckpt.prepare_folder()
     counter = Counter()
     ckpt.register("counter", counter)
@@ -212,7 +218,7 @@ def test_checkpointer_saves_components_and_bests_then_restores_them(tmp_path: Pa
     assert state["counter"] == 6 and state["samples_seen"] == 6 * 8 and state["world_size"] == 1
     assert [b["step"] for b in state["best_checkpoints"]] == [3]
 
-    again = Checkpointer(acc, tmp_path / "checkpoints", cfg, plan, zero_stage=0)
+    again = Checkpointer(acc, tmp_path / "checkpoints", engine_spec(cfg).checkpoint, plan, zero_stage=0)
     restored = Counter()
     again.register("counter", restored)
     point = again.find_resume()
@@ -245,11 +251,11 @@ def test_a_backbone_saved_unfrozen_stays_unfrozen_when_the_schedule_is_stretched
     unfrozen = []
     monkeypatch.setattr(finetune, "set_backbone_frozen", lambda model, frozen: unfrozen.append(frozen))
     cfg = load_config(None, ["MODEL.FREEZE_BACKBONE", "true", "MODEL.UNFREEZE_BACKBONE_AFTER", "{FRACTION: 0.5}"])
-    longer = FreezeState(cfg, StepPlan(steps_per_epoch=10, total_steps=200))  # unfreezes at 100 now
+    longer = FreezeState(engine_spec(cfg).freeze, StepPlan(steps_per_epoch=10, total_steps=200))  # unfreezes at 100 now
     model = torch.nn.Linear(2, 2)
     longer.apply(model, 60, {"backbone_frozen": False})  # saved at 60 of 100, after the unfreeze at 50
     assert longer.frozen is False and not longer.due(60) and unfrozen == [False]
-    fresh = FreezeState(cfg, StepPlan(steps_per_epoch=10, total_steps=200))
+    fresh = FreezeState(engine_spec(cfg).freeze, StepPlan(steps_per_epoch=10, total_steps=200))
     fresh.apply(model, 60, None)
     assert fresh.frozen is True and fresh.due(100) and unfrozen == [False]
 
@@ -267,10 +273,26 @@ def test_a_requeued_run_continues_its_own_checkpoints_not_resume_from(tmp_path):
     start = checkpoint(tmp_path / "old_run" / "checkpoints", 5)
     own_root = tmp_path / "new_run" / "checkpoints"
     cfg = load_config(None, ["TRAIN.RESUME_FROM", str(start)])
-    assert resume_candidate(cfg, own_root) == start  # a new folder starts from RESUME_FROM
+    assert resume_candidate(engine_spec(cfg).checkpoint, own_root) == start  # a new folder starts from RESUME_FROM
     own = checkpoint(own_root, 12)
-    assert resume_candidate(cfg, own_root) == own  # after preemption, the job continues its own progress
+    # after preemption, the job continues its own progress
+    assert resume_candidate(engine_spec(cfg).checkpoint, own_root) == own
     assert (
-        resume_candidate(load_config(None, ["TRAIN.RESUME_FROM", str(start), "TRAIN.AUTO_RESUME", "false"]), own_root)
+        resume_candidate(
+            engine_spec(load_config(None, ["TRAIN.RESUME_FROM", str(start), "TRAIN.AUTO_RESUME", "false"])).checkpoint,
+            own_root,
+        )
         == start
     )
+
+
+def test_derived_seeds_follow_the_workers_rule() -> None:
+    import numpy as np
+
+    from linnaeus.utils.seeds import rng_of, seed_of
+
+    # The workers' default_rng((seed, epoch, index)) is SeedSequence on the tuple: rng_of is the same generator.
+    assert rng_of(42, 3, 7).integers(2**62) == np.random.default_rng((42, 3, 7)).integers(2**62)
+    seeds = {seed_of(42, rank, step, micro) for rank in range(2) for step in range(50) for micro in range(3)}
+    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)  # distinct, and valid for torch.Generator
+    assert seed_of(42, 0, 5, 1) == seed_of(42, 0, 5, 1) != seed_of(43, 0, 5, 1)
