@@ -208,6 +208,12 @@ class ModelConfig(Node):
     PRETRAINED_CONVNEXT: str | None = Field(None, description="stitched_convnext_ropevit: ConvNeXt weights file")
     PRETRAINED_ROPEVIT: str | None = Field(None, description="stitched_convnext_ropevit: RoPE-Mixed ViT weights file")
     FREEZE_BACKBONE: bool = Field(False, description="backbone gets no gradients and no optimizer state")
+    VIEW_POOLING: Literal["mean", "lse", "attention"] = Field(
+        "mean",
+        description="with DATA.OBSERVATIONS.ENABLED: how per-view features are pooled before the heads (lse:"
+        " count-normalised log-sum-exp; attention: gated attention, Ilse et al. 2018)",
+    )
+    VIEW_POOLING_TEMPERATURE: float = Field(1.0, gt=0, description="lse pooling: 0+ -> mean, large -> max")
     UNFREEZE_BACKBONE_AFTER: Interval = Field(
         default_factory=Interval, description="with FREEZE_BACKBONE: unfreeze once, after this many steps/epochs"
     )

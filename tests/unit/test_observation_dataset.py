@@ -120,3 +120,12 @@ def test_refusals_are_one_line(tmp_path) -> None:
     ds = _dataset(tmp_path / "s")
     with pytest.raises(ConfigError, match=r"DATA.OBSERVATIONS.ENABLED and DATA.SHARDS.ENABLED: shards hold one"):
         prepare_data(data_spec(ds.config(*OPTS, "DATA.SHARDS.ENABLED", "true", "DATA.SHARDS.DIR", str(tmp_path))))
+
+
+def test_mixing_is_refused_with_observations(tmp_path) -> None:
+    ds = _dataset(tmp_path / "m")
+    for algo in ("MIXUP", "CUTMIX"):
+        with pytest.raises(ConfigError, match=r"^SCHEDULE.MIX \(from --opts\): Mixup/CutMix mix single images") as err:
+            ds.config(*OPTS, f"SCHEDULE.MIX.{algo}.ENABLED", "true")
+        assert "\n" not in str(err.value)
+        assert ds.config(*OPTS[:4], f"SCHEDULE.MIX.{algo}.ENABLED", "true")  # image training mixes as before
