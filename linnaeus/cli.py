@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="folder written by `linnaeus export`")
     src.add_argument("--run", help="a run folder (its best, else final, weights)")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="*", help="image files or folders")
+    p.add_argument(
+        "--observations",
+        default=None,
+        metavar="FILE",
+        help="JSON lines, one observation each (id, images, optional metadata): one answer per observation",
+    )
     p.add_argument("--lat", type=float, default=None, help="latitude in degrees")
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")

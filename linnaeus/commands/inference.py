@@ -106,6 +106,17 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     start = time.monotonic()
+    observations = getattr(args, "observations", None)
+    if observations and args.images:
+        raise ConfigError("predict: give image files or --observations FILE, not both")
+    if not observations and not args.images:
+        raise ConfigError("predict: give image files or folders, or --observations FILE (JSON lines)")
+    if observations:
+        from linnaeus.inference.observations import read_observations
+
+        if metadata_from_args(args) is not None:
+            raise ConfigError("--lat/--lon/--date/--elevation: with --observations, each line carries its metadata")
+        observed = read_observations(observations)  # every line checked before the model loads
     images = collect_images(args.images)
     metadata = metadata_from_args(args)
     device = getattr(args, "device", None)
@@ -120,6 +131,8 @@ def run_predict(args: argparse.Namespace) -> int:
     policy = predictor.policy(getattr(args, "policy", None), getattr(args, "cost_profile", None))
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
+    if observations:
+        return _predict_observations(predictor, observed, policy, args, start)
     failed: list[str] = []
     predict_stream(
         predictor,
@@ -137,6 +150,27 @@ def run_predict(args: argparse.Namespace) -> int:
     if not sys.stderr.isatty():
         print(f"predict: {len(images)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0  # each unreadable image already has its error line
+
+
+def _predict_observations(predictor: Any, observed: list, policy: Any, args: argparse.Namespace, start: float) -> int:
+    """One JSON line (or table block) per observation of ``--observations``."""
+    from linnaeus.inference.observations import predict_observations, result_line
+    from linnaeus.inference.table import format_result
+
+    for i in range(0, len(observed), args.batch_size):
+        chunk = observed[i : i + args.batch_size]
+        results = predict_observations(
+            predictor, chunk, args.top_k, not args.raw, batch_size=args.batch_size, policy=policy
+        )
+        for obs, result in zip(chunk, results, strict=True):
+            if getattr(args, "format", "json") == "table":
+                print(f"observation {obs.id}\n" + format_result(json.loads(result.to_json())) + "\n")
+            else:
+                print(result_line(obs.id, result))
+        sys.stdout.flush()
+    if not sys.stderr.isatty():
+        print(f"predict: {len(observed)} observations in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
