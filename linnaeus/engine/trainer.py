@@ -283,7 +283,7 @@ class Trainer:
         import dataclasses
 
         from linnaeus.engine.finetune import FreezeState
-        from linnaeus.models import build_model
+        from linnaeus.models import add_view_pooling, build_model
 
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
         model = build_model(
@@ -295,6 +295,8 @@ class Trainer:
             class_maps=self.data.class_maps,
             load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
         )
+        if self.cfg.DATA.OBSERVATIONS.ENABLED:  # one sample = one observation: views pooled before the heads
+            add_view_pooling(model, self.cfg.MODEL.VIEW_POOLING, self.cfg.MODEL.VIEW_POOLING_TEMPERATURE)
         self.freeze = FreezeState(self.spec.freeze, self.plan)
         self.freeze.apply(model, resume.step if resume is not None else 0, resume.saved if resume is not None else None)
         if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):

@@ -152,6 +152,18 @@ def preprocessing_doc(cfg: Config, components: list[MetaComponent]) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------------ bundle
+def view_pooling(cfg: Config) -> dict[str, Any] | None:
+    """How a multi-view model (``DATA.OBSERVATIONS.ENABLED``) pools its views before the heads; None for an image
+    model. Recorded in bundle.json (``model.view_pooling``) so a reader knows what the bundle expects."""
+    if not cfg.DATA.OBSERVATIONS.ENABLED:
+        return None
+    return {
+        "mode": cfg.MODEL.VIEW_POOLING,
+        "temperature": float(cfg.MODEL.VIEW_POOLING_TEMPERATURE),
+        "views": int(cfg.DATA.OBSERVATIONS.VIEWS),
+    }
+
+
 @dataclass
 class Bundle:
     cfg: Config
@@ -180,12 +192,15 @@ class Bundle:
 
     def build_model(self) -> torch.nn.Module:
         """The model exactly as the trainer built it, with these weights loaded (strict), in eval mode."""
-        from linnaeus.models import build_model
+        from linnaeus.models import add_view_pooling, build_model
 
         hierarchy = hierarchy_matrices(self.task_keys, self.class_maps, self.tree)
         model = build_model(
             self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy, load_pretrained=False
         )
+        pooling = view_pooling(self.cfg)
+        if pooling is not None:  # a multi-view model: its views are pooled before the heads
+            add_view_pooling(model, pooling["mode"], pooling["temperature"])
         where = self.path or self.info.get("source", "the run")
         expected = model.state_dict()
         for name, tensor in self.state_dict.items():
@@ -223,7 +238,12 @@ class Bundle:
             "linnaeus_version": __version__,
             "run": str(run.resolve()),
             **weights_info,
-            "model": {"type": cfg.MODEL.TYPE, "name": cfg.MODEL.NAME, "img_size": cfg.MODEL.IMG_SIZE},
+            "model": {
+                "type": cfg.MODEL.TYPE,
+                "name": cfg.MODEL.NAME,
+                "img_size": cfg.MODEL.IMG_SIZE,
+                "view_pooling": view_pooling(cfg),
+            },
             "task_keys": list(cfg.DATA.TASK_KEYS_H5),
             "task_keys_coarse_to_fine": keys_coarse_to_fine(cfg.DATA.TASK_KEYS_H5),
             "num_classes": {k: len(m) for k, m in class_maps.items()},
