@@ -34,6 +34,7 @@ SKIP = 2  # steps at the start of each fed window: worker start-up and the first
 
 def _build(ds: BenchDataset, img_size: int, batch: int, workers: int):
     from linnaeus.config.resolve_data import data_spec
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
@@ -44,7 +45,7 @@ def _build(ds: BenchDataset, img_size: int, batch: int, workers: int):
     loader, sampler = build_loader(train, batch_size=batch, num_workers=workers, shuffle=True, seed=0, drop_last=True)
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
     torch.manual_seed(0)
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).train()
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).train()
     return cfg, data, loader, sampler, model
 
 

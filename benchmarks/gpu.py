@@ -188,6 +188,7 @@ def matmul_tflops(plan: Plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- 2. model
 def model_config(plan: Plan, img_size: int):
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_model import model_spec
 
     # Hierarchy-conditioned heads on every rank, as in configs/experiments/generic_mformer_example.yaml.
     heads = "{" + ", ".join(f"{k}: {{TYPE: ConditionalClassifier}}" for k in NUM_CLASSES) + "}"
@@ -203,7 +204,7 @@ def model_config(plan: Plan, img_size: int):
         "MODEL.DROP_PATH_RATE",
         "0.0",
     ]
-    return load_config(DEMO if plan.tiny_model else ARCH, opts).MODEL
+    return model_spec(load_config(DEMO if plan.tiny_model else ARCH, opts))
 
 
 def synthetic_hierarchy() -> dict[tuple[str, str], torch.Tensor]:
@@ -226,7 +227,7 @@ def build_train_model(plan: Plan, img_size: int) -> tuple[torch.nn.Module, dict[
     model = build_model(cfg, list(NUM_CLASSES), NUM_CLASSES, META_DIMS, synthetic_hierarchy()).to(plan.device)
     model = model.to(memory_format=torch.channels_last).train()
     size = model_size(cfg, META_DIMS, img_size)
-    return model, {"name": cfg.NAME, "params_m": size["params"] / 1e6, "gmacs_fwd": size["gmacs"]}
+    return model, {"name": cfg.name, "params_m": size["params"] / 1e6, "gmacs_fwd": size["gmacs"]}
 
 
 class TrainStep:

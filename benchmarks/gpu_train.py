@@ -324,6 +324,7 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 def summarise(run: Path, plan: TrainPlan, variant: Variant, batch: int) -> dict[str, Any]:
     """What the run logged, after dropping the warm-up windows (compilation, worker start-up, allocator growth)."""
     from linnaeus.config import load_config
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.models import model_size
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -331,7 +332,7 @@ def summarise(run: Path, plan: TrainPlan, variant: Variant, batch: int) -> dict[
     steady = train[plan.warmup_rows :] or train
     cfg = load_config(run / "config.yaml")
     meta_dims = [c.DIM for c in cfg.DATA.META.COMPONENTS.values() if c.ENABLED] if cfg.DATA.META.ACTIVE else []
-    size = model_size(cfg.MODEL, meta_dims, variant.img_size)
+    size = model_size(model_spec(cfg), meta_dims, variant.img_size)
     last = train[-1] if train else {}
     wait = _median(steady, "data_wait_share")
     return {

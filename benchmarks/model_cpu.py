@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import Comparison, format_comparison, interleave, machine_info, median, set_threads
 from linnaeus.config import load_config
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.models import build_model, model_size
 
 ARCH = Path(__file__).resolve().parents[1] / "configs" / "model" / "archs" / "mFormerV1" / "mFormerV1_sm.yaml"
@@ -129,7 +130,7 @@ def make_step(model: nn.Module, batch: int, size: int):
 
 def bench(sizes: list[int], batch: int, iters: int) -> list[Comparison]:
     torch.manual_seed(0)
-    cfg = load_config(ARCH).MODEL
+    cfg = model_spec(load_config(ARCH))
     ours = build_model(cfg, list(TASKS), TASKS, META_DIMS).train()
     ref = ReferenceHybrid(TASKS).train()
     comps = []

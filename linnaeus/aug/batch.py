@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,9 +12,7 @@ from linnaeus.aug.mix import cutmix_box, draw_mix_numbers, pair_within_groups, r
 from linnaeus.aug.normalize import compute_dtype, normalize_unit, to_float_uint8
 from linnaeus.aug.photometric import color_jitter, random_erase, random_hflip
 from linnaeus.errors import ConfigError
-
-if TYPE_CHECKING:  # only attributes are read, so inference can import this package without the config schema
-    from linnaeus.config.defaults import AugConfig, MixConfig
+from linnaeus.specs.model import AugSpec
 
 
 @dataclass
@@ -38,11 +36,11 @@ class AugOutput:
     partner: Tensor | None = None
 
 
-def _check_range(key: str, values: list[float], lo: float, hi: float | None) -> tuple[float, float]:
+def _check_range(key: str, values: Sequence[float], lo: float, hi: float | None) -> tuple[float, float]:
     ok = len(values) == 2 and lo < values[0] <= values[1] and (hi is None or values[1] <= hi)
     if not ok:
         upper = f" <= {hi}" if hi is not None else ""
-        raise ConfigError(f"{key}: expected [min, max] with {lo} < min <= max{upper}, got {values}")
+        raise ConfigError(f"{key}: expected [min, max] with {lo} < min <= max{upper}, got {list(values)}")
     return float(values[0]), float(values[1])
 
 
@@ -50,13 +48,12 @@ class BatchAugment:
     """Batched, generator-driven augmentation of one training batch on the tensors' own device.
 
     ``mix_prob`` is the already-scheduled mixing probability for this step (the schedule lives in the engine);
-    it gates mixing once per batch, and SCHEDULE.MIX.MIXUP/CUTMIX.ENABLED say which algorithms may run.
+    it gates mixing once per batch, and SCHEDULE.MIX.MIXUP/CUTMIX.ENABLED (``spec.mix``) say which algorithms may run.
     """
 
     def __init__(
         self,
-        aug_cfg: AugConfig,
-        mix_cfg: MixConfig,
+        spec: AugSpec,
         task_keys: list[str],
         num_classes: dict[str, int],
         *,
@@ -65,22 +62,24 @@ class BatchAugment:
         missing = [k for k in task_keys if k not in num_classes]
         if missing:
             raise ConfigError(f"DATA.NUM_CLASSES_PER_LEVEL: no class count for {missing} (task keys {task_keys})")
-        if len(aug_cfg.MEAN) != 3 or len(aug_cfg.STD) != 3 or min(aug_cfg.STD) <= 0:
-            raise ConfigError(f"AUG.MEAN/AUG.STD: expected 3 values each, STD > 0, got {aug_cfg.MEAN} / {aug_cfg.STD}")
-        erase = aug_cfg.RANDOM_ERASE
-        self.erase_area = _check_range("AUG.RANDOM_ERASE.AREA_RANGE", list(erase.AREA_RANGE), 0.0, 1.0)
-        self.erase_aspect = _check_range("AUG.RANDOM_ERASE.ASPECT_RATIO", list(erase.ASPECT_RATIO), 0.0, None)
-        self.erase_prob = float(erase.PROB)
-        self.hflip_prob = float(aug_cfg.HFLIP_PROB)
-        self.jitter = float(aug_cfg.COLOR_JITTER)
-        self.mean = tuple(float(v) for v in aug_cfg.MEAN)
-        self.std = tuple(float(v) for v in aug_cfg.STD)
+        if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+            raise ConfigError(
+                f"AUG.MEAN/AUG.STD: expected 3 values each, STD > 0, got {list(spec.mean)} / {list(spec.std)}"
+            )
+        erase, mix = spec.random_erase, spec.mix
+        self.erase_area = _check_range("AUG.RANDOM_ERASE.AREA_RANGE", erase.area_range, 0.0, 1.0)
+        self.erase_aspect = _check_range("AUG.RANDOM_ERASE.ASPECT_RATIO", erase.aspect_ratio, 0.0, None)
+        self.erase_prob = float(erase.prob)
+        self.hflip_prob = float(spec.hflip_prob)
+        self.jitter = float(spec.color_jitter)
+        self.mean = tuple(float(v) for v in spec.mean)
+        self.std = tuple(float(v) for v in spec.std)
         self.task_keys = list(task_keys)
         self.num_classes = {k: int(num_classes[k]) for k in task_keys}
-        self.group_key = resolve_group_level(mix_cfg.GROUP_LEVEL, self.task_keys)
-        self.mixup_alpha = float(mix_cfg.MIXUP.ALPHA) if mix_cfg.MIXUP.ENABLED else None
-        self.cutmix_alpha = float(mix_cfg.CUTMIX.ALPHA) if mix_cfg.CUTMIX.ENABLED else None
-        self.switch_prob = float(mix_cfg.SWITCH_PROB)
+        self.group_key = resolve_group_level(mix.group_level, self.task_keys)
+        self.mixup_alpha = float(mix.mixup.alpha) if mix.mixup.enabled else None
+        self.cutmix_alpha = float(mix.cutmix.alpha) if mix.cutmix.enabled else None
+        self.switch_prob = float(mix.switch_prob)
         self.dtype = dtype
 
     def photometric(self, images_uint8: Tensor, generator: torch.Generator) -> Tensor:

@@ -33,6 +33,7 @@ def _time_loader(loader, batches: int) -> tuple[float, int]:
 def run(args: argparse.Namespace) -> int:
     from linnaeus.aug import eval_transform
     from linnaeus.config.resolve_data import data_spec
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).to(device)
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _say(
         f"bench: loader {loader_ips:.1f} img/s; timing {args.batches} training steps of {cfg.MODEL.NAME} on {device} ..."

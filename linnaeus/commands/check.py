@@ -32,21 +32,21 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     import torch
 
     from linnaeus.config.resolve_data import meta_spec
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.models import HierarchicalClassifier, build_backbone, coarse_to_fine, model_size
-    from linnaeus.models.builder import resolve_head_configs
+    from linnaeus.models.builder import resolve_head_specs
 
     meta_dims = meta_spec(cfg).dims
     keys = list(cfg.DATA.TASK_KEYS_H5)
     order = coarse_to_fine(keys)
     # Which parent each child has does not change the size; any valid tree of the right shape will do.
     shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
+    spec = model_spec(cfg)
     with torch.device("meta"):  # the backbone can be large; count it without allocating memory
-        num_features = build_backbone(cfg.MODEL, meta_dims).num_features
-    heads = HierarchicalClassifier(
-        num_features, keys, num_classes, resolve_head_configs(cfg.MODEL, keys, num_classes), shapes
-    )
+        num_features = build_backbone(spec, meta_dims).num_features
+    heads = HierarchicalClassifier(num_features, keys, num_classes, resolve_head_specs(spec, keys, num_classes), shapes)
     head_params = sum(p.numel() for p in heads.parameters())
-    sizes = {px: model_size(cfg.MODEL, meta_dims, px) for px in (*SIZE_RESOLUTIONS, cfg.MODEL.IMG_SIZE)}
+    sizes = {px: model_size(spec, meta_dims, px) for px in (*SIZE_RESOLUTIONS, spec.img_size)}
     backbone = sizes[SIZE_RESOLUTIONS[0]]
     return {
         "name": cfg.MODEL.NAME,
@@ -60,11 +60,12 @@ def model_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
 
 def losses_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any]:
     """Each head's loss, with its PARAMS validated by the same code training uses."""
+    from linnaeus.config.resolve_model import loss_spec
     from linnaeus.losses.task_loss import loss_config_problems
 
     heads = cfg.MODEL.CLASSIFICATION.HEADS
     types = {k: heads[k].LOSS.TYPE if k in heads else "CrossEntropyLoss" for k in cfg.DATA.TASK_KEYS_H5}
-    return {"types": types, "errors": loss_config_problems(cfg)}
+    return {"types": types, "errors": loss_config_problems(loss_spec(cfg), cfg.DATA.TASK_KEYS_H5)}
 
 
 def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, Any] | None:
@@ -73,9 +74,11 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
     The model is built for real on the CPU (the weights must be read to be checked). Head rows of a previous
     Linnaeus model are matched by taxon id at training start; here they are reported as skipped.
     """
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.models.pretrained import pretrained_source
 
-    if pretrained_source(cfg.MODEL) is None:
+    spec = model_spec(cfg)
+    if pretrained_source(spec) is None:
         return None
     from linnaeus.config.resolve_data import meta_spec
     from linnaeus.models import build_model, coarse_to_fine
@@ -84,7 +87,7 @@ def pretrained_section(cfg: Config, num_classes: dict[str, int]) -> dict[str, An
     order = coarse_to_fine(keys)
     shapes = {(p, c): _any_tree(num_classes[p], num_classes[c]) for p, c in itertools.pairwise(order)}
     meta_dims = meta_spec(cfg).dims
-    report = build_model(cfg.MODEL, keys, num_classes, meta_dims, shapes).pretrained_report
+    report = build_model(spec, keys, num_classes, meta_dims, shapes).pretrained_report
     return {**report.to_json(), "lines": report.lines()}
 
 

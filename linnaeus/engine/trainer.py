@@ -219,10 +219,11 @@ class Trainer:
     def _build_components(self) -> None:
         from linnaeus.aug import BatchAugment, MetaMasking
 
-        cfg, acc, spec = self.cfg, self.accelerator, self.spec
-        self.augment = BatchAugment(cfg.AUG, cfg.SCHEDULE.MIX, self.task_keys, self.data.num_classes)
+        acc, spec = self.accelerator, self.spec
+        aug = self.specs.aug
+        self.augment = BatchAugment(aug, self.task_keys, self.data.num_classes)
         self.meta_masking = MetaMasking(
-            self.data.meta_components, self.data.meta_dims, cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST
+            self.data.meta_components, self.data.meta_dims, aug.meta_masking.partial_whitelist
         )
         self.generator = torch.Generator(device=acc.device)
         # Mixing's batch-level draws (gate, algorithm, box) are made on the host so deciding never waits for the GPU.
@@ -283,11 +284,11 @@ class Trainer:
         import dataclasses
 
         from linnaeus.engine.finetune import FreezeState
-        from linnaeus.models import add_view_pooling, build_model
+        from linnaeus.models import build_model
 
         hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.data.hierarchy_matrices().items()}
         model = build_model(
-            self.cfg.MODEL,
+            self.specs.model,
             self.task_keys,
             self.data.num_classes,
             self.data.meta_dims,
@@ -295,8 +296,6 @@ class Trainer:
             class_maps=self.data.class_maps,
             load_pretrained=resume is None,  # a resume continues its checkpoint's weights; the load report is logged
         )
-        if self.cfg.DATA.OBSERVATIONS.ENABLED:  # one sample = one observation: views pooled before the heads
-            add_view_pooling(model, self.cfg.MODEL.VIEW_POOLING, self.cfg.MODEL.VIEW_POOLING_TEMPERATURE)
         self.freeze = FreezeState(self.spec.freeze, self.plan)
         self.freeze.apply(model, resume.step if resume is not None else 0, resume.saved if resume is not None else None)
         if resume is not None and resume.exact and not self.freeze.same_optimizer_layout(resume.saved):
@@ -308,12 +307,12 @@ class Trainer:
     def _build_loss(self) -> Any:
         from linnaeus.losses import build_task_loss, needs_distance_matrices
 
-        cfg = self.cfg
+        spec = self.specs.loss
         return build_task_loss(
-            cfg,
+            spec,
             self.task_keys,
             self.data.num_classes,
-            self.data.distance_matrices() if needs_distance_matrices(cfg) else None,
+            self.data.distance_matrices() if needs_distance_matrices(spec) else None,
             self.data.class_counts("train"),
         )
 

@@ -192,15 +192,13 @@ class Bundle:
 
     def build_model(self) -> torch.nn.Module:
         """The model exactly as the trainer built it, with these weights loaded (strict), in eval mode."""
-        from linnaeus.models import add_view_pooling, build_model
+        from linnaeus.config.resolve_model import model_spec
+        from linnaeus.models import build_model
 
         hierarchy = hierarchy_matrices(self.task_keys, self.class_maps, self.tree)
         model = build_model(
-            self.cfg.MODEL, self.task_keys, self.num_classes, self.meta_dims, hierarchy, load_pretrained=False
+            model_spec(self.cfg), self.task_keys, self.num_classes, self.meta_dims, hierarchy, load_pretrained=False
         )
-        pooling = view_pooling(self.cfg)
-        if pooling is not None:  # a multi-view model: its views are pooled before the heads
-            add_view_pooling(model, pooling["mode"], pooling["temperature"])
         where = self.path or self.info.get("source", "the run")
         expected = model.state_dict()
         for name, tensor in self.state_dict.items():

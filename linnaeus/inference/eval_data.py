@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.samples import SampleTable
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.bundle import Bundle
@@ -98,7 +99,7 @@ def from_split(bundle: Bundle, split: str = "val") -> EvalSet:
             f"--split {split}: needs the run folder's {SPLIT_FILE} (bundle.json names run {bundle.info.get('run')!r}, "
             "which is not at hand); pass --labels and --images instead"
         )
-    data = prepare_data(bundle.cfg, split_file=run / SPLIT_FILE, check_images=False)
+    data = prepare_data(data_spec(bundle.cfg), split_file=run / SPLIT_FILE, check_images=False)
     view = data.view(split)
     taxa = {k: np.asarray(view.store.taxa[k][view.rows], np.int64) for k in bundle.task_keys}
     targets, known = _mapped(bundle, taxa)
@@ -118,16 +119,16 @@ def from_labels(bundle: Bundle, labels: str | Path, images: str | Path) -> EvalS
         raise DataError(f"--labels {labels}: no such file")
     if not images.is_dir():
         raise DataError(f"--images {images}: no such folder")
-    store = LabelStore.from_config(labels, bundle.cfg)
+    spec = data_spec(bundle.cfg)
+    store = LabelStore.load(labels, list(spec.task_keys), list(spec.meta.components))
     rows = np.arange(store.n_rows, dtype=np.int64)
-    hybrid = bundle.cfg.DATA.HYBRID
     paths, refused = resolve_image_paths(
         images,
         store.identifiers,
         rows,
-        hybrid.FILE_EXTENSION,
+        spec.images.file_extension,
         labels_path=labels,
-        allow_symlinks_outside=hybrid.ALLOW_SYMLINKS_OUTSIDE,
+        allow_symlinks_outside=spec.images.allow_symlinks_outside,
     )
     raise_first(list(refused.values()))
     taxa = {k: np.asarray(store.taxa[k], np.int64) for k in bundle.task_keys}
@@ -153,16 +154,17 @@ def score(
 
     from linnaeus.data.dataset import FileDataset
 
-    cfg = predictor.cfg
+    spec = data_spec(predictor.cfg)
+    crop = spec.crop
     dataset = FileDataset(
         evalset.table,
-        img_size=cfg.DATA.IMG_SIZE,
+        img_size=crop.img_size,
         train=False,
-        rrc_scale=tuple(cfg.AUG.RRC_SCALE),
-        rrc_ratio=tuple(cfg.AUG.RRC_RATIO),
-        val_crop_pct=cfg.DATA.VAL_CROP_PCT,
+        rrc_scale=crop.rrc_scale,
+        rrc_ratio=crop.rrc_ratio,
+        val_crop_pct=crop.val_crop_pct,
         allow_missing=False,
-        seed=cfg.MISC.SEED,
+        seed=spec.seed,
         decode="cpu",
     )
     loader = DataLoader(

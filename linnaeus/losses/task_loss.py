@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from linnaeus.config.defaults import Config, HeadLossConfig
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.losses.class_weights import class_weights
 from linnaeus.losses.criteria import Criterion, get_criterion_class, soft_cross_entropy, validate_loss_params
 from linnaeus.losses.gradnorm import GradNorm
+from linnaeus.specs.model import LossSpec
 
 
 def labelled_mask(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -194,29 +194,23 @@ class TaskLoss(nn.Module):
         return self.combine(losses), {k: v.detach() for k, v in losses.items()}
 
 
-def _head_loss(cfg: Config, key: str) -> HeadLossConfig:
-    heads = cfg.MODEL.CLASSIFICATION.HEADS
-    return heads[key].LOSS if key in heads else HeadLossConfig()
-
-
-def loss_config_problems(cfg: Config) -> list[str]:
+def loss_config_problems(spec: LossSpec, task_keys: Sequence[str]) -> list[str]:
     """Every head's LOSS TYPE/PARAMS problem, validated exactly as ``build_task_loss`` does (for `linnaeus check`)."""
     problems = []
-    for key in cfg.DATA.TASK_KEYS_H5:
-        loss_cfg = _head_loss(cfg, key)
+    for key in task_keys:
+        head = spec.head(key)
         try:
-            validate_loss_params(loss_cfg.TYPE, dict(loss_cfg.PARAMS), f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS")
+            validate_loss_params(head.type, dict(head.params), f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS")
         except ConfigError as err:
             problems.append(str(err))
     return problems
 
 
-def needs_distance_matrices(cfg: Config) -> bool:
+def needs_distance_matrices(spec: LossSpec) -> bool:
     """Whether a configured criterion needs the taxonomy distance matrices (costly to compute, so only then)."""
-    heads = cfg.MODEL.CLASSIFICATION.HEADS
     return any(
-        get_criterion_class(h.LOSS.TYPE, f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS.TYPE").needs_distance
-        for key, h in heads.items()
+        get_criterion_class(h.type, f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS.TYPE").needs_distance
+        for key, h in spec.heads.items()
     )
 
 
@@ -230,7 +224,7 @@ def _distance(key: str, distance_matrices: dict[str, np.ndarray] | None, k: int)
 
 
 def build_task_loss(
-    cfg: Config,
+    spec: LossSpec,
     task_keys: list[str],
     num_classes: dict[str, int],
     distance_matrices: dict[str, np.ndarray] | None,
@@ -246,28 +240,28 @@ def build_task_loss(
     for key in task_keys:
         if key not in num_classes:
             raise ConfigError(f"DATA.TASK_KEYS_H5: no class count for '{key}' (have {sorted(num_classes)})")
-        loss_cfg = _head_loss(cfg, key)
+        head = spec.head(key)
         prefix = f"MODEL.CLASSIFICATION.HEADS.{key}.LOSS"
-        cls = get_criterion_class(loss_cfg.TYPE, f"{prefix}.TYPE")
+        cls = get_criterion_class(head.type, f"{prefix}.TYPE")
         distance = _distance(key, distance_matrices, num_classes[key])
-        criteria[key] = cls(num_classes[key], dict(loss_cfg.PARAMS), f"{prefix}.PARAMS", distance)
-        weights[key] = float(loss_cfg.WEIGHT)
+        criteria[key] = cls(num_classes[key], dict(head.params), f"{prefix}.PARAMS", distance)
+        weights[key] = float(head.weight)
 
-    cw_cfg = cfg.LOSS.CLASS_WEIGHTING
+    cw = spec.class_weighting
     class_weight: dict[str, torch.Tensor] = {}
-    if cw_cfg.TYPE != "none":
+    if cw.type != "none":
         for key in task_keys:
             counts = (class_counts or {}).get(key)
             if counts is None:
-                raise ConfigError(f"LOSS.CLASS_WEIGHTING.TYPE: '{cw_cfg.TYPE}' needs training class counts for '{key}'")
+                raise ConfigError(f"LOSS.CLASS_WEIGHTING.TYPE: '{cw.type}' needs training class counts for '{key}'")
             counts = np.asarray(counts)
             if counts.shape != (num_classes[key],):
                 raise DataError(f"class counts for '{key}' have shape {counts.shape}; expected ({num_classes[key]},)")
-            class_weight[key] = torch.as_tensor(class_weights(counts, cw_cfg), dtype=torch.float32)
+            class_weight[key] = torch.as_tensor(class_weights(counts, cw), dtype=torch.float32)
 
     gradnorm = None
-    gn = cfg.LOSS.GRADNORM
-    if gn.ENABLED:
+    gn = spec.gradnorm
+    if gn.enabled:
         for key in task_keys:
             if weights[key] <= 0:
                 raise ConfigError(
@@ -276,10 +270,10 @@ def build_task_loss(
                 )
         gradnorm = GradNorm(
             task_keys,
-            gn.ALPHA,
-            gn.LR,
+            gn.alpha,
+            gn.lr,
             init_weights=[weights[k] for k in task_keys],
-            update_interval=gn.UPDATE_INTERVAL,
-            warmup_steps=gn.WARMUP_STEPS,
+            update_interval=gn.update_interval,
+            warmup_steps=gn.warmup_steps,
         )
     return TaskLoss(criteria, weights, class_weight, gradnorm)

@@ -9,7 +9,6 @@ from torch import nn
 import linnaeus.models.mformer_v0
 import linnaeus.models.mformer_v1
 import linnaeus.models.timm_backbone  # noqa: F401
-from linnaeus.config.defaults import HeadConfig, ModelConfig
 from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
 from linnaeus.models.heads import HierarchicalClassifier, rank_level
@@ -17,6 +16,7 @@ from linnaeus.models.param_groups import set_backbone_frozen
 from linnaeus.models.pretrained import LoadReport, apply_pretrained, require_pretrained_files
 from linnaeus.models.registry import get_model_class
 from linnaeus.models.view_pooling import ViewPooling, pooled_features
+from linnaeus.specs.model import HeadSpec, ModelSpec
 
 
 class LinnaeusModel(nn.Module):
@@ -70,11 +70,9 @@ class LinnaeusModel(nn.Module):
         return list(self.backbone.aggregate.norm.parameters())
 
 
-def resolve_head_configs(
-    model_cfg: ModelConfig, task_keys: list[str], num_classes: dict[str, int]
-) -> dict[str, HeadConfig]:
-    """One HeadConfig per task key (LinearHead defaults when ``HEADS`` is empty), checked against the labels."""
-    heads = model_cfg.CLASSIFICATION.HEADS
+def resolve_head_specs(spec: ModelSpec, task_keys: list[str], num_classes: dict[str, int]) -> dict[str, HeadSpec]:
+    """One HeadSpec per task key (LinearHead defaults when ``HEADS`` is empty), checked against the labels."""
+    heads = spec.heads
     if not task_keys:
         raise ConfigError("DATA.TASK_KEYS_H5: expected at least one task key, got []")
     for key in task_keys:
@@ -82,7 +80,7 @@ def resolve_head_configs(
         if key not in num_classes:
             raise ConfigError(f"DATA.TASK_KEYS_H5: no class count for '{key}' (have {sorted(num_classes)})")
     if not heads:
-        return {key: HeadConfig() for key in task_keys}
+        return {key: HeadSpec() for key in task_keys}
     for key in task_keys:
         if key not in heads:
             raise ConfigError(f"MODEL.CLASSIFICATION.HEADS: no head for task '{key}' (heads defined: {sorted(heads)})")
@@ -92,7 +90,7 @@ def resolve_head_configs(
                 f"MODEL.CLASSIFICATION.HEADS.{key}: head for '{key}', which is not a task key {task_keys}"
             )
     for key in task_keys:
-        declared = heads[key].NUM_CLASSES
+        declared = heads[key].num_classes
         if declared is not None and declared != num_classes[key]:
             raise ConfigError(
                 f"MODEL.CLASSIFICATION.HEADS.{key}.NUM_CLASSES: {declared} disagrees with the {num_classes[key]} "
@@ -101,15 +99,23 @@ def resolve_head_configs(
     return {key: heads[key] for key in task_keys}
 
 
-def build_backbone(model_cfg: ModelConfig, meta_dims: list[int]) -> nn.Module:
+def build_backbone(spec: ModelSpec, meta_dims: list[int]) -> nn.Module:
+    """The backbone ``MODEL.TYPE`` names: its class's ``from_spec(spec, meta_dims)``."""
     for i, dim in enumerate(meta_dims):
         if dim < 1:
             raise ConfigError(f"DATA.META.COMPONENTS: component {i} (IDX order) has DIM {dim}; expected >= 1")
-    return get_model_class(model_cfg.TYPE).from_config(model_cfg, list(meta_dims))
+    cls = get_model_class(spec.type)
+    if not hasattr(cls, "from_spec"):
+        # A model written for the extension API before specs (a from_config reading the MODEL section): say so.
+        raise ConfigError(
+            f"MODEL.TYPE: {spec.type} ({cls.__module__}.{cls.__qualname__}) has no classmethod from_spec(spec, "
+            "meta_dims); models are built from a linnaeus.specs.model.ModelSpec (docs/design.md, Extending Linnaeus)"
+        )
+    return cls.from_spec(spec, list(meta_dims))
 
 
 def build_model(
-    model_cfg: ModelConfig,
+    spec: ModelSpec,
     task_keys: list[str],
     num_classes: dict[str, int],
     meta_dims: list[int],
@@ -125,18 +131,21 @@ def build_model(
     HierarchicalSoftmaxHead / ConditionalClassifier heads. ``class_maps``: this run's classes per task key, used
     to remap a previous Linnaeus model's head rows by taxon id. ``load_pretrained=False``: skip the pretrained
     files (inference rebuilds, whose weights come from a bundle). ``MODEL.FREEZE_BACKBONE`` is applied here.
+    ``spec``: the run's ``ModelSpec`` (``resolve_model.model_spec`` in the config package builds it).
     """
-    head_cfgs = resolve_head_configs(model_cfg, task_keys, num_classes)
+    head_specs = resolve_head_specs(spec, task_keys, num_classes)
     if load_pretrained:
-        require_pretrained_files(model_cfg)
-    backbone = build_backbone(model_cfg, meta_dims)
-    head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_cfgs, hierarchy)
+        require_pretrained_files(spec)
+    backbone = build_backbone(spec, meta_dims)
+    head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_specs, hierarchy)
     model = LinnaeusModel(backbone, head)
-    if model_cfg.GRADIENT_CHECKPOINTING:
+    if spec.view_pooling is not None:  # DATA.OBSERVATIONS: per-view features pooled before the heads
+        add_view_pooling(model, spec.view_pooling, spec.view_pooling_temperature)
+    if spec.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     if load_pretrained:
-        model.pretrained_report = apply_pretrained(model, model_cfg, class_maps)
-    if model_cfg.FREEZE_BACKBONE:
+        model.pretrained_report = apply_pretrained(model, spec, class_maps)
+    if spec.freeze_backbone:
         set_backbone_frozen(model, True)
     return model
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath, LayerNorm2d
 from torch import nn
-
-from linnaeus.models.layers import DropPath, LayerNorm2d
 
 
 class ConvNeXtBlock(nn.Module):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linnaeus.config.defaults import HeadConfig
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.models.registry import get_head_class, register_head
+from linnaeus.specs.model import HeadSpec
 
 EPS = 1e-10
 
@@ -51,9 +51,9 @@ class LinearHead(nn.Module):
 
     conditions_on_parent: ClassVar[bool] = False
 
-    def __init__(self, in_dim: int, num_classes: int, cfg: HeadConfig) -> None:
+    def __init__(self, in_dim: int, num_classes: int, spec: HeadSpec) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_dim, num_classes, bias=cfg.USE_BIAS)
+        self.fc = nn.Linear(in_dim, num_classes, bias=spec.use_bias)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         if self.fc.bias is not None:
             nn.init.zeros_(self.fc.bias)
@@ -85,10 +85,10 @@ class ConditionalClassifier(LinearHead):
 
     conditions_on_parent: ClassVar[bool] = True
 
-    def __init__(self, in_dim: int, num_classes: int, cfg: HeadConfig) -> None:
-        super().__init__(in_dim, num_classes, cfg)
-        self.routing = cfg.ROUTING
-        self.temperature = float(cfg.TEMPERATURE)
+    def __init__(self, in_dim: int, num_classes: int, spec: HeadSpec) -> None:
+        super().__init__(in_dim, num_classes, spec)
+        self.routing = spec.routing
+        self.temperature = float(spec.temperature)
 
     def parent_distribution(self, parent_logits: torch.Tensor) -> torch.Tensor:
         z = parent_logits.float()
@@ -128,7 +128,7 @@ class HierarchicalClassifier(nn.Module):
         in_dim: int,
         task_keys: list[str],
         num_classes: dict[str, int],
-        head_cfgs: dict[str, HeadConfig],
+        head_specs: dict[str, HeadSpec],
         hierarchy: dict[tuple[str, str], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
@@ -136,9 +136,9 @@ class HierarchicalClassifier(nn.Module):
         self.order = coarse_to_fine(self.task_keys)
         self.heads = nn.ModuleDict()
         for key in self.task_keys:
-            cfg = head_cfgs[key]
-            cls = get_head_class(cfg.TYPE, f"MODEL.CLASSIFICATION.HEADS.{key}.TYPE")
-            self.heads[key] = cls(in_dim, num_classes[key], cfg)
+            spec = head_specs[key]
+            cls = get_head_class(spec.type, f"MODEL.CLASSIFICATION.HEADS.{key}.TYPE")
+            self.heads[key] = cls(in_dim, num_classes[key], spec)
         self.parent_of: dict[str, str] = {}
         self.orphan_prior: dict[str, float] = {}  # log(1 / K_parent) per refined child rank
         hierarchy = hierarchy or {}
@@ -147,7 +147,7 @@ class HierarchicalClassifier(nn.Module):
                 continue
             if (parent, child) not in hierarchy:
                 raise ConfigError(
-                    f"MODEL.CLASSIFICATION.HEADS.{child}.TYPE: {head_cfgs[child].TYPE} needs the ({parent}, {child}) "
+                    f"MODEL.CLASSIFICATION.HEADS.{child}.TYPE: {head_specs[child].type} needs the ({parent}, {child}) "
                     "hierarchy matrix; set DATA.TAXONOMY_PATH or use labels from which the hierarchy can be inferred"
                 )
             index, orphan = _parent_index(

@@ -13,6 +13,7 @@ from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_len, require_positive, require_stride_multiple
 from linnaeus.models.meta import check_meta
 from linnaeus.models.tokens import TokenStage
+from linnaeus.specs.model import AttentionStagesSpec, ModelSpec, RopeStagesSpec
 
 
 def attention_stages(
@@ -47,30 +48,30 @@ def attention_stages(
     )
 
 
-def attention_config(stages: Any, key: str) -> dict[str, tuple]:
-    """Constructor arguments of the two token stages from a config section with DIMS, DEPTHS, NUM_HEADS and
-    MLP_RATIO (``MODEL.ROPE_STAGES`` for V1, ``MODEL.ATTENTION_STAGES`` for V0), after the per-field checks."""
-    require_positive(f"{key}.DEPTHS", stages.DEPTHS, 2, allow_zero=True)
-    require_positive(f"{key}.DIMS", stages.DIMS, 2)
-    require_positive(f"{key}.NUM_HEADS", stages.NUM_HEADS, 2)
-    require_len(f"{key}.MLP_RATIO", stages.MLP_RATIO, 2)
+def attention_args(stages: AttentionStagesSpec | RopeStagesSpec, key: str) -> dict[str, tuple]:
+    """Constructor arguments of the two token stages from a spec with dims, depths, num_heads and mlp_ratio
+    (``MODEL.ROPE_STAGES`` for V1, ``MODEL.ATTENTION_STAGES`` for V0, named by ``key``), after the per-field checks."""
+    require_positive(f"{key}.DEPTHS", stages.depths, 2, allow_zero=True)
+    require_positive(f"{key}.DIMS", stages.dims, 2)
+    require_positive(f"{key}.NUM_HEADS", stages.num_heads, 2)
+    require_len(f"{key}.MLP_RATIO", stages.mlp_ratio, 2)
     return {
-        "attn_dims": tuple(stages.DIMS[:2]),
-        "attn_depths": tuple(stages.DEPTHS[:2]),
-        "num_heads": tuple(stages.NUM_HEADS[:2]),
-        "mlp_ratios": tuple(stages.MLP_RATIO[:2]),
+        "attn_dims": tuple(stages.dims[:2]),
+        "attn_depths": tuple(stages.depths[:2]),
+        "num_heads": tuple(stages.num_heads[:2]),
+        "mlp_ratios": tuple(stages.mlp_ratio[:2]),
     }
 
 
-def shared_config(cfg: Any, meta_dims: list[int]) -> dict[str, Any]:
-    """Constructor arguments every hybrid backbone reads the same way from ``MODEL``."""
+def shared_args(spec: ModelSpec, meta_dims: list[int]) -> dict[str, Any]:
+    """Constructor arguments every hybrid backbone takes the same way from the ``ModelSpec``."""
     return {
         "meta_dims": meta_dims,
-        "in_chans": cfg.IN_CHANS,
-        "drop_path_rate": cfg.DROP_PATH_RATE,
-        "drop_rate": cfg.DROP_RATE,
-        "attn_drop_rate": cfg.ATTN_DROP_RATE,
-        "only_last_cls": cfg.ONLY_LAST_CLS,
+        "in_chans": spec.in_chans,
+        "drop_path_rate": spec.drop_path_rate,
+        "drop_rate": spec.drop_rate,
+        "attn_drop_rate": spec.attn_drop_rate,
+        "only_last_cls": spec.only_last_cls,
     }
 
 
@@ -145,7 +146,7 @@ class HybridBackbone(nn.Module):
 
     @classmethod
     def check_img_size(cls, img_size: int) -> None:
-        """For ``from_config``: fail on ``MODEL.IMG_SIZE`` before anything is built."""
+        """For ``from_spec``: fail on ``MODEL.IMG_SIZE`` before anything is built."""
         require_stride_multiple("MODEL.IMG_SIZE", img_size, img_size, cls.stride)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:

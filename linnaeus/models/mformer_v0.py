@@ -8,16 +8,17 @@ other input sizes.
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import MBConv
-from linnaeus.models.hybrid import HybridBackbone, attention_config, attention_stages, shared_config
-from linnaeus.models.layers import LayerNorm2d, drop_path_rates
+from linnaeus.models.hybrid import HybridBackbone, attention_args, attention_stages, shared_args
+from linnaeus.models.layers import drop_path_rates
 from linnaeus.models.position import RelativePositionBias
 from linnaeus.models.registry import register_model
 from linnaeus.models.tokens import ClsAggregator
+from linnaeus.specs.model import ModelSpec
 
 
 def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> list[nn.Module]:
@@ -30,7 +31,7 @@ class OverlapPatchEmbed(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = LayerNorm2d(out_dim)
+        self.norm = LayerNorm2d(out_dim, eps=1e-5)  # MetaFormer's: nn.LayerNorm's default, not timm's 1e-6
 
 
 def _init_v0(module: nn.Module) -> None:
@@ -127,24 +128,24 @@ class MFormerV0(HybridBackbone):
         self.aggregate.reset_mix()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> MFormerV0:
-        conv, attn = cfg.CONV_STAGES, cfg.ATTENTION_STAGES
-        require_positive("MODEL.CONV_STAGES.STEM_DIMS", conv.STEM_DIMS, 2)
-        require_positive("MODEL.CONV_STAGES.OUT_CHANNELS", conv.OUT_CHANNELS, 2)
+    def from_spec(cls, spec: ModelSpec, meta_dims: list[int]) -> MFormerV0:
+        conv, attn = spec.conv_stages, spec.attention_stages
+        require_positive("MODEL.CONV_STAGES.STEM_DIMS", conv.stem_dims, 2)
+        require_positive("MODEL.CONV_STAGES.OUT_CHANNELS", conv.out_channels, 2)
         # The first block of stage 1 carries the /8 stride, so it must exist.
-        require_positive("MODEL.CONV_STAGES.DEPTHS", conv.DEPTHS, 2)
-        attention = attention_config(attn, "MODEL.ATTENTION_STAGES")
-        require_heads_divide("MODEL.ATTENTION_STAGES.DIMS", attn.DIMS[:2], attn.NUM_HEADS[:2], 1)
-        cls.check_img_size(cfg.IMG_SIZE)
+        require_positive("MODEL.CONV_STAGES.DEPTHS", conv.depths, 2)
+        attention = attention_args(attn, "MODEL.ATTENTION_STAGES")
+        require_heads_divide("MODEL.ATTENTION_STAGES.DIMS", attn.dims[:2], attn.num_heads[:2], 1)
+        cls.check_img_size(spec.img_size)
         return cls(
-            stem_dims=(conv.STEM_DIMS[0], conv.STEM_DIMS[1]),
-            conv_dims=(conv.OUT_CHANNELS[0], conv.OUT_CHANNELS[1]),
-            conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
+            stem_dims=(conv.stem_dims[0], conv.stem_dims[1]),
+            conv_dims=(conv.out_channels[0], conv.out_channels[1]),
+            conv_depths=(conv.depths[0], conv.depths[1]),
             **attention,
-            img_size=cfg.IMG_SIZE,
-            expand_ratio=conv.EXPAND_RATIO,
-            se_ratio=conv.SE_RATIO,
-            **shared_config(cfg, meta_dims),
+            img_size=spec.img_size,
+            expand_ratio=conv.expand_ratio,
+            se_ratio=conv.se_ratio,
+            **shared_args(spec, meta_dims),
         )
 
     def no_weight_decay_names(self) -> set[str]:

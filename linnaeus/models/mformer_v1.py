@@ -6,18 +6,19 @@ Stride 32 in total (stem 4, then three LN + 2×2 downsamplers), so any input siz
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
 from linnaeus.models.attention import TransformerBlock
 from linnaeus.models.checks import require_heads_divide, require_positive
 from linnaeus.models.conv import ConvNeXtBlock, Downsample
-from linnaeus.models.hybrid import HybridBackbone, attention_config, attention_stages, shared_config
-from linnaeus.models.layers import LayerNorm2d, drop_path_rates, init_vit_style
+from linnaeus.models.hybrid import HybridBackbone, attention_args, attention_stages, shared_args
+from linnaeus.models.layers import drop_path_rates, init_vit_style
 from linnaeus.models.position import Rope2d
 from linnaeus.models.registry import register_model
 from linnaeus.models.tokens import ClsAggregator
+from linnaeus.specs.model import ModelSpec
 
 
 @register_model("mFormerV1")
@@ -85,28 +86,28 @@ class MFormerV1(HybridBackbone):
         self.aggregate.reset_mix()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> MFormerV1:
-        conv, rope = cfg.CONVNEXT_STAGES, cfg.ROPE_STAGES
-        cls.check_img_size(cfg.IMG_SIZE)
-        require_positive("MODEL.CONVNEXT_STAGES.DEPTHS", conv.DEPTHS, 2, allow_zero=True)
-        require_positive("MODEL.CONVNEXT_STAGES.DIMS", conv.DIMS, 4)
-        attention = attention_config(rope, "MODEL.ROPE_STAGES")
+    def from_spec(cls, spec: ModelSpec, meta_dims: list[int]) -> MFormerV1:
+        conv, rope = spec.convnext_stages, spec.rope_stages
+        cls.check_img_size(spec.img_size)
+        require_positive("MODEL.CONVNEXT_STAGES.DEPTHS", conv.depths, 2, allow_zero=True)
+        require_positive("MODEL.CONVNEXT_STAGES.DIMS", conv.dims, 4)
+        attention = attention_args(rope, "MODEL.ROPE_STAGES")
         for i in range(2):
-            if rope.DIMS[i] != conv.DIMS[i + 2]:
+            if rope.dims[i] != conv.dims[i + 2]:
                 raise ConfigError(
                     f"MODEL.ROPE_STAGES.DIMS: expected DIMS[{i}] == MODEL.CONVNEXT_STAGES.DIMS[{i + 2}] "
-                    f"({conv.DIMS[i + 2]}), got {rope.DIMS[i]}"
+                    f"({conv.dims[i + 2]}), got {rope.dims[i]}"
                 )
-        require_heads_divide("MODEL.ROPE_STAGES.DIMS", rope.DIMS[:2], rope.NUM_HEADS[:2], 2 if rope.ROPE_MIXED else 4)
+        require_heads_divide("MODEL.ROPE_STAGES.DIMS", rope.dims[:2], rope.num_heads[:2], 2 if rope.rope_mixed else 4)
         return cls(
-            conv_dims=(conv.DIMS[0], conv.DIMS[1]),
-            conv_depths=(conv.DEPTHS[0], conv.DEPTHS[1]),
+            conv_dims=(conv.dims[0], conv.dims[1]),
+            conv_depths=(conv.depths[0], conv.depths[1]),
             **attention,
-            rope_theta=rope.ROPE_THETA,
-            rope_mixed=rope.ROPE_MIXED,
-            layer_scale_init=conv.LAYER_SCALE_INIT_VALUE,
-            attn_layer_scale_init=rope.LAYER_SCALE_INIT_VALUE,
-            **shared_config(cfg, meta_dims),
+            rope_theta=rope.rope_theta,
+            rope_mixed=rope.rope_mixed,
+            layer_scale_init=conv.layer_scale_init_value,
+            attn_layer_scale_init=rope.layer_scale_init_value,
+            **shared_args(spec, meta_dims),
         )
 
     def no_weight_decay_names(self) -> set[str]:

@@ -38,6 +38,12 @@ class Rope2d(nn.Module):
     Angle of pair k in head h at patch (x, y): x·fx[h, k] + y·fy[h, k]. With ``mixed`` the frequencies are learned
     (RoPE-Mixed: each head starts from base frequencies θ^(-2k/d) pointed along a random direction); otherwise they
     are fixed and axial (first half of the pairs follow x, second half follow y, base θ^(-4k/d)).
+
+    Kept rather than timm's ``RotaryEmbeddingMixed``, although on patch tokens the two agree bit for bit (a test
+    checks it): timm's module owns one (2, depth, heads, d/2) ``freqs`` for a whole stack of blocks, where our weights
+    hold a (2, heads, d/2) ``attn.position.freqs`` per block (exports and the stitched RoPE-ViT loader rely on
+    that); it rotates every token it is given, so the caller would have to split off CLS and metadata tokens; and
+    it has no fixed-axial mode (``ROPE_MIXED: false``).
     """
 
     def __init__(self, num_heads: int, head_dim: int, theta: float = 10000.0, mixed: bool = True) -> None:

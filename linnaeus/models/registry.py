@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 
 def register_model(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: make a backbone buildable as ``MODEL.TYPE: <name>`` (via its ``from_config``)."""
+    """Class decorator: make a backbone buildable as ``MODEL.TYPE: <name>`` (via its ``from_spec``)."""
     return MODELS.register(name)
 
 

@@ -7,22 +7,24 @@ on the meta device SDPA decomposes into the two batched matmuls the counter does
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.models.builder import build_backbone
+from linnaeus.specs.model import ModelSpec
 
 
-def model_size(model_cfg: ModelConfig, meta_dims: list[int], img_size: int) -> dict:
+def model_size(spec: ModelSpec, meta_dims: list[int], img_size: int) -> dict:
     """``{'params', 'meta_params', 'gmacs', 'img_size'}`` for the backbone (metadata embedders included, heads not).
 
     MACs = FLOPs / 2 as counted by ``torch.utils.flop_counter`` (convs, linears, matmuls; not norms or activations).
     """
-    cfg = model_cfg.model_copy(update={"IMG_SIZE": img_size})
+    at_size = dataclasses.replace(spec, img_size=img_size)
     with torch.device("meta"):
-        backbone = build_backbone(cfg, meta_dims)
-        image = torch.empty(1, cfg.IN_CHANS, img_size, img_size)
+        backbone = build_backbone(at_size, meta_dims)
+        image = torch.empty(1, at_size.in_chans, img_size, img_size)
         meta = torch.empty(1, sum(meta_dims)) if meta_dims else None
     backbone.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

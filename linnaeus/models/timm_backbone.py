@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
 from linnaeus.models.meta import MetaTokens, check_meta
 from linnaeus.models.registry import register_model
+from linnaeus.specs.model import ModelSpec
 
 
 def create_timm_model(name: str, img_size: int, **kwargs: Any) -> nn.Module:
@@ -75,15 +75,15 @@ class TimmBackbone(nn.Module):
         self.num_features = self.aggregate.out_dim
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, meta_dims: list[int]) -> TimmBackbone:
-        t = cfg.TIMM
-        if not t.NAME:
+    def from_spec(cls, spec: ModelSpec, meta_dims: list[int]) -> TimmBackbone:
+        t = spec.timm
+        if not t.name:
             raise ConfigError("MODEL.TIMM.NAME: required with MODEL.TYPE timm (a timm model name)")
-        kwargs = {"in_chans": cfg.IN_CHANS, "drop_rate": cfg.DROP_RATE, "drop_path_rate": cfg.DROP_PATH_RATE}
-        if t.GLOBAL_POOL is not None:
-            kwargs["global_pool"] = t.GLOBAL_POOL
-        kwargs.update(t.KWARGS)
-        return cls(create_timm_model(t.NAME, cfg.IMG_SIZE, **kwargs), meta_dims, t.META_FUSION)
+        kwargs = {"in_chans": spec.in_chans, "drop_rate": spec.drop_rate, "drop_path_rate": spec.drop_path_rate}
+        if t.global_pool is not None:
+            kwargs["global_pool"] = t.global_pool
+        kwargs.update(t.kwargs)
+        return cls(create_timm_model(t.name, spec.img_size, **kwargs), meta_dims, t.meta_fusion)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         meta = check_meta(meta, self.meta_dims, image.shape[0], image)

@@ -99,6 +99,7 @@ def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Pa
     from linnaeus.aug import eval_transform
     from linnaeus.config import load_config
     from linnaeus.config.resolve_data import data_spec
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.data.loader import build_loader
     from linnaeus.data.prepare import prepare_data
     from linnaeus.engine.metrics import ValidationMeter
@@ -107,7 +108,7 @@ def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Pa
     cfg = load_config(run / "config.yaml")
     data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy)
     model.load_state_dict(final_weights(run), strict=True)
     model.eval()
     loader, _ = build_loader(

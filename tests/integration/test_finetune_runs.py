@@ -228,6 +228,7 @@ def test_finetune_from_a_linnaeus_export_with_a_changed_species_list(demo: Path,
     # Shared taxa keep their head rows: check the weights the fine-tune run started from.
     from linnaeus.config import load_config
     from linnaeus.config.resolve_data import data_spec
+    from linnaeus.config.resolve_model import model_spec
     from linnaeus.data.prepare import prepare_data
     from linnaeus.models import build_model
 
@@ -235,7 +236,7 @@ def test_finetune_from_a_linnaeus_export_with_a_changed_species_list(demo: Path,
     data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
     model = build_model(
-        cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy, class_maps=data.class_maps
+        model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy, class_maps=data.class_maps
     )
     before = load_file(str(export))
     old_maps = json.loads((run_dir(tmp_path, "old") / "class_maps.json").read_text())

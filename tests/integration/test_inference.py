@@ -23,6 +23,7 @@ from linnaeus.aug import eval_transform
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root, save_config
 from linnaeus.config.resolve_data import data_spec
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.data import encoders
 from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
@@ -58,7 +59,7 @@ def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
     data.save(run)
     torch.manual_seed(seed)
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
     with torch.no_grad():  # sharper than the init's near-uniform outputs, so decoding has real choices to make
         for head in model.head.heads.values():
             head.fc.weight.mul_(300.0)
@@ -585,9 +586,9 @@ def complete_tree(families: int = 3, genera: int = 3, species: int = 4) -> tuple
 
 @pytest.mark.parametrize("species_head", ["HierarchicalSoftmaxHead", "ConditionalClassifier"])
 def test_refined_decoding_equals_the_refined_argmax_when_it_is_consistent(species_head) -> None:
-    from linnaeus.config.defaults import HeadConfig
     from linnaeus.inference.bundle import hierarchy_matrices
     from linnaeus.models import HierarchicalClassifier
+    from linnaeus.specs.model import HeadSpec
 
     maps, tree = complete_tree()
     keys = list(maps)
@@ -597,7 +598,7 @@ def test_refined_decoding_equals_the_refined_argmax_when_it_is_consistent(specie
         8,
         keys,
         {k: len(m) for k, m in maps.items()},
-        {k: HeadConfig(TYPE=t) for k, t in head_types.items()},
+        {k: HeadSpec(type=t) for k, t in head_types.items()},
         hierarchy_matrices(keys, maps, tree),
     ).eval()
     with torch.no_grad():

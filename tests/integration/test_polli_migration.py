@@ -165,13 +165,14 @@ def test_check_validates_loss_params_as_training_does(capsys: pytest.CaptureFixt
     expected = "MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS.PARAMS.label_smoothing: unknown parameter"
     assert rc == 2 and expected in err and "'alpha'" in err
     # Training's loss builder raises the very same line.
+    from linnaeus.config.resolve_model import loss_spec
     from linnaeus.errors import ConfigError
     from linnaeus.losses.task_loss import build_task_loss
 
     cfg = tiny_dataset.config(*opts)
     data = prepare_data(data_spec(cfg), check_images=False)
     with pytest.raises(ConfigError) as exc:
-        build_task_loss(cfg, data.task_keys, data.num_classes, data.distance_matrices(), data.class_counts())
+        build_task_loss(loss_spec(cfg), data.task_keys, data.num_classes, data.distance_matrices(), data.class_counts())
     assert str(exc.value) in err
 
 

@@ -7,7 +7,8 @@ import torch
 
 from linnaeus.aug import BatchAugment, eval_transform, pair_within_groups, resolve_group_level, to_float_normalized
 from linnaeus.aug.photometric import color_jitter, random_erase, random_hflip
-from linnaeus.config.defaults import AugConfig, MixAlgo, MixConfig, RandomEraseConfig
+from linnaeus.config.defaults import AugConfig, Config, MixAlgo, MixConfig, RandomEraseConfig, ScheduleConfig
+from linnaeus.config.resolve_model import aug_spec
 from linnaeus.errors import ConfigError
 
 KEYS = ["taxa_L10", "taxa_L20", "taxa_L30"]  # species, genus, family (user order, finest first)
@@ -22,6 +23,11 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def no_aug() -> AugConfig:
     return AugConfig(HFLIP_PROB=0.0, COLOR_JITTER=0.0, RANDOM_ERASE=RandomEraseConfig(PROB=0.0))
+
+
+def augment(aug: AugConfig, mix: MixConfig, *args, **kw) -> BatchAugment:
+    """``BatchAugment`` for these ``AUG`` and ``SCHEDULE.MIX`` sections, through the spec the trainer builds."""
+    return BatchAugment(aug_spec(Config(AUG=aug, SCHEDULE=ScheduleConfig(MIX=mix))), *args, **kw)
 
 
 def mix_cfg(mixup: bool = True, cutmix: bool = False, **kw) -> MixConfig:
@@ -78,7 +84,7 @@ def test_normalisation_formula_and_eval_transform() -> None:
 
 def test_all_off_equals_normalisation() -> None:
     batch = make_batch()
-    aug = BatchAugment(no_aug(), mix_cfg(), KEYS, NUM_CLASSES)
+    aug = augment(no_aug(), mix_cfg(), KEYS, NUM_CLASSES)
     out = run(aug, batch, mix_prob=0.0)
     assert torch.equal(out.images, to_float_normalized(batch[0], MEAN, STD))
     for k in KEYS:
@@ -123,7 +129,7 @@ def test_random_erase_box_area_in_range(area_range, aspect) -> None:
 # -------------------------------------------------------------------------------------------------- reproducible
 def test_shape_dtype_device_and_seed_reproducibility() -> None:
     batch = make_batch()
-    aug = BatchAugment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
+    aug = augment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
     a, b, c = run(aug, batch, seed=7), run(aug, batch, seed=7), run(aug, batch, seed=8)
     assert a.images.shape == batch[0].shape and a.images.dtype == torch.float32
     assert a.images.device == batch[0].device
@@ -133,14 +139,14 @@ def test_shape_dtype_device_and_seed_reproducibility() -> None:
         assert torch.equal(a.targets[k], b.targets[k]) and torch.equal(a.valid[k], b.valid[k])
     assert torch.equal(a.meta, b.meta) and torch.equal(a.meta_valid, b.meta_valid)
     assert a.meta.shape == batch[2].shape and a.meta_valid.dtype == torch.bool
-    low = BatchAugment(AugConfig(), mix_cfg(), KEYS, NUM_CLASSES, dtype=torch.bfloat16)
+    low = augment(AugConfig(), mix_cfg(), KEYS, NUM_CLASSES, dtype=torch.bfloat16)
     assert run(low, batch).images.dtype == torch.bfloat16
 
 
 def test_mix_prob_zero_equals_unmixed_path() -> None:
     batch = make_batch()
-    mixing = BatchAugment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
-    plain = BatchAugment(AugConfig(), mix_cfg(mixup=False), KEYS, NUM_CLASSES)
+    mixing = augment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
+    plain = augment(AugConfig(), mix_cfg(mixup=False), KEYS, NUM_CLASSES)
     a, b = run(mixing, batch, seed=4, mix_prob=0.0), run(plain, batch, seed=4, mix_prob=1.0)
     assert torch.equal(a.images, b.images)
     assert torch.equal(a.images, mixing.photometric(batch[0], gen(4)))
@@ -166,14 +172,14 @@ def test_group_level_resolution() -> None:
     with pytest.raises(ConfigError):
         resolve_group_level("taxa_L40", KEYS)
     with pytest.raises(ConfigError):
-        BatchAugment(AugConfig(RANDOM_ERASE=RandomEraseConfig(AREA_RANGE=[0.5, 0.1])), mix_cfg(), KEYS, NUM_CLASSES)
+        augment(AugConfig(RANDOM_ERASE=RandomEraseConfig(AREA_RANGE=[0.5, 0.1])), mix_cfg(), KEYS, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_mixup_pairs_and_soft_targets(seed: int) -> None:
     batch = make_batch(seed)
     _, targets, meta, meta_valid = batch
-    aug = BatchAugment(no_aug(), mix_cfg(mixup=True), KEYS, NUM_CLASSES)
+    aug = augment(no_aug(), mix_cfg(mixup=True), KEYS, NUM_CLASSES)
     out = run(aug, batch, seed=seed)
     assert out.mix_mode == "mixup"
     lam, family = out.lam, targets["taxa_L30"]
@@ -204,7 +210,7 @@ def test_mixup_pairs_and_soft_targets(seed: int) -> None:
 def test_species_group_level_keeps_every_rank_one_hot() -> None:
     batch = make_batch(nulls=False)
     batch[1]["taxa_L10"] = torch.arange(B) // 2  # pairs of samples share a species
-    aug = BatchAugment(no_aug(), mix_cfg(GROUP_LEVEL="taxa_L10"), KEYS, {**NUM_CLASSES, "taxa_L10": B // 2})
+    aug = augment(no_aug(), mix_cfg(GROUP_LEVEL="taxa_L10"), KEYS, {**NUM_CLASSES, "taxa_L10": B // 2})
     out = run(aug, batch, seed=1)
     assert (out.lam < 1).all()
     for k in KEYS:
@@ -217,7 +223,7 @@ def test_cutmix_box_and_area_corrected_lambda() -> None:
     # Each sample is one flat colour, so pasted pixels name their source sample.
     images = (torch.arange(B, dtype=torch.uint8) * 7).view(B, 1, 1, 1).expand(B, 3, H, W).contiguous()
     batch = (images, *batch[1:])
-    aug = BatchAugment(no_aug(), mix_cfg(mixup=False, cutmix=True), KEYS, NUM_CLASSES)
+    aug = augment(no_aug(), mix_cfg(mixup=False, cutmix=True), KEYS, NUM_CLASSES)
     seen = 0
     for seed in range(6):
         out = run(aug, batch, seed=seed)
@@ -238,10 +244,10 @@ def test_cutmix_box_and_area_corrected_lambda() -> None:
 
 def test_switch_prob_picks_both_algorithms() -> None:
     batch = make_batch()
-    aug = BatchAugment(no_aug(), mix_cfg(mixup=True, cutmix=True, SWITCH_PROB=0.5), KEYS, NUM_CLASSES)
+    aug = augment(no_aug(), mix_cfg(mixup=True, cutmix=True, SWITCH_PROB=0.5), KEYS, NUM_CLASSES)
     modes = {run(aug, batch, seed=s).mix_mode for s in range(12)}
     assert modes == {"mixup", "cutmix"}
-    only_cut = BatchAugment(no_aug(), mix_cfg(mixup=True, cutmix=True, SWITCH_PROB=1.0), KEYS, NUM_CLASSES)
+    only_cut = augment(no_aug(), mix_cfg(mixup=True, cutmix=True, SWITCH_PROB=1.0), KEYS, NUM_CLASSES)
     assert {run(only_cut, batch, seed=s).mix_mode for s in range(4)} == {"cutmix"}
 
 
@@ -249,7 +255,7 @@ def test_empty_metadata_and_no_partner_batch() -> None:
     images, targets, _, _ = make_batch(nulls=False)
     targets["taxa_L30"] = torch.arange(B)  # every family unique: nobody has a partner
     classes = {**NUM_CLASSES, "taxa_L30": B}
-    aug = BatchAugment(no_aug(), mix_cfg(), KEYS, classes)
+    aug = augment(no_aug(), mix_cfg(), KEYS, classes)
     out = aug(images, targets, torch.zeros(B, 0), torch.zeros(B, 0, dtype=torch.bool), mix_prob=1.0, generator=gen())
     # Whether anyone has a partner is not asked of the device: the batch mixes with itself, which changes nothing.
     assert out.meta.shape == (B, 0) and torch.equal(out.partner, torch.arange(B)) and bool((out.lam == 1).all())
@@ -263,7 +269,7 @@ def test_empty_metadata_and_no_partner_batch() -> None:
 def test_cuda_matches_contract() -> None:
     images, targets, meta, meta_valid = make_batch()
     dev = torch.device("cuda")
-    aug = BatchAugment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
+    aug = augment(AugConfig(), mix_cfg(mixup=True, cutmix=True), KEYS, NUM_CLASSES)
     outs = [
         aug(
             images.to(dev),

@@ -18,6 +18,7 @@ from linnaeus.commands.config import migrated_text, render_text
 from linnaeus.config import default_config, dump_config, load_config, load_config_with_provenance, repo_root
 from linnaeus.config.defaults import Ramp
 from linnaeus.config.loader import problems_of, schema_kind
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.errors import ConfigError
 
 POLLI = Path(__file__).resolve().parents[1] / "fixtures/polli"
@@ -74,7 +75,7 @@ def test_prior_arch_files_build_our_architecture_of_the_same_name(name: str) -> 
 
     def params(cfg) -> int:
         with torch.device("meta"):
-            return sum(p.numel() for p in build_backbone(cfg.MODEL, [2, 3, 10]).parameters())
+            return sum(p.numel() for p in build_backbone(model_spec(cfg), [2, 3, 10]).parameters())
 
     n = params(prior)
     assert n == params(ours)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from linnaeus.aug import eval_transform
 from linnaeus.config import load_config, repo_root
 from linnaeus.config.resolve_data import data_spec
+from linnaeus.config.resolve_model import loss_spec, model_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.errors import ConfigError
 from linnaeus.losses import build_task_loss, list_criteria, needs_distance_matrices
@@ -59,8 +60,9 @@ def test_registered_names_are_listed_and_accepted_by_the_schema(doc_parts, doc_e
     cfg = load_config(doc_experiment)
     assert cfg.MODEL.TYPE == "TinyCNN" and cfg.MODEL.PARAMS == {"width": 16}
     assert cfg.MODEL.CLASSIFICATION.HEADS["taxa_L10"].LOSS.TYPE == "SiblingSmoothing"
-    assert needs_distance_matrices(cfg)
-    assert not needs_distance_matrices(load_config(doc_experiment, ["MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS", "{}"]))
+    assert needs_distance_matrices(loss_spec(cfg))
+    plain = load_config(doc_experiment, ["MODEL.CLASSIFICATION.HEADS.taxa_L10.LOSS", "{}"])
+    assert not needs_distance_matrices(loss_spec(plain))
 
 
 @pytest.mark.parametrize(
@@ -93,11 +95,11 @@ def test_doc_parts_train_two_steps_through_the_real_builders(doc_parts, doc_expe
     cfg = load_config(doc_experiment)
     data = prepare_data(data_spec(cfg))
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy)
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy)
     assert isinstance(model.backbone, doc_parts["TinyCNN"]) and model.backbone.num_features == 16
     assert isinstance(model.head.heads["taxa_L10"], doc_parts["CosineHead"])
     assert model.head.heads["taxa_L10"].scale == 16.0
-    task_loss = build_task_loss(cfg, data.task_keys, data.num_classes, data.distance_matrices(), None)
+    task_loss = build_task_loss(loss_spec(cfg), data.task_keys, data.num_classes, data.distance_matrices(), None)
     criterion = task_loss.criteria["taxa_L10"]
     assert isinstance(criterion, doc_parts["SiblingSmoothing"])
     # Every class of the tiny taxonomy has a sibling species, so each keeps 1 - eps and the rows stay distributions.
@@ -124,10 +126,10 @@ def test_doc_parts_train_two_steps_through_the_real_builders(doc_parts, doc_expe
         assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
 
 
-def test_model_arguments_are_checked_by_the_models_own_from_config(doc_parts, doc_experiment) -> None:
+def test_model_arguments_are_checked_by_the_models_own_from_spec(doc_parts, doc_experiment) -> None:
     cfg = load_config(doc_experiment, ["MODEL.PARAMS", "{width: 0}"])
     with pytest.raises(ConfigError, match=r"^MODEL\.PARAMS\.width: expected a positive integer, got 0$"):
-        build_backbone(cfg.MODEL, [])
+        build_backbone(model_spec(cfg), [])
 
 
 def test_registry_lookup_errors_and_duplicates() -> None:

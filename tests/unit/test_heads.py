@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from linnaeus.config.defaults import HeadConfig
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.models import HierarchicalClassifier, coarse_to_fine
+from linnaeus.specs.model import HeadSpec
 
 # family (2) → genus (3) → species (6); genus g has species 2g, 2g+1; family 0 has genera 0, 1, family 1 has genus 2.
 SPECIES_PARENT = [0, 0, 1, 1, 2, 2]
@@ -32,7 +32,7 @@ NUM_CLASSES = {"taxa_L10": 6, "taxa_L20": 3, "taxa_L30": 2}
 
 
 def make(types: dict[str, str], dim: int = 4, **head_kw) -> HierarchicalClassifier:
-    cfgs = {k: HeadConfig(TYPE=types.get(k, "LinearHead"), **head_kw) for k in TASKS}
+    cfgs = {k: HeadSpec(type=types.get(k, "LinearHead"), **head_kw) for k in TASKS}
     torch.manual_seed(0)
     return HierarchicalClassifier(dim, TASKS, NUM_CLASSES, cfgs, HIERARCHY)
 
@@ -87,7 +87,7 @@ def test_refinement_equals_formula():
 
 
 def test_conditional_hard_routing_in_eval_soft_in_training():
-    clf = make({"taxa_L10": "ConditionalClassifier"}, ROUTING="hard")
+    clf = make({"taxa_L10": "ConditionalClassifier"}, routing="hard")
     with torch.no_grad():
         clf.heads["taxa_L20"].fc.bias.copy_(torch.tensor([0.0, 0.5, 0.0]))
         clf.heads["taxa_L20"].fc.weight.zero_()
@@ -106,7 +106,7 @@ def test_conditional_temperature_flattens_routing():
     feature = torch.randn(4, 4)
     masses = []
     for temperature in (0.5, 50.0):
-        clf = make({"taxa_L10": "ConditionalClassifier"}, TEMPERATURE=temperature).eval()
+        clf = make({"taxa_L10": "ConditionalClassifier"}, temperature=temperature).eval()
         _force_parent(clf, "taxa_L20", winner=0, margin=5.0)
         with torch.no_grad():
             masses.append(clf(feature)["taxa_L10"].softmax(-1)[:, 2:].sum(-1).mean().item())
@@ -114,7 +114,7 @@ def test_conditional_temperature_flattens_routing():
 
 
 def test_gumbel_routing_is_random_in_training_only():
-    clf = make({"taxa_L10": "ConditionalClassifier"}, ROUTING="gumbel")
+    clf = make({"taxa_L10": "ConditionalClassifier"}, routing="gumbel")
     feature = torch.randn(4, 4)
     clf.train()
     torch.manual_seed(1)
@@ -136,7 +136,7 @@ def test_child_loss_trains_parent_head_through_refinement():
 def test_orphan_child_gets_the_uniform_share_of_its_missing_parent():
     h = one_hot_matrix(SPECIES_PARENT, 3)
     h[:, 5] = 0  # species 5's genus is unknown
-    cfgs = {k: HeadConfig(TYPE="HierarchicalSoftmaxHead" if k == "taxa_L10" else "LinearHead") for k in TASKS}
+    cfgs = {k: HeadSpec(type="HierarchicalSoftmaxHead" if k == "taxa_L10" else "LinearHead") for k in TASKS}
     clf = HierarchicalClassifier(4, TASKS, NUM_CLASSES, cfgs, {**HIERARCHY, ("taxa_L20", "taxa_L10"): h}).eval()
     feature = torch.randn(2, 4)
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_orphan_is_on_its_siblings_scale_under_uninformative_logits(head_type):
     parents = [g for g in range(genera) for _ in range(per_genus)]
     h = torch.cat([one_hot_matrix(parents, genera), torch.zeros(genera, 1)], dim=1)
     keys = ["taxa_L20", "taxa_L10"]
-    cfgs = {"taxa_L20": HeadConfig(), "taxa_L10": HeadConfig(TYPE=head_type)}
+    cfgs = {"taxa_L20": HeadSpec(), "taxa_L10": HeadSpec(type=head_type)}
     clf = HierarchicalClassifier(4, keys, {"taxa_L20": genera, "taxa_L10": h.shape[1]}, cfgs, {tuple(keys): h})
     for head in clf.heads.values():
         torch.nn.init.zeros_(head.fc.weight)
@@ -169,18 +169,18 @@ def test_orphan_is_on_its_siblings_scale_under_uninformative_logits(head_type):
 
 
 def test_missing_hierarchy_names_the_head():
-    cfgs = {k: HeadConfig(TYPE="ConditionalClassifier" if k == "taxa_L20" else "LinearHead") for k in TASKS}
+    cfgs = {k: HeadSpec(type="ConditionalClassifier" if k == "taxa_L20" else "LinearHead") for k in TASKS}
     with pytest.raises(
         ConfigError, match=r"HEADS\.taxa_L20\.TYPE: ConditionalClassifier needs the \(taxa_L30, taxa_L20\)"
     ):
         HierarchicalClassifier(4, TASKS, NUM_CLASSES, cfgs, None)
     # The coarsest rank has no parent: a hierarchical head there is simply its linear logits.
-    cfgs = {k: HeadConfig(TYPE="HierarchicalSoftmaxHead" if k == "taxa_L30" else "LinearHead") for k in TASKS}
+    cfgs = {k: HeadSpec(type="HierarchicalSoftmaxHead" if k == "taxa_L30" else "LinearHead") for k in TASKS}
     assert HierarchicalClassifier(4, TASKS, NUM_CLASSES, cfgs, None).parent_of == {}
 
 
 def test_bad_hierarchy_matrices_are_data_errors():
-    cfgs = {k: HeadConfig(TYPE="HierarchicalSoftmaxHead") for k in TASKS}
+    cfgs = {k: HeadSpec(type="HierarchicalSoftmaxHead") for k in TASKS}
     wrong_shape = {**HIERARCHY, ("taxa_L20", "taxa_L10"): torch.ones(3, 5)}
     with pytest.raises(DataError, match=r"expected \(K_parent, K_child\) = \(3, 6\)"):
         HierarchicalClassifier(4, TASKS, NUM_CLASSES, cfgs, wrong_shape)
@@ -191,12 +191,12 @@ def test_bad_hierarchy_matrices_are_data_errors():
 
 
 def test_unknown_head_type_is_config_error():
-    cfg = HeadConfig.model_construct(TYPE="Nope", USE_BIAS=True)
+    cfg = HeadSpec(type="Nope")
     with pytest.raises(ConfigError, match=r"HEADS\.taxa_L10\.TYPE: unknown head type 'Nope'"):
         HierarchicalClassifier(4, ["taxa_L10"], {"taxa_L10": 2}, {"taxa_L10": cfg})
 
 
 def test_use_bias_false():
-    cfgs = {k: HeadConfig(USE_BIAS=False) for k in TASKS}
+    cfgs = {k: HeadSpec(use_bias=False) for k in TASKS}
     clf = HierarchicalClassifier(4, TASKS, NUM_CLASSES, cfgs)
     assert all(head.fc.bias is None for head in clf.heads.values())

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from linnaeus.config import default_config
 from linnaeus.config.defaults import ClassWeightingConfig, Config, HeadConfig, HeadLossConfig
+from linnaeus.config.resolve_model import loss_spec
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.losses import GradNorm, build_task_loss, class_weights, taxonomy_smoothing_matrix
+from linnaeus.specs.model import ClassWeightingSpec, HeadSpec
 
 INF = np.inf
 # Species 0-3: (0, 1) share genus A, (2, 3) share genus B, A and B share a family; species 4 is in another tree.
@@ -33,6 +35,11 @@ def config(heads: dict[str, HeadConfig] | None = None, **loss) -> Config:
     return cfg
 
 
+def cw_spec(**keys) -> ClassWeightingSpec:
+    """The ``ClassWeightingSpec`` of ``LOSS.CLASS_WEIGHTING`` with these keys (the rest at their defaults)."""
+    return loss_spec(config(CLASS_WEIGHTING=ClassWeightingConfig(**keys))).class_weighting
+
+
 def head(loss_type: str = "CrossEntropyLoss", weight: float = 1.0, **params) -> HeadConfig:
     return HeadConfig(LOSS=HeadLossConfig(TYPE=loss_type, PARAMS=params, WEIGHT=weight))
 
@@ -51,7 +58,7 @@ def test_smoothing_matrix_rows_relatives_and_alpha_zero():
 
 def test_taxonomy_smoothing_alpha_zero_equals_cross_entropy():
     cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=0.0, beta=1.0)})
-    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
     logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
     total, per = loss({"taxa_L10": logits}, {"taxa_L10": y})
     torch.testing.assert_close(total, F.cross_entropy(logits, y))
@@ -60,7 +67,7 @@ def test_taxonomy_smoothing_alpha_zero_equals_cross_entropy():
 
 def test_taxonomy_smoothing_uses_matrix_rows():
     cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=0.3, beta=0.5)})
-    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
     logits, y = torch.randn(3, 5), torch.tensor([0, 2, 4])
     s = torch.as_tensor(taxonomy_smoothing_matrix(DIST, 0.3, 0.5), dtype=torch.float32)
     expected = -(s[y] * logits.log_softmax(-1)).sum(-1).mean()
@@ -69,7 +76,7 @@ def test_taxonomy_smoothing_uses_matrix_rows():
 
 def test_label_smoothing_matches_torch_convention():
     cfg = config({"taxa_L10": head(label_smoothing=0.1)})
-    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, None, None)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 5}, None, None)
     logits, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(
         loss({"taxa_L10": logits}, {"taxa_L10": y})[0], F.cross_entropy(logits, y, label_smoothing=0.1)
@@ -79,22 +86,22 @@ def test_label_smoothing_matches_torch_convention():
 def test_taxonomy_smoothing_without_distances_names_head():
     cfg = config({"taxa_L20": head("TaxonomyAwareLabelSmoothing")})
     with pytest.raises(ConfigError, match=r"MODEL\.CLASSIFICATION\.HEADS\.taxa_L20\.LOSS\.TYPE: .*DATA\.TAXONOMY_PATH"):
-        build_task_loss(cfg, ["taxa_L20"], {"taxa_L20": 5}, None, None)
+        build_task_loss(loss_spec(cfg), ["taxa_L20"], {"taxa_L20": 5}, None, None)
     with pytest.raises(DataError, match=r"shape \(5, 5\); expected \(4, 4\)"):
-        build_task_loss(cfg, ["taxa_L20"], {"taxa_L20": 4}, {"taxa_L20": DIST}, None)
+        build_task_loss(loss_spec(cfg), ["taxa_L20"], {"taxa_L20": 4}, {"taxa_L20": DIST}, None)
 
 
 def test_bad_loss_params_are_one_line_config_errors():
     cfg = config({"taxa_L10": head(smoothing=0.1)})
     with pytest.raises(ConfigError, match=r"HEADS\.taxa_L10\.LOSS\.PARAMS\.smoothing: unknown parameter"):
-        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, None, None)
+        build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 5}, None, None)
     cfg = config({"taxa_L10": head("TaxonomyAwareLabelSmoothing", alpha=1.5)})
     with pytest.raises(ConfigError, match=r"PARAMS\.alpha: expected a number in \[0\.0, 1\.0\], got 1\.5"):
-        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
+        build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 5}, {"taxa_L10": DIST}, None)
 
 
 def test_null_samples_get_exactly_zero_gradient_and_mean_over_valid():
-    loss = build_task_loss(config(), ["taxa_L10", "taxa_L20"], {"taxa_L10": 5, "taxa_L20": 3}, None, None)
+    loss = build_task_loss(loss_spec(config()), ["taxa_L10", "taxa_L20"], {"taxa_L10": 5, "taxa_L20": 3}, None, None)
     logits = {"taxa_L10": torch.randn(4, 5, requires_grad=True), "taxa_L20": torch.randn(4, 3, requires_grad=True)}
     targets = {"taxa_L10": torch.tensor([1, -1, 3, -1]), "taxa_L20": torch.tensor([-1, -1, -1, -1])}
     total, per = loss(logits, targets)
@@ -108,7 +115,7 @@ def test_null_samples_get_exactly_zero_gradient_and_mean_over_valid():
 
 
 def test_kept_null_samples_train_toward_uniform():
-    loss = build_task_loss(config(), ["taxa_L10"], {"taxa_L10": 4}, None, None)
+    loss = build_task_loss(loss_spec(config()), ["taxa_L10"], {"taxa_L10": 4}, None, None)
     logits = torch.randn(3, 4)
     target = {"taxa_L10": torch.tensor([2, -1, -1])}
     total, _ = loss({"taxa_L10": logits}, target, null_keep_prob=1.0)
@@ -124,7 +131,7 @@ def test_kept_null_samples_train_toward_uniform():
 
 
 def test_soft_targets_for_mixed_samples():
-    loss = build_task_loss(config(), ["taxa_L10"], {"taxa_L10": 4}, None, None)
+    loss = build_task_loss(loss_spec(config()), ["taxa_L10"], {"taxa_L10": 4}, None, None)
     logits = torch.randn(3, 4, requires_grad=True)
     soft = torch.tensor([[0.7, 0.3, 0, 0], [0, 0, 1.0, 0], [0.5, 0.5, 0, 0]])
     valid = torch.tensor([True, True, False])
@@ -140,8 +147,8 @@ def test_class_weights_applied_exactly_once():
     cw = ClassWeightingConfig(TYPE="capping", CAP=20.0)
     counts = np.array([80, 15, 5])
     cfg = config(CLASS_WEIGHTING=cw)
-    loss = build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 3}, None, {"taxa_L10": counts})
-    w = torch.as_tensor(class_weights(counts, cw), dtype=torch.float32)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 3}, None, {"taxa_L10": counts})
+    w = torch.as_tensor(class_weights(counts, loss_spec(cfg).class_weighting), dtype=torch.float32)
     logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, -1])
     total, _ = loss({"taxa_L10": logits}, {"taxa_L10": y})
     ce = F.cross_entropy(logits[:4], y[:4], reduction="none")
@@ -157,11 +164,11 @@ def test_class_weights_applied_exactly_once():
 @pytest.mark.parametrize("kind", ["smoothing", "capping", "logarithmic"])
 def test_class_weight_formulas_favour_rare_classes_and_keep_scale(kind):
     counts = np.array([1000, 100, 10, 0])
-    w = class_weights(counts, ClassWeightingConfig(TYPE=kind))
+    w = class_weights(counts, cw_spec(TYPE=kind))
     assert w[0] < w[1] < w[2]
     assert (counts * w).sum() / counts.sum() == pytest.approx(1.0)
-    assert class_weights(counts, ClassWeightingConfig(TYPE="none")) is None
-    capped = class_weights(np.array([1000, 1]), ClassWeightingConfig(TYPE="capping", CAP=10.0))
+    assert class_weights(counts, cw_spec(TYPE="none")) is None
+    capped = class_weights(np.array([1000, 1]), cw_spec(TYPE="capping", CAP=10.0))
     assert capped[1] / capped[0] == pytest.approx(10.0 / (1001 / 1000))  # min(N/n, CAP) per class
 
 
@@ -170,12 +177,12 @@ def test_class_weighting_without_counts_is_config_error():
     with pytest.raises(
         ConfigError, match=r"LOSS\.CLASS_WEIGHTING\.TYPE: 'smoothing' needs training class counts for 'taxa_L10'"
     ):
-        build_task_loss(cfg, ["taxa_L10"], {"taxa_L10": 3}, None, None)
+        build_task_loss(loss_spec(cfg), ["taxa_L10"], {"taxa_L10": 3}, None, None)
 
 
 def test_static_rank_weights():
     cfg = config({"taxa_L10": head(weight=0.5), "taxa_L20": head(weight=2.0)})
-    loss = build_task_loss(cfg, ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
     logits = {"taxa_L10": torch.randn(3, 4), "taxa_L20": torch.randn(3, 2)}
     targets = {"taxa_L10": torch.tensor([0, 1, 2]), "taxa_L20": torch.tensor([0, 1, 1])}
     total, per = loss(logits, targets)
@@ -228,7 +235,7 @@ def test_task_loss_uses_gradnorm_weights():
     from linnaeus.config.defaults import GradNormConfig
 
     cfg = config({"taxa_L10": head(weight=1.0), "taxa_L20": head(weight=3.0)}, GRADNORM=GradNormConfig(ENABLED=True))
-    loss = build_task_loss(cfg, ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
+    loss = build_task_loss(loss_spec(cfg), ["taxa_L10", "taxa_L20"], {"taxa_L10": 4, "taxa_L20": 2}, None, None)
     assert loss.gradnorm is not None
     torch.testing.assert_close(loss.task_weights, torch.tensor([0.5, 1.5]))
     loss.gradnorm.weights.copy_(torch.tensor([1.2, 0.8]))
@@ -252,12 +259,12 @@ def _step_setup(null_keep_prob: float):
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU())
     hierarchy = {("taxa_L20", "taxa_L10"): torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1.0]])}
-    heads = {"taxa_L10": HeadConfig(TYPE="HierarchicalSoftmaxHead"), "taxa_L20": HeadConfig()}
+    heads = {"taxa_L10": HeadSpec(type="HierarchicalSoftmaxHead"), "taxa_L20": HeadSpec()}
     clf = HierarchicalClassifier(16, STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, heads, hierarchy)
     model = torch.nn.Sequential(backbone, clf)
     cfg = config(CLASS_WEIGHTING=ClassWeightingConfig(TYPE="capping", CAP=20.0))
     counts = {"taxa_L10": np.array([30, 10, 5, 5, 1]), "taxa_L20": np.array([40, 10, 1])}
-    loss = build_task_loss(cfg, STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, counts).train()
+    loss = build_task_loss(loss_spec(cfg), STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, counts).train()
     x = torch.randn(8, 6)
     targets = {"taxa_L10": SPECIES_Y, "taxa_L20": GENUS_Y}
     included = loss.inclusion(targets, None, null_keep_prob, torch.Generator().manual_seed(5))
@@ -329,7 +336,7 @@ def test_micro_batch_without_labels_at_a_rank_contributes_exactly_zero():
 
 
 def test_inclusion_draws_once_and_task_losses_reuses_it():
-    loss = build_task_loss(config(), STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, None)
+    loss = build_task_loss(loss_spec(config()), STEP_KEYS, {"taxa_L10": 5, "taxa_L20": 3}, None, None)
     targets = {"taxa_L10": SPECIES_Y, "taxa_L20": GENUS_Y}
     logits = {"taxa_L10": torch.randn(8, 5), "taxa_L20": torch.randn(8, 3)}
     inc = loss.inclusion(targets, None, 0.5, torch.Generator().manual_seed(1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_model import loss_spec, model_spec
 from linnaeus.errors import ConfigError
 from linnaeus.losses import build_task_loss
 from linnaeus.models import build_model, model_size, param_groups
@@ -52,7 +54,7 @@ def tiny_opts(path: Path, head_dim: int = 8, extra: list[str] | None = None) -> 
 
 def tiny_model(path: Path, meta_dims: list[int], extra: list[str] | None = None, **kw):
     cfg = load_config(path, tiny_opts(path, extra=extra))
-    return build_model(cfg.MODEL, TASKS, NUM_CLASSES, meta_dims, **kw)
+    return build_model(model_spec(cfg), TASKS, NUM_CLASSES, meta_dims, **kw)
 
 
 V1_SM = ARCHS / "mFormerV1" / "mFormerV1_sm.yaml"
@@ -92,7 +94,7 @@ def test_shapes_every_arch(path, meta_dims):
 def test_real_sm_forward_at_64px():
     torch.manual_seed(0)
     cfg = load_config(V1_SM)
-    model = build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2, 3, 10]).eval()
+    model = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2, 3, 10]).eval()
     assert 30.0e6 < sum(p.numel() for p in model.backbone.parameters()) < 31.5e6
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 15))
@@ -204,8 +206,8 @@ def test_relative_bias_resizes_and_gives_extra_tokens_one_value():
 
 def test_drop_path_ramp_and_init():
     cfg = load_config(V1_SM, tiny_opts(V1_SM))
-    model = build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2])
-    rates = [m.p for m in model.modules() if type(m).__name__ == "DropPath"]
+    model = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2])
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert len(rates) == 4 and rates[0] == 0.0 and rates[-1] == pytest.approx(cfg.MODEL.DROP_PATH_RATE)
     assert rates == sorted(rates)
     gammas = [m.gamma for m in model.modules() if type(m).__name__ == "ConvNeXtBlock"]
@@ -215,24 +217,24 @@ def test_drop_path_ramp_and_init():
 
 
 def test_arch_config_errors_are_one_line():
-    # build_model re-checks what it relies on, for callers that build a ModelConfig without load_config.
-    model_cfg = load_config(V1_SM, tiny_opts(V1_SM)).MODEL
-    rope = model_cfg.ROPE_STAGES
-    bad_dims = model_cfg.model_copy(update={"ROPE_STAGES": rope.model_copy(update={"DIMS": [40, 48]})})
+    # build_model re-checks what it relies on, for callers that build a ModelSpec without load_config.
+    spec = model_spec(load_config(V1_SM, tiny_opts(V1_SM)))
+    rope = spec.rope_stages
+    bad_dims = dataclasses.replace(spec, rope_stages=dataclasses.replace(rope, dims=(40, 48)))
     with pytest.raises(ConfigError, match=r"MODEL\.ROPE_STAGES\.DIMS: expected DIMS\[0\] =="):
         build_model(bad_dims, TASKS, NUM_CLASSES, [])
-    bad_heads = model_cfg.model_copy(update={"ROPE_STAGES": rope.model_copy(update={"NUM_HEADS": [16, 12]})})
+    bad_heads = dataclasses.replace(spec, rope_stages=dataclasses.replace(rope, num_heads=(16, 12)))
     with pytest.raises(ConfigError, match="head size divisible by 2"):
         build_model(bad_heads, TASKS, NUM_CLASSES, [])
     with pytest.raises(ConfigError, match=r"DATA\.TASK_KEYS_H5.*taxa_L20"):
-        build_model(model_cfg, TASKS, {"taxa_L10": 3}, [])
+        build_model(spec, TASKS, {"taxa_L10": 3}, [])
     heads = ["MODEL.CLASSIFICATION.HEADS", "{taxa_L10: {NUM_CLASSES: 5}, taxa_L20: {}}"]
     cfg = load_config(V1_SM, tiny_opts(V1_SM) + heads + ["DATA.TASK_KEYS_H5", "[taxa_L10, taxa_L20]"])
     with pytest.raises(ConfigError, match=r"HEADS\.taxa_L10\.NUM_CLASSES: 5 disagrees with the 7") as info:
-        build_model(cfg.MODEL, TASKS, NUM_CLASSES, [])
+        build_model(model_spec(cfg), TASKS, NUM_CLASSES, [])
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"HEADS: no head for task 'taxa_L30'"):
-        build_model(cfg.MODEL, [*TASKS, "taxa_L30"], {**NUM_CLASSES, "taxa_L30": 2}, [])
+        build_model(model_spec(cfg), [*TASKS, "taxa_L30"], {**NUM_CLASSES, "taxa_L30": 2}, [])
 
 
 @pytest.mark.parametrize("path", [V1_SM, V0_SM], ids=["v1", "v0"])
@@ -290,7 +292,7 @@ def test_compiles_with_inductor():
 
 
 def test_model_size_matches_reference_sm():
-    cfg = load_config(V1_SM).MODEL
+    cfg = model_spec(load_config(V1_SM))
     at224, at384 = model_size(cfg, [2, 3, 10], 224), model_size(cfg, [2, 3, 10], 384)
     assert at224["params"] == pytest.approx(30.7e6, rel=0.05)
     assert at224["gmacs"] == pytest.approx(4.3, rel=0.05)
@@ -305,8 +307,8 @@ def test_tiny_model_overfits_fixed_batch():
         path, tiny_opts(path, extra=["MODEL.DROP_PATH_RATE", "0.0", "MODEL.IMG_SIZE", "32", "DATA.IMG_SIZE", "32"])
     )
     tasks, classes = ["taxa_L10"], {"taxa_L10": 4}
-    model = build_model(cfg.MODEL, tasks, classes, [2])
-    loss_fn = build_task_loss(cfg, tasks, classes, None, None)
+    model = build_model(model_spec(cfg), tasks, classes, [2])
+    loss_fn = build_task_loss(loss_spec(cfg), tasks, classes, None, None)
     gen = torch.Generator().manual_seed(1)
     images, meta = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(16, 2, generator=gen)
     labels = torch.arange(16) % 4

@@ -15,6 +15,7 @@ from typus import ClassificationResult
 from linnaeus.cli import main
 from linnaeus.config import save_config
 from linnaeus.config.resolve_data import data_spec
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.data import encoders
 from linnaeus.data.prepare import prepare_data
 from linnaeus.errors import DataError
@@ -42,7 +43,7 @@ def _bundle(root: Path, cfg) -> Path:
     data.save(run)
     torch.manual_seed(0)
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
+    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
     with torch.no_grad():
         for head in model.head.heads.values():
             head.fc.weight.mul_(300.0)

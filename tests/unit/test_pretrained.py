@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
 from linnaeus.models import build_model
@@ -80,7 +81,7 @@ def stitched_model(tmp_path: Path, convnext: dict, ropevit: dict, suffix: str = 
         "MODEL.ROPE_STAGES.LAYER_SCALE_INIT_VALUE", "1.0e-5", *extra,
     ]  # fmt: skip
     cfg = load_config(V1_SM, opts)
-    return build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2, 3])
+    return build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2, 3])
 
 
 def expected_pairs(convnext: dict, ropevit: dict) -> dict[str, torch.Tensor]:
@@ -171,7 +172,7 @@ def test_stitched_without_layer_scale_reports_the_gammas(tmp_path, convnext_sd, 
     save_file(convnext_sd, cn)
     save_file(ropevit_sd, rv)
     cfg = load_config(V1_SM, ["MODEL.PRETRAINED_CONVNEXT", str(cn), "MODEL.PRETRAINED_ROPEVIT", str(rv)])
-    report = build_model(cfg.MODEL, TASKS, NUM_CLASSES, []).pretrained_report
+    report = build_model(model_spec(cfg), TASKS, NUM_CLASSES, []).pretrained_report
     assert "blocks.0.gamma_1" in dict(report.skipped)
     assert any("LAYER_SCALE_INIT_VALUE" in n for n in report.notes)
 
@@ -179,10 +180,10 @@ def test_stitched_without_layer_scale_reports_the_gammas(tmp_path, convnext_sd, 
 def test_missing_file_and_hub_name_are_one_line_errors(tmp_path):
     cfg = load_config(V1_SM, ["MODEL.PRETRAINED_CONVNEXT", "convnext_tiny.fb_in22k_ft_in1k_384"])
     with pytest.raises(ConfigError, match=r"MODEL.PRETRAINED_CONVNEXT: .* not a local file.*huggingface-cli download"):
-        build_model(cfg.MODEL, TASKS, NUM_CLASSES, [])
+        build_model(model_spec(cfg), TASKS, NUM_CLASSES, [])
     cfg = load_config(V1_SM, ["MODEL.PRETRAINED", "timm/vit_small_patch16_rope_mixed_224.naver_in1k"])
     with pytest.raises(ConfigError, match="huggingface-cli download timm/vit_small_patch16_rope_mixed_224"):
-        build_model(cfg.MODEL, TASKS, NUM_CLASSES, [])
+        build_model(model_spec(cfg), TASKS, NUM_CLASSES, [])
 
 
 def test_pickles_are_refused_and_empty_loads_are_errors(tmp_path):
@@ -194,10 +195,10 @@ def test_pickles_are_refused_and_empty_loads_are_errors(tmp_path):
     save_file({"unrelated.weight": torch.zeros(3)}, nothing)
     cfg = load_config(V1_SM, ["MODEL.PRETRAINED_ROPEVIT", str(nothing)])
     with pytest.raises(ConfigError, match="not a ViT state dict"):
-        build_model(cfg.MODEL, TASKS, NUM_CLASSES, [])
+        build_model(model_spec(cfg), TASKS, NUM_CLASSES, [])
     cfg = load_config(V1_SM, ["MODEL.PRETRAINED", str(nothing)])
     with pytest.raises(ConfigError, match="loads nothing into this model"):
-        build_model(cfg.MODEL, TASKS, NUM_CLASSES, [])
+        build_model(model_spec(cfg), TASKS, NUM_CLASSES, [])
 
 
 def test_report_groups():
@@ -233,7 +234,7 @@ def test_fine_tune_from_export_remaps_heads_by_taxon_id(tmp_path):
     old_maps = _class_maps({"taxa_L10": [101, 102, 103, 104, 105], "taxa_L20": [11, 12, 13]})
     cfg = load_config(V1_SM, tiny)
     torch.manual_seed(1)
-    old = build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2, 3])
+    old = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2, 3])
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     save_file(old.state_dict(), run / "export" / "final.safetensors")
@@ -243,7 +244,7 @@ def test_fine_tune_from_export_remaps_heads_by_taxon_id(tmp_path):
     new_maps = _class_maps({"taxa_L10": [101, 102, 104, 105, 106, 107], "taxa_L20": [11, 12, 13]})
     new_cfg = load_config(V1_SM, [*tiny, "MODEL.PRETRAINED", str(run / "export" / "final.safetensors")])
     torch.manual_seed(2)
-    new = build_model(new_cfg.MODEL, TASKS, {"taxa_L10": 6, "taxa_L20": 3}, [2, 3], class_maps=new_maps)
+    new = build_model(model_spec(new_cfg), TASKS, {"taxa_L10": 6, "taxa_L20": 3}, [2, 3], class_maps=new_maps)
     o, n = old.state_dict(), new.state_dict()
     for k in o:
         if not k.startswith("head."):
@@ -259,7 +260,7 @@ def test_fine_tune_from_export_remaps_heads_by_taxon_id(tmp_path):
     assert new.pretrained_report.loaded["heads"] == 4
 
     # Without the new run's class maps the heads are skipped with the reason, the backbone still loads.
-    plain = build_model(new_cfg.MODEL, TASKS, {"taxa_L10": 6, "taxa_L20": 3}, [2, 3])
+    plain = build_model(model_spec(new_cfg), TASKS, {"taxa_L10": 6, "taxa_L20": 3}, [2, 3])
     assert "class maps were not given" in dict(plain.pretrained_report.skipped)["head.heads.taxa_L10.fc.weight"]
 
 
@@ -316,13 +317,13 @@ def metaformer_layout(sd: dict[str, torch.Tensor], table_side: dict[int, int]) -
 
 def test_metaformer_checkpoint_loads_into_v0_with_bias_tables_converted(tmp_path):
     cfg = load_config(V0_SM, V0_TINY)
-    model = build_model(cfg.MODEL, TASKS, NUM_CLASSES, [2, 3])
+    model = build_model(model_spec(cfg), TASKS, NUM_CLASSES, [2, 3])
     # Stage 3 runs on a 4×4 grid here; the checkpoint's stage-3 tables are for 6×6 (resized), stage 4's for 2×2.
     orig = metaformer_layout(model.state_dict(), {0: 11, 1: 3})
     path = tmp_path / "metafg_0.pth"
     torch.save({"model": orig}, path)
-    loaded = build_model(load_config(V0_SM, [*V0_TINY, "MODEL.PRETRAINED", str(path),
-                                             "MODEL.PRETRAINED_SOURCE", "metaformer"]).MODEL,
+    loaded = build_model(model_spec(load_config(V0_SM, [*V0_TINY, "MODEL.PRETRAINED", str(path),
+                                                        "MODEL.PRETRAINED_SOURCE", "metaformer"])),
                          TASKS, NUM_CLASSES, [2, 3])  # fmt: skip
     sd = loaded.state_dict()
     report = loaded.pretrained_report
@@ -354,7 +355,7 @@ def test_source_resolution():
     from linnaeus.models.pretrained import pretrained_source
 
     def src(*opts):
-        return pretrained_source(load_config(V1_SM, list(opts)).MODEL)
+        return pretrained_source(model_spec(load_config(V1_SM, list(opts))))
 
     assert src() is None
     assert src("MODEL.PRETRAINED", "x.safetensors") == "linnaeus"

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from linnaeus.config import load_config, save_config
 from linnaeus.config.resolve_data import data_spec
 from linnaeus.config.resolve_engine import engine_spec
+from linnaeus.config.resolve_model import model_spec
 from linnaeus.data.prepare import prepare_data
 from linnaeus.engine.ema import EmaComponent
 from linnaeus.engine.finetune import optimizer_groups, unfreeze_step
@@ -37,7 +38,7 @@ def ds(tmp_path_factory):
 
 def build(cfg, data, **kw):
     hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    return build_model(cfg.MODEL, data.task_keys, data.num_classes, data.meta_dims, hierarchy, **kw)
+    return build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy, **kw)
 
 
 def batch(data, n: int = 3):
@@ -128,7 +129,7 @@ def test_layer_decay_for_mformer_v1():
         "MODEL.ROPE_STAGES.NUM_HEADS", "[2, 2]",
     ]  # fmt: skip
     cfg = load_config(V1_SM, tiny)
-    model = build_model(cfg.MODEL, ["taxa_L10"], {"taxa_L10": 3}, [2])
+    model = build_model(model_spec(cfg), ["taxa_L10"], {"taxa_L10": 3}, [2])
     scale = {n: g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for n in _names(model, g)}
     # Layers: stem 0, conv 1-2, conv 3, attn 4-5, attn 6, aggregation 7 (L = 8).
     assert scale["backbone.stem.0.weight"] == 0.5**7
@@ -277,13 +278,13 @@ def test_frozen_vit_example_config_is_the_dinov3_recipe():
     assert cfg.MODEL.TYPE == "timm" and timm.is_model(cfg.MODEL.TIMM.NAME) and "dinov3" in cfg.MODEL.TIMM.NAME
     assert cfg.MODEL.FREEZE_BACKBONE and {h.TYPE for h in cfg.MODEL.CLASSIFICATION.HEADS.values()} == {"LinearHead"}
     with torch.device("meta"):
-        backbone = build_backbone(cfg.MODEL, [2, 3, 10])
+        backbone = build_backbone(model_spec(cfg), [2, 3, 10])
     assert backbone.num_features == 768 and type(backbone.model).__name__ == "Eva"
     # The weights file is not here: building for training says how to get it, in one line.
     with pytest.raises(ConfigError, match=r"MODEL\.PRETRAINED: .* is not a local file"):
         keys = list(cfg.DATA.TASK_KEYS_H5)
         hierarchy = {(p, c): torch.ones(3, 3) for p, c in zip(keys[1:], keys[:-1], strict=True)}
-        build_model(cfg.MODEL, keys, dict.fromkeys(keys, 3), [2, 3, 10], hierarchy)
+        build_model(model_spec(cfg), keys, dict.fromkeys(keys, 3), [2, 3, 10], hierarchy)
 
 
 def test_ema_ranking_and_export_need_ema_weights(ds, tmp_path):

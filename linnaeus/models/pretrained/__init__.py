@@ -11,76 +11,75 @@ from pathlib import Path
 
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.data.taxonomy import ClassMap
 from linnaeus.errors import ConfigError
 from linnaeus.models.pretrained.files import how_to_get, read_weights
 from linnaeus.models.pretrained.report import GROUPS, LoadReport, group_of
+from linnaeus.specs.model import ModelSpec
 
 log = logging.getLogger("linnaeus")
 
 SOURCES = ("linnaeus", "timm", "metaformer", "stitched_convnext_ropevit")
 
 
-def pretrained_source(cfg: ModelConfig) -> str | None:
+def pretrained_source(spec: ModelSpec) -> str | None:
     """The source to load, or None when no pretrained key is set."""
-    if cfg.PRETRAINED_SOURCE == "stitched_convnext_ropevit" or (
-        cfg.PRETRAINED_SOURCE is None and not cfg.PRETRAINED and (cfg.PRETRAINED_CONVNEXT or cfg.PRETRAINED_ROPEVIT)
-    ):
+    p = spec.pretrained
+    if p.source == "stitched_convnext_ropevit" or (p.source is None and not p.path and (p.convnext or p.ropevit)):
         return "stitched_convnext_ropevit"
-    if cfg.PRETRAINED_CONVNEXT or cfg.PRETRAINED_ROPEVIT:
+    if p.convnext or p.ropevit:
         raise ConfigError(
             "MODEL.PRETRAINED_CONVNEXT / MODEL.PRETRAINED_ROPEVIT: used only with MODEL.PRETRAINED_SOURCE "
-            f"stitched_convnext_ropevit, got {cfg.PRETRAINED_SOURCE}"
+            f"stitched_convnext_ropevit, got {p.source}"
         )
-    if not cfg.PRETRAINED:
-        if cfg.PRETRAINED_SOURCE is not None:
-            raise ConfigError(f"MODEL.PRETRAINED: required with MODEL.PRETRAINED_SOURCE {cfg.PRETRAINED_SOURCE}")
+    if not p.path:
+        if p.source is not None:
+            raise ConfigError(f"MODEL.PRETRAINED: required with MODEL.PRETRAINED_SOURCE {p.source}")
         return None
-    if cfg.PRETRAINED_SOURCE is not None:
-        return cfg.PRETRAINED_SOURCE
-    return "timm" if cfg.TYPE == "timm" else "linnaeus"
+    if p.source is not None:
+        return p.source
+    return "timm" if spec.type == "timm" else "linnaeus"
 
 
-def require_pretrained_files(cfg: ModelConfig) -> None:
+def require_pretrained_files(spec: ModelSpec) -> None:
     """Fail before the (possibly large) model is built when a configured weights path does not exist."""
-    source = pretrained_source(cfg)
+    source = pretrained_source(spec)
     if source is None:
         return
-    keys = (
-        ("MODEL.PRETRAINED_CONVNEXT", "MODEL.PRETRAINED_ROPEVIT")
+    p = spec.pretrained
+    files = (
+        (("MODEL.PRETRAINED_CONVNEXT", p.convnext), ("MODEL.PRETRAINED_ROPEVIT", p.ropevit))
         if source == "stitched_convnext_ropevit"
-        else ("MODEL.PRETRAINED",)
+        else (("MODEL.PRETRAINED", p.path),)
     )
-    for key in keys:
-        value = getattr(cfg, key.split(".")[1])
+    for key, value in files:
         if value and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: '{value}' is not a local file; {how_to_get(key, value)}")
 
 
 def apply_pretrained(
-    model: nn.Module, cfg: ModelConfig, class_maps: dict[str, ClassMap] | None = None
+    model: nn.Module, spec: ModelSpec, class_maps: dict[str, ClassMap] | None = None
 ) -> LoadReport | None:
     """Load the configured pretrained weights into ``model`` (a LinnaeusModel) and log the report; None if unset."""
-    source = pretrained_source(cfg)
+    source = pretrained_source(spec)
     if source is None:
         return None
     if source == "linnaeus":
         from linnaeus.models.pretrained.linnaeus_source import load_linnaeus
 
-        report = load_linnaeus(model, cfg.PRETRAINED, class_maps)
+        report = load_linnaeus(model, spec.pretrained.path, class_maps)
     elif source == "timm":
         from linnaeus.models.pretrained.timm_source import load_timm
 
-        report = load_timm(model, cfg.PRETRAINED)
+        report = load_timm(model, spec.pretrained.path)
     elif source == "metaformer":
         from linnaeus.models.pretrained.metaformer import load_metaformer
 
-        report = load_metaformer(model, cfg)
+        report = load_metaformer(model, spec)
     else:
         from linnaeus.models.pretrained.stitched import load_stitched
 
-        report = load_stitched(model, cfg)
+        report = load_stitched(model, spec)
     for line in report.lines():
         log.info("%s", line)
     return report

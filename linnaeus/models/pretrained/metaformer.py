@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
 from linnaeus.models.pretrained.files import read_weights
 from linnaeus.models.pretrained.report import LoadReport, Transfer
+from linnaeus.specs.model import ModelSpec
 
 _MBCONV = {
     "_expand_conv.": "expand.0.",
@@ -91,10 +91,10 @@ def convert_bias_table(table: torch.Tensor, grid: tuple[int, int]) -> tuple[torc
     return patch.to(table.dtype), table[0].clone()
 
 
-def load_metaformer(model: nn.Module, cfg: ModelConfig) -> LoadReport:
-    if cfg.TYPE != "mFormerV0":
-        raise ConfigError(f"MODEL.PRETRAINED_SOURCE: metaformer needs MODEL.TYPE mFormerV0, got {cfg.TYPE}")
-    sd = read_weights(cfg.PRETRAINED, "MODEL.PRETRAINED")
+def load_metaformer(model: nn.Module, spec: ModelSpec) -> LoadReport:
+    if spec.type != "mFormerV0":
+        raise ConfigError(f"MODEL.PRETRAINED_SOURCE: metaformer needs MODEL.TYPE mFormerV0, got {spec.type}")
+    sd = read_weights(spec.pretrained.path, "MODEL.PRETRAINED")
     if not any(k.startswith("stage_") for k in sd):
         raise ConfigError("MODEL.PRETRAINED: not a MetaFormer state dict (expected keys like 'stage_1.0._bn0.weight')")
     transfer = Transfer(model)
@@ -117,7 +117,7 @@ def load_metaformer(model: nn.Module, cfg: ModelConfig) -> LoadReport:
                 transfer.assign(f"backbone.{where}.extra", f"{key}[0]", extra)
         else:
             transfer.assign(f"backbone.{target}", key, tensor)
-    return transfer.apply(model, "metaformer", [cfg.PRETRAINED])
+    return transfer.apply(model, "metaformer", [spec.pretrained.path])
 
 
 def _has(module: nn.Module, name: str) -> bool:

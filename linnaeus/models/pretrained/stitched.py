@@ -20,10 +20,10 @@ import re
 import torch
 from torch import nn
 
-from linnaeus.config.defaults import ModelConfig
 from linnaeus.errors import ConfigError
 from linnaeus.models.pretrained.files import read_weights
 from linnaeus.models.pretrained.report import LoadReport, Transfer
+from linnaeus.specs.model import ModelSpec
 
 _TIMM_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _TIMM_DOWN = re.compile(r"^stages\.(\d+)\.downsample\.([01])\.(.+)$")
@@ -139,13 +139,13 @@ def _stitch_ropevit(transfer: Transfer, sd: dict[str, torch.Tensor], backbone: n
         transfer.assign(target, where, f[:, block])
 
 
-def load_stitched(model: nn.Module, cfg: ModelConfig) -> LoadReport:
-    if cfg.TYPE != "mFormerV1":
+def load_stitched(model: nn.Module, spec: ModelSpec) -> LoadReport:
+    if spec.type != "mFormerV1":
         raise ConfigError(
-            f"MODEL.PRETRAINED_SOURCE: stitched_convnext_ropevit needs MODEL.TYPE mFormerV1, got {cfg.TYPE}"
+            f"MODEL.PRETRAINED_SOURCE: stitched_convnext_ropevit needs MODEL.TYPE mFormerV1, got {spec.type}"
         )
-    files = [(k, p) for k, p in (("MODEL.PRETRAINED_CONVNEXT", cfg.PRETRAINED_CONVNEXT),
-                                  ("MODEL.PRETRAINED_ROPEVIT", cfg.PRETRAINED_ROPEVIT)) if p]  # fmt: skip
+    files = [(k, p) for k, p in (("MODEL.PRETRAINED_CONVNEXT", spec.pretrained.convnext),
+                                  ("MODEL.PRETRAINED_ROPEVIT", spec.pretrained.ropevit)) if p]  # fmt: skip
     if not files:
         raise ConfigError(
             "MODEL.PRETRAINED_CONVNEXT / MODEL.PRETRAINED_ROPEVIT: stitched_convnext_ropevit needs at least one file"
@@ -158,7 +158,7 @@ def load_stitched(model: nn.Module, cfg: ModelConfig) -> LoadReport:
             _stitch_convnext(transfer, sd, len(backbone.conv_stages))
         else:
             _stitch_ropevit(transfer, sd, backbone)
-    if cfg.ROPE_STAGES.LAYER_SCALE_INIT_VALUE is None and any(
+    if spec.rope_stages.layer_scale_init_value is None and any(
         k.endswith((".gamma_1", ".gamma_2")) for k, _ in transfer.skipped
     ):
         transfer.notes.append(
