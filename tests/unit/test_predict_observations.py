@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_dataset
@@ -138,3 +139,37 @@ def test_duplicate_ids_and_mixed_inputs_are_refused(image_bundle, tmp_path, caps
     assert "give image files or --observations FILE, not both" in capsys.readouterr().err
     assert main(["predict", "--bundle", str(bundle)]) == 2
     assert "give image files or folders, or --observations FILE" in capsys.readouterr().err
+
+
+def test_a_multi_view_model_pools_before_its_heads(tmp_path, capsys) -> None:
+    """A bundle of a model trained on observations records its pooling; predict pools the photos' features."""
+    ds = write_tiny_dataset(tmp_path / "data", per_species=2)
+    with h5py.File(ds.labels_path, "r+") as f:
+        f["spatial"].attrs["column_names"] = list(encoders.COLUMN_NAMES["spatial"])
+        f.create_dataset("observation_ids", data=np.arange(len(f["img_identifiers"])) // 2)
+    opts = ("DATA.OBSERVATIONS.ENABLED", "true", "MODEL.VIEW_POOLING", "lse", "MODEL.VIEW_POOLING_TEMPERATURE", "2.0")
+    bundle = _bundle(tmp_path, ds.config(*TINY, *opts))
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["model"]["view_pooling"] == {"mode": "lse", "temperature": 2.0, "views": 4}
+    images = sorted(str(p) for p in ds.images_dir.glob("*.jpg"))
+    obs = _write_jsonl(
+        tmp_path / "obs.jsonl", [{"id": "a", "images": [images[0], images[4]]}, {"id": "b", "images": [images[1]]}]
+    )
+    assert main(["predict", "--bundle", str(bundle), "--observations", str(obs), "--device", "cpu"]) == 0
+    results = [ClassificationResult.model_validate_json(line) for line in capsys.readouterr().out.strip().splitlines()]
+    for r in results:
+        agg = r.input_context.aggregation
+        assert agg.stage.value == "pooled_before_heads" and agg.pooling_mode.value == "logsumexp"
+        assert agg.pooling_temperature == 2.0
+    # Pooled before the heads: the model sees both photos' features at once, which is not the mean of its answers.
+    predictor = Predictor.from_bundle(bundle, device="cpu")
+    (o,) = read_observations(_write_jsonl(tmp_path / "one.jsonl", [{"id": "x", "images": [images[0], images[4]]}]))
+    pooled = observation_log_probs(predictor, [o.images], None)
+    x = predictor.load_images(list(o.images))
+    with torch.no_grad():
+        from linnaeus.aug import eval_transform
+
+        feats = predictor.model.backbone(eval_transform(x, predictor.cfg.AUG.MEAN, predictor.cfg.AUG.STD), None)
+        logits = predictor.model.head(predictor.model.pooling(feats[None], torch.ones(1, 2, dtype=torch.bool)))
+    for key, lp in pooled.items():
+        torch.testing.assert_close(lp[0], torch.log_softmax(logits[key][0].float(), dim=0))
