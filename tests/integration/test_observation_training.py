@@ -92,3 +92,11 @@ def test_zero2_multi_view_kill_9_then_rerun_matches_an_uninterrupted_run(
     resumed = final_weights(run)
     worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
     assert worst < 1e-5, worst
+
+
+def test_views_pooled_before_the_heads_beat_the_same_backbone_photo_by_photo(tmp_path: Path) -> None:
+    """The species shows in one random photo of each observation: pooling the photos must find it."""
+    from benchmarks.observations import detail
+
+    d = detail(tmp_path)
+    assert d["per_observation_species_top1"] >= d["per_photo_species_top1"] + 0.10, d
