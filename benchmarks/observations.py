@@ -9,7 +9,7 @@
   show the genus shape in grey): a multi-view model (views pooled before the heads) scored per observation against
   the same backbone trained on single images and scored per photo.
 
-Each run is a real ``python -m linnaeus.train`` on 2 CPU cores (about a minute each at 32 px).
+Each run is a real ``python -m linnaeus.train`` at 32 px on the CPU (1-4 minutes each on 2 cores).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def leak(work: Path) -> dict[str, Any]:
     return {"val_species_top1": top1, "inflation": top1["row"] - top1["observation"]}
 
 
-def detail(work: Path, per_species: int = 40, epochs: int = 16) -> dict[str, Any]:
+def detail(work: Path, per_species: int = 80, epochs: int = 48) -> dict[str, Any]:
     from linnaeus.data.demo import write_demo_dataset
 
     data = work / "detail_in_one"
