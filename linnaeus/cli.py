@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CSV or JSONL, one image per row: image (or path) plus optional latitude, longitude, date, elevation",
     )
+    p.add_argument(
+        "--observations",
+        default=None,
+        metavar="FILE",
+        help="JSON lines, one observation each (id, images, optional metadata): one answer per observation",
+    )
     p.add_argument("--lat", type=float, default=None, help="latitude in degrees")
     p.add_argument("--lon", type=float, default=None, help="longitude in degrees")
     p.add_argument("--date", default=None, help="ISO 8601 observation date, e.g. 2024-06-01")
@@ -212,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-species", type=int, default=200, help="images per species (12 species)")
+    p.add_argument(
+        "--observations", action="store_true", help="group each species' images into observations of 2-4 photos"
+    )
+    p.add_argument(
+        "--views",
+        default="distinct",
+        help="with --observations, how an observation's photos differ: distinct | near-duplicate (burst shots) |"
+        " detail-in-one (the species shows in one photo only)",
+    )
 
     p = sub.add_parser("bench", help="measure the input pipeline on your own data and disk")
     add_cfg_arguments(p)

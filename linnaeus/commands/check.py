@@ -118,8 +118,10 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  duplicate identifiers: {lab['duplicates']} rows")
     if r["split"]:
         s = r["split"]
-        how = "pre-split files" if s["presplit"] else f"seed {s['seed']}, ratio {s['ratio']}"
-        lines.append(f"split: train {s['train']}, val {s['val']} ({how})")
+        lines.append(f"split: train {s['train']}, val {s['val']} ({s['how']})")
+    for o in r.get("observations", []):
+        extra = f"; {o['disagreeing']} disagree (warnings)" if o["disagreeing"] else ""
+        lines.append(f"observations: {o['path']}: {o['line']}{extra}")
     if r["ranks"]:
         lines.append("ranks:")
         order = keys_coarse_to_fine(r["ranks"]) if r["ranks"] else []

@@ -9,10 +9,17 @@ from linnaeus.data.demo import write_demo_dataset
 
 
 def run(args: argparse.Namespace) -> int:
-    s = write_demo_dataset(Path(args.out), seed=args.seed, per_species=args.per_species)
+    s = write_demo_dataset(
+        Path(args.out),
+        seed=args.seed,
+        per_species=args.per_species,
+        observations=args.observations,
+        views=args.views,
+    )
+    obs = f"; {s['num_observations']} observations ({s['views']} views)" if s["num_observations"] else ""
     print(
         f"demo-data: {s['num_images']} images ({s['num_species']} species, {s['num_genera']} genera, "
-        f"{s['num_families']} families; {s['species_nulls']} rows without species, {s['genus_nulls']} without genus) "
+        f"{s['num_families']} families; {s['species_nulls']} rows without species, {s['genus_nulls']} without genus{obs}) "
         f"-> {s['images_dir']}, {s['labels']}, {s['taxonomy']}"
     )
     return 0

@@ -146,13 +146,29 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     start = time.monotonic()
     manifest = getattr(args, "manifest", None)
-    if manifest and (args.images or metadata_from_args(args) is not None):
-        raise ConfigError("--manifest: give images and their metadata in the manifest, not also on the command line")
-    if not manifest and not args.images:
-        raise ConfigError("predict: give image files or folders, or --manifest FILE")
+    observations = getattr(args, "observations", None)
+    sources = [
+        name
+        for name, given in (("images", args.images), ("--manifest", manifest), ("--observations", observations))
+        if given
+    ]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"predict: give one of image files, --manifest FILE or --observations FILE, not {' and '.join(sources)}"
+        )
+    if not sources:
+        raise ConfigError("predict: give image files or folders, --manifest FILE or --observations FILE (JSON lines)")
+    if (manifest or observations) and metadata_from_args(args) is not None:
+        raise ConfigError(
+            "--lat/--lon/--date/--elevation: with --manifest or --observations, each row carries its metadata"
+        )
+    if observations:
+        from linnaeus.inference.observations import read_observations
+
+        observed = read_observations(observations)  # every line checked before the model loads
     failed: list[str] = []
-    images = [] if manifest else collect_images(args.images, missing=failed)
-    if not manifest and not images and failed:  # nothing to predict: one line, as for any refused input
+    images = collect_images(args.images, missing=failed) if args.images else []
+    if args.images and not images and failed:  # nothing to predict: one line, as for any refused input
         raise DataError(
             f"{clip(failed[0])}: no such image file or folder"
             + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
@@ -170,6 +186,8 @@ def run_predict(args: argparse.Namespace) -> int:
     policy = predictor.policy(getattr(args, "policy", None), getattr(args, "cost_profile", None))
     if metadata is not None:  # a bad --date or --lat fails here, once, rather than on the first batch
         predictor.encode_metadata([metadata], 1, ["--lat/--lon/--date/--elevation"])
+    if observations:
+        return _predict_observations(predictor, observed, policy, args, start)
     for path in failed:  # like an unreadable image: its own error line, the others are still predicted
         print(f"error: {clip(path)}: no such image file or folder", file=sys.stderr)
     if manifest:
@@ -197,6 +215,27 @@ def run_predict(args: argparse.Namespace) -> int:
     if not sys.stderr.isatty():
         print(f"predict: {n + len(failed)} images in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0  # each missing or unreadable image already has its error line
+
+
+def _predict_observations(predictor: Any, observed: list, policy: Any, args: argparse.Namespace, start: float) -> int:
+    """One JSON line (or table block) per observation of ``--observations``."""
+    from linnaeus.inference.observations import predict_observations, result_line
+    from linnaeus.inference.table import format_result
+
+    for i in range(0, len(observed), args.batch_size):
+        chunk = observed[i : i + args.batch_size]
+        results = predict_observations(
+            predictor, chunk, args.top_k, not args.raw, batch_size=args.batch_size, policy=policy
+        )
+        for obs, result in zip(chunk, results, strict=True):
+            if getattr(args, "format", "json") == "table":
+                print(f"observation {obs.id}\n" + format_result(json.loads(result.to_json())) + "\n")
+            else:
+                print(result_line(obs.id, result))
+        sys.stdout.flush()
+    if not sys.stderr.isatty():
+        print(f"predict: {len(observed)} observations in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -231,6 +231,12 @@ class ModelConfig(Node):
     PRETRAINED_CONVNEXT: str | None = Field(None, description="stitched_convnext_ropevit: ConvNeXt weights file")
     PRETRAINED_ROPEVIT: str | None = Field(None, description="stitched_convnext_ropevit: RoPE-Mixed ViT weights file")
     FREEZE_BACKBONE: bool = Field(False, description="backbone gets no gradients and no optimizer state")
+    VIEW_POOLING: Literal["mean", "lse", "attention"] = Field(
+        "mean",
+        description="with DATA.OBSERVATIONS.ENABLED: how per-view features are pooled before the heads (lse:"
+        " count-normalised log-sum-exp; attention: gated attention, Ilse et al. 2018)",
+    )
+    VIEW_POOLING_TEMPERATURE: float = Field(1.0, gt=0, description="lse pooling: 0+ -> mean, large -> max")
     UNFREEZE_BACKBONE_AFTER: Interval = Field(
         default_factory=Interval, description="with FREEZE_BACKBONE: unfreeze once, after this many steps/epochs"
     )
@@ -305,6 +311,14 @@ class H5Config(Node):
     VAL_LABELS_PATH: str | None = Field(None, description="pre-split validation labels (with TRAIN_LABELS_PATH)")
     TRAIN_VAL_SPLIT_RATIO: float = Field(0.9, gt=0, le=1, description="share of LABELS_PATH rows used for training")
     TRAIN_VAL_SPLIT_SEED: int = Field(42, description="seed of the train/val split (saved in split.npz)")
+    SPLIT_BY: Literal["observation", "row"] = Field(
+        "observation",
+        description="observation: every observation's photos (labels.h5 observation_ids) fall on one side, no leak;"
+        " row: each row drawn alone. Without observation_ids the split is by row",
+    )
+    SPLIT_STRATIFY: bool = Field(
+        False, description="draw per class of the finest rank so every class with >= 2 observations (rows) trains"
+    )
 
 
 class ShardsConfig(Node):
@@ -313,6 +327,16 @@ class ShardsConfig(Node):
     SHUFFLE_BUFFER: int = Field(1000, ge=0, description="sample shuffle buffer per worker")
     VERIFY: Literal["none", "open", "full"] = Field(
         "full", description="shard checks: open = size at each open; full = also sha256, once per shard per run"
+    )
+
+
+class ObservationsConfig(Node):
+    ENABLED: bool = Field(
+        False, description="a sample is one observation (labels.h5 observation_ids) with up to VIEWS photos"
+    )
+    VIEWS: int = Field(4, ge=1, description="photos read per observation (K); fewer are masked out")
+    SELECT: Literal["random", "first"] = Field(
+        "random", description="which photos when an observation has more than VIEWS (validation: first)"
     )
 
 
@@ -351,6 +375,7 @@ class DataConfig(Node):
     H5: H5Config = Field(default_factory=H5Config)
     META: MetaConfig = Field(default_factory=MetaConfig)
     SHARDS: ShardsConfig = Field(default_factory=ShardsConfig)
+    OBSERVATIONS: ObservationsConfig = Field(default_factory=ObservationsConfig)
     DATASET: DatasetInfo = Field(default_factory=DatasetInfo)
 
 

@@ -136,6 +136,11 @@ def _data_rules(cfg: Config, fail: Fail) -> None:
         if h5.TRAIN_LABELS_PATH or h5.VAL_LABELS_PATH:
             fail("DATA.H5.VAL_LABELS_PATH", "pre-split data needs both TRAIN_LABELS_PATH and VAL_LABELS_PATH")
     mix = cfg.SCHEDULE.MIX
+    if data.OBSERVATIONS.ENABLED and (mix.MIXUP.ENABLED or mix.CUTMIX.ENABLED):
+        fail(
+            "SCHEDULE.MIX",
+            "Mixup/CutMix mix single images, not observations; turn MIXUP and CUTMIX off with DATA.OBSERVATIONS.ENABLED",
+        )
     if mix.GROUP_LEVEL is not None and mix.GROUP_LEVEL not in keys:
         fail("SCHEDULE.MIX.GROUP_LEVEL", f"'{mix.GROUP_LEVEL}' is not in DATA.TASK_KEYS_H5 {keys}")
     for group in cfg.SCHEDULE.META_MASKING.PARTIAL.WHITELIST:

@@ -12,6 +12,7 @@ from linnaeus.specs.data import (
     LabelsSpec,
     LoaderSpec,
     MetaSpec,
+    ObservationsSpec,
     ShardSpec,
     SplitSpec,
     VerifyImagesSpec,
@@ -89,7 +90,12 @@ def data_spec(cfg: Config) -> DataSpec:
     d = cfg.DATA
     return DataSpec(
         labels=labels_spec(cfg),
-        split=SplitSpec(ratio=d.H5.TRAIN_VAL_SPLIT_RATIO, seed=d.H5.TRAIN_VAL_SPLIT_SEED),
+        split=SplitSpec(
+            ratio=d.H5.TRAIN_VAL_SPLIT_RATIO,
+            seed=d.H5.TRAIN_VAL_SPLIT_SEED,
+            by=d.H5.SPLIT_BY,
+            stratify=d.H5.SPLIT_STRATIFY,
+        ),
         filters=FilterSpec(in_region_only=d.IN_REGION_ONLY, require_all_ranks=d.REQUIRE_ALL_RANKS),
         meta=meta_spec(cfg),
         images=image_spec(cfg),
@@ -107,6 +113,9 @@ def data_spec(cfg: Config) -> DataSpec:
             dir=d.SHARDS.DIR,
             shuffle_buffer=d.SHARDS.SHUFFLE_BUFFER,
             verify=d.SHARDS.VERIFY,
+        ),
+        observations=ObservationsSpec(
+            enabled=d.OBSERVATIONS.ENABLED, views=d.OBSERVATIONS.VIEWS, select=d.OBSERVATIONS.SELECT
         ),
         seed=cfg.MISC.SEED,
     )

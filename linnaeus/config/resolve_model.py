@@ -7,6 +7,7 @@ the config. Checks of a part's own arguments (widths, head counts, ranges) stay 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from linnaeus.config.defaults import (
@@ -108,7 +109,13 @@ def model_spec_of(m: ModelConfig) -> ModelSpec:
 
 
 def model_spec(cfg: Config) -> ModelSpec:
-    return model_spec_of(cfg.MODEL)
+    """The run's ModelSpec: ``MODEL``, plus view pooling when a sample is an observation (``DATA.OBSERVATIONS``)."""
+    spec = model_spec_of(cfg.MODEL)
+    if not cfg.DATA.OBSERVATIONS.ENABLED:
+        return spec
+    return dataclasses.replace(
+        spec, view_pooling=cfg.MODEL.VIEW_POOLING, view_pooling_temperature=float(cfg.MODEL.VIEW_POOLING_TEMPERATURE)
+    )
 
 
 def head_loss_spec(loss: HeadLossConfig) -> HeadLossSpec:

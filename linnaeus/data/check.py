@@ -54,6 +54,7 @@ def build_report(
         "config": _config_summary(spec, model),
         "labels": [],
         "split": None,
+        "observations": [],
         "ranks": {},
         "metadata": {},
         "taxonomy": None,
@@ -88,7 +89,11 @@ def _describe_labels(state: DataState, r: dict[str, Any]) -> None:
         "seed": split.seed,
         "ratio": split.ratio,
         "presplit": split.presplit,
+        "by": split.by,
+        "stratify": split.stratify,
+        "how": split.describe(),
     }
+    r["observations"] = state.observations
     findings = state.findings
     if findings is not None:
         tree = findings.tree

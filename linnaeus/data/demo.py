@@ -14,6 +14,14 @@ family), ``raw_lat``, ``raw_lon``, ``raw_date_observed``, ``raw_elevation`` and 
 missing: raw NaN/"" and all-zero features), plus ``in_region``, ``observer_id``, ``anomaly_score`` and a
 ``metadata`` group with ``config_json``. ``taxonomy.json`` uses the nodes/edges form of the prior system's user guide.
 
+Observations (``--observations``): each species' images are grouped into observations of 2-4 photos that share
+labels and metadata, written to ``observation_ids``. ``views`` says how the photos of one observation differ:
+
+- ``distinct``: independent drawings (pose, background, noise), like photos of one organism from several angles;
+- ``near-duplicate``: one drawing with a little fresh noise per photo (burst shots: the leak a row split rewards);
+- ``detail-in-one``: the species' colour and texture show in one randomly chosen photo; the others show the genus
+  shape in a neutral grey, so only a model that looks at every photo can name the species.
+
 The output is byte-for-byte deterministic for a given (seed, per_species): fixed JPEG settings, fixed row order,
 no timestamps in HDF5 objects. Files are written to temporary names and renamed; labels.h5 comes last.
 """
@@ -118,7 +126,10 @@ LOOKS: dict[str, tuple[tuple[int, int, int], str]] = {
     "white_dots": ((238, 238, 238), "dots"),
     "pink_solid": ((240, 130, 185), "solid"),
     "brown_stripes": ((130, 80, 40), "stripes"),
+    "neutral": ((150, 150, 150), "solid"),  # detail-in-one views: the genus shape without the species' look
 }
+VIEW_KINDS = ("distinct", "near-duplicate", "detail-in-one")
+VIEWS_PER_OBSERVATION = (2, 4)  # inclusive
 
 
 # ------------------------------------------------------------------------------------------------------- drawing
@@ -154,6 +165,12 @@ def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarr
     if kind == "checker":
         return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
     raise ValueError(f"unknown texture {kind!r}")
+
+
+def near_duplicate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another shot of the same scene: a slight exposure change and fresh sensor noise."""
+    shot = img.astype(np.float32) * rng.uniform(0.95, 1.05) + rng.normal(0, 4, size=img.shape)
+    return np.clip(np.rint(shot), 0, 255).astype(np.uint8)
 
 
 def draw_image(shape: str, look: str, rng: np.random.Generator) -> np.ndarray:
@@ -233,7 +250,7 @@ def _build_rows(rng: np.random.Generator, per_species: int) -> dict[str, np.ndar
     dates = np.array(
         ["" if missing_time[i] else f"{years[i]:04d}-{months[i]:02d}-{days[i]:02d}" for i in range(n)], dtype=object
     )
-    return {
+    out = {
         "sp_index": sp_index,
         "within": within,
         "taxa_L10": species_ids,
@@ -246,6 +263,47 @@ def _build_rows(rng: np.random.Generator, per_species: int) -> dict[str, np.ndar
         "in_region": (rng.random(n) >= OUT_OF_REGION_RATE).astype(np.uint8),
         "observer_id": rng.integers(1, 151, size=n).astype(np.int32),
     }
+    return out
+
+
+def _group_observations(rows: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+    """Group each species' images (by their number within the species) into observations of 2-4 photos; every
+    photo of an observation takes its first photo's labels and metadata. Adds ``observation_ids``, ``view`` (the
+    photo's position in its observation), ``first_within`` and ``detail_view`` (the one photo that shows the
+    species in the detail-in-one variant)."""
+    n = len(rows["sp_index"])
+    obs = np.zeros(n, np.int64)
+    view = np.zeros(n, np.int64)
+    first_within = np.zeros(n, np.int64)
+    detail = np.zeros(n, np.int64)
+    lo, hi = VIEWS_PER_OBSERVATION
+    next_id = 1
+    for k in range(len(SPECIES)):
+        members = np.flatnonzero(rows["sp_index"] == k)
+        members = members[np.argsort(rows["within"][members], kind="stable")]
+        start = 0
+        while start < len(members):
+            size = int(rng.integers(lo, hi + 1))
+            group = members[start : start + size]
+            obs[group] = 10_000 + 37 * next_id  # ids need not be dense or ordered
+            view[group] = np.arange(len(group))
+            first_within[group] = rows["within"][group[0]]
+            detail[group] = int(rng.integers(0, len(group)))
+            for key in (
+                "taxa_L10",
+                "taxa_L20",
+                "taxa_L30",
+                "raw_lat",
+                "raw_lon",
+                "raw_elevation",
+                "raw_date_observed",
+                "in_region",
+                "observer_id",
+            ):
+                rows[key][group] = rows[key][group[0]]
+            next_id += 1
+            start += size
+    rows.update(observation_ids=obs, view=view, first_within=first_within, detail_view=detail)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -299,6 +357,8 @@ def _write_labels(path: Path, rows: dict[str, np.ndarray], identifiers: list[str
             _create(f, "in_region", rows["in_region"])
             _create(f, "observer_id", rows["observer_id"])
             _create(f, "anomaly_score", np.zeros(len(identifiers), dtype=np.float32))
+            if "observation_ids" in rows:
+                _create(f, "observation_ids", rows["observation_ids"])
             # h5py's create_group has no track_times switch; go through the low-level API with a creation plist.
             gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
             gcpl.set_obj_track_times(False)
@@ -321,17 +381,33 @@ def taxonomy_json() -> dict[str, Any]:
     return {"nodes": nodes, "edges": edges}
 
 
-def _write_images(out: Path, rows: dict[str, np.ndarray], identifiers: list[str], seed: int) -> Path:
-    """Draw every image into a fresh folder, then swap it in for ``out/images`` in one rename."""
+def _draw(rows: dict[str, np.ndarray], i: int, seed: int, views: str) -> np.ndarray:
+    """Row ``i``'s image (see the module docstring for ``views``)."""
     genus_of = {g.id: g for g in GENERA}
+    k = int(rows["sp_index"][i])
+    sp = SPECIES[k]
+    shape = genus_of[sp.genus].shape
+    if views == "near-duplicate":
+        base = draw_image(shape, sp.look, np.random.default_rng((seed, 1, k, int(rows["first_within"][i]))))
+        if rows["view"][i] == 0:
+            return base
+        return near_duplicate(base, np.random.default_rng((seed, 2, k, int(rows["within"][i]))))
+    look = sp.look
+    if views == "detail-in-one" and rows["view"][i] != rows["detail_view"][i]:
+        look = "neutral"
+    # Each image from its own stream: (seed, species, number within species), independent of row order.
+    return draw_image(shape, look, np.random.default_rng((seed, 1, k, int(rows["within"][i]))))
+
+
+def _write_images(
+    out: Path, rows: dict[str, np.ndarray], identifiers: list[str], seed: int, views: str = "distinct"
+) -> Path:
+    """Draw every image into a fresh folder, then swap it in for ``out/images`` in one rename."""
     final = out / IMAGES_SUBDIR
     partial = Path(tempfile.mkdtemp(prefix=f".{IMAGES_SUBDIR}.", suffix=".partial", dir=out))
     try:
         for i, ident in enumerate(identifiers):
-            sp = SPECIES[int(rows["sp_index"][i])]
-            # Each image from its own stream: (seed, species, number within species), independent of row order.
-            rng = np.random.default_rng((seed, 1, int(rows["sp_index"][i]), int(rows["within"][i])))
-            (partial / ident).write_bytes(_jpeg_bytes(draw_image(genus_of[sp.genus].shape, sp.look, rng)))
+            (partial / ident).write_bytes(_jpeg_bytes(_draw(rows, i, seed, views)))
         os.chmod(partial, 0o755)
         old = None
         if final.exists():
@@ -346,18 +422,30 @@ def _write_images(out: Path, rows: dict[str, np.ndarray], identifiers: list[str]
     return final
 
 
-def write_demo_dataset(out: Path, seed: int = 0, per_species: int = 200) -> dict[str, Any]:
-    """Write ``out/images/*.jpg``, ``out/taxonomy.json`` and ``out/labels.h5``; return a summary dict."""
+def write_demo_dataset(
+    out: Path, seed: int = 0, per_species: int = 200, observations: bool = False, views: str = "distinct"
+) -> dict[str, Any]:
+    """Write ``out/images/*.jpg``, ``out/taxonomy.json`` and ``out/labels.h5``; return a summary dict.
+
+    ``observations``: group the images into observations of 2-4 photos (``observation_ids``); ``views``: how the
+    photos of one observation differ (distinct | near-duplicate | detail-in-one)."""
+    if views not in VIEW_KINDS:
+        raise ConfigError(f"demo-data --views: expected one of {', '.join(VIEW_KINDS)}, got {views!r}")
+    if views != "distinct" and not observations:
+        raise ConfigError(f"demo-data --views {views}: needs --observations (views are photos of one observation)")
     if per_species < 1:
         raise ConfigError(f"demo-data --per-species: expected an integer >= 1, got {per_species}")
     if seed < 0:
         raise ConfigError(f"demo-data --seed: expected an integer >= 0, got {seed}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _build_rows(np.random.default_rng((seed, 0)), per_species)
+    rng = np.random.default_rng((seed, 0))
+    rows = _build_rows(rng, per_species)
+    if observations:
+        _group_observations(rows, rng)  # after every other draw, so the image-only dataset stays as it was
     n = len(rows["sp_index"])
     identifiers = [f"img_{i:06d}.jpg" for i in range(n)]
-    images_dir = _write_images(out, rows, identifiers, seed)
+    images_dir = _write_images(out, rows, identifiers, seed, views)
     atomic_write_json(out / "taxonomy.json", taxonomy_json())
     config = {
         "generator": "linnaeus demo-data",
@@ -370,6 +458,8 @@ def write_demo_dataset(out: Path, seed: int = 0, per_species: int = 200) -> dict
         "elevation_scales": list(encoders.ELEVATION_SCALES),
         "temporal": "month sin/cos (month/12)",
     }
+    if observations:
+        config["observations"] = {"views_per_observation": list(VIEWS_PER_OBSERVATION), "views": views}
     _write_labels(out / "labels.h5", rows, identifiers, config)
     return {
         "out": str(out),
@@ -382,4 +472,6 @@ def write_demo_dataset(out: Path, seed: int = 0, per_species: int = 200) -> dict
         "num_families": len(FAMILIES),
         "species_nulls": int((rows["taxa_L10"] == 0).sum()),
         "genus_nulls": int((rows["taxa_L20"] == 0).sum()),
+        "num_observations": len(np.unique(rows["observation_ids"])) if observations else None,
+        "views": views if observations else None,
     }

@@ -266,14 +266,19 @@ class DeviceDecoder:
         orientations = batch["orientation"].tolist()
         fallback: Tensor = batch["image_fallback"]
         count, size = len(offsets) - 1, int(fallback.shape[-1])
+        # Observation batches (``view_mask`` (B, K)) carry B*K images, view after view; flags and rows per view.
+        views = batch.get("view_mask")
+        ok_in = batch.get("image_ok")
+        ok = ok_in.reshape(-1) if ok_in is not None else None
+        row_of = batch["view_rows"].reshape(-1) if "view_rows" in batch else batch.get("row")
+        present = views.reshape(-1).tolist() if views is not None else [True] * count
 
         images = torch.empty((count, 3, size, size), dtype=torch.uint8, device=device)
         encoded = [i for i in range(count) if offsets[i + 1] > offsets[i]]
         worker_done = [i for i in range(count) if offsets[i + 1] == offsets[i]]
         if worker_done:
             images[torch.tensor(worker_done, device=device)] = fallback.to(device, non_blocking=True)
-        ok = batch.get("image_ok")
-        self.fallbacks += sum(1 for i in worker_done if ok is None or bool(ok[i]))
+        self.fallbacks += sum(1 for i in worker_done if present[i] and (ok is None or bool(ok[i])))
 
         chunks = [blob[offsets[i] : offsets[i + 1]] for i in encoded]
         decoded = _decode_jpegs(chunks, device) if chunks else []
@@ -295,7 +300,7 @@ class DeviceDecoder:
                 data = chunks[k].numpy().tobytes()
                 cpu = load_image(data, img_size=size, train=False, rng=None, box=tuple(boxes[i]))
             except ImageDecodeError as err:
-                row = int(batch["row"][i]) if "row" in batch else -1
+                row = int(row_of[i]) if row_of is not None else -1
                 if not self.allow_missing:
                     raise DataError(
                         f"image at labels.h5 row {row}: {err.reason}; fix or remove it, or set "
@@ -311,9 +316,9 @@ class DeviceDecoder:
             images[i] = torch.from_numpy(cpu).to(device)
 
         out = {k: v for k, v in batch.items() if k not in ENCODED_KEYS}
-        out["image"] = images
+        out["image"] = images if views is None else images.view(*views.shape, 3, size, size)
         if new_ok is not None:
-            out["image_ok"] = new_ok
+            out["image_ok"] = new_ok if ok_in is None else new_ok.view_as(ok_in)
         return out
 
 

@@ -147,11 +147,13 @@ def image_fields(items: Sequence[np.ndarray | EncodedImage]) -> dict[str, Tensor
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``default_collate``, except that samples carrying an ``encoded`` image are packed by ``encoded_batch``."""
-    if not samples or "encoded" not in samples[0]:
+    """``default_collate``, except that samples carrying an ``encoded`` image (or ``encoded_views``, a list per
+    observation: packed view after view, B*K images) are packed by ``encoded_batch``."""
+    key = next((k for k in ("encoded", "encoded_views") if samples and k in samples[0]), None)
+    if key is None:
         return default_collate(samples)
-    encoded = [s["encoded"] for s in samples]
-    rest = default_collate([{k: v for k, v in s.items() if k != "encoded"} for s in samples])
+    encoded = [s[key] for s in samples] if key == "encoded" else [e for s in samples for e in s[key]]
+    rest = default_collate([{k: v for k, v in s.items() if k != key} for s in samples])
     return rest | encoded_batch(encoded)
 
 

@@ -15,6 +15,8 @@ Schema (see docs/design.md and the architecture spec):
   ``raw_date_observed`` (temporal) or ``raw_elevation`` (elevation_*) are encoded on the fly with
   :mod:`linnaeus.data.encoders`.
 - ``in_region`` (N,) 0/1, needed only by ``DATA.IN_REGION_ONLY`` and ``OOR_MASK``.
+- ``observation_ids`` (N,) integers or strings, optional: rows with one id are photos of one observation (one
+  organism); the split keeps them together and multi-view training reads them as one sample.
 - Group ``metadata`` attribute ``config_json``: kept verbatim as provenance.
 
 Missing metadata: a component row that is all zeros or has any NaN/inf is *missing*: its slice is zeroed and its
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,14 @@ import h5py
 import numpy as np
 
 from linnaeus.data.encoders import encode_from_raw, encoded_bound
+from linnaeus.data.observations import observation_codes
 from linnaeus.data.rules import raise_first
 from linnaeus.errors import DataError, clip
 from linnaeus.specs.data import ComponentSpec  # re-exported: the labels' view of a metadata component
 
 IDENTIFIERS = "img_identifiers"
 IN_REGION = "in_region"
+OBSERVATION_IDS = "observation_ids"
 RAW_LAT, RAW_LON, RAW_DATE, RAW_ELEVATION = "raw_lat", "raw_lon", "raw_date_observed", "raw_elevation"
 
 
@@ -81,6 +86,7 @@ class LabelStore:
     fingerprint: str
     duplicates: DuplicateReport
     meta_origin: dict[str, str]  # component -> "h5" or "raw" (encoded from raw_* fields)
+    observation_ids: np.ndarray | None = None  # (N,) int64 or object str; None when the dataset is absent
 
     @property
     def n_rows(self) -> int:
@@ -89,6 +95,11 @@ class LabelStore:
     @property
     def meta_dims(self) -> list[int]:
         return [c.dim for c in self.components]
+
+    @cached_property
+    def observation_codes(self) -> np.ndarray | None:
+        """(N,) int64 dense observation codes (order of first appearance), or None without ``observation_ids``."""
+        return None if self.observation_ids is None else observation_codes(self.observation_ids)
 
     def meta_slices(self) -> dict[str, slice]:
         """Column range of each component in the packed metadata vector."""
@@ -179,7 +190,7 @@ def _read(
         return None
     if problems or raw is None:
         return None
-    ids, taxa, comp_arrays, in_region, config_json, origin = raw
+    ids, taxa, comp_arrays, in_region, config_json, origin, obs_ids = raw
     meta, valid, missing = _pack_meta(components, comp_arrays, in_region, len(ids))
     return LabelStore(
         path=path,
@@ -194,6 +205,7 @@ def _read(
         fingerprint=file_fingerprint(path),
         duplicates=find_duplicates(ids),
         meta_origin=origin,
+        observation_ids=obs_ids,
     )
 
 
@@ -257,6 +269,10 @@ def _read_all(
     elif need_in_region:
         problems.append(f"{need_in_region} needs dataset '{IN_REGION}' (N,) uint8, which {path} does not have")
 
+    obs_ids = _read_observation_ids(f, path, problems)
+    if obs_ids is not None and not length_ok(OBSERVATION_IDS, len(obs_ids)):
+        obs_ids = None
+
     comp_arrays: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     for spec in components:
@@ -273,7 +289,41 @@ def _read_all(
 
     if ids is None or problems:
         return None
-    return ids, taxa, comp_arrays, in_region, config_json, origin
+    return ids, taxa, comp_arrays, in_region, config_json, origin, obs_ids
+
+
+def _read_observation_ids(f: h5py.File, path: Path, problems: list[str]) -> np.ndarray | None:
+    """The optional ``observation_ids``: (N,) integers (int64) or strings (object array); None when absent."""
+    if OBSERVATION_IDS not in f:
+        return None
+    ds = _dataset(f, OBSERVATION_IDS)
+    expected = "expected (N,) integers or strings, one observation id per row"
+    if ds is None or ds.ndim != 1:
+        shape = "a group" if ds is None else f"shape {ds.shape}"
+        problems.append(f"{path}: '{OBSERVATION_IDS}' is {shape}, {expected}")
+        return None
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        try:
+            values = ds.asstr()[()].astype(object)
+        except UnicodeDecodeError as exc:
+            problems.append(f"{path}: dataset '{OBSERVATION_IDS}' holds bytes that are not UTF-8 ({exc.reason})")
+            return None
+        empty = np.flatnonzero(values == "")
+        if len(empty):
+            problems.append(
+                f"{path}: '{OBSERVATION_IDS}' row {int(empty[0])} is an empty string ({len(empty)} rows empty); {expected}"
+            )
+            return None
+        return values
+    if ds.dtype.kind not in "iu":
+        problems.append(f"{path}: dataset '{OBSERVATION_IDS}' has dtype {ds.dtype}, {expected}")
+        return None
+    arr = ds[()]
+    if ds.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() >= 2**63:
+        row = int(np.argmax(arr))
+        problems.append(f"{path}: '{OBSERVATION_IDS}' row {row} holds {int(arr[row])}, which does not fit int64")
+        return None
+    return arr.astype(np.int64)
 
 
 def _read_taxa(f: h5py.File, path: Path, key: str, problems: list[str]) -> np.ndarray | None:

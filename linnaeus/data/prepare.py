@@ -128,11 +128,12 @@ class PreparedData:
 
     def dataset(self, split: str, train: bool, decode: str = "cpu"):
         """A ``FileDataset`` over this split: decode + crop in workers, or (``decode="device"``) bytes + crop plan
-        for ``linnaeus.data.device_decode`` (``"worker"``: that plan decoded by it in the workers)."""
+        for ``linnaeus.data.device_decode`` (``"worker"``: that plan decoded by it in the workers). With
+        ``DATA.OBSERVATIONS.ENABLED`` an ``ObservationDataset`` over it: one sample per observation."""
         from linnaeus.data.dataset import FileDataset
 
         crop = self.spec.crop
-        return FileDataset(
+        rows = FileDataset(
             self.samples(split),
             img_size=crop.img_size,
             train=train,
@@ -143,6 +144,15 @@ class PreparedData:
             seed=self.spec.seed,
             decode=decode,
         )
+        obs = self.spec.observations
+        if not obs.enabled:
+            return rows
+        from linnaeus.data.observation_dataset import ObservationDataset
+
+        v = self.view(split)
+        codes = v.store.observation_codes
+        assert codes is not None  # the observations stage refuses DATA.OBSERVATIONS without observation_ids
+        return ObservationDataset(rows, codes[v.rows], views=obs.views, select=obs.select)
 
     def class_maps_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +201,8 @@ def compute_stats(state: DataState, fingerprint: str) -> dict[str, Any]:
             str(s.path): {"rows": s.duplicates.count, "examples": s.duplicates.examples} for s, _ in stores
         },
         "taxonomy": None if tree is None else {"source": tree.source, "nodes": len(tree), "edges": len(tree.parent)},
+        "split": state.split.describe() if state.split is not None else None,
+        "observations": state.observations,
     }
     if state.image_report is not None:
         stats["images"] = {k: v for k, v in state.image_report.items() if k != "items"}

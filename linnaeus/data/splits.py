@@ -8,6 +8,12 @@ The rows are saved to ``split.npz`` so a resumed run (or ``linnaeus shard``) rea
 recomputing; the saved labels fingerprint makes a changed labels.h5 an error rather than a silent new split, and
 every checkpoint records the split's ``digest``, so a resume on any other split (the file deleted) is refused.
 
+Observations (labels.h5 ``observation_ids``, ``DATA.H5.SPLIT_BY: observation``, the default): the same draw
+over observations instead of rows (:func:`linnaeus.data.observations.grouped_split`), so every observation's photos
+fall on one side. ``DATA.H5.SPLIT_STRATIFY`` draws per class of the finest configured rank, so every class with
+two or more observations (rows, when split by row) has one in training. ``split.npz`` records how it was drawn
+(``by``, ``stratify``); a file from before these keys reads as a row split.
+
 Pre-split data (``TRAIN_LABELS_PATH``/``VAL_LABELS_PATH``): each file's surviving rows form its split as is.
 """
 
@@ -35,6 +41,15 @@ class Split:
     ratio: float
     fingerprint: str  # of the labels file(s) the rows index
     presplit: bool = False
+    by: str = "row"  # "row" or "observation": what the draw kept together
+    stratify: str = ""  # the task key the draw was stratified by ("" = not stratified)
+
+    def describe(self) -> str:
+        """How the split was drawn, for the run summary and ``linnaeus check``."""
+        if self.presplit:
+            return "pre-split files"
+        strat = f", stratified by {self.stratify}" if self.stratify else ""
+        return f"by {self.by}, seed {self.seed}, ratio {self.ratio}{strat}"
 
     @property
     def digest(self) -> str:
@@ -56,6 +71,8 @@ class Split:
             ratio=np.float64(self.ratio),
             fingerprint=np.array(self.fingerprint),
             presplit=np.bool_(self.presplit),
+            by=np.array(self.by),
+            stratify=np.array(self.stratify),
         )
         atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -70,6 +87,8 @@ class Split:
                     ratio=float(z["ratio"]),
                     fingerprint=str(z["fingerprint"]),
                     presplit=bool(z["presplit"]),
+                    by=str(z["by"]) if "by" in z.files else "row",
+                    stratify=str(z["stratify"]) if "stratify" in z.files else "",
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"split file {path}: cannot be read ({exc}); delete it to recompute the split") from None

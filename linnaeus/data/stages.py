@@ -4,7 +4,7 @@
 - ``linnaeus check`` (:func:`linnaeus.data.check.build_report`) collects every problem and carries on wherever the
   later stages can still say something useful.
 
-Order: storage rules → inspect_labels → make_split → split_problems → examine_taxonomy → build_class_maps →
+Order: storage rules → inspect_labels → make_split → split_problems → observations → examine_taxonomy → build_class_maps →
 num_classes_problems → split_image_paths → verify_images. Each stage reads and fills a :class:`DataState` and hands
 its problems (one line each) to a :class:`Sink`, which raises (training) or lists (check). A stage marked ``gated``
 needs what the stages before it built: once anything was found, check stops there (training never gets that far).
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from linnaeus.data.labels import FilterReport, LabelStore, apply_filters, inspect_labels
+from linnaeus.data.observations import disagreements, grouped_split, observation_stats
 from linnaeus.data.paths import IMAGES_DIR_UNSET, images_dir_problem, label_paths, resolve_image_paths, resolve_path
 from linnaeus.data.rules import (
     Problem,
@@ -36,7 +37,14 @@ from linnaeus.data.rules import (
     task_key_problems,
 )
 from linnaeus.data.splits import Split, check_saved, random_split
-from linnaeus.data.taxonomy import ClassMap, Conflict, Inconsistency, TaxonomyTree, label_inconsistencies
+from linnaeus.data.taxonomy import (
+    ClassMap,
+    Conflict,
+    Inconsistency,
+    TaxonomyTree,
+    keys_coarse_to_fine,
+    label_inconsistencies,
+)
 from linnaeus.data.verify_images import verify_images
 from linnaeus.errors import ConfigError, DataError, LinnaeusError
 from linnaeus.specs.data import DataSpec, ImageSpec
@@ -133,14 +141,36 @@ def make_split(
         split = Split(rows, val_rows, s.seed, 1.0, combined_fingerprint(train_store, val_store), True)
         allowed = (rows, val_rows)
     else:
-        tr, va = random_split(rows, s.ratio, s.seed)
-        split = Split(tr, va, s.seed, s.ratio, train_store.fingerprint, False)
+        split = draw_split(spec, train_store, rows)
         allowed = (rows, rows)
     if split_file is not None and Path(split_file).is_file():
         saved = Split.load(Path(split_file))
         check_saved(saved, split.fingerprint, allowed[0], allowed[1], Path(split_file))
+        if (saved.by, saved.stratify) != (split.by, split.stratify):
+            log.warning(
+                "%s was drawn %s; the config now asks for %s; the saved split is kept (resume)",
+                split_file,
+                saved.describe(),
+                split.describe(),
+            )
         split = saved
     return split, reports
+
+
+def draw_split(spec: DataSpec, store: LabelStore, rows: np.ndarray) -> Split:
+    """One labels file's surviving ``rows`` split by seed: by observation when asked and the file has
+    ``observation_ids`` (else by row), optionally stratified by the finest configured rank."""
+    s = spec.split
+    codes = store.observation_codes
+    by = "observation" if s.by == "observation" and codes is not None else "row"
+    stratify = keys_coarse_to_fine(spec.task_keys)[-1] if s.stratify else ""
+    if by == "row" and not stratify:
+        tr, va = random_split(rows, s.ratio, s.seed)
+    else:
+        groups = codes[rows] if by == "observation" and codes is not None else rows
+        strata = store.taxa[stratify][rows] if stratify else None
+        tr, va = grouped_split(rows, groups, s.ratio, s.seed, strata)
+    return Split(tr, va, s.seed, s.ratio, store.fingerprint, False, by=by, stratify=stratify)
 
 
 def examine_taxonomy(spec: DataSpec, views: list[SplitView]) -> TaxonomyFindings:
@@ -235,6 +265,7 @@ class DataState:
     image_paths: dict[str, list[str]] = field(default_factory=dict)  # split -> image path of every row
     refused: dict[str, dict[int, str]] = field(default_factory=dict)  # split -> {index: line} (check only)
     image_report: dict[str, Any] | None = None
+    observations: list[dict[str, Any]] = field(default_factory=list)  # per labels file with observation_ids
     excluded_images: list[str] = field(default_factory=list)  # training: images whose rows are left out
     warnings_before: dict[str, int] = field(default_factory=dict)  # stage name -> warnings listed before it ran
 
@@ -253,6 +284,16 @@ class Stage:
 def _storage_rules(state: DataState, sink: Sink) -> None:
     spec = state.spec
     sink.add(storage_problems(spec.images) + task_key_problems(spec.task_keys))  # config rules, before any reading
+    if spec.observations.enabled and spec.shards.enabled:
+        sink.add(
+            [
+                Problem(
+                    "DATA.OBSERVATIONS.ENABLED and DATA.SHARDS.ENABLED: shards hold one image per sample, not"
+                    " observations; turn one of them off",
+                    ConfigError,
+                )
+            ]
+        )
     label_paths(spec.labels)  # raises its one line: which labels keys are set wrongly
 
 
@@ -280,6 +321,49 @@ def _split_problems(state: DataState, sink: Sink) -> None:
     for store, _ in per_store(state.views):
         if store.duplicates.count:
             sink.warn(store.duplicates.line(store.path))
+
+
+def describe_observations(
+    store: LabelStore, rows: np.ndarray, task_keys: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Observations among ``rows`` of a store with ``observation_ids``: counts, views per observation, and one line
+    per observation whose photos disagree on a label (per task key) or a metadata component (rows named)."""
+    assert store.observation_ids is not None and store.observation_codes is not None
+    codes = store.observation_codes[rows]
+    stats = observation_stats(codes)
+    columns: dict[str, np.ndarray] = {k: store.taxa[k][rows] for k in task_keys}
+    for name, cols in store.meta_slices().items():
+        columns[name] = store.meta[rows, cols]
+    lines = [f"{store.path}: {line}" for line in disagreements(store.observation_ids[rows], codes, rows, columns)]
+    info = {
+        "path": str(store.path),
+        "observations": stats.observations,
+        "views_min": stats.views_min,
+        "views_median": stats.views_median,
+        "views_max": stats.views_max,
+        "disagreeing": len(lines),
+        "line": stats.line(),
+    }
+    return info, lines
+
+
+def _observations(state: DataState, sink: Sink) -> None:
+    """Photos of one observation should agree on labels and metadata; each observation whose rows do not is one
+    warning (a multi-view sample takes its first row's labels and metadata). Multi-view samples need the ids."""
+    for store, rows in per_store(state.views):
+        if store.observation_ids is None:
+            if state.spec.observations.enabled:
+                sink.add(
+                    [
+                        f"DATA.OBSERVATIONS.ENABLED needs dataset 'observation_ids' (N,) integers or strings,"
+                        f" which {store.path} does not have"
+                    ]
+                )
+            continue
+        info, lines = describe_observations(store, rows, state.spec.task_keys)
+        state.observations.append(info)
+        for line in lines:
+            sink.warn(line)
 
 
 def _examine_taxonomy(state: DataState, sink: Sink) -> None:
@@ -424,6 +508,7 @@ def data_stages(spec: DataSpec) -> list[Stage]:
         Stage("inspect_labels", _inspect_labels, gated=True),
         Stage("make_split", _make_split, gated=True),
         Stage("split_problems", _split_problems, gated=True),
+        Stage("observations", _observations),
         Stage("examine_taxonomy", _examine_taxonomy),
         Stage("build_class_maps", _build_class_maps),
         Stage("num_classes_problems", _num_classes_problems),
@@ -459,6 +544,8 @@ __all__ = [
     "build_class_maps",
     "class_counts",
     "data_stages",
+    "describe_observations",
+    "draw_split",
     "examine_taxonomy",
     "make_split",
     "per_store",

@@ -63,6 +63,7 @@ class MicroBatch:
 
     aug: Any  # linnaeus.aug.AugOutput
     included: dict[str, torch.Tensor]
+    view_mask: torch.Tensor | None = None  # (B, K) for observations; ``aug.images`` then holds B*K views
 
 
 class LossState:
@@ -368,6 +369,7 @@ class Trainer:
                 f"{p.global_batch} effective",
             ),
             ("dataset", f"{len(self.data.view('train').rows)} train / {len(self.data.view('val').rows)} val samples"),
+            ("split", self.data.split.describe()),
             ("classes", ", ".join(f"{k}: {self.data.num_classes[k]}" for k in self.task_keys)),
             ("metadata", ", ".join(f"{n}({dim})" for n, dim in meta) or "none"),
             ("model", f"{self.spec.checkpoint.model_name} ({params:.2f} M parameters)"),
@@ -457,8 +459,11 @@ class Trainer:
             p_partial=ops.partial_meta_mask_prob(step),
             generator=gen,
         )
+        images, view_mask = batch["image"], batch.get("view_mask")
+        if view_mask is not None:  # an observation's views are augmented each as an image; the model pools them
+            images = images.flatten(0, 1)
         out = self.augment(
-            batch["image"],
+            images,
             batch["targets"],
             meta,
             meta_valid,
@@ -466,7 +471,8 @@ class Trainer:
             generator=gen,
             host_generator=self.host_generator,
         )
-        return MicroBatch(out, self.loss_fn.inclusion(out.targets, out.valid, ops.null_keep_prob(step), gen))
+        included = self.loss_fn.inclusion(out.targets, out.valid, ops.null_keep_prob(step), gen)
+        return MicroBatch(out, included, view_mask)
 
     def _denominators(self, micro: list[MicroBatch]) -> dict[str, torch.Tensor]:
         from linnaeus.losses import included_counts, step_denominators
@@ -480,7 +486,8 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dtype, out = self.dist.model_dtype, m.aug
         images = out.images.to(dtype, memory_format=self.speedups.memory_format)
-        logits = self.model(images, out.meta.to(dtype) if out.meta.shape[1] else None)
+        views = {} if m.view_mask is None else {"view_mask": m.view_mask}
+        logits = self.model(images, out.meta.to(dtype) if out.meta.shape[1] else None, **views)
         logits = {k: v.float() for k, v in logits.items()}  # losses in fp32
         losses = self.loss_fn.task_losses(
             logits, out.targets, out.valid, included=m.included, denominators=denominators

@@ -123,13 +123,15 @@ class Validator:
             if self.decode is not None:
                 batch = self.decode(batch, self.device)
             batch = send_to_device(batch, self.device, non_blocking=True)
-            images = eval_transform(batch["image"], self.mean, self.std)
+            view_mask = batch.get("view_mask")  # observations: (B, K) views, folded into the batch for the model
+            views = {} if view_mask is None else {"view_mask": view_mask}
+            images = eval_transform(batch["image"].flatten(0, 1) if views else batch["image"], self.mean, self.std)
             meta = batch["meta"]
             for name, masked in phases.items():
                 dtype = dtypes[name]
                 meta_in = None if meta.shape[1] == 0 else (torch.zeros_like(meta) if masked else meta).to(dtype)
                 meters[name].update(
-                    runs[name](images.to(dtype, memory_format=self.memory_format), meta_in),
+                    runs[name](images.to(dtype, memory_format=self.memory_format), meta_in, **views),
                     batch["targets"],
                     batch["is_pad"],
                 )

@@ -166,6 +166,18 @@ def preprocessing_doc(cfg: Config, components: list[MetaComponent]) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------------ bundle
+def view_pooling(cfg: Config) -> dict[str, Any] | None:
+    """How a multi-view model (``DATA.OBSERVATIONS.ENABLED``) pools its views before the heads; None for an image
+    model. Recorded in bundle.json (``model.view_pooling``) so a reader knows what the bundle expects."""
+    if not cfg.DATA.OBSERVATIONS.ENABLED:
+        return None
+    return {
+        "mode": cfg.MODEL.VIEW_POOLING,
+        "temperature": float(cfg.MODEL.VIEW_POOLING_TEMPERATURE),
+        "views": int(cfg.DATA.OBSERVATIONS.VIEWS),
+    }
+
+
 @dataclass
 class Bundle:
     cfg: Config
@@ -239,7 +251,12 @@ class Bundle:
             "linnaeus_version": __version__,
             "run": str(run.resolve()),
             **weights_info,
-            "model": {"type": cfg.MODEL.TYPE, "name": cfg.MODEL.NAME, "img_size": cfg.MODEL.IMG_SIZE},
+            "model": {
+                "type": cfg.MODEL.TYPE,
+                "name": cfg.MODEL.NAME,
+                "img_size": cfg.MODEL.IMG_SIZE,
+                "view_pooling": view_pooling(cfg),
+            },
             "task_keys": list(cfg.DATA.TASK_KEYS_H5),
             "task_keys_coarse_to_fine": keys_coarse_to_fine(cfg.DATA.TASK_KEYS_H5),
             "num_classes": {k: len(m) for k, m in class_maps.items()},

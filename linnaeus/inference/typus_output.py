@@ -15,6 +15,9 @@ alias that converts into it), so one result per image is built here and validate
 - raw mode: no policy and no outcomes (typus's own helpers then read the per-rank top candidates);
   ``consistency.is_consistent`` says whether the per-rank argmaxes happen to form a taxonomy path.
 - ``input_context.unit_ids`` holds the image's path (or the caller's id), so every JSON line names its image.
+  One result per observation (``predict --observations``) has ``entity_type`` observation, ``evidence_shape``
+  multi_view_observation, its photos as ``unit_ids`` and ``aggregation`` saying how they were combined
+  (:func:`observation_context`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typus import (
     InputAttribution,
     ModelEvidenceProvenance,
     OutcomeAdjustment,
+    PoolingMode,
     RankBelief,
     RankNullCandidate,
     RankNullCandidateMatch,
@@ -257,4 +261,28 @@ def taxonomy_context(
         version=version,
         root_taxon_ids=sorted(roots),
         null_taxon_ids_by_rank={int(c.rank): NULL_TAXON_ID for c in class_maps.values()},
+    )
+
+
+POOLING_MODES = {"mean": PoolingMode.MEAN, "lse": PoolingMode.LOGSUMEXP, "attention": PoolingMode.ATTENTION}
+
+
+def observation_context(
+    unit_ids: list[str], pooled_before_heads: bool, mode: str, temperature: float | None = None
+) -> ClassificationInputContext:
+    """Several photos of one observation (``unit_ids``: the photos): pooled before the heads (a multi-view model;
+    ``mode`` its MODEL.VIEW_POOLING) or aggregated after them (an image model: the mean of its per-photo
+    log-probabilities, renormalised). ``temperature`` is reported for lse pooling only."""
+    stage = AggregationStage.POOLED_BEFORE_HEADS if pooled_before_heads else AggregationStage.AGGREGATED_AFTER_HEADS
+    return ClassificationInputContext(
+        entity_type="observation",
+        evidence_shape=EvidenceShape.MULTI_VIEW_OBSERVATION,
+        unit_count=len(unit_ids),
+        unit_ids=list(unit_ids),
+        aggregation=InputAggregation(
+            stage=stage,
+            pooling_mode=POOLING_MODES[mode],
+            pooling_temperature=temperature if mode == "lse" else None,
+        ),
+        attribution=InputAttribution(granularity=AttributionGranularity.NONE),
     )

@@ -1,6 +1,6 @@
 """Models: mFormerV1 / mFormerV0 / timm backbones, metadata tokens, hierarchical heads, builder, size report."""
 
-from linnaeus.models.builder import LinnaeusModel, build_backbone, build_model
+from linnaeus.models.builder import LinnaeusModel, add_view_pooling, build_backbone, build_model
 from linnaeus.models.heads import (
     ConditionalClassifier,
     HierarchicalClassifier,
@@ -25,6 +25,7 @@ __all__ = [
     "MFormerV0",
     "MFormerV1",
     "TimmBackbone",
+    "add_view_pooling",
     "build_backbone",
     "build_model",
     "coarse_to_fine",

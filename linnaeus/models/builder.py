@@ -15,18 +15,22 @@ from linnaeus.models.heads import HierarchicalClassifier, rank_level
 from linnaeus.models.param_groups import set_backbone_frozen
 from linnaeus.models.pretrained import LoadReport, apply_pretrained, require_pretrained_files
 from linnaeus.models.registry import get_model_class
+from linnaeus.models.view_pooling import ViewPooling, pooled_features
 from linnaeus.specs.model import HeadSpec, ModelSpec
 
 
 class LinnaeusModel(nn.Module):
-    """Backbone + heads. ``forward(image (B,3,H,W), meta (B,D) | None) -> {task_key: logits (B, K_task)}``."""
+    """Backbone + heads. ``forward(image (B,3,H,W), meta (B,D) | None) -> {task_key: logits (B, K_task)}``; a
+    multi-view model also takes ``view_mask`` (B, K) with ``image`` (B·K, 3, H, W) (see ``add_view_pooling``)."""
 
     head_prefix = "head."
 
-    def __init__(self, backbone: nn.Module, head: HierarchicalClassifier) -> None:
+    def __init__(self, backbone: nn.Module, head: HierarchicalClassifier, pooling: ViewPooling | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # Multi-view models (DATA.OBSERVATIONS): an observation's per-view features are pooled before the heads.
+        self.pooling = pooling
         # What MODEL.PRETRAINED gave this model (None: nothing loaded); the trainer logs it at start.
         self.pretrained_report: LoadReport | None = None
 
@@ -38,11 +42,21 @@ class LinnaeusModel(nn.Module):
     def meta_dims(self) -> list[int]:
         return self.backbone.meta_dims
 
-    def forward_features(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backbone(image, meta)
+    def forward_features(
+        self, image: torch.Tensor, meta: torch.Tensor | None = None, view_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image features (B, D); with ``view_mask`` (B, K), ``image`` holds B·K views and their features are
+        pooled per observation (``linnaeus.models.view_pooling``)."""
+        if view_mask is None:
+            return self.backbone(image, meta)
+        if self.pooling is None:
+            raise ValueError("this model has no view pooling (it was not built for DATA.OBSERVATIONS)")
+        return pooled_features(self.backbone, image, meta, view_mask, self.pooling)
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.head(self.backbone(image, meta))
+    def forward(
+        self, image: torch.Tensor, meta: torch.Tensor | None = None, view_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.head(self.forward_features(image, meta, view_mask))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
@@ -125,10 +139,20 @@ def build_model(
     backbone = build_backbone(spec, meta_dims)
     head = HierarchicalClassifier(backbone.num_features, list(task_keys), num_classes, head_specs, hierarchy)
     model = LinnaeusModel(backbone, head)
+    if spec.view_pooling is not None:  # DATA.OBSERVATIONS: per-view features pooled before the heads
+        add_view_pooling(model, spec.view_pooling, spec.view_pooling_temperature)
     if spec.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     if load_pretrained:
         model.pretrained_report = apply_pretrained(model, spec, class_maps)
     if spec.freeze_backbone:
         set_backbone_frozen(model, True)
+    return model
+
+
+def add_view_pooling(model: LinnaeusModel, mode: str, temperature: float = 1.0) -> LinnaeusModel:
+    """Make ``model`` multi-view (``DATA.OBSERVATIONS``): per-view features pooled by ``mode`` (MODEL.VIEW_POOLING)
+    before the heads. Call it right after building, before weights are loaded or an optimizer is made. With one
+    view per observation the pooled feature is the view's own, so the model computes what the image model does."""
+    model.pooling = ViewPooling(mode, model.backbone.num_features, temperature)
     return model

@@ -64,3 +64,17 @@ def fold_views(images: torch.Tensor) -> tuple[torch.Tensor, int]:
 def unfold_views(features: torch.Tensor, views: int) -> torch.Tensor:
     """(B·K, D) → (B, K, D)."""
     return features.reshape(features.shape[0] // views, views, *features.shape[1:])
+
+
+def pooled_features(
+    backbone: nn.Module, images: torch.Tensor, meta: torch.Tensor | None, view_mask: torch.Tensor, pooling: ViewPooling
+) -> torch.Tensor:
+    """Features of B observations: ``images`` (B·K, C, H, W), the views folded into the batch (the trainer folds
+    them so augmentation and the memory layout treat each view as an image), ``meta`` (B, D) once per observation,
+    ``view_mask`` (B, K). The backbone sees every slot (no data-dependent shapes, so no device sync); empty slots
+    are zeros and the mask-aware pooling ignores them. → (B, num_features)."""
+    views = view_mask.shape[1]
+    if images.shape[0] != view_mask.numel():
+        raise ValueError(f"view pooling: {images.shape[0]} images for a (B, K) = {tuple(view_mask.shape)} view mask")
+    per_view_meta = None if meta is None else meta.repeat_interleave(views, dim=0)
+    return pooling(unfold_views(backbone(images, per_view_meta), views), view_mask)

@@ -50,6 +50,8 @@ class LabelsSpec:
 class SplitSpec:
     ratio: float = 0.9  # DATA.H5.TRAIN_VAL_SPLIT_RATIO (one file split by seed)
     seed: int = 42  # DATA.H5.TRAIN_VAL_SPLIT_SEED
+    by: str = "observation"  # DATA.H5.SPLIT_BY (observation | row; row when labels.h5 has no observation_ids)
+    stratify: bool = False  # DATA.H5.SPLIT_STRATIFY (by the finest configured rank)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,15 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class ObservationsSpec:
+    """``DATA.OBSERVATIONS``: multi-view samples (one observation, up to ``views`` photos)."""
+
+    enabled: bool = False  # ENABLED
+    views: int = 4  # VIEWS
+    select: str = "random"  # SELECT
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """Everything ``linnaeus.data`` needs from the config (filled by ``linnaeus.config.resolve_data``)."""
 
@@ -143,6 +154,7 @@ class DataSpec:
     crop: CropSpec = field(default_factory=CropSpec)
     loader: LoaderSpec = field(default_factory=LoaderSpec)
     shards: ShardSpec = field(default_factory=ShardSpec)
+    observations: ObservationsSpec = field(default_factory=ObservationsSpec)
     seed: int = 0  # MISC.SEED: sample order and augmentation draws
 
     @property

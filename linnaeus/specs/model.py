@@ -116,6 +116,10 @@ class ModelSpec:
     conv_stages: ConvStagesSpec
     attention_stages: AttentionStagesSpec
     heads: Mapping[str, HeadSpec]
+    # MODEL.VIEW_POOLING when DATA.OBSERVATIONS.ENABLED (a multi-view model pools its views before the heads), else
+    # None; MODEL.VIEW_POOLING_TEMPERATURE (lse).
+    view_pooling: str | None = None
+    view_pooling_temperature: float = 1.0
 
 
 # --------------------------------------------------------------------------------------------------------- loss

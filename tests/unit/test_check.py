@@ -72,6 +72,9 @@ def test_json_report(capsys, tiny_dataset):
         "seed": 7,
         "ratio": 0.75,
         "presplit": False,
+        "by": "row",  # the tiny dataset has no observation_ids
+        "stratify": "",
+        "how": "by row, seed 7, ratio 0.75",
     }
     assert report["metadata"]["SPATIAL"][0]["missing"] == 1
     assert report["taxonomy"]["conflicts"] == [] and report["taxonomy"]["nodes"] == 12

@@ -72,6 +72,7 @@ def test_one_pipeline_in_the_documented_order() -> None:
         "inspect_labels",
         "make_split",
         "split_problems",
+        "observations",
         "examine_taxonomy",
         "build_class_maps",
         "num_classes_problems",

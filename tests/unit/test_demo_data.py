@@ -147,3 +147,50 @@ def test_twins_are_drawn_by_the_same_generator():
 def test_bad_per_species_is_a_one_line_error(tmp_path, capsys):
     assert main(["demo-data", "--out", str(tmp_path / "x"), "--per-species", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: demo-data --per-species: expected an integer >= 1, got 0"
+
+
+@pytest.mark.parametrize("views", demo.VIEW_KINDS)
+def test_observation_variant(tmp_path, capsys, views):
+    """2-4 photos per observation sharing labels and metadata; near-duplicate photos nearly equal; detail-in-one
+    shows the species' look in exactly one photo of each observation."""
+    from linnaeus.data.labels import LabelStore
+    from linnaeus.data.stages import describe_observations
+    from linnaeus.specs.data import ComponentSpec
+
+    out = tmp_path / views
+    argv = ["demo-data", "--out", str(out), "--per-species", "7", "--seed", "3", "--observations", "--views", views]
+    assert main(argv) == 0
+    assert f"observations ({views} views)" in capsys.readouterr().out
+    keys = ["taxa_L10", "taxa_L20", "taxa_L30"]
+    spatial = ComponentSpec("SPATIAL", "spatial", (), 3, 0)
+    store = LabelStore.load(out / "labels.h5", keys, [spatial])
+    sizes = np.unique(store.observation_ids, return_counts=True)[1]
+    assert sizes.max() <= 4 and np.mean(sizes >= 2) > 0.8  # a species' last observation may be left with one
+    info, lines = describe_observations(store, np.arange(store.n_rows), keys)
+    assert lines == [] and info["observations"] == len(sizes)
+    pixels = {
+        i: np.asarray(Image.open(out / "images" / ident), np.float32) for i, ident in enumerate(store.identifiers)
+    }
+    codes = store.observation_codes
+    first_two = [np.flatnonzero(codes == c)[:2] for c in range(int(codes.max()) + 1) if (codes == c).sum() >= 2]
+    gaps = [np.abs(pixels[a] - pixels[b]).mean() for a, b in first_two]
+    if views == "near-duplicate":
+        assert max(gaps) < 12  # a jitter and noise apart
+    else:
+        assert min(gaps) > 12  # separate drawings
+    if views == "detail-in-one":  # each photo is the neutral look or the species' look, as its role says
+        rng = np.random.default_rng((3, 0))
+        rows = demo._build_rows(rng, 7)
+        demo._group_observations(rows, rng)
+        np.testing.assert_array_equal(rows["observation_ids"], store.observation_ids)
+        genus_of = {g.id: g for g in demo.GENERA}
+        for i in range(0, store.n_rows, 5):
+            k, within = int(rows["sp_index"][i]), int(rows["within"][i])
+            sp = demo.SPECIES[k]
+            drawn = {
+                look: demo.draw_image(genus_of[sp.genus].shape, look, np.random.default_rng((3, 1, k, within)))
+                for look in (sp.look, "neutral")
+            }
+            gap = {look: np.abs(pixels[i] - img).mean() for look, img in drawn.items()}
+            shown = sp.look if rows["view"][i] == rows["detail_view"][i] else "neutral"
+            assert gap[shown] < 6 and gap[shown] < min(gap.values()) + 1e-6, (i, gap)

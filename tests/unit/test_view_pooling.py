@@ -58,3 +58,21 @@ def test_fold_and_unfold_views_round_trip() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="expected one of"):
         ViewPooling("max", 4)
+
+
+def test_pooled_features_fold_views_and_repeat_metadata() -> None:
+    from linnaeus.models.view_pooling import pooled_features
+
+    class Backbone(torch.nn.Module):  # features that show which image and which metadata row each slot saw
+        def forward(self, images, meta):
+            return torch.cat([images.flatten(1).sum(1, keepdim=True), meta], dim=1)
+
+    torch.manual_seed(0)
+    images, meta = torch.randn(2, 3, 3, 4, 4), torch.randn(2, 2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = pooled_features(Backbone(), images.flatten(0, 1), meta, mask, ViewPooling("mean", 3))
+    sums = images.flatten(2).sum(2)
+    torch.testing.assert_close(out[:, 0], torch.stack([sums[0, :2].mean(), sums[1, 0]]))
+    torch.testing.assert_close(out[:, 1:], meta)
+    with pytest.raises(ValueError, match=r"5 images for a \(B, K\) = \(2, 3\) view mask"):
+        pooled_features(Backbone(), images.flatten(0, 1)[:5], meta, mask, ViewPooling("mean", 3))
