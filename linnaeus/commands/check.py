@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     """``linnaeus check --cfg X [--opts ...] [--json] [--no-images] [--decode-images]``."""
     from linnaeus.config import compat, load_config_with_provenance
     from linnaeus.config.loader import problems_of
+    from linnaeus.config.resolve import batch_fill_problem
     from linnaeus.config.resolve_data import data_spec
     from linnaeus.data.check import build_report
     from linnaeus.engine.arch_from_weights import follow_pretrained_weights
@@ -218,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
         extra=extra,
         model=f"{cfg.MODEL.TYPE} ({cfg.MODEL.NAME})",
     )
+    split = report.get("split")
+    if split is not None:  # what training will refuse once it has read the data (with one process at least)
+        problem = batch_fill_problem(split["train"], cfg.DATA.BATCH_SIZE, 1)
+        if problem is not None:
+            report["errors"].append(problem)
+            report["ok"] = False
     summary = None if args.json else compat.summary_line(prov.findings)
     report["warnings"][:0] = [summary] if summary is not None else prov.warnings
     print(json.dumps(report, indent=2) if args.json else format_report(report))

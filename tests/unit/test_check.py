@@ -449,3 +449,18 @@ def test_check_reports_pretrained_heads_as_a_training_start_loads_them(capsys, t
     assert checked == trained
     heads = re.search(r"heads (\d+)/(\d+)", checked[0])
     assert heads is not None and heads[1] == heads[2] != "0", checked[0]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_labels_file_of_one_or_two_rows_is_one_line_not_a_crash(capsys, tiny_dataset, rows):
+    """Issue 26: `check` crashed on a one-row labels file (IndexError from argmax). Now every problem is one line,
+    --json says the same, and a training split smaller than one batch is reported as training would refuse it."""
+    with h5py.File(tiny_dataset.labels_path) as f:
+        data = {
+            k: (f[k].asstr()[()] if k == "img_identifiers" else f[k][()]) for k in f if isinstance(f[k], h5py.Dataset)
+        }
+    rewrite(tiny_dataset, **{k: v[:rows] for k, v in data.items()})
+    rc, out, errors = check(capsys, tiny_dataset)  # check() asserts no traceback and only `error:` lines
+    assert rc == 2 and len(errors) >= 1 and all("\n" not in e for e in errors), errors
+    rc, out, _ = check(capsys, tiny_dataset, "--json")
+    assert rc == 2 and json.loads(out)["errors"]
