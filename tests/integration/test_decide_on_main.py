@@ -18,11 +18,12 @@ import json, os, sys
 from pathlib import Path
 
 from linnaeus.config import load_config
+from linnaeus.config.resolve_engine import engine_spec
 from linnaeus.engine.distributed import build_accelerator, decide_on_main
 from linnaeus.errors import DataError
 
 out = Path(sys.argv[1])
-acc, _ = build_accelerator(load_config(None, []), 4)
+acc, _ = build_accelerator(engine_spec(load_config(None, ["DATA.BATCH_SIZE", "4"])).loop)
 rank = acc.process_index
 
 
