@@ -715,7 +715,7 @@ def _shard_cli(ds, out: Path, *extra: str) -> list[str]:
 
 def test_fifo_named_like_an_image_is_one_line_not_a_hang(tmp_path):
     ds = write_tiny_dataset(tmp_path / "data", per_species=2)
-    row = int(prepare_data(ds.config()).train.rows[3])
+    row = int(prepare_data(data_spec(ds.config())).train.rows[3])
     ds.image_file(row).unlink()
     os.mkfifo(ds.image_file(row))  # nobody ever writes to it: reading it would wait forever
     cmd = _shard_cli(ds, tmp_path / "out", "--samples-per-shard", str(SPS), "--workers", "1")
