@@ -42,7 +42,8 @@ TINY = {
 }
 
 
-GENUS_COLOUR = {311024: (200, 120, 60), 311187: (60, 160, 200), 315402: (150, 150, 150), 315866: (90, 60, 140)}
+# Far apart in every channel (no two genera share a bright or a dark channel), so the genus is the obvious part.
+GENUS_COLOUR = {311024: (220, 140, 40), 311187: (40, 180, 170), 315402: (200, 200, 200), 315866: (40, 40, 90)}
 MARKERS = ((230, 30, 30), (30, 230, 30), (30, 30, 230))  # species slot within its genus
 UNSEEN_MARKER = (230, 230, 30)  # the held-out species'
 
@@ -214,7 +215,9 @@ def test_policies_reach_the_target_on_held_out_rows(trained, kind: str) -> None:
         spec = fitter([c[fit] for c in cal], [y[fit] for y in ys], h, target)
         d = policies.decide(spec, [c[held] for c in cal], h)
         judged, right = policies.answer_correct(d, [y[held] for y in ys])
-        coverage[target] = float((d.committed_rank >= 0).mean())
+        # How deep answers go (0: abstained, 1: species), the coverage of a hierarchical answer: the family is right
+        # for nearly every row, so the share of rows with *some* answer can stay 1.0 at every target.
+        coverage[target] = float(((d.committed_rank + 1) / len(h.keys)).mean())
         if target == 0.9:
             assert right.sum() / judged.sum() >= 0.87, (kind, right.sum() / judged.sum(), coverage[target])
             assert coverage[target] > 0.2
@@ -337,8 +340,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path: Path) -> None:
     assert pixels.std() > 5  # text and plots drawn, not a blank page
     # The plots are the only coloured things on the page (text is black on white): a page whose embedded images
     # failed to decode shows none.
-    coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60
-    assert coloured.mean() > 0.002, f"no plot visible ({coloured.mean():.4%} coloured pixels)"
+    coloured = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 60).sum())
+    assert coloured > 1000, f"no plot visible ({coloured} coloured pixels)"
 
 
 def test_training_ends_calibrated_and_export_carries_it(demo: Path, tmp_path: Path, capsys) -> None:
