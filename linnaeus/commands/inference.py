@@ -8,7 +8,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,31 +45,6 @@ def metadata_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     return record or None
 
 
-def predict_stream(
-    predictor: Any,
-    images: Sequence[Path],
-    metadata: Mapping[str, Any] | None,
-    out: TextIO,
-    *,
-    top_k: int = 5,
-    batch_size: int = 32,
-    consistent: bool = True,
-    progress: bool = True,
-    fmt: str = "json",
-    failed: list[str] | None = None,
-    policy: Any = None,
-) -> int:
-    """Predict ``images`` in batches, writing one JSON line (or a table block) per image as each batch finishes.
-
-    An image that cannot be decoded gets one ``error:`` line on stderr (its path is appended to ``failed``) and the
-    rest of its batch is still predicted. Returns the number of images predicted."""
-    items = ((image, metadata) for image in images)
-    return predict_items(
-        predictor, items, len(images), out, top_k=top_k, batch_size=batch_size, consistent=consistent,
-        progress=progress, fmt=fmt, failed=failed, policy=policy,
-    )  # fmt: skip
-
-
 def predict_items(
     predictor: Any,
     items: Iterable[tuple[Path, Mapping[str, Any] | None]],
@@ -84,8 +59,10 @@ def predict_items(
     failed: list[str] | None = None,
     policy: Any = None,
 ) -> int:
-    """``predict_stream`` over (image, its own metadata) pairs, read lazily (``--manifest``): one batch in memory.
-    A missing image file is one ``error:`` line like an unreadable one."""
+    """Predict (image, its own metadata) pairs in batches, read lazily (one batch in memory), writing one JSON line
+    (or a table block) per image as each batch finishes. An image that is missing or cannot be decoded gets one
+    ``error:`` line on stderr (its path appended to ``failed``) and the rest of its batch is still predicted. Returns
+    the number of images predicted."""
     from tqdm.auto import tqdm
 
     from linnaeus.data.images import ImageDecodeError

@@ -296,7 +296,7 @@ def test_predict_cli_writes_one_valid_typus_line_per_image(tiny_run, tiny_bundle
 
 
 def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_predictor: Predictor) -> None:
-    from linnaeus.commands.inference import collect_images, predict_stream
+    from linnaeus.commands.inference import collect_images, predict_items
 
     sizes = []
     hook = tiny_predictor.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
@@ -305,7 +305,8 @@ def test_predictions_are_batched_and_metadata_may_be_missing(tiny_run, tiny_pred
 
         out = io.StringIO()
         images = collect_images([str(tiny_run["ds"].images_dir)])
-        assert predict_stream(tiny_predictor, images, None, out, batch_size=10, progress=False) == len(images)
+        items = ((image, None) for image in images)
+        assert predict_items(tiny_predictor, items, len(images), out, batch_size=10, progress=False) == len(images)
     finally:
         hook.remove()
     assert sizes == [10, 10, len(images) - 20]

@@ -48,21 +48,27 @@ def test_relative_deepspeed_json_is_found_from_another_folder(tmp_path: Path, mo
     assert resolve_deepspeed_config({DS_CONFIG_ENV: "nowhere/ds.json"}) is None  # not a DeepSpeed launch
 
 
-@pytest.mark.slow
-def test_gpu_config_on_a_cpu_machine_prints_one_line(tmp_path: Path) -> None:
-    cmd = [
-        ACCELERATE,
+def _gpu_launch(launcher: str, out: Path) -> list[str]:
+    """The demo under the 8-GPU ZeRO-2 accelerate config, launched by ``launcher`` (accelerate or linnaeus)."""
+    config = str(ROOT / "accelerate_configs/zero2.yaml")
+    opts = ["EXPERIMENT.OUTPUT_DIR", str(out)]
+    return [
+        launcher,
         "launch",
         "--config_file",
-        str(ROOT / "accelerate_configs/zero2.yaml"),
+        config,
         "-m",
         "linnaeus.train",
         "--cfg",
         str(DEMO_CFG),
         "--opts",
-        "EXPERIMENT.OUTPUT_DIR",
-        str(tmp_path),
+        *opts,
     ]
+
+
+@pytest.mark.slow
+def test_gpu_config_on_a_cpu_machine_prints_one_line(tmp_path: Path) -> None:
+    cmd = _gpu_launch(ACCELERATE, tmp_path)
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -146,19 +152,7 @@ def test_single_gpu_config_on_a_cpu_machine_is_one_line_and_no_run_folder(tmp_pa
 
 @pytest.mark.slow
 def test_linnaeus_launch_refuses_a_gpu_config_before_spawning_with_only_our_line(tmp_path: Path) -> None:
-    cmd = [
-        str(Path(ACCELERATE).with_name("linnaeus")),
-        "launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs/zero2.yaml"),
-        "-m",
-        "linnaeus.train",
-        "--cfg",
-        str(DEMO_CFG),
-        "--opts",
-        "EXPERIMENT.OUTPUT_DIR",
-        str(tmp_path),
-    ]
+    cmd = _gpu_launch(str(Path(ACCELERATE).with_name("linnaeus")), tmp_path)
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
