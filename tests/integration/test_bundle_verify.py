@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_jpeg, write_tiny_dataset
+from fake_runs import HEADS, TINY_MODEL, fake_run
 from safetensors.torch import load_file, save_file
-from test_inference import HEADS, TINY_MODEL, fake_run
 
 from linnaeus.cli import main
 from linnaeus.errors import DataError

@@ -64,7 +64,7 @@ def test_not_an_image_names_the_file_not_a_buffer(tmp_path: Path) -> None:
 
 def test_predict_outputs_the_good_images_of_a_batch_with_a_bad_one(tmp_path: Path, capsys) -> None:
     from conftest import write_tiny_dataset
-    from test_inference import HEADS, TINY_MODEL, fake_run
+    from fake_runs import HEADS, TINY_MODEL, fake_run
     from typus import ClassificationResult
 
     from linnaeus.cli import main

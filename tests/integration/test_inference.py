@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_dataset
+from fake_runs import HEADS, TINY_MODEL, fake_run
 from safetensors.torch import load_file, save_file
 from typus import ClassificationResult, RankNullCandidate, TaxonCandidate
 
 from linnaeus.aug import eval_transform
 from linnaeus.cli import main
 from linnaeus.config import load_config, repo_root, save_config
-from linnaeus.config.resolve_data import data_spec
-from linnaeus.config.resolve_model import model_spec
 from linnaeus.data import encoders
-from linnaeus.data.prepare import prepare_data
 from linnaeus.data.taxonomy import ClassMap, TaxonomyTree
 from linnaeus.errors import ConfigError, DataError
 from linnaeus.inference.bundle import BUNDLE_FILES, export_bundle
@@ -34,40 +32,8 @@ from linnaeus.inference.decoding import Hierarchy, chain_scores, decode
 from linnaeus.inference.evaluate import evaluate_bundle
 from linnaeus.inference.predictor import Predictor
 from linnaeus.inference.typus_output import ResultBuilder, taxonomy_context
-from linnaeus.models import build_model
 
 from launch_utils import ensure_demo
-
-TINY_MODEL = [
-    "MODEL.IMG_SIZE", "32",
-    "DATA.IMG_SIZE", "32",
-    "DATA.VAL_CROP_PCT", "0.875",
-    "MODEL.DROP_PATH_RATE", "0.0",
-    "MODEL.CONVNEXT_STAGES", "{DEPTHS: [1, 1, 1, 1], DIMS: [8, 16, 32, 64]}",
-    "MODEL.ROPE_STAGES", "{DEPTHS: [1, 1], DIMS: [32, 64], NUM_HEADS: [2, 2]}",
-]  # fmt: skip
-HEADS = [
-    "MODEL.CLASSIFICATION.HEADS",
-    "{taxa_L10: {TYPE: ConditionalClassifier}, taxa_L20: {TYPE: ConditionalClassifier}, taxa_L30: {TYPE: LinearHead}}",
-]
-
-
-def fake_run(cfg, run: Path, seed: int = 0, step: int = 7):
-    """What training leaves behind, minus the training: config, data artefacts, export/final.safetensors."""
-    data = prepare_data(data_spec(cfg))
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    data.save(run)
-    torch.manual_seed(seed)
-    hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
-    with torch.no_grad():  # sharper than the init's near-uniform outputs, so decoding has real choices to make
-        for head in model.head.heads.values():
-            head.fc.weight.mul_(300.0)
-    (run / "export").mkdir(exist_ok=True)
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(run / "export" / "final.safetensors"), metadata={"model": cfg.MODEL.NAME, "step": str(step)})
-    return data, model
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_dataset
-from safetensors.torch import save_file
+from fake_runs import fake_run
 from typus import ClassificationResult
 
 from linnaeus.cli import main
-from linnaeus.config import save_config
-from linnaeus.config.resolve_data import data_spec
-from linnaeus.config.resolve_model import model_spec
 from linnaeus.data import encoders
-from linnaeus.data.prepare import prepare_data
 from linnaeus.errors import DataError
 from linnaeus.inference.bundle import export_bundle
 from linnaeus.inference.observations import observation_log_probs, read_observations
 from linnaeus.inference.predictor import Predictor
-from linnaeus.models import build_model
 
 TINY = [
     "MODEL.IMG_SIZE", "32",
@@ -37,21 +32,8 @@ TINY = [
 
 def _bundle(root: Path, cfg) -> Path:
     """A run's leftovers with random (sharpened) weights, exported: the real export and predictor downstream."""
-    data = prepare_data(data_spec(cfg))
-    run = root / "run"
-    run.mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    data.save(run)
-    torch.manual_seed(0)
-    hierarchy = {k: torch.as_tensor(v) for k, v in data.hierarchy_matrices().items()}
-    model = build_model(model_spec(cfg), data.task_keys, data.num_classes, data.meta_dims, hierarchy).eval()
-    with torch.no_grad():
-        for head in model.head.heads.values():
-            head.fc.weight.mul_(300.0)
-    (run / "export").mkdir()
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(run / "export" / "final.safetensors"), metadata={"model": cfg.MODEL.NAME, "step": "3"})
-    return export_bundle(run, root / "bundle")
+    fake_run(cfg, root / "run", step=3)
+    return export_bundle(root / "run", root / "bundle")
 
 
 @pytest.fixture(scope="module")
