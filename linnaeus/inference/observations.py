@@ -86,31 +86,39 @@ def _observation(record: Any, where: str, base: Path) -> ObservationInput:
 
 
 # ------------------------------------------------------------------------------------------------- predicting
+def views_combined(predictor: Any) -> tuple[bool, str, float | None]:
+    """How the predictor's model combines an observation's photos: (pooled before the heads, pooling mode, its
+    temperature); an image model: (False, "mean", None), the mean of the photos' log-probabilities."""
+    pooling = getattr(predictor.model, "pooling", None)
+    return (False, "mean", None) if pooling is None else (True, pooling.mode, pooling.temperature)
+
+
+def mean_of_log_probs(per_photo: dict[str, torch.Tensor], owner: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """An image model's answer for ``n`` observations: per key, the mean of its photos' log-probabilities
+    (``owner``: each photo's observation index), renormalised. Averaging commutes with temperature scaling up to a
+    per-row constant, so calibrating the photos' answers before or after gives the same result."""
+    counts = torch.bincount(owner, minlength=n)
+    out = {}
+    for key, lp in per_photo.items():
+        total = torch.zeros(n, lp.shape[1], dtype=lp.dtype).index_add_(0, owner, lp)
+        out[key] = torch.log_softmax(total / counts[:, None].clamp_min(1).to(lp.dtype), dim=1)
+    return out
+
+
 @torch.inference_mode()
 def observation_log_probs(predictor: Any, views: Sequence[Sequence[Path]], meta: torch.Tensor | None) -> dict:
     """Per task key, (N, K) calibrated log-probabilities of N observations (see the module docstring)."""
-    from linnaeus.aug import eval_transform
     from linnaeus.inference.calibration import scale_all
+    from linnaeus.models.view_pooling import pack_views
 
     counts = torch.tensor([len(v) for v in views])
     flat = predictor.load_images([image for v in views for image in v])
-    if getattr(predictor.model, "pooling", None) is None:
-        per_photo = predictor.log_probs(flat, None if meta is None else meta.repeat_interleave(counts, dim=0))
+    per_photo_meta = None if meta is None else meta.repeat_interleave(counts, dim=0)
+    if not views_combined(predictor)[0]:
         owner = torch.repeat_interleave(torch.arange(len(views)), counts)
-        out = {}
-        for key, lp in per_photo.items():
-            total = torch.zeros(len(views), lp.shape[1], dtype=lp.dtype).index_add_(0, owner, lp)
-            out[key] = torch.log_softmax(total / counts[:, None].to(lp.dtype), dim=1)
-        return out
-    k = int(counts.max())
-    mask = torch.arange(k)[None, :] < counts[:, None]  # (N, K): the present views
-    images = torch.zeros((len(views), k, *flat.shape[1:]), dtype=torch.uint8)
-    images[mask] = flat  # views in order, observation after observation
-    x = eval_transform(images.flatten(0, 1).to(predictor.device), predictor.cfg.AUG.MEAN, predictor.cfg.AUG.STD)
-    meta_in = None if meta is None or meta.shape[1] == 0 else meta.to(predictor.device, torch.float32)
-    logits = predictor.model(x, meta_in, view_mask=mask.to(predictor.device))
-    raw = {key: torch.log_softmax(v.float(), dim=1).cpu() for key, v in logits.items()}
-    return scale_all(raw, predictor.temperatures)
+        return mean_of_log_probs(predictor.log_probs(flat, per_photo_meta), owner, len(views))
+    bags, mask = pack_views(predictor.features(flat, per_photo_meta), counts)
+    return scale_all(predictor.raw_log_probs_of_features(bags, mask), predictor.temperatures)
 
 
 def predict_observations(
@@ -130,8 +138,7 @@ def predict_observations(
     if top_k < 1 or batch_size < 1:
         raise ConfigError(f"top_k and batch_size: expected >= 1, got {top_k} and {batch_size}")
     policy = policy if policy is not None else predictor.default_policy
-    pooling = getattr(predictor.model, "pooling", None)
-    mode, temperature = (pooling.mode, pooling.temperature) if pooling is not None else ("mean", None)
+    pooled, mode, temperature = views_combined(predictor)
     out: list[Any] = []
     for start in range(0, len(observations), batch_size):
         chunk = observations[start : start + batch_size]
@@ -144,7 +151,7 @@ def predict_observations(
         else:
             results = predictor.results_with_policy(lp, policy, names, top_k)
         for obs, result in zip(chunk, results, strict=True):
-            context = observation_context([str(p) for p in obs.images], pooling is not None, mode, temperature)
+            context = observation_context([str(p) for p in obs.images], pooled, mode, temperature)
             out.append(result.model_copy(update={"input_context": context}))
     return out
 

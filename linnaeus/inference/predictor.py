@@ -177,9 +177,34 @@ class Predictor:
     def raw_log_probs(self, images_uint8: torch.Tensor, meta: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per task key, (B, K) log-softmax of the model's (refined) logits, uncalibrated."""
         x = eval_transform(images_uint8.to(self.device), self.cfg.AUG.MEAN, self.cfg.AUG.STD)
-        meta_in = None if meta is None or meta.shape[1] == 0 else meta.to(self.device, torch.float32)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x, meta_in)
+            logits = self.model(x, self._meta_in(meta))
+        return {k: torch.log_softmax(v.float(), dim=1).cpu() for k, v in logits.items()}
+
+    def _meta_in(self, meta: torch.Tensor | None) -> torch.Tensor | None:
+        return None if meta is None or meta.shape[1] == 0 else meta.to(self.device, torch.float32)
+
+    @torch.inference_mode()
+    def features(self, images_uint8: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        """(B, D) features of each photo on its own (what a multi-view model pools), on the device."""
+        x = eval_transform(images_uint8.to(self.device), self.cfg.AUG.MEAN, self.cfg.AUG.STD)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model.forward_features(x, self._meta_in(meta))
+
+    @torch.inference_mode()
+    def raw_log_probs_of_features(
+        self, features: torch.Tensor, view_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Uncalibrated log-probabilities from :meth:`features`: (B, D) → one answer per photo; (N, K, D) with the
+        (N, K) mask of present views (``pack_views``) → one per observation, the views pooled before the heads (a
+        multi-view model only)."""
+        f = features.to(self.device)
+        if view_mask is not None:
+            if self.model.pooling is None:
+                raise ConfigError("pooling views needs a model trained with DATA.OBSERVATIONS (it has no view pooling)")
+            f = self.model.pooling(f, view_mask.to(self.device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model.head(f)
         return {k: torch.log_softmax(v.float(), dim=1).cpu() for k, v in logits.items()}
 
     # ---------------------------------------------------------------------------------------------- predict

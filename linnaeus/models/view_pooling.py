@@ -55,6 +55,16 @@ class ViewPooling(nn.Module):
         return pooled.to(features.dtype)
 
 
+def pack_views(flat: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-photo rows (sum(counts), ...), observation after observation → (N, K, ...) zero-padded to the largest
+    observation's K, and the (N, K) bool mask of present views."""
+    k = int(counts.max()) if len(counts) else 0
+    mask = torch.arange(k, device=counts.device)[None, :] < counts[:, None]
+    packed = flat.new_zeros((len(counts), k, *flat.shape[1:]))
+    packed[mask.to(flat.device)] = flat
+    return packed, mask
+
+
 def fold_views(images: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(B, K, C, H, W) → (B·K, C, H, W) and K, so the backbone sees each view as an image."""
     b, k = images.shape[:2]
