@@ -196,7 +196,7 @@ def _results(predictor: Any, lp_raw: dict[str, np.ndarray], policy: Any, ids: li
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from linnaeus.inference import eval_data, eval_metrics, eval_report, evaluation
+    from linnaeus.inference import eval_data, eval_metrics, eval_observations, eval_report, evaluation
     from linnaeus.inference.predictor import Predictor
 
     _check_common(args)
@@ -212,12 +212,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     h = predictor.hierarchy
     names = {k: list(bundle.class_maps[k].names or [None] * len(bundle.class_maps[k])) for k in h.keys}
     ids = [str(p) for p in evalset.table.paths]
+    observations = eval_observations.observations_of(evalset)
     metrics: dict[str, Any] = {
         "set": {
             "name": evalset.name,
             "rows": len(evalset),
             "calibration_set_id": evalset.set_id,
             "novel_rows": int(evalset.novel.sum()),
+            "observations": None if observations is None else len(observations),
         },
         "model": {k: bundle.info.get(k) for k in ("which", "step", "weights_sha256", "source")}
         | {"name": bundle.cfg.MODEL.NAME, "bundle": str(bundle.path) if bundle.path else None},
@@ -233,15 +235,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for masked in modes:
         mode = "masked" if masked else "on"
         t0 = time.monotonic()
-        lp = eval_data.score(
-            predictor,
-            evalset,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            masked=masked,
-            progress=progress,
-            desc=f"evaluate ({mode})",
-        )
+        scoring = {
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "masked": masked,
+            "progress": progress,
+            "desc": f"evaluate ({mode})",
+        }
+        if observations is None:
+            lp, lp_obs = eval_data.score(predictor, evalset, **scoring), None
+        else:
+            lp, lp_obs = eval_observations.score_observations(predictor, evalset, observations, **scoring)
         if not progress:
             took = time.monotonic() - t0
             print(
@@ -267,6 +271,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
             decisions,
         )
         metrics["metadata"][mode] = figs
+        if lp_obs is not None:
+            assert observations is not None
+            figs["observations"], obs_results = _per_observation(
+                predictor, policy, evalset, observations, lp_obs, names, counts, save
+            )
+            if obs_results is not None:
+                _save_observation_predictions(
+                    out / "predictions_observations.jsonl", predictor, evalset, observations, obs_results
+                )
         curves[mode] = {}
         known = ~evalset.novel
         for k in h.keys:
@@ -290,6 +303,55 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(_clean(metrics), default=_json_default))
     return 0
+
+
+def _per_observation(
+    predictor: Any,
+    policy: Any,
+    evalset: Any,
+    observations: Any,
+    lp_obs: dict[str, np.ndarray],
+    names: dict[str, list[str | None]],
+    counts: dict[str, np.ndarray] | None,
+    keep_results: bool,
+) -> tuple[dict[str, Any], list | None]:
+    """The per-observation figures of one metadata mode (every figure the per-image block has, over observations
+    whose rows agree on their labels), and their typus results when kept for saving or needed by the policy."""
+    from linnaeus.inference import eval_observations, evaluation
+
+    keep = observations.agree
+    first = observations.first[keep]
+    lp = {k: v[keep] for k, v in lp_obs.items()}
+    results = None
+    if policy.kind == "cost" or keep_results:
+        results = _results(predictor, lp, policy, [str(i) for i in observations.ids[keep]])
+    figs = evaluation.figures(
+        lp,
+        {k: v[first] for k, v in evalset.table.targets.items()},
+        {k: v[first] for k, v in evalset.taxa.items()},
+        evalset.novel[first],
+        predictor.hierarchy,
+        names,
+        predictor.temperatures,
+        policy,
+        counts,
+        decisions_from_results(results, predictor) if policy.kind == "cost" else None,
+    )
+    return eval_observations.observation_summary(predictor, observations) | figs, results if keep_results else None
+
+
+def _save_observation_predictions(path: Path, predictor: Any, evalset: Any, observations: Any, results: list) -> None:
+    """One line per observation (``predict --observations``'s format): its typus result, the photos it combined."""
+    from linnaeus.inference.observations import result_line, views_combined
+    from linnaeus.inference.typus_output import observation_context
+
+    pooled, mode, temperature = views_combined(predictor)
+    kept = np.flatnonzero(observations.agree)
+    with open(path, "w") as fh:
+        for j, result in zip(kept, results, strict=True):
+            photos = [str(evalset.table.paths[i]) for i in observations.rows_of(int(j))]
+            context = observation_context(photos, pooled, mode, temperature)
+            fh.write(result_line(str(observations.ids[j]), result.model_copy(update={"input_context": context})) + "\n")
 
 
 def _json_default(o: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class EvalSet:
     table: SampleTable  # targets: bundle class index per key (-1: null or not a bundle class)
     taxa: dict[str, np.ndarray]  # raw taxon ids per key (0 = null)
     known: dict[str, np.ndarray]  # per key: the taxon is set and is a bundle class
+    observation_ids: np.ndarray | None = None  # per row (labels.h5 ``observation_ids``); None when the file has none
 
     def __len__(self) -> int:
         return len(self.table.rows)
@@ -58,6 +60,7 @@ class EvalSet:
             table,
             {k: v[mask] for k, v in self.taxa.items()},
             {k: v[mask] for k, v in self.known.items()},
+            None if self.observation_ids is None else self.observation_ids[mask],
         )
 
 
@@ -105,7 +108,15 @@ def from_split(bundle: Bundle, split: str = "val") -> EvalSet:
     targets, known = _mapped(bundle, taxa)
     s = data.samples(split)
     table = SampleTable(rows=s.rows, targets=targets, meta=s.meta, meta_valid=s.meta_valid, paths=s.paths)
-    return EvalSet(split, set_id(split, data.fingerprint, view.rows), table, taxa, known)
+    obs = view.store.observation_ids
+    return EvalSet(
+        split,
+        set_id(split, data.fingerprint, view.rows),
+        table,
+        taxa,
+        known,
+        None if obs is None else obs[view.rows],
+    )
 
 
 def from_labels(bundle: Bundle, labels: str | Path, images: str | Path) -> EvalSet:
@@ -134,21 +145,22 @@ def from_labels(bundle: Bundle, labels: str | Path, images: str | Path) -> EvalS
     taxa = {k: np.asarray(store.taxa[k], np.int64) for k in bundle.task_keys}
     targets, known = _mapped(bundle, taxa)
     table = SampleTable(rows=rows, targets=targets, meta=store.meta, meta_valid=store.meta_valid, paths=paths)
-    return EvalSet(str(labels), set_id("labels", store.fingerprint, rows), table, taxa, known)
+    return EvalSet(str(labels), set_id("labels", store.fingerprint, rows), table, taxa, known, store.observation_ids)
 
 
-def score(
+def image_batches(
     predictor: Any,
-    evalset: EvalSet,
+    table: SampleTable,
     *,
     batch_size: int = 64,
     workers: int = 0,
     masked: bool = False,
     progress: bool = True,
     desc: str = "evaluate",
-) -> dict[str, np.ndarray]:
-    """Uncalibrated log-probabilities per task key, (N, K) float32, in the set's row order. ``masked``: every
-    metadata component zeroed (validation's ``val_mask_meta``)."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images (B, 3, S, S), metadata (B, D)) of ``table``'s rows in order, decoded and cropped by the
+    validation dataset (``FileDataset``) in ``workers`` loader processes. ``masked``: every metadata component
+    zeroed (validation's ``val_mask_meta``)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -157,7 +169,7 @@ def score(
     spec = data_spec(predictor.cfg)
     crop = spec.crop
     dataset = FileDataset(
-        evalset.table,
+        table,
         img_size=crop.img_size,
         train=False,
         rrc_scale=crop.rrc_scale,
@@ -175,14 +187,37 @@ def score(
         collate_fn=dataset.collate_fn,
         pin_memory=predictor.device.type == "cuda",
     )
-    out: dict[str, list[np.ndarray]] = {k: [] for k in predictor.task_keys}
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
         for batch in loader:
             meta = batch["meta"]
-            if masked:
-                meta = torch.zeros_like(meta)
-            lp = predictor.raw_log_probs(batch["image"], meta)
-            for k in out:
-                out[k].append(lp[k].numpy())
+            yield batch["image"], torch.zeros_like(meta) if masked else meta
             bar.update(len(batch["image"]))
+
+
+def score(
+    predictor: Any,
+    evalset: EvalSet,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    masked: bool = False,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, np.ndarray]:
+    """Uncalibrated log-probabilities per task key, (N, K) float32, in the set's row order (see
+    :func:`image_batches` for the arguments)."""
+    out: dict[str, list[np.ndarray]] = {k: [] for k in predictor.task_keys}
+    batches = image_batches(
+        predictor,
+        evalset.table,
+        batch_size=batch_size,
+        workers=workers,
+        masked=masked,
+        progress=progress,
+        desc=desc,
+    )
+    for images, meta in batches:
+        lp = predictor.raw_log_probs(images, meta)
+        for k in out:
+            out[k].append(lp[k].numpy())
     return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in out.items()}

@@ -65,34 +65,59 @@ def write_plots(metrics: dict[str, Any], curves: dict[str, Any], out: Path) -> l
     return written
 
 
+def _figure_lines(figs: dict[str, Any]) -> list[str]:
+    lines = [f"{'rank':<10}{'top1':>7}{'top5':>7}{'macro':>7}{'ECE raw':>9}{'ECE cal':>9}{'AURC':>7}"]
+    for entry in figs["per_rank"].values():
+        cal = entry["calibration"]
+        lines.append(
+            f"{entry['rank']:<10}{_fmt(entry['top1']):>7}{_fmt(entry['top5']):>7}{_fmt(entry['macro']):>7}"
+            f"{_fmt(cal['uncalibrated']['ece']):>9}{_fmt((cal['calibrated'] or {}).get('ece')):>9}"
+            f"{_fmt(entry['selective']['aurc']):>7}"
+        )
+    lines.append(
+        f"chain accuracy {_fmt(figs['chain_accuracy'])}   partial-chain {_fmt(figs['partial_chain_accuracy'])}"
+    )
+    pol = figs.get("policy")
+    if pol:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in pol["committed_rank"].items())
+        lines.append(
+            f"policy {pol['kind']}: committed {shares}; accuracy of committed answers {_fmt(pol['committed_accuracy'])}"
+        )
+    nov = figs.get("novel")
+    if nov:
+        lines.append(
+            f"novel species: {nov['rows']} rows; committed a species {nov['committed_finest_rank']:.0%}, "
+            f"stopped at a correct higher rank {nov['stopped_at_correct_higher_rank']:.0%}"
+        )
+    return lines
+
+
+def _observation_heading(obs: dict[str, Any]) -> str:
+    agg = obs["aggregation"]
+    how = (
+        f"views pooled before the heads ({agg['pooling_mode']})"
+        if agg["stage"] == "pooled_before_heads"
+        else "photos' log-probabilities averaged after the heads"
+    )
+    photos = obs["photos_per_observation"]
+    text = (
+        f"  per observation: {obs['observations']} observations of {photos['min']}-{photos['max']} photos "
+        f"(median {photos['median']:g}), {how}"
+    )
+    if obs["left_out_disagreeing_labels"]:
+        text += f"; {obs['left_out_disagreeing_labels']} left out (their photos disagree on a label)"
+    return text
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     lines = []
     for mode, figs in metrics["metadata"].items():
         lines.append(f"evaluate ({mode} metadata): {figs['rows']} rows of {metrics['set']['name']}")
-        lines.append(f"{'rank':<10}{'top1':>7}{'top5':>7}{'macro':>7}{'ECE raw':>9}{'ECE cal':>9}{'AURC':>7}")
-        for entry in figs["per_rank"].values():
-            cal = entry["calibration"]
-            lines.append(
-                f"{entry['rank']:<10}{_fmt(entry['top1']):>7}{_fmt(entry['top5']):>7}{_fmt(entry['macro']):>7}"
-                f"{_fmt(cal['uncalibrated']['ece']):>9}{_fmt((cal['calibrated'] or {}).get('ece')):>9}"
-                f"{_fmt(entry['selective']['aurc']):>7}"
-            )
-        lines.append(
-            f"chain accuracy {_fmt(figs['chain_accuracy'])}   partial-chain {_fmt(figs['partial_chain_accuracy'])}"
-        )
-        pol = figs.get("policy")
-        if pol:
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in pol["committed_rank"].items())
-            lines.append(
-                f"policy {pol['kind']}: committed {shares}; accuracy of committed answers "
-                f"{_fmt(pol['committed_accuracy'])}"
-            )
-        nov = figs.get("novel")
-        if nov:
-            lines.append(
-                f"novel species: {nov['rows']} rows; committed a species {nov['committed_finest_rank']:.0%}, "
-                f"stopped at a correct higher rank {nov['stopped_at_correct_higher_rank']:.0%}"
-            )
+        lines += _figure_lines(figs)
+        obs = figs.get("observations")
+        if obs:
+            lines.append(_observation_heading(obs))
+            lines += ["  " + line for line in _figure_lines(obs)]
     return "\n".join(lines)
 
 
