@@ -94,7 +94,7 @@ def add_observations(ds: BenchDataset, sizes: tuple[int, int] = (VIEWS, VIEWS), 
 def write_dataset(
     root: Path, observations: int, sizes: tuple[int, int] = (VIEWS, VIEWS), photo: tuple[int, int] = SIZE_500PX
 ) -> BenchDataset:
-    """About ``observations`` observations of ``sizes`` photos each (``photo``-sized JPEGs); with full observations
+    """At least ``observations`` observations of ``sizes`` photos each (``photo``-sized JPEGs); with full observations
     the row count is rounded up so every one of the 12 species has whole observations."""
     per_species = -(-observations * sizes[1] // 12)
     per_species += -per_species % sizes[1]
