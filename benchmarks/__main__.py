@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, Entry] = {
     "scaling": Entry("benchmarks.scaling", "1 vs 2 processes (DDP) and DDP vs ZeRO-1/2/3, real launches"),
     "e2e": Entry("benchmarks.end_to_end", "loader + model step: data-wait share"),
     "evaluate": Entry("benchmarks.evaluate_cpu", "linnaeus evaluate vs plain predict on the same images"),
+    "multiview": Entry("benchmarks.multiview", "multi-view (observation) vs image training, images/s"),
 }
 
 

@@ -10,6 +10,7 @@
   the same backbone trained on single images and scored per photo.
 
 Each run is a real ``python -m linnaeus.train`` at 32 px on the CPU (1-4 minutes each on 2 cores).
+Throughput (multi-view vs image training, images/s) is ``benchmarks/multiview.py`` (the suite's ``multiview``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -227,3 +228,52 @@ def test_evaluate_benchmark_times_both_loops_on_the_same_images() -> None:
     assert comp.facts["images"] >= 96
     (ratio,) = comp.ratios.values()
     assert ratio > 0 and comp.targets[0].threshold == 0.9  # reported with its target; met or not is the table's news
+
+
+# ------------------------------------------------------------------------------------------------ multi-view
+def test_observation_ids_group_rows_into_observations_of_one_species(tmp_path: Path) -> None:
+    import h5py
+
+    from benchmarks.multiview import VIEWS, write_dataset
+
+    for sizes in ((VIEWS, VIEWS), (2, VIEWS)):
+        ds = write_dataset(tmp_path / f"ds{sizes[0]}", 12, sizes=sizes, photo=(96, 72))
+        with h5py.File(ds.labels) as f:
+            ids, species = f["observation_ids"][()], f["taxa_L10"][()]
+        _, counts = np.unique(ids, return_counts=True)
+        assert len(ids) == ds.num_images and counts.min() >= sizes[0] and counts.max() == sizes[1]
+        if sizes[0] == sizes[1]:
+            assert (counts == VIEWS).all()
+        else:
+            assert len(set(counts.tolist())) > 1  # really mixed
+        for obs in np.unique(ids):
+            assert len(set(species[ids == obs].tolist())) == 1  # an observation is one organism
+
+
+def test_multiview_benchmark_trains_the_same_images_per_step_with_k_views(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks import multiview
+    from benchmarks.__main__ import BENCHMARKS
+
+    assert BENCHMARKS["multiview"].module == "benchmarks.multiview" and not BENCHMARKS["multiview"].external
+    ds = multiview.write_dataset(tmp_path / "ds", 40, photo=(96, 72))
+    seen: dict[str, list[tuple[int, int]]] = {"image": [], "multiview": []}
+    real_step = multiview.step
+
+    def recording_step(trainer, batch):
+        name = trainer.cfg.EXPERIMENT.NAME.split("_")[0]
+        mask = batch.get("view_mask")
+        if mask is not None:  # K views per observation, folded nowhere yet: (B, K, 3, S, S) and a (B, K) mask
+            assert batch["image"].shape[:2] == mask.shape == (multiview.IMAGES_PER_STEP // multiview.VIEWS, 4)
+            assert mask.dtype == torch.bool and trainer.accelerator.unwrap_model(trainer.model).pooling is not None
+        seen[name].append(multiview.images_in(batch))
+        return real_step(trainer, batch)
+
+    monkeypatch.setattr(multiview, "step", recording_step)
+    overrides = dict(DATA__IMG_SIZE=32, MODEL__IMG_SIZE=32)
+    step_only, fed = multiview.measure(ds, tmp_path / "out", label="test", steps=2, windows=1, pairs=1, **overrides)
+    # Warm-up (2) + 1 in-memory step + one window of SKIP + 2 steps, each side; always 32 real images per step.
+    assert len(seen["image"]) == len(seen["multiview"]) == multiview.WARMUP_STEPS + 1 + multiview.SKIP + 2
+    assert set(seen["image"]) == set(seen["multiview"]) == {(32, 32)}
+    assert set(fed.samples) == {"image", "multiview"} and fed.targets[0].threshold == 0.9
+    assert fed.notes[0].startswith("multi-view images counted as present views: 64 present of 64 view slots")
+    assert set(step_only.samples) == {"image", "multiview"} and all(v > 0 for v in fed.ratios.values())
