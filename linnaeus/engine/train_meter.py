@@ -22,20 +22,23 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 class LossWindow:
     """The losses of the micro-batches since the last row, summed on the device (a host read per micro-batch would
-    stall the GPU pipeline): the total loss, then one per rank."""
+    stall the GPU pipeline): the total loss, then one per rank; and how many micro-batches and photos they held."""
 
     def __init__(self, task_keys: list[str], device: torch.device) -> None:
         self.task_keys = list(task_keys)
         self.sums = torch.zeros(1 + len(self.task_keys), device=device)
         self.micro_batches = 0
+        self.images = 0
 
-    def add(self, loss: torch.Tensor, per_task: dict[str, torch.Tensor]) -> None:
+    def add(self, loss: torch.Tensor, per_task: dict[str, torch.Tensor], images: int) -> None:
         self.sums += torch.stack([loss.detach(), *(per_task[k].detach() for k in self.task_keys)]).float()
         self.micro_batches += 1
+        self.images += images
 
     def reset(self) -> None:
         self.sums.zero_()
         self.micro_batches = 0
+        self.images = 0
 
 
 class RunCounters:
@@ -59,6 +62,7 @@ class RunCounters:
         self.paused_total = 0.0
         self.wait_total = 0.0
         self.micro_batches = 0
+        self.images = 0  # photos trained on by this process (an observation counts its views present)
         self.missing_images = 0  # run total over all processes, as of the last sync
         self.missing_local = 0  # this process, since the last sync
 
@@ -89,7 +93,7 @@ class RunCounters:
         seconds = self.train_seconds
         if not self.micro_batches or seconds <= 0:
             return None
-        return self.micro_batches * self.plan.micro_batch * self.plan.world_size / seconds
+        return self.images * self.plan.world_size / seconds
 
     @property
     def data_wait_share(self) -> float | None:
@@ -127,9 +131,13 @@ class TrainMeter:
         self.window_start = clock()
         self.window_wait = 0.0  # seconds of this window spent waiting for batches
 
-    def add(self, loss: torch.Tensor, per_task: dict[str, torch.Tensor]) -> None:
-        self.losses.add(loss, per_task)
+    def add(self, loss: torch.Tensor, per_task: dict[str, torch.Tensor], images: int | None = None) -> None:
+        """One micro-batch's losses; ``images``: the photos it held (default: a full micro-batch of single images;
+        a multi-view micro-batch passes its views present, so images/s counts photos, not observations)."""
+        images = self.plan.micro_batch if images is None else images
+        self.losses.add(loss, per_task, images)
         self.counters.micro_batches += 1
+        self.counters.images += images
 
     def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
         """``batches``, measuring how long each ``next`` waits (data loading the step could not hide)."""
@@ -187,7 +195,8 @@ class TrainMeter:
         shares = micro * self.plan.world_size or float("nan")
         row = {
             "loss": values[0] / shares,
-            "images_per_sec": micro * self.plan.micro_batch * self.plan.world_size / elapsed,
+            # Photos per second over all processes (each process counts its own; they hold alike batches).
+            "images_per_sec": self.losses.images * self.plan.world_size / elapsed,
             "data_wait_share": min(self.window_wait / elapsed, 1.0),
             "decode_fallbacks": round(values[-2]),  # all processes, since the run (re)started
         }

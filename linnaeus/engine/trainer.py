@@ -64,6 +64,7 @@ class MicroBatch:
     aug: Any  # linnaeus.aug.AugOutput
     included: dict[str, torch.Tensor]
     view_mask: torch.Tensor | None = None  # (B, K) for observations; ``aug.images`` then holds B*K views
+    images: int = 0  # photos in it (views present for observations), counted on the host
 
 
 class LossState:
@@ -406,8 +407,8 @@ class Trainer:
         ]
         self._optimizer_step(step)
         if not self.nonfinite.step_dropped:  # a skipped step's losses would make the logged mean NaN (fp16 too)
-            for total, per_task in losses:
-                self.meter.add(total, per_task)
+            for (total, per_task), m in zip(losses, micro, strict=True):
+                self.meter.add(total, per_task, m.images)
         self.step += 1
 
     def _set_lr(self, step: int) -> None:
@@ -442,6 +443,8 @@ class Trainer:
     def _augment(self, batch: Batch, step: int, micro: int) -> MicroBatch:
         from accelerate.utils import send_to_device
 
+        view_mask = batch.get("view_mask")  # a host tensor here: counting the photos costs no device sync
+        photos = int(view_mask.sum()) if view_mask is not None else len(batch["meta"])
         batch = self.decoder.decode(batch, self.accelerator.device)  # no-op for batches decoded in workers
         self.meter.counters.count_missing(batch)
         batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
@@ -472,7 +475,7 @@ class Trainer:
             host_generator=self.host_generator,
         )
         included = self.loss_fn.inclusion(out.targets, out.valid, ops.null_keep_prob(step), gen)
-        return MicroBatch(out, included, view_mask)
+        return MicroBatch(out, included, view_mask, photos)
 
     def _denominators(self, micro: list[MicroBatch]) -> dict[str, torch.Tensor]:
         from linnaeus.losses import included_counts, step_denominators

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEMPORAL_COLUMNS, write_labels_h5, write_tiny_dataset
+from fake_runs import TINY_MODEL
 
 from linnaeus.config.resolve_data import data_spec
 from linnaeus.data.encoded import collate_samples
@@ -129,3 +130,27 @@ def test_mixing_is_refused_with_observations(tmp_path) -> None:
             ds.config(*OPTS, f"SCHEDULE.MIX.{algo}.ENABLED", "true")
         assert "\n" not in str(err.value)
         assert ds.config(*OPTS[:4], f"SCHEDULE.MIX.{algo}.ENABLED", "true")  # image training mixes as before
+
+
+def test_training_throughput_counts_photos_not_observations(tmp_path) -> None:
+    """images/s of a multi-view run counts the views present in each step's batches (counted on the host)."""
+    from benchmarks.trainer_overhead import quiet_trainer
+    from linnaeus.engine.trainer import Trainer
+    from linnaeus.engine.windows import accumulation_windows
+
+    ds = _dataset(tmp_path / "t")
+    opts = ("DATA.OBSERVATIONS.VIEWS", "3", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "TRAIN.MAX_STEPS", "50")
+    with quiet_trainer():
+        trainer = Trainer(ds.config(*OPTS, *opts, *TINY_MODEL[4:]))
+        trainer.setup()
+        trainer._begin()
+        windows = accumulation_windows(trainer.train_batches, trainer.plan, start_step=trainer.step)
+        photos = samples = 0
+        for _ in range(3):
+            window = next(windows)
+            photos += sum(int(b["view_mask"].sum()) for b in window)
+            samples += sum(len(b["view_mask"]) for b in window)
+            trainer.train_step(window)
+    assert samples < photos < 3 * samples  # observations of 1, 2 and 3 photos
+    assert trainer.meter.counters.images == photos
+    assert trainer.meter.losses.images == photos  # the logged window's images/s divides this by its seconds

@@ -105,6 +105,9 @@ def test_meter_row_is_the_mean_step_loss_and_throughput_leaves_out_pauses() -> N
     clock.now += 1.0
     meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)})
     assert meter.flush(_twice)["images_per_sec"] == pytest.approx(1 * 8 * 2 / 1.0)  # a fresh window
+    clock.now += 1.0
+    meter.add(torch.tensor(1.0), {"taxa_L10": torch.tensor(1.0), "taxa_L20": torch.tensor(0.0)}, images=21)
+    assert meter.flush(_twice)["images_per_sec"] == pytest.approx(21 * 2 / 1.0)  # 8 observations, 21 photos
 
 
 def test_meter_counts_unreadable_images_exactly_at_every_save() -> None:
