@@ -56,10 +56,15 @@ def calibrate_bundle(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Fit per-rank temperatures on ``evalset`` (its known rows), then the threshold and climb policies on the
-    calibrated probabilities for ``target_accuracy``; store everything with the bundle's weights."""
+    calibrated probabilities for ``target_accuracy``; store everything with the bundle's weights.
+
+    A multi-view model answers observations (its views pooled before the heads), and pooled answers are sharper
+    than one photo's: when the set has ``observation_ids`` it is calibrated on its answers per observation (those
+    whose photos agree on their labels), and ``unit`` in the stored document says so."""
     import torch
 
-    from linnaeus.inference import calibration, eval_data, policies
+    from linnaeus.inference import calibration, eval_data, eval_observations, policies
+    from linnaeus.inference.observations import views_combined
     from linnaeus.inference.predictor import Predictor
 
     if not 0.0 < target_accuracy < 1.0:
@@ -67,13 +72,20 @@ def calibrate_bundle(
     if default_policy not in policies.POLICIES:
         raise ConfigError(f"--default-policy {default_policy!r}: expected one of {', '.join(policies.POLICIES)}")
     predictor = Predictor(bundle, device, calibrate=False)
-    lp = eval_data.score(
-        predictor, evalset, batch_size=batch_size, workers=workers, progress=progress, desc="calibrate"
-    )
-    known = ~evalset.novel
+    scoring = {"batch_size": batch_size, "workers": workers, "progress": progress, "desc": "calibrate"}
+    observations = eval_observations.observations_of(evalset) if views_combined(predictor)[0] else None
     h = predictor.hierarchy
-    targets = {k: evalset.table.targets[k][known] for k in h.keys}
+    if observations is None:
+        unit, lp = "image", eval_data.score(predictor, evalset, **scoring)
+        known = ~evalset.novel
+        targets = {k: evalset.table.targets[k][known] for k in h.keys}
+    else:
+        unit, (_, lp) = "observation", eval_observations.score_observations(predictor, evalset, observations, **scoring)
+        first = observations.first
+        known = observations.agree & ~evalset.novel[first]
+        targets = {k: evalset.table.targets[k][first][known] for k in h.keys}
     doc = calibration.fit({k: lp[k][known] for k in h.keys}, targets, evalset.set_id)
+    doc["unit"] = unit
     cal_lps = [calibration.scale(torch.as_tensor(lp[k][known]), doc["temperature_by_rank"][k]) for k in h.keys]
     ys = [targets[k] for k in h.keys]
     doc["policies"] = {
@@ -112,9 +124,10 @@ def calibrate_finished_run(run: Path) -> None:
         return
     temps = ", ".join(f"{k} {r['temperature']:.2f}" for k, r in doc["per_rank"].items())
     log.info(
-        "calibrated the best weights (step %s) on %d validation rows: temperatures %s -> %s",
+        "calibrated the best weights (step %s) on %d validation %ss: temperatures %s -> %s",
         bundle.info.get("step"),
         doc["rows"],
+        doc["unit"],
         temps,
         run / "export" / "calibration.json",
     )
@@ -146,11 +159,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         fit = spec["parameters"]["fit"]
         print(
             f"calibrate: {name} policy for accuracy {args.target_accuracy}: coverage {fit['coverage']:.3f}, "
-            f"accuracy {fit['accuracy']:.3f} on {doc['rows']} rows",
+            f"accuracy {fit['accuracy']:.3f} on {doc['rows']} {doc['unit']}s",
             file=sys.stderr,
         )
     where = bundle.path or Path(bundle.info["run"]) / "export"
-    print(f"calibrate: {doc['rows']} rows in {time.monotonic() - start:.1f} s -> {where}", file=sys.stderr)
+    print(f"calibrate: {doc['rows']} {doc['unit']}s in {time.monotonic() - start:.1f} s -> {where}", file=sys.stderr)
     return 0
 
 

@@ -235,7 +235,8 @@ def run_export(args: argparse.Namespace) -> int:
         )
         temps = ", ".join(f"{k} {t:.3f}" for k, t in doc["temperature_by_rank"].items())
         print(
-            f"export: calibrated on {doc['rows']} validation rows (T: {temps}); default policy {args.default_policy}",
+            f"export: calibrated on {doc['rows']} validation {doc['unit']}s (T: {temps}); default policy "
+            f"{args.default_policy}",
             file=sys.stderr,
         )
     return 0

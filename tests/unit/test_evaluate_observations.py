@@ -143,3 +143,26 @@ def test_a_set_without_observation_ids_has_no_observation_figures(tmp_path) -> N
     metrics = _evaluate(_fake_bundle(tmp_path, ds.config(*TINY_MODEL, *NO_ELEVATION)), ds, tmp_path / "eval")
     assert metrics["set"]["observations"] is None
     assert "observations" not in metrics["metadata"]["on"]
+
+
+def test_a_multi_view_model_is_calibrated_on_its_pooled_answers(labelled, tmp_path) -> None:
+    """Pooled answers are what a multi-view model gives; its temperatures are fitted on them (observations whose
+    photos agree, novel ones left out), while an image model is calibrated per photo as before."""
+    from linnaeus.commands.evaluate import calibrate_bundle
+    from linnaeus.inference import calibration
+
+    opts = ("DATA.OBSERVATIONS.ENABLED", "true", "MODEL.VIEW_POOLING", "mean")
+    multi = Bundle.load(_fake_bundle(tmp_path / "multi", labelled.config(*TINY_MODEL, *NO_ELEVATION, *opts)))
+    evalset = eval_data.from_labels(multi, labelled.labels_path, labelled.images_dir)
+    doc = calibrate_bundle(multi, evalset, target_accuracy=0.5, device="cpu")
+    obs = eval_observations.observations_of(evalset)
+    predictor = Predictor(multi, "cpu", calibrate=False)
+    _, pooled = eval_observations.score_observations(predictor, evalset, obs, progress=False)
+    keep = obs.agree & ~evalset.novel[obs.first]
+    assert doc["unit"] == "observation" and doc["rows"] == int(keep.sum()) < labelled.n_rows
+    targets = {k: evalset.table.targets[k][obs.first[keep]] for k in predictor.task_keys}
+    expected = calibration.fit({k: v[keep] for k, v in pooled.items()}, targets, evalset.set_id)
+    assert doc["temperature_by_rank"] == pytest.approx(expected["temperature_by_rank"])
+    image = Bundle.load(_fake_bundle(tmp_path / "image", labelled.config(*TINY_MODEL, *NO_ELEVATION)))
+    image_doc = calibrate_bundle(image, eval_data.from_labels(image, labelled.labels_path, labelled.images_dir))
+    assert image_doc["unit"] == "image" and image_doc["rows"] == labelled.n_rows
