@@ -13,6 +13,8 @@ from linnaeus.engine.run_metrics import (
     METRICS_FILE,
     VAL,
     VAL_MASKED,
+    finite,
+    metadata_gaps,
     rank_labels,
     read_metrics,
     rows_of,
@@ -43,17 +45,12 @@ def _gap_lines(
     val: list[dict], masked: list[dict], keys: list[str], label: dict[str, str]
 ) -> list[tuple[str, list[int], list[float]]]:
     """Per step where both ran: validation with metadata minus validation with it masked (chain, then each rank)."""
-    masked_by_step = {int(r["step"]): r for r in masked}
+    steps, gaps = metadata_gaps(val, masked, keys)
     lines = []
-    for key in ["chain_accuracy", *(f"{k}/top1" for k in keys)]:
-        xs, ys = [], []
-        for r in val:
-            m = masked_by_step.get(int(r["step"]))
-            if m is not None and isinstance(r.get(key), float | int) and isinstance(m.get(key), float | int):
-                xs.append(int(r["step"]))
-                ys.append(float(r[key]) - float(m[key]))
+    for key, values in gaps.items():
+        shown = [(s, v) for s, v in zip(steps, values, strict=True) if finite(v)]
         name = "chain accuracy" if key == "chain_accuracy" else f"{label[key.split('/')[0]]} top-1"
-        lines.append((name, xs, ys))
+        lines.append((name, [s for s, _ in shown], [v for _, v in shown]))
     return lines
 
 

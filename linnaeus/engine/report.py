@@ -11,7 +11,6 @@ import base64
 import contextlib
 import html
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from linnaeus.engine.run_metrics import (
     METRICS_FILE,
     VAL,
     VAL_MASKED,
+    finite,
+    metadata_gaps,
     rank_labels,
     read_metrics,
     rows_of,
@@ -47,17 +48,13 @@ def _best_rule(config: Mapping[str, Any]) -> tuple[str, str]:
     return str(ckpt.get("BEST_METRIC") or DEFAULT_BEST_METRIC), str(ckpt.get("BEST_MODE") or "max")
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def best_of(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> tuple[float, int] | None:
     """(best value, its step) of a phase-prefixed metric such as ``val/chain_accuracy``; ties keep the earliest."""
     phase, _, key = metric.partition("/")
     found: tuple[float, int] | None = None
     for r in rows_of(rows, phase):
         v = r.get(key)
-        if not _finite(v):
+        if not finite(v):
             continue
         better = found is None or (v > found[0] if mode == "max" else v < found[0])
         if better:
@@ -93,7 +90,7 @@ def _rank_table(val_rows: list[Mapping[str, Any]], keys: list[str]) -> dict[str,
             name = f"{key}/{m}"
             entry[f"final_{m}"] = final.get(name)
             best = None
-            vals = [(float(r[name]), int(r["step"])) for r in val_rows if _finite(r.get(name))]
+            vals = [(float(r[name]), int(r["step"])) for r in val_rows if finite(r.get(name))]
             if vals:
                 best = max(vals, key=lambda t: (t[0], -t[1]))
             entry[f"best_{m}"] = None if best is None else best[0]
@@ -115,7 +112,7 @@ def build_report(run: Path, timings: Timings | None = None) -> dict[str, Any]:
         k[: -len("/loss")] for k in (train_rows[-1] if train_rows else {}) if k.endswith("/loss")
     ]
     best = best_of(rows, metric, mode)
-    chain = [(float(r["chain_accuracy"]), int(r["step"])) for r in val_rows if _finite(r.get("chain_accuracy"))]
+    chain = [(float(r["chain_accuracy"]), int(r["step"])) for r in val_rows if finite(r.get("chain_accuracy"))]
     export = run / "export"
     weights = {
         name: str(export / f"{name}.safetensors")
@@ -159,17 +156,10 @@ def _masked_gap(
     val_rows: list[Mapping[str, Any]], masked_rows: list[Mapping[str, Any]], keys: list[str]
 ) -> dict[str, Any]:
     """Validation with metadata minus validation with it masked, at the last step where both ran."""
-    masked_by_step = {int(r["step"]): r for r in masked_rows}
-    gap: dict[str, Any] = {}
-    common = [r for r in val_rows if int(r["step"]) in masked_by_step]
-    if common:
-        last = common[-1]
-        other = masked_by_step[int(last["step"])]
-        gap["step"] = int(last["step"])
-        for k in ["chain_accuracy", *(f"{t}/top1" for t in keys)]:
-            if _finite(last.get(k)) and _finite(other.get(k)):
-                gap[k] = float(last[k]) - float(other[k])
-    return gap
+    steps, gaps = metadata_gaps(val_rows, masked_rows, keys)
+    if not steps:
+        return {}
+    return {"step": steps[-1]} | {k: v[-1] for k, v in gaps.items() if finite(v[-1])}
 
 
 def _timings(
@@ -177,11 +167,11 @@ def _timings(
 ) -> dict[str, Any]:
     """The trainer's timings, completed from ``metrics.jsonl`` where the trainer gave none (a report rebuilt from
     files alone)."""
-    ips = [float(r["images_per_sec"]) for r in train_rows if _finite(r.get("images_per_sec"))]
+    ips = [float(r["images_per_sec"]) for r in train_rows if finite(r.get("images_per_sec"))]
     timing = (timings or Timings()).to_dict()
     if timing["mean_images_per_sec"] is None and ips:
         timing["mean_images_per_sec"] = sum(ips) / len(ips)
-    if timing["total_seconds"] is None and rows and _finite(rows[0].get("time")) and _finite(rows[-1].get("time")):
+    if timing["total_seconds"] is None and rows and finite(rows[0].get("time")) and finite(rows[-1].get("time")):
         # From files alone: first to last metrics row (setup before the first row is not counted).
         timing["total_seconds_from_metrics"] = float(rows[-1]["time"]) - float(rows[0]["time"])
     return timing
@@ -248,11 +238,11 @@ PLOT_CAPTIONS = {
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if _finite(v) else "-"
+    return f"{v:.{digits}f}" if finite(v) else "-"
 
 
 def _duration(seconds: Any) -> str:
-    if not _finite(seconds):
+    if not finite(seconds):
         return "-"
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -286,13 +276,13 @@ def summary_text(report: Mapping[str, Any]) -> str:
         )
     t = report["timings"]
     parts = []
-    if _finite(t.get("total_seconds")):
+    if finite(t.get("total_seconds")):
         parts.append(f"total {_duration(t['total_seconds'])}")
     if t.get("phase_seconds"):
         parts.append(", ".join(f"{k} {_duration(v)}" for k, v in t["phase_seconds"].items()))
-    if _finite(t.get("mean_images_per_sec")):
+    if finite(t.get("mean_images_per_sec")):
         parts.append(f"{t['mean_images_per_sec']:.1f} img/s")
-    if _finite(t.get("data_wait_share")):
+    if finite(t.get("data_wait_share")):
         parts.append(f"data wait {100 * t['data_wait_share']:.0f}%")
     if parts:
         lines.append("  time: " + "; ".join(parts))
@@ -411,7 +401,7 @@ def update_bests(best: Mapping[str, float], metrics: Mapping[str, float]) -> dic
     """Best so far per key after ``metrics``: loss keys go down, the rest go up; non-numbers are ignored."""
     out = dict(best)
     for k, v in metrics.items():
-        if not _finite(v):
+        if not finite(v):
             continue
         lower = k == "loss" or k.endswith("/loss")
         if k not in out or (v < out[k] if lower else v > out[k]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,21 @@ def rank_labels(run: Path, keys: Iterable[str]) -> dict[str, str]:
         except (OSError, ValueError):
             names = {}  # a torn file while the run writes it: plain keys this time
     return {k: f"{names[k]} ({k})" if k in names and names[k] != k else k for k in keys}
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metadata_gaps(
+    val: Iterable[Mapping[str, Any]], masked: Iterable[Mapping[str, Any]], keys: Iterable[str]
+) -> tuple[list[int], dict[str, list[float]]]:
+    """The steps where validation ran both with metadata and with it masked, and per metric (chain accuracy, then
+    each rank's top-1) with minus without metadata at each of them (NaN where either value is missing)."""
+    masked_by_step = {int(r["step"]): r for r in masked}
+    pairs = [(r, masked_by_step[int(r["step"])]) for r in val if int(r["step"]) in masked_by_step]
+    gaps = {
+        k: [float(a[k]) - float(b[k]) if finite(a.get(k)) and finite(b.get(k)) else math.nan for a, b in pairs]
+        for k in ["chain_accuracy", *(f"{t}/top1" for t in keys)]
+    }
+    return [int(a["step"]) for a, _ in pairs], gaps
