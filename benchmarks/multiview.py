@@ -23,8 +23,8 @@ logging, progress, the schedules), fed by its own real training stream (``FileDa
   data, still K = 4. The backbone computes every view slot (static shapes: no device sync, no recompiles), so empty
   slots cost compute but carry no image; images/s counts present views, and the rate per slot is shown beside it.
 
-Target: multi-view images/s >= 0.9x image training's (loader + step, full observations). The trainer's own logged
-``images_per_sec`` counts samples, i.e. observations in a multi-view run; this benchmark counts images.
+Target: multi-view images/s >= 0.9x image training's (loader + step, full observations). Images are counted from
+the batches here; the trainer's own logged ``images_per_sec`` counts the same (views present).
 """
 
 from __future__ import annotations
