@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch_utils import ensure_demo
+from launch_utils import ensure_demo, launch, run_dir, tiny_opts
 
 TAXA_NODES: list[dict[str, Any]] = [
     {"id": 1000, "rank": "family", "name": "Apidae"},
@@ -297,6 +297,26 @@ def tiny_dataset(tmp_path: Path) -> TinyDataset:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset (``linnaeus demo-data`` at 30 images per species), written once per session."""
     return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+@pytest.fixture(scope="session")
+def four_step_run(demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``four_step_run(launcher)``: the run folder of ``tiny_opts(demo, ..., name=launcher, TRAIN.MAX_STEPS=4)``
+    launched under ``accelerate_configs/<launcher>.yaml`` (or plain ``python -m`` for ``None``); each launches once
+    per session, on first use, and is shared by every test that asks for it (a 2-process launch is ~20 s of start-up
+    for ~1 s of training). Read it, never write into it: copy it first (``shutil.copytree``) to change anything.
+    The run validates once, at its last step (step 4), and checkpoints there (``checkpoints/step_4``)."""
+    runs: dict[str | None, Path] = {}
+
+    def get(launcher: str | None) -> Path:
+        if launcher not in runs:
+            name = launcher or "python"
+            out = tmp_path_factory.mktemp(f"four_step_{name}")
+            launch(tiny_opts(demo, out, name=name, TRAIN__MAX_STEPS=4), launcher)
+            runs[launcher] = run_dir(out, name)
+        return runs[launcher]
+
+    return get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
