@@ -1,5 +1,4 @@
-import sys
-
 from linnaeus.cli import main
+from linnaeus.utils.exit import exit_process
 
-sys.exit(main())
+exit_process(main())  # `python -m linnaeus ...`: skips the 1-2 s module teardown once torch is loaded

@@ -1,7 +1,8 @@
 """Shared test fixtures: a tiny but complete dataset (labels.h5 + JPEGs + taxonomy.json + experiment YAML).
 
 The ``demo`` fixture is the synthetic demo dataset (30 images per species), written once per test session and
-shared by every module that trains on it.
+shared by every module that trains on it. ``four_step_run(launcher)`` is a 4-step 2-process run of it per launcher
+(``cpu_ddp``, ``cpu_zero2``, ``cpu_zero3``), also launched once per session: read it, or copy it to change it.
 
 Use the ``tiny_dataset`` fixture (written under ``tmp_path``) or call :func:`write_tiny_dataset` for variants::
 
@@ -40,7 +41,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch_utils import ensure_demo
+from launch_utils import ensure_demo, launch, run_dir, tiny_opts
 
 TAXA_NODES: list[dict[str, Any]] = [
     {"id": 1000, "rank": "family", "name": "Apidae"},
@@ -297,6 +298,25 @@ def tiny_dataset(tmp_path: Path) -> TinyDataset:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset (``linnaeus demo-data`` at 30 images per species), written once per session."""
     return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
+
+
+@pytest.fixture(scope="session")
+def four_step_run(demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``four_step_run(launcher)``: the run folder of ``tiny_opts(demo, ..., name=launcher, TRAIN.MAX_STEPS=4)``
+    launched with ``accelerate_configs/<launcher>.yaml``, once per session on first use, shared by every test that
+    asks for it (a 2-process launch is ~15 s of start-up for ~1 s of training). It validates once, at its last step,
+    and checkpoints there (``checkpoints/step_4``). Read it, never write into it: copy it (``shutil.copytree``) to
+    change or resume it."""
+    runs: dict[str, Path] = {}
+
+    def get(launcher: str) -> Path:
+        if launcher not in runs:
+            out = tmp_path_factory.mktemp(f"four_step_{launcher}")
+            launch(tiny_opts(demo, out, name=launcher, TRAIN__MAX_STEPS=4), launcher)
+            runs[launcher] = run_dir(out, launcher)
+        return runs[launcher]
+
+    return get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

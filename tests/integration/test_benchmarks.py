@@ -17,6 +17,8 @@ from benchmarks import common
 from benchmarks.__main__ import _collect_ratios
 from benchmarks.__main__ import main as suite_main
 
+from launch_utils import env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -200,6 +202,7 @@ def test_gpu_script_smoke_run_writes_every_section(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu", "--smoke", "--out", str(out)],
         cwd=ROOT,
+        env=env(),  # one OpenMP thread per process: on a busy 2-core machine spinning threads made this 10x slower
         capture_output=True,
         text=True,
         timeout=180,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -92,11 +93,10 @@ def test_sigterm_on_two_processes(demo: Path, tmp_path: Path) -> None:
     assert f"resumed from step {step}" in (run / "logs" / "train.log").read_text()
 
 
-def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(demo: Path, tmp_path: Path) -> None:
-    opts = tiny_opts(demo, tmp_path, name="z3", TRAIN__MAX_STEPS=6, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 6}")
-    launch(opts, "cpu_zero3")
-    run = run_dir(tmp_path, "z3")
+def test_zero3_export_loads_without_deepspeed_and_reproduces_validation(four_step_run) -> None:
+    run = four_step_run("cpu_zero3")  # shared with other tests: read only
     reported = metrics(run, "val")[-1]
+    assert reported["step"] == 4  # the validation of the exported (final) weights
 
     from linnaeus.aug import eval_transform
     from linnaeus.config import load_config
@@ -159,12 +159,12 @@ def test_retention_keeps_last_k_and_best_m(demo: Path, tmp_path: Path) -> None:
     assert (run / "export" / "best.safetensors").is_file()
 
 
-def test_resume_with_another_process_count_restores_weights(demo: Path, tmp_path: Path) -> None:
-    opts = tiny_opts(demo, tmp_path, name="reshape", TRAIN__MAX_STEPS=4, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}")
-    launch(opts, "cpu_zero2")  # 2 processes x 16 = 32 samples per step
-    run = run_dir(tmp_path, "reshape")
+def test_resume_with_another_process_count_restores_weights(demo: Path, four_step_run, tmp_path: Path) -> None:
+    shared = four_step_run("cpu_zero2")  # 4 steps of 2 processes x 16 = 32 samples, checkpointed at step 4
+    run = run_dir(tmp_path, shared.name)
+    shutil.copytree(shared, run)  # the shared run stays as it was; this copy is resumed
     before = final_weights(run)
-    launch(tiny_opts(demo, tmp_path, name="reshape", TRAIN__MAX_STEPS=10))  # one process now, no DeepSpeed
+    launch(tiny_opts(demo, tmp_path, name=shared.name, TRAIN__MAX_STEPS=10))  # one process now, no DeepSpeed
     log = (run / "logs" / "train.log").read_text()
     assert "resumed from step 4" in log and "different process count or ZeRO stage" in log
     # 4 steps x 32 samples = 128 samples = 8 steps of 16: the same point of the data, not the same step number.
@@ -177,15 +177,14 @@ def test_resume_with_another_process_count_restores_weights(demo: Path, tmp_path
 
 
 @pytest.mark.parametrize("launcher", ["cpu_ddp", "cpu_zero3"])
-def test_exported_bundle_reproduces_the_run_validation(demo: Path, tmp_path: Path, launcher: str) -> None:
+def test_exported_bundle_reproduces_the_run_validation(four_step_run, tmp_path: Path, launcher: str) -> None:
     from linnaeus.config import load_config
     from linnaeus.inference.bundle import export_bundle
     from linnaeus.inference.evaluate import evaluate_bundle
 
-    opts = tiny_opts(demo, tmp_path, name=launcher, TRAIN__MAX_STEPS=6, SCHEDULE__VALIDATION__INTERVAL="{STEPS: 6}")
-    launch(opts, launcher)
-    run = run_dir(tmp_path, launcher)
+    run = four_step_run(launcher)  # shared with other tests: read only (the bundle goes to tmp_path)
     reported = metrics(run, "val")[-1]
+    assert reported["step"] == 4  # the validation of the exported (final) weights
     bundle = export_bundle(run, tmp_path / "bundle", which="final")
     mine = evaluate_bundle(bundle, load_config(run / "config.yaml"))
     for key in ("taxa_L10", "taxa_L20", "taxa_L30"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_jpeg
 
-from launch_utils import PY, ROOT, ensure_demo, env, launch, run_dir, tiny_opts, train_cmd
+from launch_utils import PY, ROOT, env, run_dir, tiny_opts, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,10 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return ensure_demo(tmp_path_factory.getbasetemp(), per_species=30)
-
-
-@pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory, demo: Path) -> Path:
-    base = tmp_path_factory.mktemp("safe")
-    launch(
-        tiny_opts(demo, base, name="z2", TRAIN__MAX_STEPS=4, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}"), "cpu_zero2"
-    )
-    return run_dir(base, "z2")
+@pytest.fixture
+def zero2_run(four_step_run) -> Path:
+    """A 4-step 2-process ZeRO-2 run checkpointed at step 4, shared by the session: tests poison copies of it."""
+    return four_step_run("cpu_zero2")
 
 
 def _poisoned_copy(run: Path, tmp_path: Path, relative: str) -> tuple[Path, Path]:
@@ -108,7 +100,7 @@ def test_resume_refuses_a_poisoned_checkpoint_before_loading_it(
 def _symlinked_payload_copy(run: Path, tmp_path: Path) -> tuple[Path, Path]:
     """Issue 26's attack on a copy of the run: `pytorch_model/` moved out of the folder and linked back, with a
     payload in `mp_rank_00_model_states.pt`. The copy sits where the same training command writes."""
-    copy = run_dir(tmp_path / "out", "z2")
+    copy = run_dir(tmp_path / "out", run.name)
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "export", ignore_errors=True)
     step = copy / "checkpoints" / "step_4"
@@ -124,7 +116,9 @@ def _symlinked_payload_copy(run: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_a_payload_behind_a_symlinked_folder_never_runs(demo: Path, zero2_run: Path, tmp_path: Path) -> None:
     run, marker = _symlinked_payload_copy(zero2_run, tmp_path)
     # Rerunning the training command (auto-resume of the folder's own checkpoint, longer plan).
-    opts = tiny_opts(demo, tmp_path / "out", name="z2", TRAIN__MAX_STEPS=8, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}")
+    opts = tiny_opts(
+        demo, tmp_path / "out", name=run.name, TRAIN__MAX_STEPS=8, SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 4}"
+    )
     proc = subprocess.run(
         train_cmd(opts, "cpu_zero2"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
     )

@@ -22,17 +22,14 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in metrics(run, "train")]
 
 
-def test_ddp_zero2_zero3_agree_on_the_same_seed(demo: Path, tmp_path: Path) -> None:
-    runs = {}
-    for name in ("cpu_ddp", "cpu_zero2", "cpu_zero3"):
-        launch(tiny_opts(demo, tmp_path, name=name, TRAIN__MAX_STEPS=4), name)
-        runs[name] = _losses(run_dir(tmp_path, name))
+def test_ddp_zero2_zero3_agree_on_the_same_seed(four_step_run) -> None:
+    runs = {name: _losses(four_step_run(name)) for name in ("cpu_ddp", "cpu_zero2", "cpu_zero3")}
     ddp = np.array(runs["cpu_ddp"])
     assert len(ddp) == 4 and np.isfinite(ddp).all()
     # Same data, same init, same updates: only reduction order differs (fp32), so agreement is tight.
     np.testing.assert_allclose(runs["cpu_zero2"], ddp, rtol=2e-4)
     np.testing.assert_allclose(runs["cpu_zero3"], ddp, rtol=2e-4)
-    log = (run_dir(tmp_path, "cpu_zero3") / "logs" / "train.log").read_text()
+    log = (four_step_run("cpu_zero3") / "logs" / "train.log").read_text()
     assert "ZeRO stage" in log and "world size" in log and "2 processes" in log
 
 

@@ -57,7 +57,7 @@ def _fit(opts: list[str], per_step: list[int], compiles: list) -> object:
     return trainer
 
 
-@pytest.mark.slow  # two in-process runs of 30 and 6 steps: ~40 s on an idle 2-core machine
+@pytest.mark.slow  # two in-process runs of 12 and 3 steps: ~35 s on an idle 2-core machine
 def test_a_compiled_run_compiles_once_per_shape_and_survives_resume_and_ema(
     demo: Path, tmp_path: Path, compiles: list
 ) -> None:
@@ -72,28 +72,28 @@ def test_a_compiled_run_compiles_once_per_shape_and_survives_resume_and_ema(
             DATA__BATCH_SIZE=8,  # the validation set (54 images) is one batch of another shape
             TRAIN__MAX_STEPS=steps,
             TRAIN__EMA__ENABLED=True,
-            SCHEDULE__METRICS__LOG_INTERVAL_STEPS=10,
-            SCHEDULE__VALIDATION__INTERVAL="{STEPS: 10}",
-            SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 15}",
+            SCHEDULE__METRICS__LOG_INTERVAL_STEPS=4,
+            SCHEDULE__VALIDATION__INTERVAL="{STEPS: 4}",  # validations at 4, 8, 12: eval/train switches
+            SCHEDULE__CHECKPOINT__INTERVAL="{STEPS: 6}",  # a save mid-run (6) and at the end (12)
         )
 
     per_step: list[int] = []
-    trainer = _fit(opts(30), per_step, compiles)
-    assert len(per_step) == 30
+    trainer = _fit(opts(12), per_step, compiles)
+    assert len(per_step) == 12
     train_shape, val_shape = (8, 3, 32, 32), (54, 3, 32, 32)
     assert compiles == [train_shape, val_shape]  # at most one compile per distinct shape
-    assert per_step[:9] == [1] * 9 and per_step[9:] == [2] * 21  # the first validation compiles; nothing after
+    assert per_step[:3] == [1] * 3 and per_step[3:] == [2] * 9  # the first validation compiles; nothing after
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert isinstance(model.forward, CompiledForward) and model.forward.compiled is not None
     assert not isinstance(trainer.ema.module.forward, CompiledForward)  # the EMA copy stays eager
     ema_before = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
 
-    # Resume the same run folder to 36 steps in a fresh process state: compiled again, once per shape.
+    # Resume the same run folder to 15 steps in a fresh process state: compiled again, once per shape.
     torch._dynamo.reset()
     compiles.clear()
     per_step.clear()
-    resumed = _fit(opts(36), per_step, compiles)
-    assert resumed.step == 36 and len(per_step) == 6
+    resumed = _fit(opts(15), per_step, compiles)
+    assert resumed.step == 15 and len(per_step) == 3
     assert compiles == [train_shape, val_shape]
     model = resumed.accelerator.unwrap_model(resumed.model)
     assert isinstance(model.forward, CompiledForward) and model.forward.compiled is not None
