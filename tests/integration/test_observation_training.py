@@ -4,12 +4,15 @@ same backbone scored photo by photo when only one photo of each observation show
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+
+from linnaeus.cli import main
 
 from launch_utils import (
     final_weights,
@@ -100,3 +103,18 @@ def test_views_pooled_before_the_heads_beat_the_same_backbone_photo_by_photo(tmp
 
     d = detail(tmp_path)
     assert d["per_observation_species_top1"] >= d["per_photo_species_top1"] + 0.10, d
+    # `linnaeus evaluate` on the run's own validation split scores the multi-view model per observation exactly as
+    # its validation did (every observation has at most VIEWS photos), beside the per-image block; the run ended by
+    # calibrating on its pooled answers.
+    runs = tmp_path / "out" / "linnaeus_demo" / "cpu"
+    assert json.loads((runs / "observations" / "export" / "calibration.json").read_text())["unit"] == "observation"
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--run", str(runs / "observations"), "--which", "final", "--split", "val", "--out", str(out)])
+        == 0
+    )
+    figs = json.loads((out / "metrics.json").read_text())["metadata"]["on"]
+    per_obs = figs["observations"]
+    assert per_obs["aggregation"]["stage"] == "pooled_before_heads" and per_obs["left_out_disagreeing_labels"] == 0
+    assert per_obs["per_rank"]["taxa_L10"]["top1"] == pytest.approx(d["per_observation_species_top1"], abs=1e-6)
+    assert figs["rows"] > per_obs["rows"]  # photos vs observations
