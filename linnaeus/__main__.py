@@ -1,4 +1,3 @@
-from linnaeus.cli import main
-from linnaeus.utils.exit import exit_process
+from linnaeus.cli import run
 
-exit_process(main())  # `python -m linnaeus ...`: skips the 1-2 s module teardown once torch is loaded
+run()  # `python -m linnaeus ...`: see linnaeus.cli.run

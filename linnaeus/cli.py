@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from linnaeus.errors import LinnaeusError
 
@@ -294,5 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
 
 
+def run() -> NoReturn:
+    """The ``linnaeus`` console script and ``python -m linnaeus``: :func:`main`, then the process ends without the
+    interpreter's module teardown (``linnaeus.utils.exit``: 1-2 s once torch is loaded). In-process callers (tests,
+    notebooks) call :func:`main`, which returns."""
+    from linnaeus.utils.exit import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
