@@ -46,18 +46,10 @@ class EvalSet:
         return (self.taxa[finest] != 0) & ~self.known[finest]
 
     def subset(self, mask: np.ndarray) -> EvalSet:
-        t = self.table
-        table = SampleTable(
-            rows=t.rows[mask],
-            targets={k: v[mask] for k, v in t.targets.items()},
-            meta=t.meta[mask],
-            meta_valid=t.meta_valid[mask],
-            paths=None if t.paths is None else [p for p, m in zip(t.paths, mask, strict=True) if m],
-        )
         return EvalSet(
             self.name,
             self.set_id,
-            table,
+            self.table.take(np.flatnonzero(mask)),
             {k: v[mask] for k, v in self.taxa.items()},
             {k: v[mask] for k, v in self.known.items()},
             None if self.observation_ids is None else self.observation_ids[mask],

@@ -14,13 +14,13 @@ photo with its own row's metadata) come from the same pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from linnaeus.data.observations import observation_codes, observation_stats
-from linnaeus.data.samples import SampleTable
 from linnaeus.inference.eval_data import EvalSet, image_batches, score
 from linnaeus.inference.observations import mean_of_log_probs, views_combined
 from linnaeus.inference.typus_output import observation_context
@@ -39,8 +39,14 @@ class Observations:
     def __len__(self) -> int:
         return len(self.first)
 
+    @cached_property
+    def members(self) -> list[np.ndarray]:
+        """Each observation's rows, ascending (grouped once: one sort, not a scan per observation)."""
+        order = np.argsort(self.owner, kind="stable")
+        return np.split(order, np.cumsum(np.bincount(self.owner, minlength=len(self)))[:-1])
+
     def rows_of(self, j: int) -> np.ndarray:
-        return np.flatnonzero(self.owner == j)
+        return self.members[j]
 
 
 def observations_of(evalset: EvalSet) -> Observations | None:
@@ -83,13 +89,7 @@ def _pooled_scores(
     order = np.argsort(obs.owner, kind="stable")  # observation after observation, photos in row order
     owner = obs.owner[order]
     t = evalset.table
-    table = SampleTable(
-        rows=t.rows[order],
-        targets={k: v[order] for k, v in t.targets.items()},
-        meta=t.meta[order],
-        meta_valid=t.meta_valid[order],
-        paths=None if t.paths is None else [t.paths[i] for i in order],
-    )
+    table = t.take(order)
     # The observation's metadata (its first row's) goes with every photo into the pooled answer, as in training.
     shared_meta = torch.from_numpy(t.meta[obs.first[owner]]).float()
     if masked:
