@@ -443,8 +443,8 @@ class Trainer:
     def _augment(self, batch: Batch, step: int, micro: int) -> MicroBatch:
         from accelerate.utils import send_to_device
 
-        view_mask = batch.get("view_mask")  # a host tensor here: counting the photos costs no device sync
-        photos = int(view_mask.sum()) if view_mask is not None else len(batch["meta"])
+        host_mask = batch.get("view_mask")  # still on the host here: counting the photos costs no device sync
+        photos = int(host_mask.sum()) if host_mask is not None else len(batch["meta"])
         batch = self.decoder.decode(batch, self.accelerator.device)  # no-op for batches decoded in workers
         self.meter.counters.count_missing(batch)
         batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
