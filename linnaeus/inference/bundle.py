@@ -392,17 +392,22 @@ class Bundle:
         return out
 
 
+def _check_sha256(path: Path, recorded: Any, field: str, what_happened: str) -> None:
+    """``path``'s sha256 is the one bundle.json records in ``field``, or one DataError line saying so."""
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise DataError(
+            f"{path}: sha256 {actual[:16]}... does not match bundle.json's {field} {str(recorded)[:16]}...; "
+            f"{what_happened}"
+        )
+
+
 def _verify_weights_file(root: Path, info: dict[str, Any]) -> None:
     """The weights are the ones `linnaeus export` wrote: their sha256 matches bundle.json (checked before reading)."""
     recorded = info.get("weights_sha256")
     if not isinstance(recorded, str) or not recorded:
         raise DataError(f"{root / INFO}: no weights_sha256; cannot verify {WEIGHTS}")
-    actual = sha256_file(root / WEIGHTS)
-    if actual != recorded:
-        raise DataError(
-            f"{root / WEIGHTS}: sha256 {actual[:16]}... does not match bundle.json's weights_sha256 "
-            f"{recorded[:16]}...; the weights were changed after export"
-        )
+    _check_sha256(root / WEIGHTS, recorded, "weights_sha256", "the weights were changed after export")
 
 
 def _read_calibration(root: Path, info: dict[str, Any], task_keys: list[str]) -> dict[str, Any] | None:
@@ -415,12 +420,7 @@ def _read_calibration(root: Path, info: dict[str, Any], task_keys: list[str]) ->
         if recorded:
             raise DataError(f"{path}: missing, but bundle.json records a calibration (calibration_sha256)")
         return None
-    actual = sha256_file(path)
-    if recorded != actual:
-        raise DataError(
-            f"{path}: sha256 {actual[:16]}... does not match bundle.json's calibration_sha256 {str(recorded)[:16]}...; "
-            "the calibration was changed outside `linnaeus calibrate`"
-        )
+    _check_sha256(path, recorded, "calibration_sha256", "the calibration was changed outside `linnaeus calibrate`")
     doc = _read_json(path)
     check_doc(doc, task_keys, str(path))
     return doc
@@ -454,12 +454,7 @@ def _verify_files(root: Path, info: dict[str, Any]) -> None:
         expected = recorded.get(name)
         if not isinstance(expected, str):
             raise DataError(f"{root / INFO}: files_sha256 has no entry for {name}; cannot verify it")
-        actual = sha256_file(root / name)
-        if actual != expected:
-            raise DataError(
-                f"{root / name}: sha256 {actual[:16]}... does not match bundle.json's files_sha256 "
-                f"{expected[:16]}...; the file was changed after export"
-            )
+        _check_sha256(root / name, expected, "files_sha256", "the file was changed after export")
 
 
 def _verify_against_info(root: Path, info: dict[str, Any], num_classes: dict[str, int], meta_dims: list[int]) -> None:
