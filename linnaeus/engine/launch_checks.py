@@ -65,18 +65,19 @@ def gpu_request(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def _no_gpu(asked: str, what: str) -> str:
+    return (
+        f"the accelerate config asks for {what} ({asked}) but this machine has no usable GPU "
+        f"(torch.cuda.is_available() is False); use {CPU_CONFIGS}, or set {ALLOW_CPU_ENV}=1 to train on the CPU anyway"
+    )
+
+
 def launch_problem(environ: Mapping[str, str], cuda_devices: int, cpu_count: int) -> str | None:
     """Why this launch cannot work on this machine, or None. Pure: every process reaches the same answer."""
     n = local_processes(environ)
     if n <= 1:
         asked = gpu_request(environ) if cuda_devices == 0 else None
-        if asked is not None:
-            return (
-                f"the accelerate config asks for a GPU ({asked}) but this machine has no usable GPU "
-                f"(torch.cuda.is_available() is False); use {CPU_CONFIGS}, or set {ALLOW_CPU_ENV}=1 to train on "
-                "the CPU anyway"
-            )
-        return None
+        return None if asked is None else _no_gpu(asked, "a GPU")
     noun = "process" if n == 1 else "processes"
     on_cpu = cuda_devices == 0 or environ.get("ACCELERATE_USE_CPU", "false").lower() == "true"
     if on_cpu and n > cpu_count:
@@ -87,11 +88,7 @@ def launch_problem(environ: Mapping[str, str], cuda_devices: int, cpu_count: int
         )
     asked = gpu_request(environ) if cuda_devices == 0 else None
     if asked is not None:
-        return (
-            f"the accelerate config asks for GPUs ({asked}) but this machine has no usable GPU "
-            f"(torch.cuda.is_available() is False); use {CPU_CONFIGS}, or set {ALLOW_CPU_ENV}=1 to train on the CPU "
-            "anyway"
-        )
+        return _no_gpu(asked, "GPUs")
     if not on_cpu and n > cuda_devices:
         visible = environ.get("CUDA_VISIBLE_DEVICES")
         where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
