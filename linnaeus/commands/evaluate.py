@@ -209,7 +209,7 @@ def _results(predictor: Any, lp_raw: dict[str, np.ndarray], policy: Any, ids: li
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from linnaeus.inference import eval_data, eval_metrics, eval_observations, eval_report, evaluation
+    from linnaeus.inference import eval_data, eval_observations, evaluation
     from linnaeus.inference.predictor import Predictor
 
     _check_common(args)
@@ -226,46 +226,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     names = {k: list(bundle.class_maps[k].names or [None] * len(bundle.class_maps[k])) for k in h.keys}
     ids = [str(p) for p in evalset.table.paths]
     observations = eval_observations.observations_of(evalset)
-    metrics: dict[str, Any] = {
-        "set": {
-            "name": evalset.name,
-            "rows": len(evalset),
-            "calibration_set_id": evalset.set_id,
-            "novel_rows": int(evalset.novel.sum()),
-            "observations": None if observations is None else len(observations),
-        },
-        "model": {k: bundle.info.get(k) for k in ("which", "step", "weights_sha256", "source")}
-        | {"name": bundle.cfg.MODEL.NAME, "bundle": str(bundle.path) if bundle.path else None},
-        "calibration": None
-        if not predictor.temperatures
-        else {k: bundle.calibration.get(k) for k in ("calibration_set_id", "temperature_by_rank", "per_rank")},
-        "frequency_thresholds": {"many": f"> {eval_metrics.MANY_ABOVE}", "few": f"< {eval_metrics.FEW_BELOW}"},
-        "metadata": {},
-    }
+    metrics = _metrics_header(bundle, predictor, evalset, observations)
     curves: dict[str, Any] = {}
     counts = eval_data.train_counts(bundle)
     progress = sys.stderr.isatty()
     for masked in modes:
         mode = "masked" if masked else "on"
-        t0 = time.monotonic()
-        scoring = {
-            "batch_size": args.batch_size,
-            "workers": args.workers,
-            "masked": masked,
-            "progress": progress,
-            "desc": f"evaluate ({mode})",
-        }
-        if observations is None:
-            lp, lp_obs = eval_data.score(predictor, evalset, **scoring), None
-        else:
-            lp, lp_obs = eval_observations.score_observations(predictor, evalset, observations, **scoring)
-        if not progress:
-            took = time.monotonic() - t0
-            print(
-                f"evaluate ({mode}): scored {len(evalset)} images in {took:.1f} s ({len(evalset) / max(took, 1e-9):.0f} "
-                "img/s)",
-                file=sys.stderr,
-            )
+        lp, lp_obs = _score(predictor, evalset, observations, args, masked, progress)
         results = None
         save = args.save_predictions and out is not None and masked == modes[0]  # the first mode's predictions
         if policy.kind == "cost" or save:
@@ -293,20 +260,87 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 _save_observation_predictions(
                     out / "predictions_observations.jsonl", predictor, evalset, observations, obs_results
                 )
-        curves[mode] = {}
-        known = ~evalset.novel
-        for k in h.keys:
-            y = evalset.table.targets[k][known]
-            lab = y >= 0
-            p = evaluation._probs(lp[k][known][lab], predictor.temperatures.get(k, 1.0))
-            cov, risk, _ = eval_metrics.risk_coverage(p.max(axis=1), p.argmax(axis=1) == y[lab])
-            step = max(len(cov) // 200, 1)
-            curves[mode][k] = (cov[::step], risk[::step])
+        curves[mode] = _risk_curves(lp, evalset, predictor)
         if save and results is not None:
             with open(out / "predictions.jsonl", "w") as fh:
                 for r in results:
                     fh.write(r.to_json() + "\n")
     metrics["seconds"] = time.monotonic() - start
+    _write_outputs(metrics, curves, out)
+    return 0
+
+
+def _score(
+    predictor: Any, evalset: Any, observations: Any, args: argparse.Namespace, masked: bool, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """One metadata mode's uncalibrated log-probabilities: per image, and per observation when the set has them."""
+    from linnaeus.inference import eval_data, eval_observations
+
+    mode = "masked" if masked else "on"
+    t0 = time.monotonic()
+    scoring = {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "masked": masked,
+        "progress": progress,
+        "desc": f"evaluate ({mode})",
+    }
+    if observations is None:
+        lp, lp_obs = eval_data.score(predictor, evalset, **scoring), None
+    else:
+        lp, lp_obs = eval_observations.score_observations(predictor, evalset, observations, **scoring)
+    if not progress:
+        took = time.monotonic() - t0
+        print(
+            f"evaluate ({mode}): scored {len(evalset)} images in {took:.1f} s ({len(evalset) / max(took, 1e-9):.0f} "
+            "img/s)",
+            file=sys.stderr,
+        )
+    return lp, lp_obs
+
+
+def _metrics_header(bundle: Any, predictor: Any, evalset: Any, observations: Any) -> dict[str, Any]:
+    """metrics.json before any figure: the set, the model, its calibration, the frequency buckets."""
+    from linnaeus.inference import eval_metrics
+
+    return {
+        "set": {
+            "name": evalset.name,
+            "rows": len(evalset),
+            "calibration_set_id": evalset.set_id,
+            "novel_rows": int(evalset.novel.sum()),
+            "observations": None if observations is None else len(observations),
+        },
+        "model": {k: bundle.info.get(k) for k in ("which", "step", "weights_sha256", "source")}
+        | {"name": bundle.cfg.MODEL.NAME, "bundle": str(bundle.path) if bundle.path else None},
+        "calibration": None
+        if not predictor.temperatures
+        else {k: bundle.calibration.get(k) for k in ("calibration_set_id", "temperature_by_rank", "per_rank")},
+        "frequency_thresholds": {"many": f"> {eval_metrics.MANY_ABOVE}", "few": f"< {eval_metrics.FEW_BELOW}"},
+        "metadata": {},
+    }
+
+
+def _risk_curves(lp: dict[str, np.ndarray], evalset: Any, predictor: Any) -> dict[str, tuple]:
+    """Per rank, the calibrated risk-coverage curve of the known rows (at most ~200 points, for the plots)."""
+    from linnaeus.inference import eval_metrics, evaluation
+
+    curves = {}
+    known = ~evalset.novel
+    for k in predictor.hierarchy.keys:
+        y = evalset.table.targets[k][known]
+        lab = y >= 0
+        p = evaluation._probs(lp[k][known][lab], predictor.temperatures.get(k, 1.0))
+        cov, risk, _ = eval_metrics.risk_coverage(p.max(axis=1), p.argmax(axis=1) == y[lab])
+        step = max(len(cov) // 200, 1)
+        curves[k] = (cov[::step], risk[::step])
+    return curves
+
+
+def _write_outputs(metrics: dict[str, Any], curves: dict[str, Any], out: Path | None) -> None:
+    """The console table; then metrics.json, plots and report.html in ``out``, or metrics as JSON on stdout."""
+    from linnaeus.inference import eval_report
+
     print(eval_report.summary_table(metrics), file=sys.stderr)
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, default=_json_default))
@@ -315,7 +349,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluate: wrote {out / 'metrics.json'}, {out / 'report.html'}, {len(plots)} plots", file=sys.stderr)
     else:
         print(json.dumps(_clean(metrics), default=_json_default))
-    return 0
 
 
 def _per_observation(
